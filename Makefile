@@ -1,0 +1,42 @@
+# The two commands a new user needs: `make vm-test` (the main job) and `make test` (everything).
+# Both install what they need first (`make deps`), idempotently, into the cache outside the repo.
+SHELL := /bin/bash
+PYTHON3 ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VMTEST_ARGS ?=
+
+.PHONY: all deps vm-test test unit lint bench clean help
+
+all: help
+
+help:
+	@echo "make vm-test   boot a guest against the device and run the end-to-end plan"
+	@echo "make test      lint + unit tests + VM tests (installs dependencies first)"
+	@echo "make unit      fast tests only"
+	@echo "make bench     benchmarks (side-by-side tables)"
+	@echo "make deps      install/verify dependencies (pinned, cached in ~/.cache/harness)"
+
+deps:
+	$(PYTHON3) -m harness.deps
+	$(PY) -m harness.vfu.build
+	$(PY) -m harness.guest
+
+vm-test: deps
+	$(PY) -m harness vm-test $(VMTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check harness tests
+	$(VENV)/bin/mypy
+
+unit: deps
+	$(PY) -m pytest -q tests/unit
+
+test: lint
+	$(PY) -m pytest tests --junitxml=build/pytest-junit.xml
+
+bench: deps
+	$(PY) -m harness bench iova
+
+clean:
+	rm -rf build

@@ -1,0 +1,131 @@
+"""The `harness` command: argument parsing and dispatch, nothing else.
+
+Subcommands: `vm-test` (the end-to-end run), `serve` (the device server alone), `accel`
+(which accelerator auto would pick, and why), `bench iova`. Bad input is an argparse error
+(exit 2) with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+_SIZE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'64M', '64MiB', '1048576' -> bytes."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 64M)")
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
+    value = int(m.group(1)) * mult
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("vm-test", help="boot a guest against the device and run its test plan")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+                   help="auto probes whether KVM can run the guest and falls back to TCG")
+    p.add_argument("--map-ops", choices=["direct"], default="direct",
+                   help="how the device maps guest memory")
+    p.add_argument("--viommu", action="store_true", help="put the device behind an intel-iommu")
+    p.add_argument("--smp", type=positive_int, default=2)
+    p.add_argument("--memory", type=positive_int, default=512, metavar="MB")
+    p.add_argument("--tcp-bytes", type=parse_size, default=64 << 20, metavar="SIZE")
+    p.add_argument("--udp-count", type=positive_int, default=1000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--out", type=Path, help="parent directory for run logs (default build/vm-test)")
+    p.add_argument("--junit", type=Path, help="JUnit XML path (default <run dir>/junit.xml)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def cmd_vm_test(args: argparse.Namespace) -> int:
+    from harness import paths
+    from harness.report import summary, write_junit
+    from harness.runner import VmTestConfig, run_vm_test
+
+    if args.memory < 256:
+        raise SystemExit("harness vm-test: --memory must be at least 256 (MB)")
+    cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
+                       smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
+                       udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
+                       out_dir=args.out)
+    try:
+        result = run_vm_test(cfg)
+    except paths.EnvError as exc:
+        print(f"harness vm-test: {exc}", file=sys.stderr)
+        return 2
+    junit = args.junit or Path(result.run_dir) / "junit.xml"
+    write_junit(result, junit)
+    print(result.to_json() if args.json else summary(result))
+    if not args.json:
+        print(f"JUnit XML: {junit}")
+    return 0 if result.ok else 1
+
+
+def cmd_accel(args: argparse.Namespace) -> int:
+    from harness import paths
+    from harness.runner import select_accel
+
+    try:
+        env = paths.load_env()
+        choice = select_accel(args.accel, env)
+    except (paths.EnvError, ValueError) as exc:
+        print(f"harness accel: {exc}", file=sys.stderr)
+        return 2
+    print(f"{choice.name}: {choice.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_vm_test(sub)
+    p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
+    sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
+                   add_help=False)
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["iova"])
+    argv = sys.argv[1:] if argv is None else argv
+    # serve and bench pass their own options through to their own parsers.
+    if argv and argv[0] == "serve":
+        from harness.server import main as serve_main
+
+        return serve_main(argv[1:])
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] == "iova":
+        from harness.bench.iova import main as bench_iova
+
+        return bench_iova(argv[2:])
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "vm-test":
+        return cmd_vm_test(args)
+    if args.command == "accel":
+        return cmd_accel(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Host-side networking: the shared test stream, test peers and network namespaces."""

@@ -1,0 +1,114 @@
+"""Results of a vm-test run: the data model, the printed summary and the JUnit XML file."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Case:
+    """One test result: ok True/False, or None when skipped."""
+
+    name: str
+    ok: bool | None
+    detail: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """Everything one `harness vm-test` run found out."""
+
+    accel: str
+    accel_reason: str
+    map_ops: str
+    viommu: bool
+    qemu_version: str
+    kernel_version: str
+    run_dir: str
+    boot_seconds: float | None = None
+    wall_seconds: float = 0.0
+    cases: list[Case] = field(default_factory=list)
+    device_stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def failed(self) -> list[Case]:
+        return [c for c in self.cases if c.ok is False]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed and any(c.ok for c in self.cases)
+
+    def case(self, name: str) -> Case | None:
+        return next((c for c in self.cases if c.name == name), None)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+
+def _describe(case: Case) -> str:
+    m = case.metrics
+    if "mbps" in m and "bytes" in m:
+        mib = int(m["bytes"]) / (1 << 20)
+        secs = float(m.get("seconds", 0))
+        return f"{mib:.0f} MiB in {secs:.2f} s = {float(m['mbps']):.0f} Mbit/s"
+    return case.detail
+
+
+def summary(result: RunResult) -> str:
+    """A short human summary: accelerator and why, boot time, each test, throughput."""
+    lines = [
+        f"harness vm-test: accel {result.accel} ({result.accel_reason})",
+        f"  QEMU {result.qemu_version}, guest kernel {result.kernel_version}, "
+        f"map-ops {result.map_ops}, vIOMMU {'on' if result.viommu else 'off'}",
+    ]
+    if result.boot_seconds is not None:
+        lines.append(f"  boot: {result.boot_seconds:.1f} s (QEMU start to first KTAP line)")
+    for case in result.cases:
+        mark = {True: "ok  ", False: "FAIL", None: "skip"}[case.ok]
+        lines.append(f"  {mark} {case.name:<28} {_describe(case)}".rstrip())
+    if result.error:
+        lines.append(f"  error: {result.error}")
+    passed = sum(1 for c in result.cases if c.ok)
+    skipped = sum(1 for c in result.cases if c.ok is None)
+    lines.append(f"  wall time {result.wall_seconds:.0f} s; logs in {result.run_dir}")
+    failed = len(result.failed) + (1 if result.error else 0)
+    closing = f"vm-test: {passed} passed, {failed} failed"
+    if skipped:
+        closing += f", {skipped} skipped"
+    lines.append(closing)
+    return "\n".join(lines)
+
+
+def write_junit(result: RunResult, path: Path) -> None:
+    """JUnit XML, one testcase per Case, for CI systems."""
+    suite = ET.Element("testsuite", {
+        "name": f"vm-test[{result.accel},{result.map_ops}{',viommu' if result.viommu else ''}]",
+        "tests": str(len(result.cases)),
+        "failures": str(len(result.failed)),
+        "errors": "1" if result.error else "0",
+        "skipped": str(sum(1 for c in result.cases if c.ok is None)),
+        "time": f"{result.wall_seconds:.3f}",
+    })
+    props = ET.SubElement(suite, "properties")
+    for key, value in (("accel", result.accel), ("accel_reason", result.accel_reason),
+                       ("qemu_version", result.qemu_version),
+                       ("boot_seconds", f"{result.boot_seconds or 0:.2f}")):
+        ET.SubElement(props, "property", {"name": key, "value": value})
+    for case in result.cases:
+        tc = ET.SubElement(suite, "testcase", {"classname": "vm", "name": case.name})
+        if case.ok is False:
+            ET.SubElement(tc, "failure", {"message": case.detail or "failed"})
+        elif case.ok is None:
+            ET.SubElement(tc, "skipped", {"message": case.detail or "skipped"})
+        if case.metrics:
+            ET.SubElement(tc, "system-out").text = json.dumps(case.metrics, sort_keys=True)
+    if result.error:
+        tc = ET.SubElement(suite, "testcase", {"classname": "vm", "name": "harness"})
+        ET.SubElement(tc, "error", {"message": result.error})
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)

@@ -1,0 +1,237 @@
+"""`harness vm-test`: boot a guest against our device, run the guest's test plan, judge it.
+
+The orchestration, in order: pick the accelerator (probing KVM), build the initramfs, create a
+private network namespace, start the device server and the host-side test peers inside it,
+boot QEMU, follow the guest's KTAP on the console, collect the device's counters and the
+peers' verdicts, and turn all of it into Cases. Everything started is stopped in `finally`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import paths
+from harness.net.netns import private_netns
+from harness.report import Case, RunResult
+from harness.vm import ktap
+from harness.vm.accel import AccelChoice, choose_accel, run_probe
+from harness.vm.machine import Machine, MachineError, tail
+from harness.vm.qemu import MachinePaths, MachineProfile, full_args
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+DONE_MARKER = "# harness: done"
+KTAP_HEADER = "KTAP version 1"
+
+
+@dataclass(frozen=True)
+class VmTestConfig:
+    """What one run does; every field is a CLI option of `harness vm-test`."""
+
+    accel: str = "auto"
+    map_ops: str = "direct"
+    viommu: bool = False
+    smp: int = 2
+    memory_mb: int = 512
+    tcp_bytes: int = 64 * MIB
+    udp_count: int = 1000
+    seed: int = 1
+    timeout: float = 900.0
+    out_dir: Path | None = None
+
+
+def new_run_dir(base: Path | None) -> Path:
+    root = base or paths.build_dir() / "vm-test"
+    run = root / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while run.exists():
+        suffix += 1
+        run = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
+    run.mkdir(parents=True)
+    latest = root / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run.name)
+    return run
+
+
+@contextmanager
+def child(argv: list[str], log_path: Path, *, name: str, ready: str | None = None,
+          ready_timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """A helper process with its stderr in `log_path`, stopped with SIGTERM then SIGKILL.
+
+    With `ready`, waits until the process prints that line on stdout (and fails if it exits
+    or stays silent): the device server must be listening before QEMU starts.
+    """
+    with log_path.open("wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err)
+    try:
+        if ready is not None:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + ready_timeout
+            line = b""
+            while line.strip() != ready.encode():
+                left = deadline - time.monotonic()
+                if left <= 0 or proc.poll() is not None:
+                    raise RuntimeError(f"{name} did not start (see {log_path}):\n"
+                                       f"{tail(log_path)}")
+                r, _, _ = select.select([proc.stdout], [], [], left)
+                if r:
+                    line = proc.stdout.readline()
+                    if not line and proc.poll() is not None:
+                        continue
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored SIGTERM: killing it", name)
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def guest_cmdline(cfg: VmTestConfig) -> tuple[str, ...]:
+    """The test plan's parameters, read by the guest's /init from /proc/cmdline."""
+    return (f"harness.bytes={cfg.tcp_bytes}", f"harness.udp={cfg.udp_count}",
+            f"harness.seed={cfg.seed}")
+
+
+def follow_console(console: Path, machine: Machine, timeout: float) -> tuple[str, float | None]:
+    """Wait for the end of the guest's plan; return the console text and the boot time."""
+    deadline = time.monotonic() + timeout
+    boot: float | None = None
+    text = ""
+    while True:
+        try:
+            text = console.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        if boot is None and KTAP_HEADER in text:
+            boot = time.monotonic() - machine.launched_at
+        if DONE_MARKER in text or not machine.running():
+            if not machine.running():
+                text = console.read_text(errors="replace") if console.exists() else text
+            return text, boot
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the guest did not finish its plan within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def run_vm_test(cfg: VmTestConfig) -> RunResult:
+    """Run the whole thing once; never raises for a failing guest, only reports it."""
+    started = time.monotonic()
+    env = paths.load_env()
+    run_dir = new_run_dir(cfg.out_dir)
+    accel = select_accel(cfg.accel, env)
+    result = RunResult(accel=accel.name, accel_reason=accel.reason, map_ops=cfg.map_ops,
+                       viommu=cfg.viommu, qemu_version=env.qemu_version,
+                       kernel_version=env.kernel_version, run_dir=str(run_dir))
+    log.info("accelerator: %s (%s)", accel.name, accel.reason)
+    try:
+        _run(cfg, env, accel, run_dir, result)
+    except (MachineError, RuntimeError, TimeoutError, OSError) as exc:
+        log.error("vm-test failed: %s", exc)
+        result.error = str(exc).splitlines()[0]
+        (run_dir / "error.txt").write_text(str(exc) + "\n")
+    result.wall_seconds = time.monotonic() - started
+    (run_dir / "result.json").write_text(result.to_json())
+    return result
+
+
+def select_accel(requested: str, env: paths.Env) -> AccelChoice:
+    return choose_accel(requested, lambda: run_probe(list(env.qemu), Path(env.kernel)))
+
+
+def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
+         result: RunResult) -> None:
+    from harness.guest.build import build_initramfs
+
+    initrd = build_initramfs()
+    py = sys.executable
+    with ExitStack() as stack:
+        ns = stack.enter_context(private_netns())
+        device_sock = run_dir / "device.sock"
+        server = stack.enter_context(child(
+            [py, "-m", "harness.server", "--socket", str(device_sock), "--netns", ns,
+             "--map-ops", cfg.map_ops, "--control", str(run_dir / "control.sock"),
+             "--stats", str(run_dir / "device-stats.json")],
+            run_dir / "server.log", name="device server", ready="READY"))
+        stack.enter_context(child(
+            [py, "-m", "harness.net.peer", "--netns", ns, "--results",
+             str(run_dir / "peer.json"), "--bytes", str(cfg.tcp_bytes), "--seed",
+             str(cfg.seed), "--udp-count", str(cfg.udp_count)],
+            run_dir / "peer.log", name="host peer"))
+        profile = MachineProfile(accel=accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
+                                 viommu=cfg.viommu, cmdline=guest_cmdline(cfg))
+        mpaths = MachinePaths(kernel=Path(env.kernel), initrd=initrd, device_socket=device_sock,
+                              qmp_socket=run_dir / "qmp.sock",
+                              console_log=run_dir / "console.log")
+        argv = full_args(list(env.qemu), profile, mpaths)
+        (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+        machine = Machine(argv, qmp_socket=mpaths.qmp_socket, log_path=run_dir / "qemu.log")
+        with machine:
+            machine.launch()
+            text, result.boot_seconds = follow_console(mpaths.console_log, machine, cfg.timeout)
+            # The guest powers itself off after the plan; give it a moment, then QMP quit.
+            machine.wait(30)
+        # QEMU is gone: the server sees the disconnect, writes its counters and exits.
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            log.warning("device server still running 30 s after QEMU exited")
+    report = ktap.parse(text)
+    stats = _read_json(run_dir / "device-stats.json")
+    peer = _read_json(run_dir / "peer.json")
+    result.device_stats = stats
+    result.cases = judge(report, peer, stats, cfg)
+
+
+def judge(report: ktap.KtapReport, peer: dict[str, Any], stats: dict[str, Any],
+          cfg: VmTestConfig) -> list[Case]:
+    """Combine the guest's own verdicts with the host side's checks into one list of Cases."""
+    from harness.checks import host_checks
+
+    cases: list[Case] = []
+    for test in report.tests:
+        ok: bool | None = test.status is not ktap.Status.FAIL
+        if test.status is ktap.Status.SKIP:
+            ok = None
+        cases.append(Case(test.name, ok, test.reason, dict(test.metrics)))
+    if report.plan is not None and len(report.tests) < report.plan:
+        cases.append(Case("guest_plan_complete", False,
+                          f"guest planned {report.plan} tests, reported {len(report.tests)}"))
+    elif not report.done:
+        cases.append(Case("guest_plan_complete", False, "the guest never printed its done line"))
+    cases += host_checks(cases, peer, stats, cfg.tcp_bytes, cfg.udp_count)
+    return cases
+
+
+def env_summary() -> dict[str, str]:
+    """A few facts for logs: who ran this and where."""
+    return {"uid": str(os.geteuid()), "python": sys.version.split()[0]}

@@ -1,0 +1,349 @@
+"""The device process: serves one virtio-net PCI device over vfio-user, backed by a TAP.
+
+One thread, one non-blocking event loop over three kinds of fd: libvfio-user's socket (config
+space, BAR accesses, doorbells, DMA map/unmap, reset), the TAP (frames for the guest, polled
+only while the guest has posted receive buffers) and an optional control socket that answers
+JSON requests (`stats`, `quit`). Doorbells only mark queues; the queue work runs once per loop
+turn, after every pending vfio-user message has been handled, so it is batched.
+
+Run as `python -m harness.server --socket PATH [--netns NAME] ...`; it prints `READY` on
+stdout once QEMU may connect, and writes its final counters to `--stats` when QEMU goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.dma.mapops import DirectMapOps
+from harness.dma.memory import GuestMemory
+from harness.net import netns as netns_mod
+from harness.net.tap import Tap, configure, link_stats
+from harness.vfu import (
+    Disconnected,
+    DmaRegion,
+    ResetType,
+    VfuContext,
+    VfuError,
+    memory_barrier,
+)
+from harness.virtio.net import VirtioNetDevice
+
+log = logging.getLogger("harness.server")
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MASTER = 0x04
+#: virtio-net: vendor 0x1AF4, modern device id 0x1041, network controller class.
+VIRTIO_VENDOR = 0x1AF4
+VIRTIO_NET_DEVICE_ID = 0x1041
+VIRTIO_SUBSYS_NET = 0x0001
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path
+    tap: str = "htap0"
+    netns: str | None = None
+    host_address: str = "198.18.0.1"
+    prefixlen: int = 24
+    mac: bytes = bytes.fromhex("525400123456")
+    queue_size: int = 256
+    map_ops: str = "direct"
+    control: Path | None = None
+    stats: Path | None = None
+
+
+class Irq:
+    """InterruptSink over vfu_irq_trigger, counting vectors QEMU has not wired up yet."""
+
+    def __init__(self, ctx: VfuContext) -> None:
+        self.ctx = ctx
+        self.sent = 0
+        self.unwired = 0
+
+    def trigger(self, vector: int) -> None:
+        if self.ctx.irq_trigger(vector):
+            self.sent += 1
+        else:
+            self.unwired += 1
+
+
+class DeviceServer:
+    """Owns the vfio-user context, guest memory, map ops, the device and the TAP."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.tap = Tap(cfg.tap)
+        configure(cfg.tap, cfg.host_address, cfg.prefixlen)
+        self.memory = GuestMemory()
+        self.ctx = VfuContext(str(cfg.socket))
+        self.irq = Irq(self.ctx)
+        if cfg.map_ops != "direct":
+            raise ValueError(f"unknown --map-ops {cfg.map_ops!r}")
+        self.mapops = DirectMapOps(self.memory)
+        self.device = VirtioNetDevice(
+            self.mapops, self.irq, self.tap, mac=cfg.mac, queue_size=cfg.queue_size,
+            bus_master=self._bus_master, barrier=memory_barrier)
+        self.dma_maps = 0
+        self.dma_unmaps = 0
+        self.resets: dict[str, int] = {}
+        self.connected_at: float | None = None
+        self.stop = False
+        self._setup_pci()
+        self.sel = selectors.DefaultSelector()
+        self.control: socket.socket | None = None
+        if cfg.control is not None:
+            with contextlib.suppress(FileNotFoundError):
+                cfg.control.unlink()
+            self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.control.bind(str(cfg.control))
+            self.control.listen(4)
+            self.control.setblocking(False)
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _setup_pci(self) -> None:
+        ctx, dev = self.ctx, self.device
+        ctx.set_ids(VIRTIO_VENDOR, VIRTIO_NET_DEVICE_ID, VIRTIO_VENDOR, VIRTIO_SUBSYS_NET)
+        ctx.set_class(0x02, 0x00, 0x00)
+        ctx.set_revision(1)
+        ctx.setup_region(0, dev.bar0_size, dev.bar0_read, dev.bar0_write)
+        ctx.setup_msix(dev.msix_vectors, table_bar=1, pba_bar=1)
+        for cap in dev.caps:
+            ctx.add_capability(cap)
+        ctx.setup_dma(self._on_dma_map, self._on_dma_unmap)
+        ctx.setup_reset(self._on_reset)
+        ctx.realize()
+
+    def _bus_master(self) -> bool:
+        cfg = self.ctx.config_space()
+        return bool(cfg[PCI_COMMAND] & PCI_COMMAND_MASTER)
+
+    # -- libvfio-user callbacks (run inside vfu_run_ctx; never raise) --------------------
+
+    def _on_dma_map(self, region: DmaRegion) -> None:
+        self.dma_maps += 1
+        if region.view is None:
+            log.debug("DMA map %#x+%#x without memory (ROM/MMIO window): ignored",
+                      region.iova, region.size)
+            return
+        self.memory.add_region(region.iova, region.view, writable=bool(region.prot & 2))
+
+    def _on_dma_unmap(self, region: DmaRegion) -> None:
+        self.dma_unmaps += 1
+        # The mapping disappears when this callback returns: nothing may keep a view of it.
+        self.memory.remove_range(region.iova, region.size)
+        self.device.memory_changed()
+
+    def _on_reset(self, kind: ResetType) -> None:
+        self.resets[kind.name] = self.resets.get(kind.name, 0) + 1
+        log.info("reset: %s", kind.name)
+        if kind == ResetType.LOST_CONN:
+            self.stop = True
+        else:
+            self.device.reset()
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Wait for QEMU, then serve until it disconnects or we are told to stop."""
+        if self.control is not None:
+            self.sel.register(self.control, selectors.EVENT_READ, "control")
+        print("READY", flush=True)
+        self._wait_for_client()
+        if self.stop:
+            return
+        self.connected_at = time.monotonic()
+        log.info("vfio-user client connected")
+        vfu_fd = self.ctx.fileno()
+        self.sel.register(vfu_fd, selectors.EVENT_READ, "vfu")
+        tap_registered = False
+        while not self.stop:
+            # TX stops after a batch so RX gets a turn: poll without sleeping while work is left.
+            timeout = 0.0 if self.device.has_work() else 1.0
+            for key, _ in self.sel.select(timeout=timeout):
+                if key.data == "vfu":
+                    try:
+                        self.ctx.run()
+                    except Disconnected:
+                        log.info("vfio-user client disconnected")
+                        self.stop = True
+                        break
+                elif key.data == "tap":
+                    self.device.on_backend_readable()
+                elif key.data == "control":
+                    self._control_accept()
+            if self.stop:
+                break
+            self.device.process()
+            want = self.device.rx_wanted()
+            if want != tap_registered:
+                if want:
+                    self.sel.register(self.tap.fileno(), selectors.EVENT_READ, "tap")
+                    # Frames may already be waiting: the selector only reports new edges
+                    # after registration on some kernels, so look once now.
+                    self.device.on_backend_readable()
+                else:
+                    self.sel.unregister(self.tap.fileno())
+                tap_registered = want
+
+    def _wait_for_client(self) -> None:
+        while not self.stop:
+            if self.ctx.attach():
+                return
+            listen_fd = self.ctx.fileno()
+            key = self.sel.register(listen_fd, selectors.EVENT_READ, "listen")
+            try:
+                for k, _ in self.sel.select(timeout=1.0):
+                    if k.data == "control":
+                        self._control_accept()
+            finally:
+                self.sel.unregister(key.fileobj)
+
+    # -- control socket --------------------------------------------------------------------
+
+    def _control_accept(self) -> None:
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                line = conn.makefile("rb").readline()
+                request = json.loads(line or b"{}")
+                reply = self._control(request)
+            except (OSError, ValueError) as exc:
+                reply = {"error": str(exc)}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request.get("cmd")
+        if cmd == "stats":
+            return self.stats()
+        if cmd == "quit":
+            self.stop = True
+            return {"ok": True}
+        return {"error": f"unknown command {cmd!r}"}
+
+    # -- results -----------------------------------------------------------------------------
+
+    def drain_tap(self) -> int:
+        """Read and count frames still queued on the TAP (nobody will deliver them now)."""
+        scratch = memoryview(bytearray(65536 + 64))
+        n = 0
+        while self.tap.readv([scratch]) >= 0:
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "device": self.device.stats(),
+            "irq": {"sent": self.irq.sent, "unwired": self.irq.unwired},
+            "dma": {"maps": self.dma_maps, "unmaps": self.dma_unmaps,
+                    "regions": [[i, s, w] for i, s, w in self.memory.regions()]},
+            "resets": dict(self.resets),
+            "tap_backend": {"read_errors": self.tap.read_errors,
+                            "write_errors": self.tap.write_errors},
+        }
+
+    def final_stats(self) -> dict[str, Any]:
+        """Counters at exit, with the TAP's own kernel counters taken after draining it."""
+        result = self.stats()
+        result["tap_undelivered_at_exit"] = self.drain_tap()
+        try:
+            result["tap"] = link_stats(self.cfg.tap)
+        except (OSError, LookupError) as exc:
+            result["tap"] = {"error": str(exc)}
+        return result
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.tap.close()
+        if self.control is not None:
+            self.control.close()
+            with contextlib.suppress(FileNotFoundError):
+                if self.cfg.control is not None:
+                    self.cfg.control.unlink()
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}") from None
+
+
+def parse_args(argv: list[str] | None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="harness-server", description=__doc__.split("\n")[0])
+    p.add_argument("--socket", type=Path, required=True, help="vfio-user socket path")
+    p.add_argument("--netns", help="network namespace to enter first (must exist)")
+    p.add_argument("--tap", default="htap0", help="TAP device name (default htap0)")
+    p.add_argument("--host-address", default="198.18.0.1")
+    p.add_argument("--prefixlen", type=int, default=24)
+    p.add_argument("--mac", type=parse_mac, default=parse_mac("52:54:00:12:34:56"))
+    p.add_argument("--queue-size", type=int, default=256)
+    p.add_argument("--map-ops", choices=["direct"], default="direct")
+    p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
+    p.add_argument("--stats", type=Path, help="write final counters here at exit")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
+        p.error("--queue-size must be a power of two between 2 and 32768")
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
+                        prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
+                        map_ops=a.map_ops, control=a.control, stats=a.stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if cfg.netns:
+        netns_mod.enter(cfg.netns)
+    try:
+        server = DeviceServer(cfg)
+    except (OSError, VfuError, ValueError) as exc:
+        log.error("could not start the device: %s", exc)
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        server.stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve()
+    finally:
+        if cfg.stats is not None:
+            write_json(cfg.stats, server.final_stats())
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""VirtioNetDevice: virtio-net (one queue pair) moving frames between its rings and a backend.
+
+Frames travel with their 12-byte virtio_net_hdr_v1 straight to and from the backend (a TAP
+opened with IFF_VNET_HDR and TUNSETVNETHDRSZ=12), so checksum/TSO offloads need no work here;
+only num_buffers is ours to fill in on RX. Data never gets copied by Python: TX hands the
+guest's buffers to ``writev``, RX ``readv``s straight into the guest's buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+
+from harness.dma import MapOps
+from harness.virtio import constants as C
+from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
+from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
+from harness.virtio.virtqueue import Chain, QueueStats
+
+log = logging.getLogger(__name__)
+
+RX_QUEUE = 0
+TX_QUEUE = 1
+
+DEFAULT_FEATURES = (
+    (1 << C.F_VERSION_1)
+    | (1 << C.NET_F_MAC)
+    | (1 << C.NET_F_STATUS)
+    | (1 << C.NET_F_MRG_RXBUF)
+    | (1 << C.F_EVENT_IDX)
+)
+OFFLOAD_FEATURES = (
+    (1 << C.NET_F_CSUM)
+    | (1 << C.NET_F_GUEST_CSUM)
+    | (1 << C.NET_F_HOST_TSO4)
+    | (1 << C.NET_F_HOST_TSO6)
+    | (1 << C.NET_F_GUEST_TSO4)
+    | (1 << C.NET_F_GUEST_TSO6)
+)
+SUPPORTED_FEATURES = DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES
+
+_GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
+# Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
+# 1500-MTU frame with VLAN tag; plus the vnet header either way.
+_RX_MAX_GSO = C.NET_HDR_SIZE + 65535 + 18
+_RX_MAX_MTU = C.NET_HDR_SIZE + 1518
+_CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
+_U16 = struct.Struct("<H")
+
+
+class VirtioNetDevice(VirtioPciDevice):
+    """A virtio-net device with rx0 (queue 0) and tx0 (queue 1).
+
+    The server loop calls ``bar0_read/bar0_write`` from region callbacks, then ``process()``
+    (kicks; repeat while ``has_work()``), and ``on_backend_readable()`` when the backend fd is
+    readable and ``rx_wanted()`` is True.
+    """
+
+    def __init__(
+        self,
+        mapops: MapOps,
+        irq: InterruptSink,
+        backend: PacketBackend,
+        *,
+        mac: bytes,
+        queue_size: int = 256,
+        features: int | None = None,
+        bus_master: Callable[[], bool],
+        barrier: Barrier = no_barrier,
+        batch: int = 256,
+    ) -> None:
+        if len(mac) != 6:
+            raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
+        feats = DEFAULT_FEATURES if features is None else features
+        if feats & ~SUPPORTED_FEATURES:
+            raise ValueError(f"unsupported features {feats & ~SUPPORTED_FEATURES:#x}")
+        super().__init__(
+            mapops, irq,
+            queue_names=["rx0", "tx0"],
+            queue_size=queue_size,
+            device_features=feats,
+            device_config_len=_CONFIG_LEN,
+            bus_master=bus_master,
+            barrier=barrier,
+        )  # fmt: skip
+        self.backend = backend
+        self.mac = bytes(mac)
+        self.link_up = True
+        self.batch = batch
+        self.rx = self.queues[RX_QUEUE]
+        self.tx = self.queues[TX_QUEUE]
+        self._rx_starved = False
+        self._rx_max = _RX_MAX_MTU
+        self._mrg = False
+
+    # ---- transport hooks ---------------------------------------------------------------------
+
+    def _device_config(self) -> bytes:
+        status = C.NET_S_LINK_UP if self.link_up else 0
+        return self.mac + _U16.pack(status)
+
+    def _on_driver_ok(self) -> None:
+        self._mrg = self.has_feature(C.NET_F_MRG_RXBUF)
+        self._rx_max = _RX_MAX_GSO if self.negotiated & _GUEST_GSO else _RX_MAX_MTU
+        self._rx_starved = False
+
+    def _on_reset(self) -> None:
+        self._rx_starved = False
+
+    def set_link(self, up: bool) -> None:
+        """Change the link status bit and raise a config interrupt."""
+        if up != self.link_up:
+            self.link_up = up
+            if self.has_feature(C.NET_F_STATUS):
+                self.config_changed()
+
+    # ---- server loop API ---------------------------------------------------------------------
+
+    def _usable(self) -> bool:
+        return self.driver_ok and self.bus_master()
+
+    def has_work(self) -> bool:
+        """Kicks are waiting for process() (and the device may act on them now)."""
+        return bool(self._pending) and self._usable()
+
+    def rx_wanted(self) -> bool:
+        """RX has (or may have) buffers: the backend should be polled for readability."""
+        return not self._rx_starved and self._usable() and self.rx.enabled and not self.rx.broken
+
+    def process(self) -> None:
+        """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
+        if self.status & C.STATUS_NEEDS_RESET:
+            self._pending = 0
+            return
+        if not self._usable():
+            return  # keep the kicks: they are served once the guest allows DMA again
+        pending = self._pending
+        self._pending = 0
+        if pending & (1 << RX_QUEUE):
+            self._rx_starved = False
+        if pending & (1 << TX_QUEUE):
+            self._tx_flush()
+
+    # ---- TX ----------------------------------------------------------------------------------
+
+    def _tx_flush(self) -> None:
+        q = self.tx
+        st = q.stats
+        backend = self.backend
+        done = 0
+        map_errors = st.map_errors
+        q.disable_notify()
+        while True:
+            while done < self.batch:
+                chain = q.pop()
+                if chain is None:
+                    break
+                done += 1
+                if chain.writable or chain.read_len < C.NET_HDR_SIZE:
+                    what = "device-writable buffers" if chain.writable else "no full vnet header"
+                    q.discard(chain)
+                    q.fail(f"TX chain with {what}", chain.head)
+                    break
+                try:
+                    backend.writev([h.view for h in chain.readable])
+                except OSError as e:
+                    st.drops += 1
+                    log.debug("tx0: backend write failed: %s", e)
+                else:
+                    st.packets += 1
+                    st.bytes += chain.read_len - C.NET_HDR_SIZE
+                q.push(chain, 0)
+            if q.broken or not q.ready:
+                break
+            if done >= self.batch:
+                self._pending |= 1 << TX_QUEUE  # fairness: the loop comes back via has_work()
+                break
+            if not q.enable_notify():
+                break
+            q.disable_notify()
+        if st.map_errors != map_errors:
+            self._pending |= 1 << TX_QUEUE  # a transient map failure: retry, do not wait
+        if q.flush():
+            self._queue_interrupt(q)
+
+    # ---- RX ----------------------------------------------------------------------------------
+
+    def on_backend_readable(self) -> None:
+        """Move frames backend -> RX ring until the backend is empty, buffers or batch run out."""
+        if not self.rx_wanted():
+            return
+        q = self.rx
+        st = q.stats
+        backend = self.backend
+        for _ in range(self.batch):
+            chains = self._rx_gather()
+            if not chains:
+                break
+            views = [h.view for c in chains for h in c.writable]
+            try:
+                got = backend.readv(views)
+            except OSError as e:
+                log.debug("rx0: backend read failed: %s", e)
+                got = -1
+            if got <= 0:
+                for c in reversed(chains):
+                    q.unpop(c)
+                break
+            if got < C.NET_HDR_SIZE:
+                st.drops += 1  # a runt without a whole vnet header: nothing to deliver
+                for c in reversed(chains):
+                    q.unpop(c)
+                continue
+            used = 0
+            left = got
+            for c in chains:
+                if left <= 0:
+                    break
+                left -= c.write_len
+                used += 1
+            _set_num_buffers(chains[0], used)
+            left = got
+            for c in chains[:used]:
+                n = min(left, c.write_len)
+                q.push(c, n)
+                left -= n
+            for c in reversed(chains[used:]):
+                q.unpop(c)
+            st.packets += 1
+            st.bytes += got - C.NET_HDR_SIZE
+        if q.flush():
+            self._queue_interrupt(q)
+
+    def _rx_gather(self) -> list[Chain] | None:
+        """Chains to hold one max-size frame (one chain without MRG_RXBUF), or None."""
+        q = self.rx
+        map_errors = q.stats.map_errors
+        for _attempt in range(4):
+            chains: list[Chain] = []
+            cap = 0
+            while True:
+                c = q.pop()
+                if c is None:
+                    break
+                if c.readable or c.write_len < C.NET_HDR_SIZE:
+                    what = "device-readable buffers" if c.readable else "room for no vnet header"
+                    q.discard(c)
+                    for done in reversed(chains):
+                        q.unpop(done)
+                    q.fail(f"RX chain with {what}", c.head)
+                    return None
+                chains.append(c)
+                cap += c.write_len
+                if not self._mrg or cap >= self._rx_max:
+                    break
+            if q.broken:
+                for c in reversed(chains):
+                    q.discard(c)
+                return None
+            # Enough room, or every buffer the ring can hold is here and it still is not:
+            # then use what there is rather than wait for buffers that cannot come.
+            if chains and (not self._mrg or cap >= self._rx_max or len(chains) >= q.size):
+                q.disable_notify()  # we have buffers: refills need no doorbell
+                return chains
+            for c in reversed(chains):
+                q.unpop(c)
+            if q.stats.map_errors != map_errors:
+                return None  # transient: stay polling, the next readable event retries
+            if not q.enable_notify():
+                break
+        if not q.broken:
+            q.stats.no_buffers += 1
+            self._rx_starved = True
+        return None
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Per-queue counters, their totals, and device-level counters."""
+        per: dict[str, dict[str, int]] = {}
+        totals: dict[str, int] = {}
+        for q in self.queues:
+            d = {name: getattr(q.stats, name) for name in QueueStats.__slots__}
+            per[q.name] = d
+            for k, v in d.items():
+                totals[k] = totals.get(k, 0) + v
+        return {
+            **per,
+            "totals": totals,
+            "errors": totals["errors"],
+            "device_errors": self.device_errors,
+            "bad_accesses": self.bad_accesses,
+            "resets": self.resets,
+            "status": self.status,
+            "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
+            "features": self.negotiated,
+            "rx_starved": self._rx_starved,
+        }
+
+
+def _set_num_buffers(chain: Chain, n: int) -> None:
+    """Write num_buffers (header bytes 10..11) into the first chain's buffers, wherever they are.
+
+    Plain byte writes are fine here: the guest cannot look before used.idx is published.
+    """
+    off = C.NET_HDR_NUM_BUFFERS_OFFSET
+    data = _U16.pack(n)
+    for h in chain.writable:
+        view = h.view
+        if off < len(view):
+            take = min(2, len(view) - off)
+            view[off : off + take] = data[:take]
+            data = data[take:]
+            if not data:
+                return
+            off = 0
+        else:
+            off -= len(view)

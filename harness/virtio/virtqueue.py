@@ -1,0 +1,486 @@
+"""SplitVirtqueue: the device side of one split virtqueue, validating all the guest supplies.
+
+Ring memory (descriptor table, avail ring, used ring) is mapped once per queue enable with
+``map_page(..., BIDIRECTIONAL)`` of the driver's ring addresses and kept until reset (coherent in
+the Linux sense: when ``need_sync`` says so we sync the avail side before reading it and the
+used side after writing it). Data buffers are mapped per chain (TO_DEVICE for device-readable,
+FROM_DEVICE for device-writable descriptors) and unmapped on push/unpop/discard.
+
+16-bit ring indices go through ``memoryview.cast("H")`` element access: one aligned 2-byte load
+or store, which the guest can never observe half-done (``struct.pack_into`` writes bytewise).
+Used entries are written before used.idx, and a full barrier separates publishing used.idx (or
+avail_event) from reading avail.flags / used_event / avail.idx again (store->load ordering is
+the one x86 reorders).
+
+Any malformed input marks the queue broken, bumps its error counter, logs queue, descriptor and
+IOVA, and calls ``on_error``; the device turns that into NEEDS_RESET. Nothing here raises on
+guest input.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from harness.dma import Direction, DmaHandle, MapOps
+from harness.virtio.constants import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    DESC_SIZE,
+    USED_F_NO_NOTIFY,
+)
+from harness.virtio.protocols import Barrier, no_barrier
+
+if sys.byteorder != "little":  # cast("H"/"I") is native order; virtio 1.x rings are LE
+    raise ImportError("harness.virtio.virtqueue assumes a little-endian host")
+
+log = logging.getLogger(__name__)
+
+_DESC = struct.Struct("<QIHH")
+_U32_MAX = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Per-queue counters (exported by the device's stats())."""
+
+    packets: int = 0
+    bytes: int = 0
+    kicks: int = 0
+    interrupts: int = 0
+    errors: int = 0
+    drops: int = 0
+    map_errors: int = 0
+    no_buffers: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Chain:
+    """One popped descriptor chain with its mapped buffers (device-readable first)."""
+
+    head: int
+    readable: list[DmaHandle]
+    writable: list[DmaHandle]
+    read_len: int
+    write_len: int
+
+
+class _ChainError(Exception):
+    """A malformed chain: internal, never leaves this module."""
+
+    def __init__(self, reason: str, desc: int, iova: int = -1) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.desc = desc
+        self.iova = iova
+
+
+class _TransientMapError(Exception):
+    """A data buffer could not be mapped for a reason that may go away."""
+
+
+def ring_sizes(size: int) -> tuple[int, int, int]:
+    """Bytes of (descriptor table, avail ring, used ring), event-idx fields included."""
+    return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
+
+
+class SplitVirtqueue:
+    """Device side of one split virtqueue: pop chains, push used entries, decide interrupts.
+
+    The transport writes ``size``, the three addresses, ``msix_vector`` and calls ``enable()``;
+    consumers call ``pop``/``unpop``/``push``/``discard`` and then ``flush()`` once per batch,
+    which publishes used.idx and says whether the driver wants an interrupt.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        max_size: int,
+        mapops: MapOps,
+        *,
+        name: str,
+        on_error: Callable[[SplitVirtqueue, str], None],
+        barrier: Barrier = no_barrier,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.max_size = max_size
+        self.stats = QueueStats()
+        self._mapops = mapops
+        self._on_error = on_error
+        self._barrier = barrier
+        self._rings: list[DmaHandle] = []
+        self._reset_state()
+
+    # ---- configuration (transport side) ------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.msix_vector = 0xFFFF
+        self.enabled = False
+        self.broken = False
+        self.event_idx = False
+        self.indirect = False
+        self._drop_rings()
+        self._next_avail = 0  # next avail ring slot the device will pop (free-running u16)
+        self._avail_seen = 0  # last avail.idx read from the guest
+        self._used_idx = 0  # used.idx including entries pushed but not yet published
+        self._published = 0  # used.idx as last published to the guest
+        self._outstanding = 0  # chains popped and not yet pushed/unpopped/discarded
+        self._notify_on = True  # used.flags NO_NOTIFY clear (the ring starts zeroed)
+
+    def reset(self) -> None:
+        """Device reset: unmap rings, forget everything but the counters."""
+        self._reset_state()
+
+    def enable(self, *, event_idx: bool, indirect: bool) -> bool:
+        """queue_enable=1: validate the layout and map the rings. False when refused."""
+        self.event_idx = event_idx
+        self.indirect = indirect
+        size = self.size
+        if size == 0 or size & (size - 1) or size > self.max_size:
+            self.fail(f"queue size {size} invalid", -1)
+            return False
+        if self.desc_addr % 16 or self.avail_addr % 2 or self.used_addr % 4:
+            self.fail(
+                f"misaligned rings desc={self.desc_addr:#x} avail={self.avail_addr:#x} "
+                f"used={self.used_addr:#x}",
+                -1,
+            )
+            return False
+        self.enabled = True
+        self._ensure_rings()
+        return not self.broken
+
+    def overlaps(self, iova: int, size: int) -> bool:
+        """Whether any currently mapped ring lies (partly) in [iova, iova + size)."""
+        return any(h.iova < iova + size and iova < h.iova + h.size for h in self._rings)
+
+    def drop_rings(self) -> None:
+        """Unmap the rings (their memory is going away); they are remapped on next use."""
+        self._drop_rings()
+
+    # ---- ring mapping ------------------------------------------------------------------------
+
+    def _drop_rings(self) -> None:
+        for h in self._rings:
+            self._mapops.unmap_page(h, Direction.BIDIRECTIONAL)
+        self._rings = []
+        for attr in ("_desc", "_avail16", "_used16", "_used32"):
+            old = getattr(self, attr, None)
+            if old is not None:
+                old.release()
+            setattr(self, attr, None)
+        self._avail_sync = self._used_sync = self._desc_sync = False
+
+    def _ensure_rings(self) -> bool:
+        """Map the rings if they are not mapped (lazily after a drop or transient failure)."""
+        if self._rings:
+            return True
+        if not self.enabled or self.broken:
+            return False
+        ops = self._mapops
+        handles: list[DmaHandle] = []
+        for addr, nbytes, what in zip(
+            (self.desc_addr, self.avail_addr, self.used_addr),
+            ring_sizes(self.size),
+            ("descriptor table", "avail ring", "used ring"),
+            strict=True,
+        ):
+            h = ops.map_page(addr, nbytes, Direction.BIDIRECTIONAL)
+            if ops.mapping_error(h):
+                for done in handles:
+                    ops.unmap_page(done, Direction.BIDIRECTIONAL)
+                err = h.error
+                if err is not None and err.transient:
+                    self.stats.map_errors += 1
+                    log.debug("%s: %s map failed transiently: %s", self.name, what, err)
+                    return False
+                self.fail(f"{what} not mappable: {err}", -1, addr)
+                return False
+            handles.append(h)
+        desc, avail, used = handles
+        self._rings = handles
+        self._desc = desc.view
+        self._avail16 = avail.view.cast("H")
+        self._used16 = used.view.cast("H")
+        self._used32 = used.view[: 4 + 8 * self.size].cast("I")
+        self._desc_sync = ops.need_sync(desc)
+        self._avail_sync = ops.need_sync(avail)
+        self._used_sync = ops.need_sync(used)
+        return True
+
+    def _sync_avail(self) -> None:
+        if self._desc_sync:
+            self._mapops.sync_single_for_device(self._rings[0], Direction.BIDIRECTIONAL)
+        if self._avail_sync:
+            self._mapops.sync_single_for_device(self._rings[1], Direction.BIDIRECTIONAL)
+
+    def _sync_used(self) -> None:
+        if self._used_sync:
+            self._mapops.sync_single_for_cpu(self._rings[2], Direction.BIDIRECTIONAL)
+
+    # ---- errors ------------------------------------------------------------------------------
+
+    def fail(self, reason: str, desc: int = -1, iova: int = -1) -> None:
+        """Report malformed guest input: count, log, break the queue, tell the device (once)."""
+        self.stats.errors += 1
+        if self.broken:
+            return
+        self.broken = True
+        where = f" desc {desc}" if desc >= 0 else ""
+        at = f" iova {iova:#x}" if iova >= 0 else ""
+        log.error("virtqueue %s (%d)%s%s: %s", self.name, self.index, where, at, reason)
+        self._on_error(self, reason)
+
+    # ---- availability ------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """Enabled, not broken, rings mapped (mapping them now if needed)."""
+        return self.enabled and not self.broken and self._ensure_rings()
+
+    def _refresh_avail(self) -> bool:
+        """Read avail.idx; True if it moved. A jump beyond the queue size breaks the queue."""
+        self._sync_avail()
+        avail16 = self._avail16
+        assert avail16 is not None
+        idx = avail16[1]
+        if idx == self._avail_seen:
+            return False
+        if (idx - self._next_avail) & 0xFFFF > self.size:
+            self.fail(
+                f"avail idx jumped to {idx} with {self._next_avail} consumed (size {self.size})",
+                -1,
+                self.avail_addr + 2,
+            )
+            return False
+        # Ring entries and descriptors must be read after the index that published them.
+        self._barrier()
+        self._avail_seen = idx
+        return True
+
+    def pending(self) -> int:
+        """How many heads the driver has made available that we have not popped."""
+        if not self.ready:
+            return 0
+        if self._next_avail == self._avail_seen:
+            self._refresh_avail()
+        if self.broken:
+            return 0
+        return (self._avail_seen - self._next_avail) & 0xFFFF
+
+    # ---- consuming chains --------------------------------------------------------------------
+
+    def pop(self) -> Chain | None:
+        """Next available chain with its buffers mapped; None when empty, broken or blocked."""
+        if self.broken or not (self._rings or self._ensure_rings()):
+            return None
+        if self._next_avail == self._avail_seen and not self._refresh_avail():
+            return None
+        avail16 = self._avail16
+        assert avail16 is not None
+        slot = self._next_avail & (self.size - 1)
+        head = avail16[2 + slot]
+        try:
+            chain = self._walk(head)
+        except _ChainError as e:
+            self.fail(e.reason, e.desc, e.iova)
+            return None
+        except _TransientMapError:
+            return None
+        self._next_avail = (self._next_avail + 1) & 0xFFFF
+        self._outstanding += 1
+        return chain
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise _ChainError(f"head index {head} out of range (size {size})", head)
+        table = self._desc
+        assert table is not None
+        chain = Chain(head, [], [], 0, 0)
+        try:
+            self._walk_table(table, head, size, chain, top=True)
+        except BaseException:
+            self._unmap(chain)
+            raise
+        return chain
+
+    def _walk_table(
+        self, table: memoryview, first: int, n: int, chain: Chain, *, top: bool
+    ) -> None:
+        """Follow NEXT links from ``first`` in a table of ``n`` descriptors, mapping buffers."""
+        ops = self._mapops
+        max_map = ops.max_mapping_size()
+        i = first
+        for _ in range(n):
+            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)
+            if flags & DESC_F_INDIRECT:
+                self._indirect(i, addr, length, flags, chain, top=top)
+            elif length:
+                if length > max_map:
+                    raise _ChainError(
+                        f"len {length:#x} beyond max_mapping_size {max_map:#x}", i, addr
+                    )
+                # Check the total before mapping: used.len is 32 bits, and a guest asking for
+                # more than that must not make us map it first.
+                if chain.read_len + chain.write_len + length > _U32_MAX:
+                    raise _ChainError("chain length exceeds 2^32 - 1", i, addr)
+                if flags & DESC_F_WRITE:
+                    self._map_into(chain.writable, addr, length, Direction.FROM_DEVICE, i)
+                    chain.write_len += length
+                else:
+                    if chain.writable:
+                        raise _ChainError("device-readable descriptor after writable", i, addr)
+                    self._map_into(chain.readable, addr, length, Direction.TO_DEVICE, i)
+                    chain.read_len += length
+            if not flags & DESC_F_NEXT:
+                return
+            if nxt >= n:
+                raise _ChainError(f"next {nxt} out of range (table of {n})", i)
+            i = nxt
+        raise _ChainError(f"descriptor loop or chain longer than {n}", first)
+
+    def _indirect(
+        self, i: int, addr: int, length: int, flags: int, chain: Chain, *, top: bool
+    ) -> None:
+        if not self.indirect:
+            raise _ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
+        if not top:
+            raise _ChainError("nested INDIRECT descriptor", i, addr)
+        if flags & DESC_F_NEXT:
+            raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
+        if chain.readable or chain.writable:
+            raise _ChainError("INDIRECT descriptor not alone in its chain", i, addr)
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
+            raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
+        ops = self._mapops
+        h = ops.map_page(addr, length, Direction.TO_DEVICE)
+        if ops.mapping_error(h):
+            self._map_failed(h, i)
+        try:
+            if ops.need_sync(h):
+                ops.sync_single_for_device(h, Direction.TO_DEVICE)
+            # Copy: the guest could rewrite the table under us; we validate one snapshot.
+            table = memoryview(bytes(h.view))
+        finally:
+            ops.unmap_page(h, Direction.TO_DEVICE)
+        self._walk_table(table, 0, length // DESC_SIZE, chain, top=False)
+
+    def _map_into(
+        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int
+    ) -> None:
+        ops = self._mapops
+        h = ops.map_page(addr, length, direction)
+        if ops.mapping_error(h):
+            self._map_failed(h, i)
+        if direction == Direction.TO_DEVICE and ops.need_sync(h):
+            ops.sync_single_for_device(h, direction)
+        out.append(h)
+
+    def _map_failed(self, h: DmaHandle, i: int) -> None:
+        err = h.error
+        if err is not None and err.transient:
+            self.stats.map_errors += 1
+            log.debug("%s: desc %d map failed transiently: %s", self.name, i, err)
+            raise _TransientMapError
+        raise _ChainError(f"buffer not mappable: {err}", i, h.iova)
+
+    def _unmap(self, chain: Chain) -> None:
+        ops = self._mapops
+        for h in chain.readable:
+            ops.unmap_page(h, Direction.TO_DEVICE)
+        for h in chain.writable:
+            if ops.need_sync(h):
+                ops.sync_single_for_cpu(h, Direction.FROM_DEVICE)
+            ops.unmap_page(h, Direction.FROM_DEVICE)
+        chain.readable = []
+        chain.writable = []
+
+    def unpop(self, chain: Chain) -> None:
+        """Give the most recently popped chain back to the driver, untouched (LIFO)."""
+        self._unmap(chain)
+        self._next_avail = (self._next_avail - 1) & 0xFFFF
+        self._outstanding -= 1
+
+    def discard(self, chain: Chain) -> None:
+        """Unmap a popped chain that will never be completed (the queue is broken)."""
+        self._unmap(chain)
+        self._outstanding -= 1
+
+    def push(self, chain: Chain, length: int) -> None:
+        """Complete ``chain`` with ``length`` bytes written; visible to the guest on flush()."""
+        self._unmap(chain)
+        self._outstanding -= 1
+        used32 = self._used32
+        if used32 is None:  # rings dropped while the chain was out: nothing to publish into
+            return
+        slot = self._used_idx & (self.size - 1)
+        used32[1 + 2 * slot] = chain.head
+        used32[2 + 2 * slot] = length
+        self._used_idx = (self._used_idx + 1) & 0xFFFF
+
+    def flush(self) -> bool:
+        """Publish used.idx once for everything pushed; True if the driver wants an interrupt."""
+        if self._used_idx == self._published or self._used16 is None:
+            return False
+        used16 = self._used16
+        avail16 = self._avail16
+        assert avail16 is not None
+        new = self._used_idx
+        old = self._published
+        used16[1] = new
+        self._published = new
+        self._sync_used()
+        # The driver must see used.idx before we look at its suppression flags, or both sides
+        # can decide the other is not waiting (lost interrupt).
+        self._barrier()
+        self._sync_avail()
+        if self.event_idx:
+            event = avail16[2 + self.size]
+            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not avail16[0] & AVAIL_F_NO_INTERRUPT
+
+    # ---- notification suppression ------------------------------------------------------------
+
+    def disable_notify(self) -> None:
+        """Tell the driver kicks are not needed (we will look at the ring anyway)."""
+        # With EVENT_IDX a stale avail_event already suppresses kicks: nothing to write.
+        if self.event_idx or not self._notify_on or self._used16 is None:
+            return
+        self._notify_on = False
+        self._used16[0] = USED_F_NO_NOTIFY
+        self._sync_used()
+
+    def enable_notify(self) -> bool:
+        """Ask for a kick on the next buffer made available; True if one arrived meanwhile."""
+        if not self.ready:
+            return False
+        used16 = self._used16
+        assert used16 is not None
+        if self.event_idx:
+            used16[2 + 4 * self.size] = self._avail_seen
+        else:
+            used16[0] = 0
+            self._notify_on = True
+        self._sync_used()
+        # Publish the request before re-reading avail.idx: otherwise a buffer added in between
+        # would neither be seen now nor kicked about.
+        self._barrier()
+        return self._refresh_avail()
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        """Chains popped and not yet pushed, unpopped or discarded."""
+        return self._outstanding

@@ -1,0 +1,1 @@
+"""The guest machine: QEMU argv, lifecycle, and parsing of what the guest reports."""

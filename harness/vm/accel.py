@@ -1,0 +1,109 @@
+"""Choosing the accelerator: KVM when it can really run this guest, TCG otherwise, with a reason.
+
+The existence of /dev/kvm proves nothing: on these machines it is PVM, a paravirtual KVM that
+only runs PVM-enlightened kernels and kills a stock guest with an emulation failure within
+seconds. So `auto` boots the real guest kernel under KVM for a few seconds and accepts KVM
+only if the kernel gets all the way to mounting its root file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: Printed by the kernel once it has initialised everything and looks for a root file system;
+#: with no initrd and no root= it then panics. Reaching it means KVM ran the whole boot.
+PROBE_MARKER = "VFS: Unable to mount root fs"
+PROBE_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator to use and why (shown in the summary and the results)."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    detail: str
+
+
+def probe_args(qemu: list[str], kernel: Path) -> list[str]:
+    """A minimal KVM boot of the guest kernel: no devices, no initrd, console on stdout."""
+    return [*qemu, "-nodefaults", "-machine", "q35", "-accel", "kvm", "-cpu", "host",
+            "-m", "256M", "-display", "none", "-no-reboot", "-kernel", str(kernel),
+            "-append", "console=ttyS0 panic=-1", "-serial", "stdio"]
+
+
+def run_probe(qemu: list[str], kernel: Path, timeout: float = PROBE_TIMEOUT) -> ProbeResult:
+    """Boot the kernel under KVM and watch for PROBE_MARKER."""
+    argv = probe_args(qemu, kernel)
+    log.debug("KVM probe: %s", " ".join(argv))
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+        out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    except subprocess.TimeoutExpired as exc:
+        def text(b: bytes | str | None) -> str:
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        out = text(exc.stdout) + text(exc.stderr)
+        if PROBE_MARKER in out:
+            return ProbeResult(True, "guest kernel booted under KVM")
+        return ProbeResult(False, f"guest kernel did not reach its root mount in {timeout:.0f} s")
+    if PROBE_MARKER in out:
+        return ProbeResult(True, "guest kernel booted under KVM")
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "KVM" in ln or "error" in ln.lower()]
+    detail = (errors or lines or [f"QEMU exited with {proc.returncode}"])[0].strip()
+    return ProbeResult(False, f"guest kernel died under KVM: {detail}")
+
+
+def kvm_usable_device(dev: Path = Path("/dev/kvm")) -> str | None:
+    """None if /dev/kvm can be opened read-write, else why not."""
+    if not dev.exists():
+        return f"{dev} does not exist"
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return f"{dev} is not readable and writable by this user"
+    return None
+
+
+def is_pvm(sys_module: Path = Path("/sys/module")) -> bool:
+    """True when the host's KVM is PVM (only runs PVM-enlightened guests)."""
+    return (sys_module / "kvm_pvm").exists()
+
+
+def choose_accel(requested: str, probe: Callable[[], ProbeResult],
+                 device_problem: Callable[[], str | None] = kvm_usable_device,
+                 pvm: Callable[[], bool] = is_pvm) -> AccelChoice:
+    """Resolve `auto|kvm|tcg` to a concrete accelerator and the reason for it.
+
+    `kvm` is taken at its word (a broken KVM then fails loudly); `auto` probes.
+    """
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested")
+    if requested == "kvm":
+        problem = device_problem()
+        if problem:
+            raise ValueError(f"--accel kvm: {problem}; use --accel tcg or auto")
+        return AccelChoice("kvm", "requested")
+    if requested != "auto":
+        raise ValueError(f"unknown accelerator {requested!r}: use auto, kvm or tcg")
+    problem = device_problem()
+    if problem:
+        return AccelChoice("tcg", f"KVM unavailable: {problem}")
+    result = probe()
+    if result.ok:
+        return AccelChoice("kvm", f"KVM probe passed: {result.detail}")
+    why = f"KVM probe failed: {result.detail}"
+    if pvm():
+        why += " (host KVM is PVM: kvm_pvm is loaded, it runs only PVM-enlightened guests)"
+    return AccelChoice("tcg", why)

@@ -1,0 +1,34 @@
+"""Bad CLI input is a clear error (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.cli import main, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("65536", 65536), ("64K", 65536), ("64M", 64 << 20), ("1GiB", 1 << 30)]
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vm-test", "--accel", "hvf"],
+        ["vm-test", "--tcp-bytes", "lots"],
+        ["vm-test", "--smp", "0"],
+        ["vm-test", "--map-ops", "teleport"],
+        ["bogus"],
+    ],
+)
+def test_bad_input_exits_2_with_message(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err

@@ -1,0 +1,71 @@
+"""QEMU command lines are pure functions: compare lists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.vm.qemu import (
+    MachinePaths,
+    MachineProfile,
+    full_args,
+    kernel_cmdline,
+    machine_args,
+    vfio_user_device_args,
+    viommu_args,
+)
+
+
+def test_machine_shares_ram_through_memfd() -> None:
+    args = machine_args(MachineProfile(memory_mb=512))
+    assert args[args.index("-object") + 1] == "memory-backend-memfd,id=mem,size=512M,share=on"
+    assert args[args.index("-machine") + 1] == "q35,memory-backend=mem"
+    assert "-nodefaults" in args and args[args.index("-nic") + 1] == "none"
+
+
+def test_tcg_uses_max_cpu_kvm_uses_host() -> None:
+    assert "max" in machine_args(MachineProfile(accel="tcg"))
+    assert "host" in machine_args(MachineProfile(accel="kvm"))
+
+
+def test_bad_profiles_are_refused() -> None:
+    with pytest.raises(ValueError, match="accelerator"):
+        MachineProfile(accel="hvf")
+    with pytest.raises(ValueError):
+        MachineProfile(memory_mb=64)
+
+
+def test_vfio_user_device_is_json() -> None:
+    args = vfio_user_device_args(Path("/tmp/d.sock"))
+    assert args[0] == "-device"
+    spec = json.loads(args[1])
+    assert spec == {
+        "driver": "vfio-user-pci",
+        "id": "net0",
+        "socket": {"type": "unix", "path": "/tmp/d.sock"},
+    }
+
+
+def test_viommu_adds_iommu_and_guest_options() -> None:
+    prof = MachineProfile(viommu=True)
+    assert viommu_args(prof) == ["-device", "intel-iommu,caching-mode=on,intremap=on"]
+    assert "intel_iommu=on iommu.strict=1" in kernel_cmdline(prof)
+    assert viommu_args(MachineProfile()) == []
+
+
+def test_full_args_orders_iommu_before_device() -> None:
+    paths = MachinePaths(
+        kernel=Path("k"),
+        initrd=Path("i"),
+        device_socket=Path("s"),
+        qmp_socket=Path("q"),
+        console_log=Path("c"),
+    )
+    args = full_args(["qemu"], MachineProfile(viommu=True, cmdline=("harness.bytes=1",)), paths)
+    assert args[0] == "qemu"
+    iommu = args.index("intel-iommu,caching-mode=on,intremap=on")
+    device = next(i for i, a in enumerate(args) if "vfio-user-pci" in a)
+    assert iommu < device
+    assert args[args.index("-append") + 1].endswith("harness.bytes=1")

@@ -1,0 +1,452 @@
+"""Split virtqueue: happy paths, notification suppression, and every kind of malformed ring."""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.dma import Direction, DirectMapOps, DmaFault, DmaHandle, failed_handle
+from harness.testing.mockdriver import (
+    FakeBackend,
+    FakeIrq,
+    MockDriver,
+    MockMemory,
+    MockQueue,
+    NetRig,
+    net_rig,
+)
+from harness.virtio import constants as C
+from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
+from harness.virtio.virtqueue import SplitVirtqueue
+
+HDR = bytes(12)
+INDIRECT = DEFAULT_FEATURES | (1 << C.F_INDIRECT_DESC)
+
+
+def qstat(rig: NetRig, queue: str, key: str) -> int:
+    per = rig.device.stats()[queue]
+    assert isinstance(per, dict)
+    return int(per[key])
+
+
+def assert_needs_reset(rig: NetRig, queue: str = "tx0") -> None:
+    assert rig.device.status & C.STATUS_NEEDS_RESET
+    assert qstat(rig, queue, "errors") >= 1
+    assert rig.device.stats()["errors"] == qstat(rig, "totals", "errors") >= 1
+    assert 0 in rig.irq.vectors  # config interrupt
+    assert rig.driver.read(C.COMMON_STATUS, 1) & C.STATUS_NEEDS_RESET
+    # Dead until reset: further kicks and traffic do nothing and raise nothing.
+    rig.tx.kick()
+    rig.device.process()
+    assert not rig.device.rx_wanted()
+    rig.device.on_backend_readable()
+
+
+def test_tx_batch_one_publish_one_interrupt() -> None:
+    r = net_rig()
+    frames = [HDR + bytes([i]) * (60 + i) for i in range(32)]
+    for f in frames:
+        r.tx.add([f[:12], f[12:]])  # header and data in separate descriptors
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == frames
+    used = r.tx.get_used()
+    assert len(used) == 32 and all(n == 0 for _, n in used)
+    assert r.irq.vectors == [2]  # tx0's vector, once for the batch
+    assert qstat(r, "tx0", "packets") == 32
+    assert qstat(r, "tx0", "bytes") == sum(len(f) - 12 for f in frames)
+
+
+def test_indirect_chain_when_negotiated() -> None:
+    r = net_rig(features=INDIRECT)
+    r.tx.add_indirect([HDR, b"abc", b"def"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [HDR + b"abcdef"]
+    assert r.tx.get_used() and not r.device.status & C.STATUS_NEEDS_RESET
+
+
+def test_full_length_chain_is_fine() -> None:
+    r = net_rig(queue_size=8)
+    r.tx.add([HDR] + [b"x"] * 7)
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [HDR + b"x" * 7]
+
+
+def test_index_wraparound() -> None:
+    r = net_rig(queue_size=4)
+    for round_ in range(70000 // 4 // 4 + 2):  # many passes over the 16-bit indices
+        for _ in range(4):
+            r.tx.add([HDR + bytes([round_ & 0xFF])])
+        r.tx.kick()
+        r.device.process()
+        assert len(r.tx.get_used()) == 4
+        r.backend.tx.clear()
+    assert r.tx.used_idx() == r.tx.avail_idx
+    assert not r.device.status & C.STATUS_NEEDS_RESET
+
+
+def test_event_idx_suppresses_interrupt_and_requests_kicks() -> None:
+    r = net_rig()
+    q = r.tx
+    q.set_used_event(5)  # "interrupt me when used idx passes 5"
+    for _ in range(3):
+        q.add([HDR + b"a"])
+    q.kick()
+    r.device.process()
+    assert r.irq.vectors == []  # used idx 0 -> 3 does not cross 5
+    assert q.avail_event() == 3  # device asks for a kick on the next buffer
+    for _ in range(3):
+        q.add([HDR + b"b"])
+    assert q.kick_if_needed()
+    r.device.process()
+    assert r.irq.vectors == [2]  # 3 -> 6 crosses 5
+
+
+def test_no_interrupt_flag_without_event_idx() -> None:
+    feats = DEFAULT_FEATURES & ~(1 << C.F_EVENT_IDX)
+    r = net_rig(features=feats)
+    r.tx.set_avail_flags(C.AVAIL_F_NO_INTERRUPT)
+    r.tx.add([HDR + b"a"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx and r.irq.vectors == [] and r.tx.get_used()
+    assert r.tx.used_flags() == 0  # notifications re-enabled after draining
+    r.tx.set_avail_flags(0)
+    r.tx.add([HDR + b"b"])
+    r.tx.kick()
+    r.device.process()
+    assert r.irq.vectors == [2]
+
+
+def test_barrier_between_used_idx_and_used_event() -> None:
+    calls: list[str] = []
+    mem = MockMemory()
+    ops = DirectMapOps(mem.memory)
+    q = SplitVirtqueue(
+        0, 8, ops, name="q", on_error=lambda *_: None, barrier=lambda: calls.append("mb")
+    )
+    d = MockQueue(
+        MockDriver.__new__(MockDriver), 0, 8, mem.alloc(128), mem.alloc(22), mem.alloc(70)
+    )
+    d.driver.mem = mem
+    d.driver.event_idx = True
+    q.size = 8
+    q.desc_addr, q.avail_addr, q.used_addr = d.desc, d.avail, d.used
+    assert q.enable(event_idx=True, indirect=False)
+    d.add([b"x"])
+    chain = q.pop()
+    assert chain is not None and bytes(chain.readable[0].view) == b"x"
+    calls.clear()
+    q.push(chain, 0)
+    assert calls == []
+    assert q.flush()  # used_event 0: first completion interrupts
+    assert calls == ["mb"] and d.used_idx() == 1
+
+
+# ---- malformed rings -------------------------------------------------------------------------
+
+
+Setup = Callable[[NetRig], None]
+
+
+def head_out_of_range(r: NetRig) -> None:
+    r.tx.set_avail_slot(0, 256)
+    r.tx.set_avail_idx(1)
+
+
+def descriptor_loop(r: NetRig) -> None:
+    buf = r.driver.mem.alloc(64)
+    r.tx.write_desc(0, buf, 12, C.DESC_F_NEXT, 1)
+    r.tx.write_desc(1, buf, 12, C.DESC_F_NEXT, 0)
+    r.tx.publish(0)
+
+
+def self_loop(r: NetRig) -> None:
+    buf = r.driver.mem.alloc(64)
+    r.tx.write_desc(3, buf, 12, C.DESC_F_NEXT, 3)
+    r.tx.publish(3)
+
+
+def next_out_of_range(r: NetRig) -> None:
+    buf = r.driver.mem.alloc(64)
+    r.tx.write_desc(0, buf, 12, C.DESC_F_NEXT, 4096)
+    r.tx.publish(0)
+
+
+def address_outside_memory(r: NetRig) -> None:
+    r.tx.write_desc(0, 0xDEAD_0000, 64, 0, 0)
+    r.tx.publish(0)
+
+
+def straddles_memory_end(r: NetRig) -> None:
+    mem = r.driver.mem
+    r.tx.write_desc(0, mem.base + mem.size - 8, 64, 0, 0)
+    r.tx.publish(0)
+
+
+def avail_idx_jump(r: NetRig) -> None:
+    r.tx.set_avail_idx(257)
+
+
+def avail_idx_backwards(r: NetRig) -> None:
+    r.tx.set_avail_idx(0xFFFF)
+
+
+def writable_before_readable(r: NetRig) -> None:
+    buf = r.driver.mem.alloc(64)
+    r.tx.write_desc(0, buf, 16, C.DESC_F_WRITE | C.DESC_F_NEXT, 1)
+    r.tx.write_desc(1, buf, 16, 0, 0)
+    r.tx.publish(0)
+
+
+def tx_without_header(r: NetRig) -> None:
+    r.tx.add([b"short"])
+
+
+def tx_with_writable(r: NetRig) -> None:
+    r.tx.add([HDR + b"x"], [64])
+
+
+def indirect_not_negotiated(r: NetRig) -> None:
+    table = r.driver.mem.alloc(16)
+    r.tx.write_desc(0, table, 16, C.DESC_F_INDIRECT, 0)
+    r.tx.publish(0)
+
+
+MALFORMED: list[Setup] = [
+    head_out_of_range,
+    descriptor_loop,
+    self_loop,
+    next_out_of_range,
+    address_outside_memory,
+    straddles_memory_end,
+    avail_idx_jump,
+    avail_idx_backwards,
+    writable_before_readable,
+    tx_without_header,
+    tx_with_writable,
+    indirect_not_negotiated,
+]
+
+
+@pytest.mark.parametrize("setup", MALFORMED, ids=lambda f: f.__name__)
+def test_malformed_ring_sets_needs_reset(setup: Setup) -> None:
+    r = net_rig()
+    setup(r)
+    r.tx.kick()
+    r.device.process()  # must not raise
+    assert r.backend.tx == []
+    assert_needs_reset(r)
+    # A reset and a fresh probe bring the device back.
+    r.driver.init()
+    assert r.device.stats()["needs_reset"] is False
+    r.tx.add([HDR + b"ok"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [HDR + b"ok"]
+
+
+def _indirect(r: NetRig, entries: list[tuple[int, int, int, int]], flags: int = 0) -> None:
+    mem = r.driver.mem
+    table = mem.alloc(16 * max(len(entries), 1))
+    for k, e in enumerate(entries):
+        mem.write(table + 16 * k, struct.pack("<QIHH", *e))
+    r.tx.write_desc(0, table, 16 * len(entries), C.DESC_F_INDIRECT | flags, 0)
+    r.tx.publish(0)
+
+
+@pytest.mark.parametrize(
+    "case", ["bad_len", "zero_len", "nested", "with_next", "loop", "next_oob", "table_oob"]
+)
+def test_bad_indirect(case: str) -> None:
+    r = net_rig(features=INDIRECT)
+    buf = r.driver.mem.alloc(64)
+    if case == "bad_len":
+        r.tx.write_desc(0, buf, 20, C.DESC_F_INDIRECT, 0)
+        r.tx.publish(0)
+    elif case == "zero_len":
+        r.tx.write_desc(0, buf, 0, C.DESC_F_INDIRECT, 0)
+        r.tx.publish(0)
+    elif case == "nested":
+        _indirect(r, [(buf, 16, C.DESC_F_INDIRECT, 0)])
+    elif case == "with_next":
+        _indirect(r, [(buf, 12, 0, 0)], flags=C.DESC_F_NEXT)
+    elif case == "loop":
+        _indirect(r, [(buf, 12, C.DESC_F_NEXT, 1), (buf, 12, C.DESC_F_NEXT, 0)])
+    elif case == "next_oob":
+        _indirect(r, [(buf, 12, C.DESC_F_NEXT, 2), (buf, 12, 0, 0)])
+    else:
+        r.tx.write_desc(0, 0xBAD0_0000, 32, C.DESC_F_INDIRECT, 0)
+        r.tx.publish(0)
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == []
+    assert_needs_reset(r)
+
+
+def test_single_len_beyond_max_mapping_size() -> None:
+    mem = MockMemory()
+    dev = VirtioNetDevice(
+        DirectMapOps(mem.memory, max_mapping_size=0x1000),
+        FakeIrq(),
+        FakeBackend(),
+        mac=bytes(6),
+        bus_master=lambda: True,
+    )
+    d = MockDriver(dev, mem)
+    d.init()
+    d.queues[1].add([HDR + bytes(0x1000)])
+    d.queues[1].kick()
+    dev.process()
+    assert dev.status & C.STATUS_NEEDS_RESET and dev.stats()["errors"] == 1
+
+
+def test_chain_length_overflow() -> None:
+    try:
+        big = mmap.mmap(-1, (1 << 32) + 0x10000)  # sparse: only touched pages get memory
+    except (OSError, ValueError, OverflowError):
+        pytest.skip("cannot reserve 4 GiB of address space")
+    mem = MockMemory()
+    mem.memory.add_region(1 << 40, memoryview(big), writable=True)
+    irq = FakeIrq()
+    dev = VirtioNetDevice(
+        DirectMapOps(mem.memory), irq, FakeBackend(), mac=bytes(6), bus_master=lambda: True
+    )
+    d = MockDriver(dev, mem)
+    d.init()
+    tx = d.queues[1]
+    tx.write_desc(0, 1 << 40, 0xFFFFFFFF, C.DESC_F_NEXT, 1)
+    tx.write_desc(1, (1 << 40) + 0x100, 0x10, 0, 0)
+    tx.publish(0)
+    tx.kick()
+    dev.process()
+    assert dev.status & C.STATUS_NEEDS_RESET and dev.stats()["errors"] == 1
+    assert irq.vectors == [0]
+
+
+# ---- map ops failure modes -------------------------------------------------------------------
+
+
+class FlakyMapOps(DirectMapOps):
+    """Fails every map while ``fail`` is set, transiently (like injected faults)."""
+
+    fail = False
+
+    def map_page(self, iova: int, size: int, direction: Direction) -> DmaHandle:
+        if self.fail and direction != Direction.BIDIRECTIONAL:
+            return failed_handle(iova, size, direction, DmaFault(iova, size, "x", transient=True))
+        return super().map_page(iova, size, direction)
+
+
+def test_transient_map_failure_retries_without_reset() -> None:
+    mem = MockMemory()
+    ops = FlakyMapOps(mem.memory)
+    backend = FakeBackend()
+    dev = VirtioNetDevice(ops, FakeIrq(), backend, mac=bytes(6), bus_master=lambda: True)
+    d = MockDriver(dev, mem)
+    d.init()
+    d.queues[1].add([HDR + b"later"])
+    ops.fail = True
+    d.queues[1].kick()
+    dev.process()
+    assert backend.tx == [] and not dev.status & C.STATUS_NEEDS_RESET
+    assert dev.tx.stats.map_errors == 1
+    assert dev.has_work()  # retried without waiting for another kick
+    ops.fail = False
+    dev.process()
+    assert backend.tx == [HDR + b"later"]
+    # RX: a transient failure keeps polling instead of declaring starvation.
+    d.queues[0].add(in_=[2048])
+    d.queues[0].kick()
+    dev.process()
+    backend.rx.append(HDR + b"in")
+    ops.fail = True
+    dev.on_backend_readable()
+    assert dev.rx_wanted() and list(backend.rx) == [HDR + b"in"]
+    ops.fail = False
+    dev.on_backend_readable()
+    assert not backend.rx and d.queues[0].get_used() == [(0, 14)]
+
+
+def test_ring_dropped_on_dma_unmap_and_remapped() -> None:
+    r = net_rig()
+    mem = r.driver.mem
+    r.device.dma_unmapped(mem.base, mem.size)
+    assert not r.device.tx.overlaps(mem.base, mem.size)  # views dropped
+    r.tx.add([HDR + b"after"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [HDR + b"after"]
+    r.device.memory_changed()
+    r.tx.add([HDR + b"again"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx[-1] == HDR + b"again"
+
+
+def test_ring_memory_gone_is_a_guest_error() -> None:
+    r = net_rig()
+    mem = r.driver.mem
+    r.device.dma_unmapped(mem.base, mem.size)
+    mem.memory.remove_range(mem.base, mem.size)
+    r.tx.kick()
+    r.device.process()  # remap fails: the rings are not in guest memory any more
+    assert r.device.status & C.STATUS_NEEDS_RESET
+
+
+def test_bus_master_off_defers_work() -> None:
+    r = net_rig()
+    r.bus_master[0] = False
+    r.tx.add([HDR + b"x"])
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [] and not r.device.rx_wanted()
+    r.bus_master[0] = True
+    assert r.device.has_work()
+    r.device.process()
+    assert r.backend.tx == [HDR + b"x"]
+
+
+# ---- fuzz ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    table=st.binary(min_size=16 * 16, max_size=16 * 16),
+    ring=st.lists(st.integers(0, 0xFFFF), min_size=16, max_size=16),
+    idx=st.integers(0, 0xFFFF),
+    frames=st.lists(st.binary(min_size=0, max_size=200), max_size=4),
+    indirect=st.booleans(),
+)
+def test_fuzzed_rings_never_raise(
+    table: bytes, ring: list[int], idx: int, frames: list[bytes], indirect: bool
+) -> None:
+    feats = INDIRECT if indirect else DEFAULT_FEATURES
+    r = net_rig(features=feats, queue_size=16, mem_size=64 << 10)
+    mem = r.driver.mem
+    # Point some descriptor addresses into real memory so walks get past the first map.
+    tbl = bytearray(table)
+    for k in range(0, 16, 2):
+        tbl[16 * k : 16 * k + 8] = (mem.base + 0x8000 + 64 * k).to_bytes(8, "little")
+    for q in (r.rx, r.tx):
+        mem.write(q.desc, bytes(tbl))
+        for slot, head in enumerate(ring):
+            q.set_avail_slot(slot, head % 32)
+        q.set_avail_idx(idx)
+    r.backend.rx.extend(frames)
+    r.tx.kick()
+    r.rx.kick()
+    r.device.process()
+    r.device.on_backend_readable()
+    r.device.process()
+    s = r.device.stats()
+    assert isinstance(s["errors"], int)
+    if s["errors"]:
+        assert r.device.status & C.STATUS_NEEDS_RESET
