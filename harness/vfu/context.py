@@ -1,0 +1,441 @@
+"""VfuContext: one libvfio-user PCI device context, as a typed Python object.
+
+Lifecycle: construct (creates the listening socket path and PCI config space) -> set_ids/
+set_class/set_revision/add_capability/setup_* -> realize() -> attach() until True -> run() whenever
+fileno() is readable -> close(). Single-threaded: every method and every callback runs on the
+thread that calls run()/attach()/close(); libvfio-user is not thread-safe.
+
+Callbacks run inside run() (and inside close(), which unregisters DMA and resets). Exceptions
+they raise never reach C (see harness.vfu.callbacks); the C call then fails with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import struct
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, NamedTuple
+
+from harness.vfu import callbacks
+from harness.vfu._vfu import ffi, lib
+from harness.vfu.errors import VfuError, error_from_errno
+from harness.vfu.model import PROT_WRITE, DmaRegion, ResetType
+
+log = logging.getLogger(__name__)
+#: libvfio-user's own messages land here.
+lib_log = logging.getLogger("harness.vfu.libvfio_user")
+
+ReadFn = Callable[[int, int], bytes]
+WriteFn = Callable[[int, memoryview], None]
+
+_SYSLOG_TO_LOGGING = {
+    lib.LOG_ERR: logging.ERROR,
+    lib.LOG_WARNING: logging.WARNING,
+    lib.LOG_NOTICE: logging.INFO,
+    lib.LOG_INFO: logging.INFO,
+    lib.LOG_DEBUG: logging.DEBUG,
+}
+
+#: MSI-X table entries and PBA bits, in bytes (PCI spec; the table is QEMU's to emulate).
+MSIX_ENTRY_SIZE = 16
+#: Offset of the PBA when it shares the table's BAR and none is given (QEMU's own layout).
+MSIX_DEFAULT_PBA_ALIGN = 0x800
+
+
+class _Region(NamedTuple):
+    read: ReadFn
+    write: WriteFn
+
+
+def memory_barrier() -> None:
+    """Full memory fence (__sync_synchronize), for publishing ring indices to the guest."""
+    lib.harness_mb()
+
+
+def _syslog_level_for(logger: logging.Logger) -> int:
+    """The most verbose libvfio-user level the logger would actually emit (saves formatting)."""
+    level = logger.getEffectiveLevel()
+    if level <= logging.DEBUG:
+        return lib.LOG_DEBUG
+    if level <= logging.INFO:
+        return lib.LOG_INFO
+    if level <= logging.WARNING:
+        return lib.LOG_WARNING
+    return lib.LOG_ERR
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _align_up(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+class VfuContext:
+    """A vfio-user PCI device server context bound to a UNIX socket path."""
+
+    def __init__(self, socket_path: str, *, pci_express: bool = True) -> None:
+        self.socket_path = socket_path
+        self._regions: dict[int, _Region] = {}
+        self._dma_regions: dict[tuple[int, int], DmaRegion] = {}
+        self._on_map: Callable[[DmaRegion], None] | None = None
+        self._on_unmap: Callable[[DmaRegion], None] | None = None
+        self._on_reset: Callable[[ResetType], None] | None = None
+        self._deferred: BaseException | None = None
+        self._config: memoryview | None = None
+        self._config_size = lib.PCI_CFG_SPACE_EXP_SIZE if pci_express else lib.PCI_CFG_SPACE_SIZE
+        self._unlink_stale_socket()
+        # The handle is how trampolines find this object; it must outlive the C context.
+        self._handle = ffi.new_handle(self)
+        ctx = lib.vfu_create_ctx(
+            lib.VFU_TRANS_SOCK,
+            os.fsencode(socket_path),
+            lib.LIBVFIO_USER_FLAG_ATTACH_NB,
+            self._handle,
+            lib.VFU_DEV_TYPE_PCI,
+        )
+        if ctx == ffi.NULL:
+            raise error_from_errno(ffi.errno, f"vfu_create_ctx({socket_path!r})")
+        self._ctx: Any = ctx
+        try:
+            self._check(
+                lib.vfu_setup_log(ctx, lib.harness_log_cb, _syslog_level_for(lib_log)),
+                "vfu_setup_log",
+            )
+            pci_type = lib.VFU_PCI_TYPE_EXPRESS if pci_express else lib.VFU_PCI_TYPE_CONVENTIONAL
+            self._check(
+                lib.vfu_pci_init(ctx, pci_type, lib.PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init"
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _unlink_stale_socket(self) -> None:
+        # A socket left by a dead server makes bind() fail with EADDRINUSE. Only ever remove a
+        # socket: a regular file at that path is somebody's data, let bind() report it.
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(st.st_mode):
+            log.debug("removing stale socket %s", self.socket_path)
+            os.unlink(self.socket_path)
+
+    def _live(self) -> Any:
+        if self._ctx is None:
+            raise VfuError(errno.EBADF, "vfu context is closed")
+        return self._ctx
+
+    def _check(self, rc: int, what: str) -> int:
+        """The one place rc -1 + errno becomes an exception (and deferred exceptions resurface)."""
+        if rc < 0:
+            err = ffi.errno
+            self._raise_deferred()
+            raise error_from_errno(err, what)
+        self._raise_deferred()
+        return rc
+
+    def _raise_deferred(self) -> None:
+        exc, self._deferred = self._deferred, None
+        if exc is not None:
+            raise exc
+
+    # -- configuration (before realize) ----------------------------------------------------
+
+    def set_ids(self, vid: int, did: int, ssvid: int, ssid: int) -> None:
+        lib.vfu_pci_set_id(self._live(), vid, did, ssvid, ssid)
+
+    def set_class(self, base: int, sub: int, pi: int) -> None:
+        lib.vfu_pci_set_class(self._live(), base, sub, pi)
+
+    def set_revision(self, rev: int) -> None:
+        # This libvfio-user ignores vfu_pci_init's revision argument; the header byte is ours.
+        self.config_space()[lib.PCI_REVISION_ID] = rev
+
+    def add_capability(self, data: bytes, *, readonly: bool = True) -> int:
+        """Append a standard PCI capability (MSI-X, PM, EXP or vendor); returns its offset.
+
+        Vendor caps go after those added earlier (the first at 0x40). `readonly` refuses guest
+        writes to the whole cap; otherwise libvfio-user refuses only a vendor cap's first 3 bytes.
+        """
+        flags = lib.VFU_CAP_FLAG_READONLY if readonly else 0
+        # libvfio-user copies the cap into config space; a private buffer keeps `data` immutable.
+        buf = ffi.new("char[]", bytes(data))
+        return self._check(
+            lib.vfu_pci_add_capability(self._live(), 0, flags, buf), "vfu_pci_add_capability"
+        )
+
+    def setup_region(self, index: int, size: int, read: ReadFn, write: WriteFn) -> None:
+        """Serve region `index` (BAR0..5 = 0..5: memory BARs) through Python callbacks.
+
+        read(offset, count) must return exactly count bytes. write(offset, data) gets a
+        read-only view of the client's message, valid only during the call: copy what you keep.
+        Regions are trapped (no mmap, no fds): QEMU then keeps posting doorbell writes.
+        """
+        if not 0 <= index < callbacks.NUM_REGION_TRAMPOLINES:
+            raise ValueError(f"region index {index} has no trampoline")
+        flags = lib.VFU_REGION_FLAG_RW
+        if index < lib.VFU_PCI_DEV_ROM_REGION_IDX:
+            # PCI BAR sizing only works for powers of two; newer libvfio-user enforces it.
+            if not _is_pow2(size):
+                raise ValueError(f"BAR{index} size {size:#x} is not a power of two")
+            flags |= lib.VFU_REGION_FLAG_MEM
+        rc = lib.vfu_setup_region(
+            self._live(), index, size, callbacks.region_trampoline(index), flags,
+            ffi.NULL, 0, -1, 0,
+        )  # fmt: skip
+        self._check(rc, f"vfu_setup_region({index})")
+        self._regions[index] = _Region(read, write)
+
+    def setup_msix(
+        self,
+        nr_vectors: int,
+        table_bar: int,
+        pba_bar: int,
+        *,
+        table_offset: int = 0,
+        pba_offset: int | None = None,
+    ) -> None:
+        """Offer nr_vectors MSI-X vectors: the IRQ count and the MSI-X capability, which agree.
+
+        QEMU emulates the table itself but sizes it from the capability and checks it against
+        GET_IRQ_INFO. The PBA defaults to 0x800 after the table when both share a BAR (QEMU's
+        layout). If the table/PBA BAR has no region yet, a zero-filled one is created.
+        Call before add_capability() to put MSI-X first, at 0x40.
+        """
+        if not 1 <= nr_vectors <= lib.PCI_MSIX_FLAGS_QSIZE + 1:
+            raise ValueError(f"MSI-X vector count {nr_vectors} out of range")
+        table_size = nr_vectors * MSIX_ENTRY_SIZE
+        pba_size = _align_up(nr_vectors, 64) // 8
+        if pba_offset is None:
+            pba_offset = (
+                _align_up(table_offset + table_size, MSIX_DEFAULT_PBA_ALIGN)
+                if pba_bar == table_bar
+                else 0
+            )
+        for name, off in (("table", table_offset), ("PBA", pba_offset)):
+            if off % 8:
+                raise ValueError(f"MSI-X {name} offset {off:#x} is not 8-byte aligned")
+        if (
+            pba_bar == table_bar
+            and pba_offset < table_offset + table_size
+            and (table_offset < pba_offset + pba_size)
+        ):
+            raise ValueError("MSI-X table and PBA overlap")
+        self._check(
+            lib.vfu_setup_device_nr_irqs(self._live(), lib.VFU_DEV_MSIX_IRQ, nr_vectors),
+            "vfu_setup_device_nr_irqs(MSIX)",
+        )
+        cap = struct.pack(
+            "<BBHII",
+            lib.PCI_CAP_ID_MSIX,
+            0,  # next pointer: libvfio-user links the list
+            nr_vectors - 1,  # Table Size is encoded as N-1
+            table_offset | table_bar,  # low 3 bits: BIR
+            pba_offset | pba_bar,
+        )
+        assert len(cap) == lib.PCI_CAP_MSIX_SIZEOF
+        # Not read-only: the guest must be able to flip Enable and Function Mask.
+        self.add_capability(cap, readonly=False)
+        bar_sizes: dict[int, int] = {}
+        for bar, end in ((table_bar, table_offset + table_size), (pba_bar, pba_offset + pba_size)):
+            bar_sizes[bar] = max(bar_sizes.get(bar, 0), end)
+        for bar, end in bar_sizes.items():
+            if bar not in self._regions:
+                self._setup_msix_bar(bar, end)
+
+    def _setup_msix_bar(self, bar: int, end: int) -> None:
+        size = 4096
+        while size < end:
+            size *= 2
+
+        def read(offset: int, count: int) -> bytes:
+            # Reads reaching us are PBA reads (QEMU owns the table): nothing pending here.
+            return bytes(count)
+
+        def write(offset: int, data: memoryview) -> None:
+            log.debug("ignoring MSI-X BAR%d write at %#x (%d bytes)", bar, offset, len(data))
+
+        self.setup_region(bar, size, read, write)
+
+    def setup_dma(
+        self, on_map: Callable[[DmaRegion], None], on_unmap: Callable[[DmaRegion], None]
+    ) -> None:
+        """Get told about guest memory. on_unmap receives the same DmaRegion object on_map got;
+        every view derived from region.view must be dropped before on_unmap returns."""
+        self._check(
+            lib.vfu_setup_device_dma(
+                self._live(), lib.harness_dma_register_cb, lib.harness_dma_unregister_cb
+            ),
+            "vfu_setup_device_dma",
+        )
+        self._on_map, self._on_unmap = on_map, on_unmap
+
+    def setup_reset(self, cb: Callable[[ResetType], None]) -> None:
+        self._check(
+            lib.vfu_setup_device_reset_cb(self._live(), lib.harness_reset_cb),
+            "vfu_setup_device_reset_cb",
+        )
+        self._on_reset = cb
+
+    def realize(self) -> None:
+        self._check(lib.vfu_realize_ctx(self._live()), "vfu_realize_ctx")
+
+    # -- running ---------------------------------------------------------------------------
+
+    def attach(self) -> bool:
+        """Accept a client and negotiate; False while nobody is connecting.
+
+        Negotiation reads the client's VERSION message blocking (libvfio-user's design), which
+        QEMU sends right after connecting.
+        """
+        rc = lib.vfu_attach_ctx(self._live())
+        if rc < 0 and ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            self._raise_deferred()
+            return False
+        self._check(rc, "vfu_attach_ctx")
+        return True
+
+    def fileno(self) -> int:
+        """The fd to poll: the listening socket before attach, the connection after."""
+        return self._check(lib.vfu_get_poll_fd(self._live()), "vfu_get_poll_fd")
+
+    def run(self) -> int:
+        """Handle every request already queued on the socket; returns how many.
+
+        Raises Disconnected when the client went away (callbacks have then seen every DMA
+        region unregistered and a LOST_CONN reset); attach() may take a new client.
+        """
+        ctx = self._live()
+        total = 0
+        while True:
+            # Non-blocking mode: one request per call, 0 once the socket would block.
+            n = self._check(lib.vfu_run_ctx(ctx), "vfu_run_ctx")
+            if n == 0:
+                return total
+            total += n
+
+    def irq_trigger(self, vector: int) -> bool:
+        """Signal MSI-X vector; False if the client has not given an eventfd for it yet."""
+        rc = lib.vfu_irq_trigger(self._live(), vector)
+        if rc < 0 and ffi.errno == errno.ENOENT:
+            return False
+        self._check(rc, f"vfu_irq_trigger({vector})")
+        return True
+
+    def config_space(self) -> memoryview:
+        """The live PCI config space (4 KiB for express, 256 B otherwise), writable.
+
+        Valid until close(); libvfio-user serves the client's config reads from it.
+        """
+        ctx = self._live()
+        if self._config is None:
+            raw = ffi.cast("uint8_t *", lib.vfu_pci_get_config_space(ctx))
+            self._config = memoryview(ffi.buffer(raw, self._config_size))
+        return self._config
+
+    def close(self) -> None:
+        """Destroy the context (unregistering DMA, LOST_CONN reset) and remove the socket."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        if self._config is not None:
+            self._config.release()
+            self._config = None
+        try:
+            lib.vfu_destroy_ctx(ctx)
+        finally:
+            self._ctx = None
+            self._unlink_stale_socket()
+            # Callbacks can no longer run: drop them so their closures can be collected.
+            self._regions.clear()
+            self._dma_regions.clear()
+            self._on_map = self._on_unmap = self._on_reset = None
+        self._raise_deferred()
+
+    def __enter__(self) -> VfuContext:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- callback bodies (called only from harness.vfu.callbacks, inside a C call) ---------
+
+    def _defer(self, exc: BaseException) -> None:
+        if self._deferred is None:
+            self._deferred = exc
+
+    def _cb_log(self, level: int, msg: str) -> None:
+        lib_log.log(_SYSLOG_TO_LOGGING.get(level, logging.ERROR), "%s: %s", self.socket_path, msg)
+
+    def _cb_region(self, index: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        region = self._regions[index]
+        if is_write:
+            view = memoryview(ffi.buffer(buf, count)).toreadonly()
+            try:
+                region.write(offset, view)
+            finally:
+                # buf is libvfio-user's message buffer, freed after we return: make a kept
+                # reference fail loudly instead of reading freed memory.
+                view.release()
+            return count
+        data = region.read(offset, count)
+        if len(data) != count:
+            raise OSError(
+                errno.EINVAL,
+                f"region {index} read @{offset:#x}: got {len(data)} bytes for {count}",
+            )
+        ffi.memmove(buf, data, count)
+        return count
+
+    def _cb_reset(self, kind: int) -> None:
+        if self._on_reset is not None:
+            self._on_reset(ResetType(kind))
+
+    def _cb_dma_register(self, info: Any) -> None:
+        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+        size = int(info.iova.iov_len)
+        prot = int(info.prot)
+        view: memoryview | None = None
+        # info is valid only now; vaddr already points at `iova` inside the page-aligned mmap
+        # (info.mapping), so the view is exactly [vaddr, vaddr + size).
+        if info.vaddr != ffi.NULL:
+            view = memoryview(ffi.buffer(ffi.cast("uint8_t *", info.vaddr), size))
+            if not prot & PROT_WRITE:
+                # Writing through a read-only mapping would be a segfault, not an exception.
+                view = view.toreadonly()
+        region = DmaRegion(iova=iova, size=size, prot=prot, view=view)
+        self._dma_regions[(iova, size)] = region
+        if self._on_map is not None:
+            self._on_map(region)
+
+    def _cb_dma_unregister(self, info: Any) -> None:
+        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+        size = int(info.iova.iov_len)
+        region = self._dma_regions.pop((iova, size), None)
+        if region is None:
+            region = DmaRegion(iova=iova, size=size, prot=int(info.prot), view=None)
+        try:
+            if self._on_unmap is not None:
+                self._on_unmap(region)
+        finally:
+            if region.view is not None:
+                # Best effort: views derived from it survive this, hence the on_unmap contract.
+                try:
+                    region.view.release()
+                except BufferError:
+                    log.warning(
+                        "DMA region [%#x, %#x) still exported after on_unmap", iova, iova + size
+                    )
