@@ -1,0 +1,168 @@
+"""QEMU >= 10.1 with vfio-user-pci: the system's if good enough, else a private root of pinned debs.
+
+The private root is trixie-backports' qemu-system-x86 and its closure, `dpkg-deb -x`-ed into
+CACHE/qemu-root and run through that root's own dynamic loader (LD_LIBRARY_PATH alone fails).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.deps.aptroot import AptRoot
+from harness.deps.common import (
+    Context,
+    DepsError,
+    StepResult,
+    log,
+    read_stamp,
+    replace_dir,
+    run,
+    sha256_file,
+    write_stamp,
+)
+from harness.deps.pins import Pin, find_deb, format_pins, load_pins, version_at_least
+
+MIN_VERSION = (10, 1)
+LOCK = "qemu-debs.lock"
+ROOT_PACKAGE = "qemu-system-x86"
+ROOT_RELEASE = "trixie-backports"
+STAMP = ".harness-stamp.json"
+MULTIARCH = "usr/lib/x86_64-linux-gnu"
+
+
+@dataclass(frozen=True)
+class Qemu:
+    argv: list[str]
+    version: str
+
+
+def probe(argv: list[str]) -> Qemu | None:
+    """The QEMU behind argv if it runs, is >= 10.1 and lists vfio-user-pci; else None."""
+    try:
+        ver = run([*argv, "--version"], check=False)
+    except DepsError:
+        return None
+    m = re.search(r"QEMU emulator version (\d+\.\d+(?:\.\d+)?)", ver.stdout or "")
+    if ver.returncode != 0 or not m or not version_at_least(m.group(1), MIN_VERSION):
+        return None
+    dev = run([*argv, "-device", "help"], check=False)
+    if dev.returncode != 0 or '"vfio-user-pci"' not in (dev.stdout or ""):
+        return None
+    return Qemu(argv, m.group(1))
+
+
+def root_dir(ctx: Context) -> Path:
+    return ctx.cache / "qemu-root"
+
+
+def private_argv(root: Path) -> list[str]:
+    lib = root / MULTIARCH
+    return [
+        str(lib / "ld-linux-x86-64.so.2"),
+        "--library-path",
+        str(lib),
+        str(root / "usr/bin/qemu-system-x86_64"),
+        "-L",
+        str(root / "usr/share/qemu"),
+        "-L",
+        str(root / "usr/share/seabios"),
+    ]
+
+
+def ensure(ctx: Context) -> tuple[StepResult, Qemu]:
+    system = shutil.which("qemu-system-x86_64")
+    if system:
+        q = probe([system])
+        if q:
+            return StepResult(f"QEMU {q.version} (system)", system, "system"), q
+    lock = ctx.pins / LOCK
+    pins = load_pins(lock)
+    root = root_dir(ctx)
+    debs = ctx.downloads / "qemu-debs"
+    want = {"lock": sha256_file(lock)}
+    if read_stamp(root / STAMP) == want:
+        _verify_debs(ctx, pins, debs, lock)
+        q = probe(private_argv(root))
+        if q is None:
+            raise DepsError(
+                f"{root} exists but its QEMU does not run or lacks vfio-user-pci; "
+                f"delete {root} and rerun"
+            )
+        return StepResult(f"QEMU {q.version} (private root)", str(root), "cached"), q
+    if ctx.check:
+        raise DepsError(
+            f"{root} is missing or stale (system QEMU: "
+            f"{system or 'none'} is not >= 10.1 with vfio-user-pci)"
+        )
+    _verify_debs(ctx, pins, debs, lock)
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log(f"extracting {len(pins)} debs into {root}")
+    for p in pins:
+        deb = find_deb(debs, p)
+        assert deb is not None
+        run(["dpkg-deb", "-x", deb, tmp])
+    q = probe(private_argv(tmp))
+    if q is None:
+        raise DepsError(f"the private QEMU in {tmp} does not run or lacks vfio-user-pci")
+    write_stamp(tmp / STAMP, want)
+    replace_dir(tmp, root)
+    q = probe(private_argv(root))
+    assert q is not None
+    return StepResult(
+        f"QEMU {q.version} (private root, {len(pins)} debs)", str(root), "installed"
+    ), q
+
+
+def _verify_debs(ctx: Context, pins: list[Pin], debs: Path, lock: Path) -> None:
+    AptRoot(ctx).download_debs(pins, debs, lock)
+
+
+def relock(ctx: Context) -> Path:
+    """Resolve qemu-system-x86 from trixie-backports afresh and rewrite qemu/pins/qemu-debs.lock."""
+    apt = AptRoot(ctx)
+    apt.configure()
+    apt.update(force=True)
+    archives = apt.root / "relock"
+    shutil.rmtree(archives, ignore_errors=True)
+    (archives / "partial").mkdir(parents=True)
+    run(
+        [
+            "apt-get",
+            "install",
+            "-y",
+            "--download-only",
+            "-t",
+            ROOT_RELEASE,
+            f"-oDir::Cache::archives={archives}",
+            ROOT_PACKAGE,
+        ],
+        env=apt.env,
+    )
+    pins = []
+    for deb in sorted(archives.glob("*.deb")):
+        fields = run(["dpkg-deb", "-f", deb, "Package", "Version"]).stdout.splitlines()
+        kv = dict(line.split(": ", 1) for line in fields if ": " in line)
+        pins.append(Pin(kv["Package"], kv["Version"], sha256_file(deb)))
+    lock = ctx.pins / LOCK
+    lock.write_text(
+        format_pins(
+            pins,
+            header=(
+                f"{ROOT_PACKAGE} from {ROOT_RELEASE} and its dependency closure (Recommends off),\n"
+                "resolved against an empty dpkg status.\n"
+                "Regenerate: python3 -m harness.deps --relock qemu\n"
+                "name version sha256"
+            ),
+        )
+    )
+    dest = ctx.downloads / "qemu-debs"
+    dest.mkdir(parents=True, exist_ok=True)
+    for deb in archives.glob("*.deb"):
+        shutil.move(str(deb), dest / deb.name)
+    shutil.rmtree(archives, ignore_errors=True)
+    return lock
