@@ -180,6 +180,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
         server = stack.enter_context(child(
             [py, "-m", "harness.server", "--socket", str(device_sock), "--netns", ns,
              "--map-ops", cfg.map_ops, "--control", str(run_dir / "control.sock"),
+             *(["--access-platform"] if cfg.viommu else []),
              "--stats", str(run_dir / "device-stats.json")],
             run_dir / "server.log", name="device server", ready="READY"))
         stack.enter_context(child(

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -38,7 +39,8 @@ from harness.vfu import (
     VfuError,
     memory_barrier,
 )
-from harness.virtio.net import VirtioNetDevice
+from harness.virtio.constants import F_ACCESS_PLATFORM
+from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
 
 log = logging.getLogger("harness.server")
 
@@ -62,6 +64,9 @@ class ServerConfig:
     map_ops: str = "direct"
     control: Path | None = None
     stats: Path | None = None
+    #: Offer VIRTIO_F_ACCESS_PLATFORM: the guest then maps every buffer through its DMA API,
+    #: so behind a vIOMMU the device sees IOVAs and one DMA_MAP per guest mapping.
+    access_platform: bool = False
 
 
 class Irq:
@@ -92,9 +97,12 @@ class DeviceServer:
         if cfg.map_ops != "direct":
             raise ValueError(f"unknown --map-ops {cfg.map_ops!r}")
         self.mapops = DirectMapOps(self.memory)
+        features = DEFAULT_FEATURES
+        if cfg.access_platform:
+            features |= 1 << F_ACCESS_PLATFORM
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.tap, mac=cfg.mac, queue_size=cfg.queue_size,
-            bus_master=self._bus_master, barrier=memory_barrier)
+            features=features, bus_master=self._bus_master, barrier=memory_barrier)
         self.dma_maps = 0
         self.dma_unmaps = 0
         self.resets: dict[str, int] = {}
@@ -307,6 +315,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     p.add_argument("--mac", type=parse_mac, default=parse_mac("52:54:00:12:34:56"))
     p.add_argument("--queue-size", type=int, default=256)
     p.add_argument("--map-ops", choices=["direct"], default="direct")
+    p.add_argument("--access-platform", action="store_true",
+                   help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
     p.add_argument("--log-level", default="INFO")
@@ -317,11 +327,21 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
                         prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
-                        map_ops=a.map_ops, control=a.control, stats=a.stats)
+                        map_ops=a.map_ops, control=a.control, stats=a.stats,
+                        access_platform=a.access_platform)
+
+
+def raise_fd_limit() -> None:
+    """Every DMA region keeps its own fd and mmap; under a vIOMMU there is one per guest page
+    mapping, so the default soft limit of 1024 fds is far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    raise_fd_limit()
     if cfg.netns:
         netns_mod.enter(cfg.netns)
     try:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
     "ip": "iproute2",
+    "cpio": "cpio",  # the initramfs tests cross-check our newc writer against it
 }
 # pkg-config module -> Debian package
 PKGCONFIG: dict[str, str] = {

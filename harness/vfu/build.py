@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import hashlib
 import logging
 import os
 import shutil
@@ -215,6 +216,32 @@ def make_ffi(prefix: Path) -> FFI:
     return ffibuilder
 
 
+def _inputs_digest(prefix: Path) -> str:
+    """What the extension is built from: this module, the static library and its headers."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    for path in sorted(prefix.rglob("*")):
+        if path.is_file() and (path.suffix in (".a", ".h")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _stamp() -> Path:
+    return PACKAGE_DIR / "_vfu.stamp"
+
+
+def build_if_needed(prefix: Path, *, verbose: bool = False) -> tuple[Path | None, bool]:
+    """Build unless an extension built from the same inputs is already there."""
+    digest = _inputs_digest(prefix)
+    existing = sorted(PACKAGE_DIR.glob(f"{MODULE_NAME.rsplit('.', 1)[-1]}*.so"))
+    stamp = _stamp()
+    if existing and stamp.exists() and stamp.read_text().strip() == digest:
+        return existing[0], False
+    target = build(prefix, verbose=verbose)
+    stamp.write_text(digest + "\n")
+    return target, True
+
+
 def build(prefix: Path, *, verbose: bool = False) -> Path:
     """Compile the extension and copy it next to this file; returns the .so path."""
     ffibuilder = make_ffi(prefix)
@@ -232,11 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.vfu.build", description=__doc__)
     parser.add_argument("--prefix", help="libvfio-user install prefix (include/, lib/)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prefix = _find_prefix(args.prefix)
-    target = build(prefix, verbose=args.verbose)
-    log.info("built %s against %s", target, prefix)
+    if args.force:
+        target: Path | None = build(prefix, verbose=args.verbose)
+        _stamp().write_text(_inputs_digest(prefix) + "\n")
+        built = True
+    else:
+        target, built = build_if_needed(prefix, verbose=args.verbose)
+    log.info("%s %s against %s", "built" if built else "up to date:", target, prefix)
     return 0
 
 

@@ -20,7 +20,14 @@ from harness.virtio.virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
-TRANSPORT_FEATURES = (1 << C.F_VERSION_1) | (1 << C.F_EVENT_IDX) | (1 << C.F_INDIRECT_DESC)
+# ACCESS_PLATFORM changes nothing on our side (every access already goes through MapOps);
+# it tells the guest to use its DMA API, so a vIOMMU translates what we are given.
+TRANSPORT_FEATURES = (
+    (1 << C.F_VERSION_1)
+    | (1 << C.F_EVENT_IDX)
+    | (1 << C.F_INDIRECT_DESC)
+    | (1 << C.F_ACCESS_PLATFORM)
+)
 _MASK32 = 0xFFFFFFFF
 
 
