@@ -1,0 +1,1 @@
+"""Benchmarks run by ``harness bench`` (each module exposes ``main(argv) -> int``)."""

@@ -1,0 +1,603 @@
+"""A gap-augmented B+ tree of disjoint pfn ranges: top-down gap search and lookup in O(log n).
+
+This is the Python counterpart of the maple tree the kernel's IOVA allocator uses since
+"iova: use maple tree for O(log n) allocation" (2026): every internal node keeps, per child, the
+largest free gap inside that child (``maple_arange_64`` does the same), so a search for the highest
+gap that fits can skip whole subtrees.
+
+Deliberate differences from the kernel's maple tree:
+
+* Free space is not stored as NULL ranges. Each entry owns the gap *above* it
+  (``gap = next.pfn_lo - pfn_hi - 1``), kept in a list parallel to the entries of its leaf. Two
+  hidden sentinels bound the space: one at pfn -1 (owns the free space from pfn 0 upwards) and an
+  anchor just above the highest pfn (the kernel's ``IOVA_ANCHOR``). Inserting into a gap therefore
+  touches exactly one leaf (the gap's owner's); erasing touches at most two.
+* Nodes are parallel Python lists (``keys``/``gaps``/``kids``) rather than one object per slot, and
+  leaves hold the entries' start pfns, gaps and entry objects. That keeps the per-entry cost to a
+  few list slots plus the entry itself, and lets ``bisect`` (C code) do the search inside a node.
+* The tree never allocates "nodes" that can fail: node-allocation failure is modelled one layer up
+  (:mod:`harness.dma.iova_faults`), which asks before each write, so a failed write leaves the tree
+  untouched.
+* Alignment is checked exactly while searching, so a gap is only rejected when no aligned block of
+  the requested size fits in it. A search costs O(log n) plus one step per gap that is large enough
+  but misaligned (the kernel v2 dropped the aligned search instead).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["LEAF_MAX", "NODE_MAX", "Iova", "RangeTree", "TreeCorruption"]
+
+# Fan-outs: big enough that the tree stays 3-4 levels deep at 300,000 entries, small enough that
+# the Python-level scans inside one node (rightmost gap >= size) stay short.
+LEAF_MAX = 128
+NODE_MAX = 64
+_LEAF_MIN = LEAF_MAX // 4
+_NODE_MIN = NODE_MAX // 4
+
+
+class TreeCorruption(AssertionError):
+    """Raised by :meth:`RangeTree.check` when an invariant of the tree does not hold."""
+
+
+class Iova:
+    """One allocated range ``[pfn_lo, pfn_hi]`` (inclusive, like ``struct iova``) with a payload.
+
+    ``payload`` is free for the owner (the map-ops layer keeps the host view there). The pfns must
+    not be changed while the entry is in a tree.
+    """
+
+    __slots__ = ("payload", "pfn_hi", "pfn_lo")
+
+    def __init__(self, pfn_lo: int, pfn_hi: int, payload: Any = None) -> None:
+        self.pfn_lo = pfn_lo
+        self.pfn_hi = pfn_hi
+        self.payload: Any = payload  # the owner's; typed Any so owners need no casts
+
+    @property
+    def size(self) -> int:
+        """Number of pfns in the range."""
+        return self.pfn_hi - self.pfn_lo + 1
+
+    def __repr__(self) -> str:
+        return f"Iova({self.pfn_lo:#x}, {self.pfn_hi:#x})"
+
+
+# _GE[b] maps a gap class byte to 1 when the class is >= b: translating a node's class bytes
+# with it and calling rfind() finds the rightmost candidate slot in C instead of a Python loop.
+_GE = [bytes(1 if v >= b else 0 for v in range(256)) for b in range(80)]
+
+
+class _Node:
+    """A tree node. In a leaf ``kids`` are :class:`Iova` entries, ``keys`` their ``pfn_lo`` and
+    ``gaps`` the free pfns above each entry; in an internal node ``kids`` are nodes, ``keys`` the
+    smallest ``pfn_lo`` below each child and ``gaps`` each child's ``maxgap``. ``cls`` mirrors
+    ``gaps`` as ``gap.bit_length()`` bytes, which is what the searches scan."""
+
+    __slots__ = ("cls", "gaps", "keys", "kids", "maxgap")
+
+    def __init__(
+        self, keys: list[int], gaps: list[int], kids: list[object], cls: bytearray | None = None
+    ) -> None:
+        self.keys = keys
+        self.gaps = gaps
+        self.kids = kids
+        self.cls = bytearray(g.bit_length() for g in gaps) if cls is None else cls
+        self.maxgap = max(gaps)
+
+
+def _lower_max(node: _Node, old: int) -> int:
+    """The node's max gap, known to be <= ``old``: found through the class bytes, so the common
+    case (one slot in the top class, or classes 0/1 whose value is the class) avoids max()."""
+    cls = node.cls
+    k = old.bit_length()
+    while k > 0:
+        i = cls.find(k)
+        if i >= 0:
+            if k == 1:
+                return 1
+            if cls.rfind(k) == i:
+                return node.gaps[i]
+            return max(node.gaps)
+        k -= 1
+    return 0
+
+
+def _scan_leaf(
+    leaf: _Node, k: int, size: int, limit: int, floor: int, mask: int
+) -> tuple[int, int]:
+    """Rightmost entry at index <= k whose gap holds an aligned block; (-1, 0) if none.
+
+    ``limit`` only cuts the gap of entry ``k`` (callers guarantee it), so candidates below come
+    straight from the class bytes and almost every probe is a hit.
+    """
+    gaps = leaf.gaps
+    kids = leaf.kids
+    marks: bytes | bytearray = b""
+    j = k
+    while j >= 0:
+        g = gaps[j]
+        if g >= size:
+            hi: int = kids[j].pfn_hi  # type: ignore[attr-defined]
+            top = hi + g
+            if top > limit:
+                top = limit
+            start = (top - size + 1) & mask
+            if start > hi and start >= floor:
+                return j, start
+        if not marks:
+            marks = leaf.cls.translate(_GE[size.bit_length()])
+        j = marks.rfind(1, 0, j)
+    return -1, 0
+
+
+# A path from the root: the nodes visited and the child index taken in each.
+_Path = tuple[list[_Node], list[int]]
+
+
+class RangeTree:
+    """Disjoint ranges ordered by address, with the free gaps between them indexed by size.
+
+    ``top`` is one past the highest usable pfn; the anchor sentinel sits there.
+    """
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self._bottom = Iova(-1, -1)
+        self._anchor = Iova(top, top)
+        leaf = _Node([-1, top], [top, 0], [self._bottom, self._anchor])
+        self._root = leaf
+        self._height = 0  # number of internal levels above the leaves
+        self._count = 0
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def height(self) -> int:
+        """Number of internal levels (0: the root is a leaf)."""
+        return self._height
+
+    def find(self, pfn: int) -> Iova | None:
+        """The entry whose range contains ``pfn``, or None."""
+        node = self._root
+        for _ in range(self._height):
+            node = node.kids[bisect_right(node.keys, pfn) - 1]  # type: ignore[assignment]
+        i = bisect_right(node.keys, pfn) - 1
+        if i < 0:
+            return None
+        obj: Iova = node.kids[i]  # type: ignore[assignment]
+        if obj.pfn_hi >= pfn and obj is not self._bottom and obj is not self._anchor:
+            return obj
+        return None
+
+    def __iter__(self) -> Iterator[Iova]:
+        """All entries in address order (sentinels excluded)."""
+        for leaf in self._leaves(self._root, self._height):
+            for obj in leaf.kids:
+                if obj is not self._bottom and obj is not self._anchor:
+                    yield obj  # type: ignore[misc]
+
+    def _leaves(self, node: _Node, depth: int) -> Iterator[_Node]:
+        if depth == 0:
+            yield node
+            return
+        for kid in node.kids:
+            yield from self._leaves(kid, depth - 1)  # type: ignore[arg-type]
+
+    def free_pfns(self, lo: int, hi: int) -> int:
+        """Free pfns in ``[lo, hi]`` (O(n); for tests and accounting)."""
+        total = 0
+        prev_hi = -1
+        for obj in [*self, self._anchor]:
+            a, b = max(prev_hi + 1, lo), min(obj.pfn_lo - 1, hi)
+            if b >= a:
+                total += b - a + 1
+            prev_hi = obj.pfn_hi
+        return total
+
+    # ------------------------------------------------------------------ gap search
+
+    def find_gap(
+        self, size: int, limit: int, floor: int, mask: int
+    ) -> tuple[_Path, int, int] | None:
+        """Find the highest ``start`` with ``start & ~mask == 0``, ``floor <= start`` and
+        ``start + size - 1 <= limit`` such that the range is free.
+
+        Returns ``(path to the gap owner's leaf, owner index in the leaf, start)`` for
+        :meth:`insert_at`, or None when no such range exists (never a false "full").
+        """
+        nodes: list[_Node] = []
+        idxs: list[int] = []
+        found = self._find(self._root, 0, size, limit, floor, mask, nodes, idxs)
+        if found is None:
+            return None
+        return (nodes, idxs), found[0], found[1]
+
+    def _find(
+        self,
+        node: _Node,
+        depth: int,
+        size: int,
+        limit: int,
+        floor: int,
+        mask: int,
+        nodes: list[_Node],
+        idxs: list[int],
+    ) -> tuple[int, int] | None:
+        """Search the subtree of a node on the limit's path; on success the path is appended.
+
+        Child ``c`` (the one holding the last entry at or below the limit) is the only one the
+        limit can cut: try it first, then its left siblings, rightmost first, unclamped.
+        """
+        nodes.append(node)
+        c = bisect_right(node.keys, limit) - 1
+        if depth == self._height:
+            j, start = _scan_leaf(node, c, size, limit, floor, mask)
+            if j >= 0:
+                return j, start
+            nodes.pop()
+            return None
+        gaps = node.gaps
+        if gaps[c] >= size:
+            idxs.append(c)
+            kid: _Node = node.kids[c]  # type: ignore[assignment]
+            found = self._find(kid, depth + 1, size, limit, floor, mask, nodes, idxs)
+            if found is not None:
+                return found
+            idxs.pop()
+        if c > 0 and node.maxgap >= size:
+            marks = node.cls.translate(_GE[size.bit_length()])
+            i = marks.rfind(1, 0, c)
+            while i >= 0:
+                if gaps[i] >= size:
+                    idxs.append(i)
+                    kid = node.kids[i]  # type: ignore[assignment]
+                    found = self._search_down(kid, depth + 1, nodes, idxs, size, floor, mask)
+                    if found is not None:
+                        return found
+                    idxs.pop()
+                i = marks.rfind(1, 0, i)
+        nodes.pop()
+        return None
+
+    def _search_down(
+        self,
+        node: _Node,
+        depth: int,
+        nodes: list[_Node],
+        idxs: list[int],
+        size: int,
+        floor: int,
+        mask: int,
+    ) -> tuple[int, int] | None:
+        """Rightmost fitting gap in a subtree that lies wholly below the limit (path appended).
+
+        Only misaligned or below-floor gaps make it backtrack; recursion depth is the height.
+        """
+        nodes.append(node)
+        if depth == self._height:
+            j, start = _scan_leaf(node, len(node.kids) - 1, size, self.top, floor, mask)
+            if j >= 0:
+                return j, start
+            nodes.pop()
+            return None
+        gaps = node.gaps
+        marks = node.cls.translate(_GE[size.bit_length()])
+        i = marks.rfind(1)
+        while i >= 0:
+            if gaps[i] >= size:
+                idxs.append(i)
+                kid: _Node = node.kids[i]  # type: ignore[assignment]
+                found = self._search_down(kid, depth + 1, nodes, idxs, size, floor, mask)
+                if found is not None:
+                    return found
+                idxs.pop()
+            i = marks.rfind(1, 0, i)
+        nodes.pop()
+        return None
+
+    def locate(self, pfn: int) -> tuple[_Path, int]:
+        """Path to the leaf of the last entry with ``pfn_lo <= pfn`` (maybe a sentinel), index."""
+        nodes: list[_Node] = []
+        idxs: list[int] = []
+        node = self._root
+        for _ in range(self._height):
+            c = bisect_right(node.keys, pfn) - 1
+            nodes.append(node)
+            idxs.append(c)
+            node = node.kids[c]  # type: ignore[assignment]
+        nodes.append(node)
+        return (nodes, idxs), bisect_right(node.keys, pfn) - 1
+
+    def gap_above(self, path: _Path, j: int) -> tuple[int, int]:
+        """The free range ``(first, last)`` owned by entry j of the path's leaf (may be empty)."""
+        leaf = path[0][-1]
+        hi: int = leaf.kids[j].pfn_hi  # type: ignore[attr-defined]
+        return hi + 1, hi + leaf.gaps[j]
+
+    def entry_at(self, path: _Path, j: int) -> Iova | None:
+        """Entry j of the path's leaf, or None if it is a sentinel."""
+        obj: Iova = path[0][-1].kids[j]  # type: ignore[assignment]
+        return None if obj is self._bottom or obj is self._anchor else obj
+
+    # ------------------------------------------------------------------ updates
+
+    def insert_at(self, path: _Path, j: int, obj: Iova) -> None:
+        """Insert ``obj`` into the gap owned by entry j of the path's leaf (from :meth:`find_gap`
+        or :meth:`locate`); the range must lie inside that gap."""
+        nodes, idxs = path
+        leaf = nodes[-1]
+        gaps = leaf.gaps
+        owner: Iova = leaf.kids[j]  # type: ignore[assignment]
+        g = gaps[j]
+        ohi = owner.pfn_hi
+        lo = obj.pfn_lo
+        hi = obj.pfn_hi
+        if not (ohi < lo <= hi <= ohi + g):
+            raise ValueError(f"{obj!r} is not inside the gap above {owner!r}")
+        below = lo - ohi - 1
+        above = ohi + g - hi
+        gaps[j] = below
+        gaps.insert(j + 1, above)
+        cls = leaf.cls
+        cls[j] = below.bit_length()
+        cls.insert(j + 1, above.bit_length())
+        leaf.keys.insert(j + 1, lo)
+        leaf.kids.insert(j + 1, obj)
+        self._count += 1
+        # Both pieces are <= the old gap, so the leaf max only moves if that gap was the max.
+        if g == leaf.maxgap:
+            leaf.maxgap = _lower_max(leaf, g)
+        if len(gaps) > LEAF_MAX:
+            self._split(nodes, idxs, j + 1)
+        else:
+            self._propagate(nodes, idxs, len(idxs))
+
+    def erase(self, obj: Iova) -> None:
+        """Remove ``obj`` (which must be in the tree); its space joins the gap below it."""
+        path, i = self.locate(obj.pfn_lo)
+        if i < 0 or path[0][-1].kids[i] is not obj:
+            raise KeyError(obj)
+        self.erase_at(path, i)
+
+    def erase_at(self, path: _Path, i: int) -> None:
+        """Remove entry i of the path's leaf (from :meth:`locate`)."""
+        nodes, idxs = path
+        leaf = nodes[-1]
+        obj: Iova = leaf.kids[i]  # type: ignore[assignment]
+        if obj is self._bottom or obj is self._anchor:
+            raise KeyError(obj)
+        gaps = leaf.gaps
+        old = gaps[i]
+        freed = obj.pfn_hi - obj.pfn_lo + 1 + old
+        if i > 0:
+            v = gaps[i - 1] + freed
+            gaps[i - 1] = v
+            leaf.cls[i - 1] = v.bit_length()
+            if v > leaf.maxgap:
+                leaf.maxgap = v
+        else:
+            # The entry below lives in the previous leaf: grow its gap there first.
+            (pnodes, pidxs), pj = self.locate(obj.pfn_lo - 1)
+            pleaf = pnodes[-1]
+            v = pleaf.gaps[pj] + freed
+            pleaf.gaps[pj] = v
+            pleaf.cls[pj] = v.bit_length()
+            if v > pleaf.maxgap:
+                pleaf.maxgap = v
+                self._propagate(pnodes, pidxs, len(pidxs))
+        del leaf.keys[i]
+        del gaps[i]
+        del leaf.cls[i]
+        del leaf.kids[i]
+        self._count -= 1
+        if old == leaf.maxgap:
+            leaf.maxgap = _lower_max(leaf, old) if gaps else 0
+        if i == 0 and gaps:
+            self._fix_keys(nodes, idxs, leaf.keys[0])
+        self._rebalance(nodes, idxs)
+
+    # ------------------------------------------------------------------ structure maintenance
+
+    @staticmethod
+    def _propagate(nodes: list[_Node], idxs: list[int], level: int) -> None:
+        """Push nodes[level].maxgap up into its ancestors, stopping once nothing changes."""
+        newmax = nodes[level].maxgap
+        for lv in range(level - 1, -1, -1):
+            parent = nodes[lv]
+            c = idxs[lv]
+            gaps = parent.gaps
+            old = gaps[c]
+            if old == newmax:
+                return
+            gaps[c] = newmax
+            parent.cls[c] = newmax.bit_length()
+            pmax = parent.maxgap
+            if newmax > pmax:
+                parent.maxgap = newmax
+            elif old == pmax:
+                parent.maxgap = _lower_max(parent, pmax)
+            if parent.maxgap == pmax:
+                return
+            newmax = parent.maxgap
+
+    @staticmethod
+    def _fix_keys(nodes: list[_Node], idxs: list[int], key: int) -> None:
+        """The first key below idxs' last level changed: update separators while first child."""
+        for lv in range(len(idxs) - 1, -1, -1):
+            nodes[lv].keys[idxs[lv]] = key
+            if idxs[lv] != 0:
+                return
+
+    def _split(self, nodes: list[_Node], idxs: list[int], pos: int) -> None:
+        """Split the overfull nodes[-1] (pos: where the last insert went), then propagate."""
+        level = len(nodes) - 1
+        while True:
+            node = nodes[level]
+            n = len(node.keys)
+            # Sequential fills (top-down allocation inserts right above the lowest entry) would
+            # leave half-empty nodes behind with an even split; split next to the insert instead.
+            if pos <= 1:
+                s = pos + 1
+            elif pos >= n - 1:
+                s = pos
+            else:
+                s = n // 2
+            right = _Node(node.keys[s:], node.gaps[s:], node.kids[s:], node.cls[s:])
+            del node.keys[s:]
+            del node.gaps[s:]
+            del node.kids[s:]
+            del node.cls[s:]
+            node.maxgap = max(node.gaps)
+            if level == 0:
+                self._root = _Node(
+                    [node.keys[0], right.keys[0]], [node.maxgap, right.maxgap], [node, right]
+                )
+                self._height += 1
+                return
+            parent = nodes[level - 1]
+            c = idxs[level - 1]
+            parent.keys.insert(c + 1, right.keys[0])
+            parent.gaps.insert(c + 1, right.maxgap)
+            parent.cls.insert(c + 1, right.maxgap.bit_length())
+            parent.kids.insert(c + 1, right)
+            parent.gaps[c] = node.maxgap
+            parent.cls[c] = node.maxgap.bit_length()
+            parent.maxgap = max(parent.gaps)
+            if len(parent.keys) <= NODE_MAX:
+                self._propagate(nodes, idxs, level - 1)
+                return
+            pos = c + 1
+            level -= 1
+
+    def _set_kid(self, parent: _Node, i: int, kid: _Node) -> None:
+        parent.gaps[i] = kid.maxgap
+        parent.cls[i] = kid.maxgap.bit_length()
+
+    def _rebalance(self, nodes: list[_Node], idxs: list[int]) -> None:
+        """After an erase: merge or even out the shrunk node with a sibling, up the path."""
+        level = len(nodes) - 1
+        while level > 0:
+            node = nodes[level]
+            parent = nodes[level - 1]
+            c = idxs[level - 1]
+            leafy = level == self._height
+            n = len(node.keys)
+            if n >= (_LEAF_MIN if leafy else _NODE_MIN):
+                break
+            maximum = LEAF_MAX if leafy else NODE_MAX
+            if len(parent.kids) == 1:
+                if n > 0:
+                    break
+                # An only child went empty (possible after an uneven split): empty the parent
+                # too and let the next level merge it away.
+                parent.keys.clear()
+                parent.gaps.clear()
+                parent.kids.clear()
+                parent.cls.clear()
+                parent.maxgap = 0
+                level -= 1
+                continue
+            li = c - 1 if c > 0 else c
+            left: _Node = parent.kids[li]  # type: ignore[assignment]
+            right: _Node = parent.kids[li + 1]  # type: ignore[assignment]
+            if len(left.keys) + len(right.keys) <= maximum:
+                left.keys += right.keys
+                left.gaps += right.gaps
+                left.kids += right.kids
+                left.cls += right.cls
+                left.maxgap = max(left.gaps)
+                del parent.keys[li + 1]
+                del parent.gaps[li + 1]
+                del parent.kids[li + 1]
+                del parent.cls[li + 1]
+                self._set_kid(parent, li, left)
+                parent.maxgap = max(parent.gaps)
+                if parent.keys[li] != left.keys[0]:
+                    parent.keys[li] = left.keys[0]
+                    if li == 0:
+                        self._fix_keys(nodes, idxs[: level - 1], left.keys[0])
+                level -= 1
+                continue
+            # Too many for one node: share them out evenly; the parent keeps its shape.
+            keys = left.keys + right.keys
+            gaps = left.gaps + right.gaps
+            kids = left.kids + right.kids
+            cls = left.cls + right.cls
+            s = len(keys) // 2
+            left.keys, left.gaps, left.kids, left.cls = keys[:s], gaps[:s], kids[:s], cls[:s]
+            right.keys, right.gaps, right.kids, right.cls = keys[s:], gaps[s:], kids[s:], cls[s:]
+            left.maxgap = max(left.gaps)
+            right.maxgap = max(right.gaps)
+            parent.keys[li + 1] = right.keys[0]
+            self._set_kid(parent, li, left)
+            self._set_kid(parent, li + 1, right)
+            parent.maxgap = max(parent.gaps)
+            if parent.keys[li] != left.keys[0]:
+                parent.keys[li] = left.keys[0]
+                if li == 0:
+                    self._fix_keys(nodes, idxs[: level - 1], left.keys[0])
+            level -= 1
+            break
+        self._propagate(nodes, idxs, level)
+        root = self._root
+        while self._height > 0 and len(root.kids) == 1:
+            root = root.kids[0]  # type: ignore[assignment]
+            self._height -= 1
+        self._root = root
+
+    # ------------------------------------------------------------------ validation
+
+    def check(self) -> None:
+        """Verify every structural invariant (O(n)); raise :class:`TreeCorruption` if broken."""
+        entries: list[Iova] = []
+
+        def walk(node: _Node, depth: int, lo_bound: int) -> tuple[int, int]:
+            """Returns (min key, max gap) of the subtree."""
+            if not node.keys or not (len(node.keys) == len(node.gaps) == len(node.kids)):
+                raise TreeCorruption("node lists out of step or empty")
+            if node.cls != bytearray(g.bit_length() for g in node.gaps):
+                raise TreeCorruption("gap class bytes stale")
+            if depth == self._height:
+                if len(node.keys) > LEAF_MAX:
+                    raise TreeCorruption("leaf overfull")
+                for key, obj in zip(node.keys, node.kids, strict=True):
+                    if not isinstance(obj, Iova) or obj.pfn_lo != key:
+                        raise TreeCorruption(f"leaf key {key} does not match {obj!r}")
+                    entries.append(obj)
+                if node.maxgap != max(node.gaps):
+                    raise TreeCorruption("leaf maxgap stale")
+                return node.keys[0], node.maxgap
+            if len(node.keys) > NODE_MAX:
+                raise TreeCorruption("node overfull")
+            for key, gap, kid in zip(node.keys, node.gaps, node.kids, strict=True):
+                if not isinstance(kid, _Node):
+                    raise TreeCorruption("internal node holds an entry")
+                kmin, kmax = walk(kid, depth + 1, key)
+                if kmin != key or kmax != gap:
+                    raise TreeCorruption(f"separator/gap stale: {key}/{gap} vs {kmin}/{kmax}")
+            if node.maxgap != max(node.gaps):
+                raise TreeCorruption("node maxgap stale")
+            return node.keys[0], node.maxgap
+
+        walk(self._root, 0, -1)
+        if entries[0] is not self._bottom or entries[-1] is not self._anchor:
+            raise TreeCorruption("sentinels missing")
+        gaps: list[int] = []
+        for leaf in self._leaves(self._root, self._height):
+            gaps += leaf.gaps
+        for a, b, g in zip(entries, entries[1:], gaps, strict=False):
+            if a.pfn_hi < a.pfn_lo and a is not self._bottom:
+                raise TreeCorruption(f"inverted range {a!r}")
+            if b.pfn_lo <= a.pfn_hi:
+                raise TreeCorruption(f"overlap {a!r} {b!r}")
+            if g != b.pfn_lo - a.pfn_hi - 1:
+                raise TreeCorruption(f"gap above {a!r} is {g}, expected {b.pfn_lo - a.pfn_hi - 1}")
+        if len(entries) - 2 != self._count:
+            raise TreeCorruption("count wrong")

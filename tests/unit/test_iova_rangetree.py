@@ -1,0 +1,89 @@
+"""RangeTree: gap search against brute force, lookups, and structure through splits/merges."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from harness.dma.rangetree import Iova, RangeTree
+
+
+def _brute(live: list[Iova], size: int, limit: int, floor: int, align: int, top: int) -> int | None:
+    best = None
+    prev = -1
+    for lo, hi in [*sorted((e.pfn_lo, e.pfn_hi) for e in live), (top, top)]:
+        a, b = max(prev + 1, floor), min(lo - 1, limit)
+        s = (b - size + 1) & -align
+        if b - a + 1 >= size and s >= a and (best is None or s > best):
+            best = s
+        prev = hi
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_find_gap_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    top = rng.choice([64, 1000, 20000])
+    t = RangeTree(top)
+    live: list[Iova] = []
+    for step in range(600):
+        if live and rng.random() < 0.4:
+            t.erase(live.pop(rng.randrange(len(live))))
+        else:
+            size, limit = rng.randint(1, 8), rng.randrange(top)
+            floor, align = rng.randint(0, 5), rng.choice([1, 1, 2, 4, 8])
+            found = t.find_gap(size, limit, floor, -align)
+            assert (found[2] if found else None) == _brute(live, size, limit, floor, align, top)
+            if found:
+                e = Iova(found[2], found[2] + size - 1)
+                t.insert_at(found[0], found[1], e)
+                live.append(e)
+        if step % 50 == 0:
+            t.check()
+        p = rng.randrange(top)
+        hit = [e for e in live if e.pfn_lo <= p <= e.pfn_hi]
+        assert t.find(p) is (hit[0] if hit else None)
+    t.check()
+
+
+def test_deep_tree_grows_and_shrinks() -> None:
+    rng = random.Random(1)
+    t = RangeTree(1 << 40)
+    live = []
+    for _ in range(20000):
+        found = t.find_gap(1, (1 << 32) - 1, 1, -1)
+        assert found is not None
+        e = Iova(found[2], found[2])
+        t.insert_at(found[0], found[1], e)
+        live.append(e)
+    assert t.height >= 2
+    t.check()
+    rng.shuffle(live)
+    for k, e in enumerate(live):
+        t.erase(e)
+        if k % 2500 == 0:
+            t.check()
+    assert len(t) == 0 and t.height == 0
+    t.check()
+
+
+def test_limit_on_domain_full_of_high_entries() -> None:
+    """A low limit must skip the high entries by the index, not walk them."""
+    t = RangeTree(1 << 40)
+    for _ in range(5000):
+        f = t.find_gap(1, (1 << 36) - 1, 1, -1)
+        assert f is not None
+        t.insert_at(f[0], f[1], Iova(f[2], f[2]))
+    f = t.find_gap(4, (1 << 20) - 1, 1, -4)
+    assert f is not None and f[2] == (1 << 20) - 4
+
+
+def test_insert_outside_gap_rejected() -> None:
+    t = RangeTree(100)
+    f = t.find_gap(10, 99, 0, -1)
+    assert f is not None
+    with pytest.raises(ValueError):
+        t.insert_at(f[0], f[1], Iova(95, 105))
+    with pytest.raises(KeyError):
+        t.erase(Iova(1, 1))
