@@ -89,9 +89,12 @@ def errors_check(stats: dict[str, Any]) -> Case:
     if not isinstance(dev, dict):
         return Case(name, False, "no device counters")
     facts = {k: dev.get(k) for k in ("errors", "device_errors", "bad_accesses", "needs_reset")}
+    facts["ledger_violations"] = _get(stats, "ledger", "violations_total")
+    facts["failed_vfio_user_replies"] = _get(stats, "dma", "failed_replies")
     if any(facts.values()):
         return Case(name, False, f"device reported problems: {facts}", facts)
-    return Case(name, True, "no ring errors, no bad accesses, no NEEDS_RESET", facts)
+    return Case(name, True, "no ring errors, no ledger violations, no failed vfio-user "
+                            "replies, no NEEDS_RESET", facts)
 
 
 def host_checks(cases: list[Case], peer: dict[str, Any], stats: dict[str, Any],

@@ -38,12 +38,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fault_spec(text: str) -> str:
+    """Validate a fault spec now, so a typo is a usage error and not a failed run."""
+    from harness.dma.faults import FaultSpec
+
+    try:
+        FaultSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("vm-test", help="boot a guest against the device and run its test plan")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="auto probes whether KVM can run the guest and falls back to TCG")
-    p.add_argument("--map-ops", choices=["direct"], default="direct",
-                   help="how the device maps guest memory")
+    p.add_argument("--map-ops", choices=["direct", "bounce"], default="direct",
+                   help="direct: zero-copy views of guest memory; bounce: the device sees only "
+                        "bounce buffers, copied at the sync points")
+    p.add_argument("--faults", type=fault_spec, metavar="SPEC",
+                   help="inject faults into the map ops, e.g. mapping-error=0.01,"
+                        "iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--viommu", action="store_true", help="put the device behind an intel-iommu")
     p.add_argument("--smp", type=positive_int, default=2)
     p.add_argument("--memory", type=positive_int, default=512, metavar="MB")
@@ -64,6 +79,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     if args.memory < 256:
         raise SystemExit("harness vm-test: --memory must be at least 256 (MB)")
     cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
+                       faults=args.faults,
                        smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out)

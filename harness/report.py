@@ -27,6 +27,7 @@ class RunResult:
     accel_reason: str
     map_ops: str
     viommu: bool
+    faults: str
     qemu_version: str
     kernel_version: str
     run_dir: str
@@ -60,18 +61,60 @@ def _describe(case: Case) -> str:
     return case.detail
 
 
+def _dma_lines(stats: dict[str, Any]) -> list[str]:
+    """The DMA ledger's and the fault injector's counters, when the device reported them."""
+    out = []
+    ledger = stats.get("ledger")
+    if isinstance(ledger, dict):
+        violations = ledger.get("violations") or {}
+        nviol = sum(violations.values()) if isinstance(violations, dict) else violations
+        secs = float(stats.get("connected_seconds") or 0) or 1.0
+        out.append(
+            f"  ledger: {ledger.get('maps', 0)} maps ({ledger.get('maps', 0) / secs:.0f}/s), "
+            f"{ledger.get('unmaps', 0)} unmaps, live {ledger.get('live', 0)} "
+            f"(peak {ledger.get('peak_live', 0)}), violations {nviol}, "
+            f"revocations {ledger.get('revocations', 0)}, failed maps "
+            f"{ledger.get('failed_maps', 0)}")
+    dma = stats.get("dma")
+    if isinstance(dma, dict):
+        secs = float(stats.get("connected_seconds") or 0) or 1.0
+        maps, unmaps = int(dma.get("maps", 0)), int(dma.get("unmaps", 0))
+        out.append(f"  vfio-user DMA_MAP {maps} ({maps / secs:.0f}/s), DMA_UNMAP {unmaps} "
+                   f"({unmaps / secs:.0f}/s), failed replies {dma.get('failed_replies', 0)}, "
+                   f"peak regions {dma.get('peak_regions', 0)}")
+        frag = dma.get("fragmentation")
+        if isinstance(frag, dict) and frag:
+            out.append(
+                f"  IOVA space at its busiest: {frag.get('regions')} regions, "
+                f"{int(frag.get('mapped_bytes', 0)) >> 10} KiB mapped, largest free gap below "
+                f"4 GiB {int(frag.get('largest_free_below_4g', 0)) >> 20} MiB, free-space "
+                f"fragmentation {float(frag.get('free_fragmentation', 0)):.4f}")
+    if isinstance(ledger, dict):
+        faults = ledger.get("faults")
+        if isinstance(faults, dict):
+            out.append(f"  faults injected: {json.dumps(faults.get('injected'))}, "
+                       f"refused as too large {faults.get('refused_too_large', 0)}")
+        mapops = ledger.get("mapops")
+        if isinstance(mapops, dict) and mapops.get("mode") == "bounce":
+            keys = [k for k in sorted(mapops) if k != "mode"]
+            out.append("  bounce: " + ", ".join(f"{k} {mapops[k]}" for k in keys))
+    return out
+
+
 def summary(result: RunResult) -> str:
     """A short human summary: accelerator and why, boot time, each test, throughput."""
     lines = [
         f"harness vm-test: accel {result.accel} ({result.accel_reason})",
         f"  QEMU {result.qemu_version}, guest kernel {result.kernel_version}, "
-        f"map-ops {result.map_ops}, vIOMMU {'on' if result.viommu else 'off'}",
+        f"map-ops {result.map_ops}, vIOMMU {'on' if result.viommu else 'off'}, "
+        f"faults {result.faults or 'none'}",
     ]
     if result.boot_seconds is not None:
         lines.append(f"  boot: {result.boot_seconds:.1f} s (QEMU start to first KTAP line)")
     for case in result.cases:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[case.ok]
         lines.append(f"  {mark} {case.name:<28} {_describe(case)}".rstrip())
+    lines += _dma_lines(result.device_stats)
     if result.error:
         lines.append(f"  error: {result.error}")
     passed = sum(1 for c in result.cases if c.ok)

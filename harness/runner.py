@@ -42,6 +42,8 @@ class VmTestConfig:
     accel: str = "auto"
     map_ops: str = "direct"
     viommu: bool = False
+    #: Fault-injection spec for the device's map ops, e.g. "mapping-error=0.01,seed=7".
+    faults: str | None = None
     smp: int = 2
     memory_mb: int = 512
     tcp_bytes: int = 64 * MIB
@@ -150,7 +152,7 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
     run_dir = new_run_dir(cfg.out_dir)
     accel = select_accel(cfg.accel, env)
     result = RunResult(accel=accel.name, accel_reason=accel.reason, map_ops=cfg.map_ops,
-                       viommu=cfg.viommu, qemu_version=env.qemu_version,
+                       viommu=cfg.viommu, faults=cfg.faults or "", qemu_version=env.qemu_version,
                        kernel_version=env.kernel_version, run_dir=str(run_dir))
     log.info("accelerator: %s (%s)", accel.name, accel.reason)
     try:
@@ -181,6 +183,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
             [py, "-m", "harness.server", "--socket", str(device_sock), "--netns", ns,
              "--map-ops", cfg.map_ops, "--control", str(run_dir / "control.sock"),
              *(["--access-platform"] if cfg.viommu else []),
+             *(["--faults", cfg.faults] if cfg.faults else []),
              "--stats", str(run_dir / "device-stats.json")],
             run_dir / "server.log", name="device server", ready="READY"))
         stack.enter_context(child(

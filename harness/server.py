@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.dma.mapops import DirectMapOps
-from harness.dma.memory import GuestMemory
+from harness.dma import MAPOPS_KINDS, FaultSpec, GuestMemory, build_mapops
 from harness.net import netns as netns_mod
 from harness.net.tap import Tap, configure, link_stats
 from harness.vfu import (
@@ -64,9 +63,23 @@ class ServerConfig:
     map_ops: str = "direct"
     control: Path | None = None
     stats: Path | None = None
+    faults: str | None = None
     #: Offer VIRTIO_F_ACCESS_PLATFORM: the guest then maps every buffer through its DMA API,
     #: so behind a vIOMMU the device sees IOVAs and one DMA_MAP per guest mapping.
     access_platform: bool = False
+
+
+class ErrorCounter(logging.Handler):
+    """Counts libvfio-user's error lines: each is a request it refused (a failed reply)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.count = 0
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.last = record.getMessage()
 
 
 class Irq:
@@ -94,9 +107,13 @@ class DeviceServer:
         self.memory = GuestMemory()
         self.ctx = VfuContext(str(cfg.socket))
         self.irq = Irq(self.ctx)
-        if cfg.map_ops != "direct":
-            raise ValueError(f"unknown --map-ops {cfg.map_ops!r}")
-        self.mapops = DirectMapOps(self.memory)
+        faults = FaultSpec.parse(cfg.faults) if cfg.faults else None
+        self.mapops, ledger = build_mapops(cfg.map_ops, self.memory,
+                                           bus_master=self._bus_master, faults=faults)
+        assert ledger is not None
+        self.ledger = ledger
+        # libvfio-user's view of the regions (iova -> size), to check the domain against.
+        self.vfu_regions: dict[int, int] = {}
         features = DEFAULT_FEATURES
         if cfg.access_platform:
             features |= 1 << F_ACCESS_PLATFORM
@@ -105,7 +122,14 @@ class DeviceServer:
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
         self.dma_maps = 0
         self.dma_unmaps = 0
+        self.dma_bytes_mapped = 0
+        self.device_resets_seen = 0
         self.resets: dict[str, int] = {}
+        self.vfu_errors = ErrorCounter()
+        logging.getLogger("harness.vfu.libvfio_user").addHandler(self.vfu_errors)
+        # The IOVA space as the device saw it at its busiest (most regions), sampled.
+        self.busiest: dict[str, Any] = {}
+        self._next_sample = 0.0
         self.connected_at: float | None = None
         self.stop = False
         self._setup_pci()
@@ -142,17 +166,21 @@ class DeviceServer:
 
     def _on_dma_map(self, region: DmaRegion) -> None:
         self.dma_maps += 1
-        if region.view is None:
-            log.debug("DMA map %#x+%#x without memory (ROM/MMIO window): ignored",
-                      region.iova, region.size)
-            return
-        self.memory.add_region(region.iova, region.view, writable=bool(region.prot & 2))
+        # Regions without memory (ROM/MMIO windows) are registered too, so the domain mirrors
+        # libvfio-user's list exactly; the device just cannot touch them.
+        self.memory.add_region(region.iova, region.view, writable=bool(region.prot & 2),
+                               size=region.size)
+        self.vfu_regions[region.iova] = region.size
+        self.ledger.check_region(region.iova, region.size, present=True)
 
     def _on_dma_unmap(self, region: DmaRegion) -> None:
         self.dma_unmaps += 1
         # The mapping disappears when this callback returns: nothing may keep a view of it.
+        # libvfio-user calls this once per region inside an unmapped range.
         self.memory.remove_range(region.iova, region.size)
         self.device.memory_changed()
+        self.vfu_regions.pop(region.iova, None)
+        self.ledger.check_region(region.iova, region.size, present=False)
 
     def _on_reset(self, kind: ResetType) -> None:
         self.resets[kind.name] = self.resets.get(kind.name, 0) + 1
@@ -195,6 +223,15 @@ class DeviceServer:
             if self.stop:
                 break
             self.device.process()
+            self.mapops.housekeeping()  # type: ignore[attr-defined]
+            now = time.monotonic()
+            if now >= self._next_sample:
+                self._sample_iova_space()
+                self._next_sample = now + 0.5
+            if self.device.resets != self.device_resets_seen:
+                # The guest reset the device (status 0): every mapping must be gone by now.
+                self.device_resets_seen = self.device.resets
+                self.ledger.check_leaks("reset")
             want = self.device.rx_wanted()
             if want != tap_registered:
                 if want:
@@ -205,6 +242,11 @@ class DeviceServer:
                 else:
                     self.sel.unregister(self.tap.fileno())
                 tap_registered = want
+
+    def _sample_iova_space(self) -> None:
+        nregions = len(self.memory)
+        if nregions >= int(self.busiest.get("regions", -1)):
+            self.busiest = dict(self.memory.fragmentation())
 
     def _wait_for_client(self) -> None:
         while not self.stop:
@@ -258,11 +300,18 @@ class DeviceServer:
         return n
 
     def stats(self) -> dict[str, Any]:
+        connected = time.monotonic() - self.connected_at if self.connected_at else 0.0
         return {
+            "connected_seconds": round(connected, 3),
             "device": self.device.stats(),
+            "ledger": self.ledger.stats(),
             "irq": {"sent": self.irq.sent, "unwired": self.irq.unwired},
             "dma": {"maps": self.dma_maps, "unmaps": self.dma_unmaps,
-                    "regions": [[i, s, w] for i, s, w in self.memory.regions()]},
+                    "regions": [[i, s, w] for i, s, w in self.memory.regions()],
+                    "peak_regions": int(self.busiest.get("regions", 0)),
+                    "fragmentation": self.busiest,
+                    "failed_replies": self.vfu_errors.count,
+                    "last_failure": self.vfu_errors.last},
             "resets": dict(self.resets),
             "tap_backend": {"read_errors": self.tap.read_errors,
                             "write_errors": self.tap.write_errors},
@@ -270,6 +319,10 @@ class DeviceServer:
 
     def final_stats(self) -> dict[str, Any]:
         """Counters at exit, with the TAP's own kernel counters taken after draining it."""
+        # Everything the device still holds is released by a reset; then nothing may be live.
+        self.device.reset()
+        self.ledger.check_leaks("exit")
+        self.ledger.check_regions(self.vfu_regions.items())
         result = self.stats()
         result["tap_undelivered_at_exit"] = self.drain_tap()
         try:
@@ -305,6 +358,14 @@ def parse_mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}") from None
 
 
+def _fault_spec(text: str) -> str:
+    try:
+        FaultSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def parse_args(argv: list[str] | None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="harness-server", description=__doc__.split("\n")[0])
     p.add_argument("--socket", type=Path, required=True, help="vfio-user socket path")
@@ -314,7 +375,9 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     p.add_argument("--prefixlen", type=int, default=24)
     p.add_argument("--mac", type=parse_mac, default=parse_mac("52:54:00:12:34:56"))
     p.add_argument("--queue-size", type=int, default=256)
-    p.add_argument("--map-ops", choices=["direct"], default="direct")
+    p.add_argument("--map-ops", choices=MAPOPS_KINDS, default="direct")
+    p.add_argument("--faults", type=_fault_spec, help="fault injection spec, e.g. "
+                   "mapping-error=0.01,iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--access-platform", action="store_true",
                    help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
@@ -328,7 +391,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     return ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
                         prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                         map_ops=a.map_ops, control=a.control, stats=a.stats,
-                        access_platform=a.access_platform)
+                        access_platform=a.access_platform, faults=a.faults)
 
 
 def raise_fd_limit() -> None:

@@ -2,13 +2,20 @@
 
 "CPU" in the operation names is the guest, "device" is us. A buffer's life:
 
-- ``map_page(iova, size, direction)`` -> DmaHandle. Never raises: a failed mapping is a handle
-  for which ``mapping_error(handle)`` is True (``handle.error`` says why; ``error.transient``
-  separates resource failures from guest addresses that are simply wrong).
-- ``sync_single_for_device`` before the device reads what the guest wrote (TO_DEVICE,
-  BIDIRECTIONAL); ``sync_single_for_cpu`` after the device wrote and before the guest may read it
-  (FROM_DEVICE, BIDIRECTIONAL). Callers skip both when ``need_sync(handle)`` is False.
-- ``unmap_page(handle, direction)``: the view must not be touched afterwards.
+- ``map_page(iova, size, direction, attrs, ctx)`` -> DmaHandle. Never raises: a failed mapping
+  is a handle for which ``mapping_error(handle)`` is True (``handle.error`` says why;
+  ``error.transient`` separates resource failures from guest addresses that are simply wrong).
+  Mapping already makes the guest's data visible to the device (as dma_map_page does), so a
+  TO_DEVICE buffer needs no sync right after it was mapped.
+- ``sync_single_for_device`` before the device reads what the guest wrote since the map
+  (TO_DEVICE, BIDIRECTIONAL); ``sync_single_for_cpu`` after the device wrote and before the guest
+  may read it (FROM_DEVICE, BIDIRECTIONAL). Callers skip both when ``need_sync`` is False.
+- ``unmap_page(handle, direction)`` implies ``sync_single_for_cpu`` (as dma_unmap_page); the view
+  must not be touched afterwards.
+
+``attrs`` is Linux's attrs argument; :data:`ATTR_COHERENT` marks memory the guest allocated with
+dma_alloc_coherent (the rings): it is never bounced and not bound by ``max_mapping_size``.
+``ctx`` says who maps what (queue name, descriptor index, descriptor flags) for the DMA ledger.
 
 Everything in harness.virtio touches guest memory only through this protocol, so a bouncing
 implementation, an auditing ledger or fault injection can be layered in without changing it.
@@ -18,10 +25,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from harness.dma.errors import DmaFault
-from harness.dma.memory import GuestMemory
+from harness.dma.memory import GuestMemory, release
+
+if TYPE_CHECKING:
+    from harness.dma.memory import GuestRegion
 
 
 class Direction(enum.IntEnum):
@@ -32,7 +42,15 @@ class Direction(enum.IntEnum):
     FROM_DEVICE = 2
 
 
+#: map_page attrs bit: coherent memory (rings). Not a Linux DMA_ATTR_* value: Linux knows this
+#: from the allocation, the device only from what the guest told it the memory is.
+ATTR_COHERENT = 1 << 0
+
+MapCtx = tuple[str, int, int]
+"""(queue name, descriptor index or -1, descriptor flags or -1) of a mapping."""
+
 _EMPTY = memoryview(b"")
+DEFAULT_MAX_MAPPING_SIZE = 1 << 32
 
 
 @dataclass(slots=True, eq=False)
@@ -40,8 +58,10 @@ class DmaHandle:
     """One mapping. ``view`` is what the device reads/writes, valid until unmap/free.
 
     ``iova`` and ``size`` are what was asked for (guest addresses); ``addr`` is where the mapping
-    lives for the device (equal to ``iova`` when direct; a bounce slot when bouncing; -1 for a
+    lives for the device (equal to ``iova`` when direct; a bounce IOVA when bouncing; -1 for a
     failed map). ``cookie`` belongs to the MapOps implementation that made the handle.
+    ``guest`` is the view into guest memory the mapping holds and ``region`` the guest region it
+    is registered with (revocation releases ``guest``, and ``view`` unless ``bounced``).
     """
 
     iova: int
@@ -51,13 +71,23 @@ class DmaHandle:
     addr: int
     error: DmaFault | None = None
     cookie: object = None
+    attrs: int = 0
+    ctx: MapCtx | None = None
+    guest: memoryview | None = None
+    region: GuestRegion | None = None
+    bounced: bool = False
+    revoked: bool = False
+    unmapped: bool = False
 
 
 @runtime_checkable
 class MapOps(Protocol):
     """The nine operations of struct virtio_map_ops."""
 
-    def map_page(self, iova: int, size: int, direction: Direction) -> DmaHandle: ...
+    def map_page(
+        self, iova: int, size: int, direction: Direction, attrs: int = 0,
+        ctx: MapCtx | None = None,
+    ) -> DmaHandle: ...  # fmt: skip
 
     def unmap_page(self, handle: DmaHandle, direction: Direction) -> None: ...
 
@@ -75,49 +105,67 @@ class MapOps(Protocol):
 
     def max_mapping_size(self) -> int: ...
 
-
-def _release(view: memoryview) -> None:
-    # Releasing turns any later use of the view into a ValueError instead of silently touching
-    # memory the guest may have taken back. A live buffer export (a consumer still holding it)
-    # makes release impossible; that consumer's reference then simply outlives the mapping.
-    # (try/except rather than contextlib.suppress: this runs per buffer, and try is free.)
-    try:  # noqa: SIM105
-        view.release()
-    except BufferError:
-        pass
+    # Not one of Linux's nine: the device-side page walk (see GuestMemory.contiguous).
+    def contiguous(self, iova: int, size: int) -> int: ...
 
 
-def failed_handle(iova: int, size: int, direction: Direction, fault: DmaFault) -> DmaHandle:
+def failed_handle(
+    iova: int, size: int, direction: Direction, fault: DmaFault, ctx: MapCtx | None = None
+) -> DmaHandle:
     """The handle a map operation returns when it fails (shared by all implementations)."""
-    return DmaHandle(iova, size, direction, _EMPTY, -1, fault)
+    return DmaHandle(iova, size, direction, _EMPTY, -1, fault, ctx=ctx)
+
+
+def unregister(handle: DmaHandle) -> None:
+    """Detach a mapping from its guest region (it no longer needs revoking)."""
+    region = handle.region
+    if region is not None:
+        region.live.discard(handle)
+        handle.region = None
 
 
 class DirectMapOps:
     """Zero-copy map ops: every handle's view is a slice of GuestMemory, no sync needed.
 
     Mapping checks that the range lies inside one region and, for FROM_DEVICE/BIDIRECTIONAL,
-    that the region is writable. ``alloc`` returns device-private coherent memory that the guest
-    cannot see (addr -1): direct mapping has no IOVA space of its own to put it in.
+    that the region is writable; a TO_DEVICE view is read-only, so a device write into it fails
+    loudly. ``alloc`` returns device-private coherent memory that the guest cannot see (addr -1):
+    direct mapping has no IOVA space of its own to put it in.
     """
 
     __slots__ = ("_max", "memory")
 
-    def __init__(self, memory: GuestMemory, *, max_mapping_size: int = 1 << 32) -> None:
+    def __init__(
+        self, memory: GuestMemory, *, max_mapping_size: int = DEFAULT_MAX_MAPPING_SIZE
+    ) -> None:
         self.memory = memory
         self._max = max_mapping_size
 
-    def map_page(self, iova: int, size: int, direction: Direction) -> DmaHandle:
-        if size > self._max:
+    def map_page(
+        self, iova: int, size: int, direction: Direction, attrs: int = 0,
+        ctx: MapCtx | None = None,
+    ) -> DmaHandle:  # fmt: skip
+        if size > self._max and not attrs & ATTR_COHERENT:
             fault = DmaFault(iova, size, f"larger than max_mapping_size {self._max:#x}")
-            return failed_handle(iova, size, direction, fault)
+            return failed_handle(iova, size, direction, fault, ctx)
         try:
-            view = self.memory.view(iova, size, write=direction != Direction.TO_DEVICE)
+            guest, region = self.memory.translate(
+                iova, size, write=direction != Direction.TO_DEVICE
+            )
         except DmaFault as fault:
-            return failed_handle(iova, size, direction, fault)
-        return DmaHandle(iova, size, direction, view, iova)
+            return failed_handle(iova, size, direction, fault, ctx)
+        view = guest.toreadonly() if direction == Direction.TO_DEVICE else guest
+        h = DmaHandle(iova, size, direction, view, iova, None, None, attrs, ctx, guest, region)
+        region.live.add(h)
+        return h
 
     def unmap_page(self, handle: DmaHandle, direction: Direction) -> None:
-        _release(handle.view)
+        if handle.unmapped:
+            return
+        handle.unmapped = True
+        unregister(handle)
+        release(handle.view)
+        release(handle.guest)
 
     def sync_single_for_cpu(self, handle: DmaHandle, direction: Direction) -> None:
         pass
@@ -129,7 +177,8 @@ class DirectMapOps:
         return DmaHandle(-1, size, Direction.BIDIRECTIONAL, memoryview(bytearray(size)), -1)
 
     def free(self, handle: DmaHandle) -> None:
-        _release(handle.view)
+        handle.unmapped = True
+        release(handle.view)
 
     def need_sync(self, handle: DmaHandle) -> bool:
         return False
@@ -139,3 +188,12 @@ class DirectMapOps:
 
     def max_mapping_size(self) -> int:
         return self._max
+
+    def contiguous(self, iova: int, size: int) -> int:
+        return self.memory.contiguous(iova, size)
+
+    def housekeeping(self) -> None:
+        """Once per server loop turn: nothing to do for direct mapping."""
+
+    def stats(self) -> dict[str, object]:
+        return {"mode": "direct"}

@@ -1,10 +1,13 @@
 """SplitVirtqueue: the device side of one split virtqueue, validating all the guest supplies.
 
 Ring memory (descriptor table, avail ring, used ring) is mapped once per queue enable with
-``map_page(..., BIDIRECTIONAL)`` of the driver's ring addresses and kept until reset (coherent in
-the Linux sense: when ``need_sync`` says so we sync the avail side before reading it and the
-used side after writing it). Data buffers are mapped per chain (TO_DEVICE for device-readable,
-FROM_DEVICE for device-writable descriptors) and unmapped on push/unpop/discard.
+``map_page(..., BIDIRECTIONAL, ATTR_COHERENT)`` of the driver's ring addresses and kept until
+reset (the guest allocated it with dma_alloc_coherent: never bounced; when ``need_sync`` says so
+anyway we sync the avail side before reading it and the used side after writing it). Data
+buffers are mapped per chain (TO_DEVICE for device-readable, FROM_DEVICE for device-writable
+descriptors; a descriptor longer than ``max_mapping_size`` in several mappings, like a
+scatter-gather engine with a segment limit) and unmapped on push/unpop/discard. Every mapping
+carries (queue, descriptor, flags) for the DMA ledger.
 
 16-bit ring indices go through ``memoryview.cast("H")`` element access: one aligned 2-byte load
 or store, which the guest can never observe half-done (``struct.pack_into`` writes bytewise).
@@ -25,7 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from harness.dma import Direction, DmaHandle, MapOps
+from harness.dma import ATTR_COHERENT, Direction, DmaHandle, MapOps
 from harness.virtio.constants import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,
@@ -189,13 +192,14 @@ class SplitVirtqueue:
             return False
         ops = self._mapops
         handles: list[DmaHandle] = []
+        ring_ctx = (self.name, -1, -1)
         for addr, nbytes, what in zip(
             (self.desc_addr, self.avail_addr, self.used_addr),
             ring_sizes(self.size),
             ("descriptor table", "avail ring", "used ring"),
             strict=True,
         ):
-            h = ops.map_page(addr, nbytes, Direction.BIDIRECTIONAL)
+            h = ops.map_page(addr, nbytes, Direction.BIDIRECTIONAL, ATTR_COHERENT, ring_ctx)
             if ops.mapping_error(h):
                 for done in handles:
                     ops.unmap_page(done, Direction.BIDIRECTIONAL)
@@ -327,21 +331,21 @@ class SplitVirtqueue:
             if flags & DESC_F_INDIRECT:
                 self._indirect(i, addr, length, flags, chain, top=top)
             elif length:
-                if length > max_map:
-                    raise _ChainError(
-                        f"len {length:#x} beyond max_mapping_size {max_map:#x}", i, addr
-                    )
                 # Check the total before mapping: used.len is 32 bits, and a guest asking for
                 # more than that must not make us map it first.
                 if chain.read_len + chain.write_len + length > _U32_MAX:
                     raise _ChainError("chain length exceeds 2^32 - 1", i, addr)
                 if flags & DESC_F_WRITE:
-                    self._map_into(chain.writable, addr, length, Direction.FROM_DEVICE, i)
+                    self._map_into(
+                        chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map
+                    )
                     chain.write_len += length
                 else:
                     if chain.writable:
                         raise _ChainError("device-readable descriptor after writable", i, addr)
-                    self._map_into(chain.readable, addr, length, Direction.TO_DEVICE, i)
+                    self._map_into(
+                        chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map
+                    )
                     chain.read_len += length
             if not flags & DESC_F_NEXT:
                 return
@@ -363,29 +367,48 @@ class SplitVirtqueue:
             raise _ChainError("INDIRECT descriptor not alone in its chain", i, addr)
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
             raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
-        ops = self._mapops
-        h = ops.map_page(addr, length, Direction.TO_DEVICE)
-        if ops.mapping_error(h):
-            self._map_failed(h, i)
+        # Copy: the guest could rewrite the table under us; we validate one snapshot. Mapping
+        # made the guest's bytes visible (no sync needed); a long table comes in pieces.
+        pieces: list[DmaHandle] = []
         try:
-            if ops.need_sync(h):
-                ops.sync_single_for_device(h, Direction.TO_DEVICE)
-            # Copy: the guest could rewrite the table under us; we validate one snapshot.
-            table = memoryview(bytes(h.view))
+            # The device must ignore WRITE on an indirect descriptor (virtio 1.x 2.7.5.3.2).
+            self._map_into(
+                pieces,
+                addr,
+                length,
+                Direction.TO_DEVICE,
+                i,
+                flags & ~DESC_F_WRITE,
+                self._mapops.max_mapping_size(),
+            )
+            table = memoryview(b"".join([h.view for h in pieces]))
         finally:
-            ops.unmap_page(h, Direction.TO_DEVICE)
+            for h in pieces:
+                self._mapops.unmap_page(h, Direction.TO_DEVICE)
         self._walk_table(table, 0, length // DESC_SIZE, chain, top=False)
 
     def _map_into(
-        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int
-    ) -> None:
+        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int,
+        flags: int, max_map: int,
+    ) -> None:  # fmt: skip
+        """Map one descriptor's buffer into ``out``, in pieces of at most ``max_map`` bytes
+        (on failure the pieces already mapped are in ``out``, for the caller to unmap)."""
         ops = self._mapops
-        h = ops.map_page(addr, length, direction)
-        if ops.mapping_error(h):
-            self._map_failed(h, i)
-        if direction == Direction.TO_DEVICE and ops.need_sync(h):
-            ops.sync_single_for_device(h, direction)
-        out.append(h)
+        ctx = (self.name, i, flags)
+        while True:
+            n = length if length <= max_map else max_map
+            # Under a vIOMMU a buffer crossing a page boundary spans two DMA regions.
+            c = ops.contiguous(addr, n)
+            if c < n:
+                n = c
+            h = ops.map_page(addr, n, direction, 0, ctx)
+            if ops.mapping_error(h):
+                self._map_failed(h, i)
+            out.append(h)
+            length -= n
+            if not length:
+                return
+            addr += n
 
     def _map_failed(self, h: DmaHandle, i: int) -> None:
         err = h.error
@@ -400,9 +423,7 @@ class SplitVirtqueue:
         for h in chain.readable:
             ops.unmap_page(h, Direction.TO_DEVICE)
         for h in chain.writable:
-            if ops.need_sync(h):
-                ops.sync_single_for_cpu(h, Direction.FROM_DEVICE)
-            ops.unmap_page(h, Direction.FROM_DEVICE)
+            ops.unmap_page(h, Direction.FROM_DEVICE)  # implies sync_single_for_cpu
         chain.readable = []
         chain.writable = []
 

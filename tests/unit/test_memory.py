@@ -1,14 +1,18 @@
-"""GuestMemory and DirectMapOps: lookup, overlap, range removal, map failures."""
+"""GuestMemory: regions in an IOVA domain, lookup, overlap, range removal, revocation."""
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 
-from harness.dma import Direction, DirectMapOps, DmaFault, GuestMemory, MapOps, RegionOverlap
+from harness.dma import Direction, DirectMapOps, DmaFault, GuestMemory, RegionOverlap
+
+P = 0x1000
 
 
 def _mem() -> tuple[GuestMemory, bytearray, bytearray]:
-    a, b = bytearray(0x1000), bytearray(0x2000)
+    a, b = bytearray(P), bytearray(2 * P)
     mem = GuestMemory()
     mem.add_region(0x10000, memoryview(b), writable=True)
     mem.add_region(0x0, memoryview(a), writable=False)
@@ -17,12 +21,13 @@ def _mem() -> tuple[GuestMemory, bytearray, bytearray]:
 
 def test_view_is_zero_copy_and_sorted() -> None:
     mem, a, b = _mem()
-    assert mem.regions() == [(0x0, 0x1000, False), (0x10000, 0x2000, True)]
+    assert mem.regions() == [(0x0, P, False), (0x10000, 2 * P, True)]
     v = mem.view(0x10010, 4, write=True)
     v[:] = b"abcd"
     assert b[0x10:0x14] == b"abcd"
     a[5] = 7
     assert mem.view(5, 1, write=False)[0] == 7
+    mem.check()
 
 
 @pytest.mark.parametrize(
@@ -34,6 +39,7 @@ def test_view_is_zero_copy_and_sorted() -> None:
         (0x12000, 1, True),  # past the last region
         (0x0, 1, True),  # read-only region written
         (0x10000, -1, False),
+        (-1, 1, False),
     ],
 )
 def test_view_faults(iova: int, length: int, write: bool) -> None:
@@ -45,72 +51,90 @@ def test_view_faults(iova: int, length: int, write: bool) -> None:
 
 def test_adjacent_regions_do_not_merge() -> None:
     mem = GuestMemory()
-    mem.add_region(0, memoryview(bytearray(16)), writable=True)
-    mem.add_region(16, memoryview(bytearray(16)), writable=True)
+    mem.add_region(0, memoryview(bytearray(P)), writable=True)
+    mem.add_region(P, memoryview(bytearray(P)), writable=True)
     with pytest.raises(DmaFault):
-        mem.view(8, 16, write=False)
+        mem.view(P - 8, 16, write=False)
+    assert mem.contains(P - 8, 8) and not mem.contains(P - 8, 16)
 
 
-@pytest.mark.parametrize(("iova", "size"), [(0x0, 0x10), (0xFF0, 0x20), (0xFFFF, 2), (0x11FFF, 8)])
+@pytest.mark.parametrize(
+    ("iova", "size"), [(0x0, P), (0x10000, P), (0xF000, 2 * P), (0x11000, 4 * P), (0, 1 << 20)]
+)
 def test_overlapping_add_raises(iova: int, size: int) -> None:
     mem, _, _ = _mem()
     with pytest.raises(RegionOverlap):
         mem.add_region(iova, memoryview(bytearray(size)), writable=True)
     assert len(mem) == 2
+    mem.check()
+
+
+@pytest.mark.parametrize(("iova", "size"), [(0x10, P), (0, 0x10), (0, 0), (-P, P)])
+def test_unaligned_or_empty_region_rejected(iova: int, size: int) -> None:
+    with pytest.raises(ValueError):
+        GuestMemory().add_region(iova, memoryview(bytearray(size)), writable=True)
+
+
+def test_unmappable_region_occupies_iovas() -> None:
+    mem = GuestMemory()
+    mem.add_region(0x100000, None, writable=False, size=0x10000)
+    assert mem.regions() == [(0x100000, 0x10000, False)]
+    with pytest.raises(DmaFault):
+        mem.view(0x100000, 1, write=False)
+    with pytest.raises(RegionOverlap):
+        mem.add_region(0x108000, memoryview(bytearray(P)), writable=True)
+    with pytest.raises(ValueError):
+        mem.add_region(0x200000, None, writable=False)  # no view and no size
 
 
 def test_remove_range_removes_only_regions_fully_inside() -> None:
     mem = GuestMemory()
     for i in range(8):
-        mem.add_region(i * 0x1000, memoryview(bytearray(0x1000)), writable=True)
+        mem.add_region(i * P, memoryview(bytearray(P)), writable=True)
     # [0x1800, 0x5000) holds pages 2, 3 and 4 fully; page 1 straddles the start.
-    assert mem.remove_range(0x1800, 0x3800) == [
-        (0x2000, 0x1000),
-        (0x3000, 0x1000),
-        (0x4000, 0x1000),
-    ]
+    assert mem.remove_range(0x1800, 0x3800) == [(0x2000, P), (0x3000, P), (0x4000, P)]
     assert [r[0] for r in mem.regions()] == [0x0, 0x1000, 0x5000, 0x6000, 0x7000]
-    assert mem.remove_range(0x100000, 0x1000) == []
-    assert mem.remove_range(0, 1 << 64) == [(i * 0x1000, 0x1000) for i in (0, 1, 5, 6, 7)]
-    assert len(mem) == 0
-    mem.add_region(0x2000, memoryview(bytearray(0x1000)), writable=True)  # space is free again
+    assert mem.remove_range(0x100000, P) == []
+    mem.check()
+    assert mem.remove_range(0, 1 << 64) == [(i * P, P) for i in (0, 1, 5, 6, 7)]
+    assert len(mem) == 0 and mem.mapped_bytes == 0
+    mem.add_region(0x2000, memoryview(bytearray(P)), writable=True)  # space is free again
+    mem.check()
 
 
-def test_direct_mapops_roundtrip() -> None:
-    mem, _, b = _mem()
-    ops: MapOps = DirectMapOps(mem, max_mapping_size=0x100)
-    h = ops.map_page(0x10020, 8, Direction.FROM_DEVICE)
-    assert not ops.mapping_error(h) and not ops.need_sync(h)
-    h.view[:] = b"12345678"
-    ops.sync_single_for_cpu(h, Direction.FROM_DEVICE)
-    ops.unmap_page(h, Direction.FROM_DEVICE)
-    assert b[0x20:0x28] == b"12345678"
+def test_many_regions_lookup_and_fragmentation() -> None:
+    mem = GuestMemory()
+    # Every other page mapped in [0, 4 MiB): the free space is shredded into 512 holes.
+    for i in range(0, 1024, 2):
+        mem.add_region(i * P, memoryview(bytearray(P)), writable=True)
+    for i in range(1024):
+        assert (mem.lookup(i * P + 5) is not None) == (i % 2 == 0)
+    f = mem.fragmentation()
+    assert f["regions"] == 512 and f["mapped_bytes"] == 512 * P
+    assert f["largest_free_below_4g"] == (1 << 32) - 1024 * P + P
+    assert f["free_below_4g"] == (1 << 32) - 512 * P
+    assert 0 < f["free_fragmentation"] < 0.01
+    empty = GuestMemory().fragmentation()
+    assert empty["free_fragmentation"] == 0.0 and empty["largest_free_below_4g"] == 1 << 32
+
+
+def test_revocation_releases_every_view_of_a_real_mapping() -> None:
+    mm = mmap.mmap(-1, 4 * P)
+    mem = GuestMemory()
+    mem.add_region(0x10000, memoryview(mm), writable=True)
+    ops = DirectMapOps(mem)
+    h = ops.map_page(0x10100, 64, Direction.FROM_DEVICE)
+    r = ops.map_page(0x10200, 64, Direction.TO_DEVICE)
+    h.view[:4] = b"abcd"
+    assert mm[0x100:0x104] == b"abcd"
+    revoked = []
+    mem.on_revoke = revoked.append
+    assert mem.remove_range(0x10000, 4 * P) == [(0x10000, 4 * P)]
+    assert h.revoked and r.revoked and set(revoked) == {h, r}
+    assert mem.revocations == 1 and mem.revoked_handles == 2
+    # No view of the mapping is left anywhere: the host mapping can go (BufferError otherwise).
+    mm.close()
     with pytest.raises(ValueError):
-        h.view[0]  # released on unmap: use-after-unmap is loud
-    assert ops.max_mapping_size() == 0x100
-
-
-@pytest.mark.parametrize(
-    ("iova", "size", "direction"),
-    [
-        (0x5000, 8, Direction.TO_DEVICE),  # outside memory
-        (0x0, 8, Direction.FROM_DEVICE),  # read-only memory, device would write
-        (0x0, 8, Direction.BIDIRECTIONAL),
-        (0x10000, 0x101, Direction.TO_DEVICE),  # beyond max_mapping_size
-    ],
-)
-def test_direct_mapops_failure_only_via_mapping_error(
-    iova: int, size: int, direction: Direction
-) -> None:
-    mem, _, _ = _mem()
-    ops = DirectMapOps(mem, max_mapping_size=0x100)
-    h = ops.map_page(iova, size, direction)  # never raises
-    assert ops.mapping_error(h)
-    assert h.error is not None and not h.error.transient
-
-
-def test_alloc_is_device_private() -> None:
-    ops = DirectMapOps(GuestMemory())
-    h = ops.alloc(64)
-    assert len(h.view) == 64 and h.addr == -1
-    ops.free(h)
+        h.view[0]  # loud, never a segfault
+    ops.unmap_page(h, Direction.FROM_DEVICE)  # cleanup after revocation is harmless
+    ops.unmap_page(r, Direction.TO_DEVICE)

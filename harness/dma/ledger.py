@@ -1,0 +1,376 @@
+"""DmaLedger: a MapOps decorator that audits every DMA operation the device performs.
+
+It sits on top of the real map ops (direct or bounce, possibly with fault injection below it)
+and checks, for each operation, what an IOMMU plus Linux's DMA-debug would:
+
+- map: Bus Master Enable is set; the mapping direction agrees with the descriptor's WRITE flag;
+  the IOVA translates (a registered, accessible region); the whole access lies inside that one
+  region; a device-writable mapping (FROM_DEVICE/BIDIRECTIONAL) is in a writable region.
+- sync: the handle is live, not revoked, synced in its own direction, with BME set.
+- unmap/free: the handle is live (unknown handles, double unmaps and unmaps of failed maps are
+  caught before they reach the implementation), in its own direction.
+- leaks: :meth:`DmaLedger.check_leaks` at reset and at exit: every mapping still live is one.
+- regions: :meth:`DmaLedger.check_regions` compares libvfio-user's region list with the domain.
+
+Every violation is counted by kind and logged with queue, descriptor and IOVA. A violation the
+guest caused (an address, length or protection it supplied) fails the map non-transiently, so
+the virtqueue sets NEEDS_RESET with a config interrupt; BME off fails it transiently (the device
+must stop DMA until the guest sets it again, not reset). Violations the device itself commits
+(bad unmaps, syncs) are counted and logged, never raised into the data path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from harness.dma.errors import DmaFault
+from harness.dma.mapops import ATTR_COHERENT, Direction, DmaHandle, MapCtx, MapOps, failed_handle
+from harness.dma.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+_DESC_F_WRITE = 2  # VRING_DESC_F_WRITE (harness.dma must not depend on harness.virtio)
+_LOG_PER_KIND = 20  # then only debug: a broken guest must not flood the log
+
+# Violation kinds.
+BUS_MASTER_OFF = "bus_master_off"
+DESCRIPTOR_DIRECTION = "descriptor_direction"
+UNMAPPED_IOVA = "unmapped_iova"
+OUT_OF_BOUNDS = "out_of_bounds"
+READ_ONLY_REGION = "read_only_region"
+TOO_LARGE = "too_large"
+MAP_REFUSED = "map_refused"
+DOUBLE_UNMAP = "double_unmap"
+UNKNOWN_UNMAP = "unknown_unmap"
+UNMAP_FAILED_HANDLE = "unmap_failed_handle"
+DIRECTION_MISMATCH = "direction_mismatch"
+USE_AFTER_UNMAP = "use_after_unmap"
+USE_AFTER_REVOKE = "use_after_revoke"
+LEAK = "leak"
+REGION_MISMATCH = "region_mismatch"
+
+
+class DmaLedger:
+    """Audit wrapper around ``inner`` (see the module docstring). Implements MapOps."""
+
+    def __init__(
+        self,
+        inner: MapOps,
+        memory: GuestMemory,
+        *,
+        bus_master: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self.memory = memory
+        self.bus_master = bus_master
+        self._clock = clock
+        self._started = clock()
+        self._live: set[DmaHandle] = set()
+        self.maps = 0
+        self.coherent_maps = 0
+        self.unmaps = 0
+        self.map_bytes = 0
+        self.syncs_for_cpu = 0
+        self.syncs_for_device = 0
+        self.allocs = 0
+        self.frees = 0
+        self.failed_maps = 0  # transient failures (injected, bounce space): retried later
+        self.peak_live = 0
+        self.region_checks = 0
+        self.violations: Counter[str] = Counter()
+        memory.on_revoke = self._on_revoke
+
+    # ---- violations --------------------------------------------------------------------------
+
+    def violation(
+        self, kind: str, iova: int, size: int, ctx: MapCtx | None, detail: str = ""
+    ) -> None:
+        """Count and log one violation (public: the server reports region mismatches here)."""
+        self.violations[kind] += 1
+        n = self.violations[kind]
+        level = logging.WARNING if n <= _LOG_PER_KIND else logging.DEBUG
+        if log.isEnabledFor(level):
+            queue, desc = (ctx[0], ctx[1]) if ctx is not None else ("-", -1)
+            log.log(
+                level, "DMA violation %s: queue %s desc %d iova %#x len %#x%s%s",
+                kind, queue, desc, iova, size, ": " if detail else "", detail,
+            )  # fmt: skip
+
+    def _refuse(
+        self, kind: str, iova: int, size: int, direction: Direction, ctx: MapCtx | None,
+        reason: str, *, transient: bool = False,
+    ) -> DmaHandle:  # fmt: skip
+        self.violation(kind, iova, size, ctx, reason)
+        fault = DmaFault(iova, size, f"{kind}: {reason}", transient=transient)
+        return failed_handle(iova, size, direction, fault, ctx)
+
+    def _on_revoke(self, h: DmaHandle) -> None:
+        # Still "live" for pairing: the device must unmap it (the unmap is then legitimate).
+        log.debug("revoked mapping iova %#x+%#x ctx %s", h.iova, h.size, h.ctx)
+
+    # ---- map ops -----------------------------------------------------------------------------
+
+    def map_page(
+        self, iova: int, size: int, direction: Direction, attrs: int = 0,
+        ctx: MapCtx | None = None,
+    ) -> DmaHandle:  # fmt: skip
+        if not self.bus_master():
+            return self._refuse(
+                BUS_MASTER_OFF,
+                iova,
+                size,
+                direction,
+                ctx,
+                "DMA with Bus Master Enable clear",
+                transient=True,
+            )
+        if ctx is not None and ctx[2] >= 0:
+            want = Direction.FROM_DEVICE if ctx[2] & _DESC_F_WRITE else Direction.TO_DEVICE
+            if direction != want:
+                return self._refuse(
+                    DESCRIPTOR_DIRECTION,
+                    iova,
+                    size,
+                    direction,
+                    ctx,
+                    f"mapped {direction.name} for flags {ctx[2]:#x}",
+                )
+        region = self.memory.lookup(iova)
+        if region is None or region.view is None:
+            return self._refuse(
+                UNMAPPED_IOVA, iova, size, direction, ctx, "no guest memory region translates it"
+            )
+        if size < 0 or iova + size > region.end:
+            return self._refuse(
+                OUT_OF_BOUNDS,
+                iova,
+                size,
+                direction,
+                ctx,
+                f"past the end of region {region.iova:#x}+{region.size:#x}",
+            )
+        if direction != Direction.TO_DEVICE and not region.writable:
+            return self._refuse(
+                READ_ONLY_REGION,
+                iova,
+                size,
+                direction,
+                ctx,
+                f"device write into read-only region {region.iova:#x}",
+            )
+        if not attrs & ATTR_COHERENT and size > self.inner.max_mapping_size():
+            return self._refuse(
+                TOO_LARGE,
+                iova,
+                size,
+                direction,
+                ctx,
+                f"beyond max_mapping_size {self.inner.max_mapping_size():#x}",
+            )
+        h = self.inner.map_page(iova, size, direction, attrs, ctx)
+        err = h.error
+        if err is not None:
+            if err.transient:
+                self.failed_maps += 1
+            else:
+                self.violation(MAP_REFUSED, iova, size, ctx, err.reason)
+            return h
+        self.maps += 1
+        if attrs & ATTR_COHERENT:
+            self.coherent_maps += 1
+        self.map_bytes += size
+        live = self._live
+        live.add(h)
+        if len(live) > self.peak_live:
+            self.peak_live = len(live)
+        return h
+
+    def _check_use(self, h: DmaHandle, direction: Direction, what: str) -> bool:
+        if h not in self._live:
+            kind = USE_AFTER_UNMAP if h.unmapped else UNKNOWN_UNMAP
+            self.violation(kind, h.iova, h.size, h.ctx, f"{what} of a handle that is not live")
+            return False
+        if h.revoked:
+            self.violation(
+                USE_AFTER_REVOKE, h.iova, h.size, h.ctx, f"{what} after its region was removed"
+            )
+            return False
+        if direction != h.direction:
+            self.violation(
+                DIRECTION_MISMATCH,
+                h.iova,
+                h.size,
+                h.ctx,
+                f"{what} {direction.name} of a {h.direction.name} mapping",
+            )
+        if not self.bus_master():
+            self.violation(BUS_MASTER_OFF, h.iova, h.size, h.ctx, f"{what} with BME clear")
+        return True
+
+    def sync_single_for_cpu(self, handle: DmaHandle, direction: Direction) -> None:
+        if self._check_use(handle, direction, "sync_single_for_cpu"):
+            self.syncs_for_cpu += 1
+            self.inner.sync_single_for_cpu(handle, direction)
+
+    def sync_single_for_device(self, handle: DmaHandle, direction: Direction) -> None:
+        if self._check_use(handle, direction, "sync_single_for_device"):
+            self.syncs_for_device += 1
+            self.inner.sync_single_for_device(handle, direction)
+
+    def unmap_page(self, handle: DmaHandle, direction: Direction) -> None:
+        live = self._live
+        if handle not in live:
+            if handle.error is not None:
+                kind = UNMAP_FAILED_HANDLE
+            elif handle.unmapped:
+                kind = DOUBLE_UNMAP
+            else:
+                kind = UNKNOWN_UNMAP
+            self.violation(kind, handle.iova, handle.size, handle.ctx, "unmap refused")
+            return
+        live.remove(handle)
+        if direction != handle.direction:
+            self.violation(
+                DIRECTION_MISMATCH,
+                handle.iova,
+                handle.size,
+                handle.ctx,
+                f"unmap {direction.name} of a {handle.direction.name} mapping",
+            )
+            direction = handle.direction  # unmap as mapped, or bounced data would be lost
+        self.unmaps += 1
+        self.inner.unmap_page(handle, direction)
+
+    def alloc(self, size: int) -> DmaHandle:
+        h = self.inner.alloc(size)
+        if h.error is None:
+            self.allocs += 1
+            self._live.add(h)
+            self.peak_live = max(self.peak_live, len(self._live))
+        else:
+            self.failed_maps += 1
+        return h
+
+    def free(self, handle: DmaHandle) -> None:
+        if handle not in self._live:
+            kind = DOUBLE_UNMAP if handle.unmapped else UNKNOWN_UNMAP
+            self.violation(kind, handle.iova, handle.size, handle.ctx, "free refused")
+            return
+        self._live.remove(handle)
+        self.frees += 1
+        self.inner.free(handle)
+
+    def need_sync(self, handle: DmaHandle) -> bool:
+        return self.inner.need_sync(handle)
+
+    def mapping_error(self, handle: DmaHandle) -> bool:
+        return handle.error is not None
+
+    def max_mapping_size(self) -> int:
+        return self.inner.max_mapping_size()
+
+    # ---- server hooks ------------------------------------------------------------------------
+
+    @property
+    def live(self) -> int:
+        """Mappings and coherent allocations currently live."""
+        return len(self._live)
+
+    def contiguous(self, iova: int, size: int) -> int:
+        return self.inner.contiguous(iova, size)
+
+    def housekeeping(self) -> None:
+        """Once per server loop turn: lets the layers below do deferred work."""
+        hook = getattr(self.inner, "housekeeping", None)
+        if hook is not None:
+            hook()
+
+    def check_leaks(self, when: str) -> int:
+        """Every mapping still live is a leak (call after a device reset, and at exit after the
+        final reset). Each is counted, logged and reclaimed; returns how many."""
+        leaked = sorted(self._live, key=lambda h: (h.iova, h.addr))
+        for h in leaked:
+            self.violation(LEAK, h.iova, h.size, h.ctx, f"still mapped at {when}")
+            if h.iova < 0:  # a coherent allocation (map_page never succeeds below 0)
+                self.free(h)
+            else:
+                self.unmap_page(h, h.direction)
+        return len(leaked)
+
+    def check_region(self, iova: int, size: int, *, present: bool) -> bool:
+        """O(log n) check after one DMA map (``present``) or unmap event from libvfio-user:
+        the domain holds exactly that region, or nothing at ``iova`` any more."""
+        self.region_checks += 1
+        region = self.memory.lookup(iova)
+        if present:
+            ok = region is not None and region.iova == iova and region.size == size
+        else:
+            ok = region is None
+        if not ok:
+            got = "nothing" if region is None else f"{region.iova:#x}+{region.size:#x}"
+            self.violation(
+                REGION_MISMATCH, iova, size, None,
+                f"after {'map' if present else 'unmap'} of {iova:#x}+{size:#x} domain has {got}",
+            )  # fmt: skip
+        return ok
+
+    def check_regions(self, expected: Iterable[tuple[int, int]]) -> bool:
+        """Whether the guest memory domain holds exactly the ``(iova, size)`` regions that
+        libvfio-user has; a difference is a violation, logged with the first differences."""
+        self.region_checks += 1
+        want = sorted(set(expected))
+        have = [(i, s) for i, s, _w in self.memory.regions()]
+        if want == have:
+            return True
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        self.violation(
+            REGION_MISMATCH, missing[0][0] if missing else extra[0][0] if extra else -1, 0, None,
+            f"{len(missing)} missing from the domain {_fmt(missing)}, "
+            f"{len(extra)} stale in it {_fmt(extra)}",
+        )  # fmt: skip
+        return False
+
+    def stats(self) -> dict[str, object]:
+        """Counters for the run summary (JSON-ready)."""
+        elapsed = max(self._clock() - self._started, 1e-9)
+        out: dict[str, object] = {
+            "maps": self.maps,
+            "unmaps": self.unmaps,
+            "coherent_maps": self.coherent_maps,
+            "map_bytes": self.map_bytes,
+            "syncs_for_cpu": self.syncs_for_cpu,
+            "syncs_for_device": self.syncs_for_device,
+            "allocs": self.allocs,
+            "frees": self.frees,
+            "failed_maps": self.failed_maps,
+            "live": len(self._live),
+            "peak_live": self.peak_live,
+            "elapsed_s": round(elapsed, 3),
+            "maps_per_s": round(self.maps / elapsed, 1),
+            "unmaps_per_s": round(self.unmaps / elapsed, 1),
+            "violations": dict(self.violations),
+            "violations_total": sum(self.violations.values()),
+            "revocations": self.memory.revocations,
+            "revoked_handles": self.memory.revoked_handles,
+            "region_checks": self.region_checks,
+            "iova_space": self.memory.fragmentation(),
+        }
+        layer: object = self.inner
+        while layer is not None:  # the layers below report their own counters
+            layer_stats = getattr(layer, "stats", None)
+            if layer_stats is not None:
+                s = layer_stats()
+                key = "faults" if "injected" in s else "mapops"
+                out[key] = s
+            layer = getattr(layer, "inner", None)
+        return out
+
+
+def _fmt(pairs: list[tuple[int, int]]) -> str:
+    shown = ", ".join(f"{i:#x}+{s:#x}" for i, s in pairs[:4])
+    return f"[{shown}{', ...' if len(pairs) > 4 else ''}]"

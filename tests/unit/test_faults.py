@@ -1,0 +1,163 @@
+"""Fault injection: spec parsing, and full mock-driver traffic under every fault at once."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from harness.dma import BounceMapOps, DmaLedger, FaultInjectingMapOps, FaultSpec, build_mapops
+from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, MockQueue
+from harness.virtio import constants as C
+from harness.virtio.net import VirtioNetDevice
+
+
+def test_parse_full_spec() -> None:
+    s = FaultSpec.parse("mapping-error=0.01, iova_alloc=0.05,max-mapping-size=4k,seed=7")
+    assert s == FaultSpec(mapping_error=0.01, iova_alloc=0.05, max_mapping_size=4096, seed=7)
+    assert s.active
+    assert FaultSpec.parse(str(s)) == s
+    assert FaultSpec.parse("") == FaultSpec() and not FaultSpec().active
+    assert FaultSpec.parse("max-mapping-size=0x800").max_mapping_size == 2048
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mapping-error", "not key=value"),
+        ("mapping-error=", "not key=value"),
+        ("mapping-error=lots", "not a number"),
+        ("mapping-error=1.5", "in [0, 1]"),
+        ("iova-alloc=-0.1", "in [0, 1]"),
+        ("max-mapping-size=big", "not an integer"),
+        ("max-mapping-size=0", "at least 1"),
+        ("seed=x", "not an integer"),
+        ("seed=1,seed=2", "given twice"),
+        ("dma-explodes=1", "unknown fault 'dma-explodes'"),
+    ],
+)
+def test_parse_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        FaultSpec.parse(text)
+
+
+def test_unknown_mapops_kind() -> None:
+    with pytest.raises(ValueError, match="unknown map ops"):
+        build_mapops("iommu", MockMemory().memory, bus_master=lambda: True)
+
+
+# ---- traffic under faults --------------------------------------------------------------------
+
+HDR_TX = bytes(12)
+HDR_RX = bytes(10) + b"\x01\x00"  # num_buffers = 1, as the device writes it
+SPEC = "mapping-error=0.2,iova-alloc=0.2,max-mapping-size=2048,seed=11"
+
+
+class Rig:
+    def __init__(self, kind: str, spec: FaultSpec) -> None:
+        self.mem = MockMemory(64 << 20)
+        self.backend = FakeBackend()
+        self.irq = FakeIrq()
+        ops, ledger = build_mapops(kind, self.mem.memory, bus_master=lambda: True, faults=spec)
+        assert isinstance(ledger, DmaLedger)
+        self.ops = ops
+        self.ledger = ledger
+        self.dev = VirtioNetDevice(
+            ops, self.irq, self.backend, mac=bytes(6), queue_size=64, bus_master=lambda: True
+        )
+        self.driver = MockDriver(self.dev, self.mem)
+        self.driver.init()
+
+    def turn(self) -> None:
+        """One server loop turn."""
+        self.dev.process()
+        if self.dev.rx_wanted():
+            self.dev.on_backend_readable()
+        self.ledger.housekeeping()
+
+
+def _tx(rig: Rig, frames: list[bytes]) -> None:
+    tx: MockQueue = rig.driver.queues[1]
+    sent = 0
+    done = 0
+    for _ in range(20000):
+        while sent < len(frames) and len(tx.free) >= 2:
+            f = frames[sent]
+            tx.add([f[:12], f[12:]])
+            sent += 1
+        tx.kick_if_needed()
+        rig.turn()
+        done += len(tx.get_used())
+        if done == len(frames):
+            return
+    raise AssertionError(f"TX stalled: {done}/{len(frames)} completed")
+
+
+def _rx(rig: Rig, frames: list[bytes], bufsize: int) -> list[bytes]:
+    rx: MockQueue = rig.driver.queues[0]
+    rig.backend.rx.extend(frames)
+    got: list[bytes] = []
+    for _ in range(20000):
+        while rx.free:
+            rx.add(in_=[bufsize], publish=True)
+        rx.kick_if_needed()
+        rig.turn()
+        for head, n in rx.get_used():
+            got.append(rx.written(head, n))
+        if len(got) == len(frames):
+            return got
+    raise AssertionError(f"RX stalled: {len(got)}/{len(frames)} delivered")
+
+
+@pytest.mark.parametrize("kind", ["direct", "bounce"])
+def test_traffic_survives_every_fault(kind: str) -> None:
+    spec = FaultSpec.parse(SPEC)
+    rig = Rig(kind, spec)
+    rnd = random.Random(5)
+    tx_frames = [HDR_TX + rnd.randbytes(rnd.randrange(60, 6000)) for _ in range(300)]
+    _tx(rig, tx_frames)
+    assert rig.backend.tx == tx_frames  # all of them, in order, byte-exact
+    rx_frames = [HDR_RX + rnd.randbytes(rnd.randrange(60, 1514)) for _ in range(300)]
+    got = _rx(rig, rx_frames, bufsize=4096)  # 4 KiB buffers: two mappings each at 2048
+    assert got == rx_frames
+    dev = rig.dev
+    assert not dev.status & C.STATUS_NEEDS_RESET and dev.stats()["errors"] == 0
+    led = rig.ledger
+    s = led.stats()
+    assert s["violations_total"] == 0, s["violations"]
+    faults = s["faults"]
+    assert isinstance(faults, dict)
+    assert faults["injected"]["mapping_error"] > 50
+    totals = dev.stats()["totals"]
+    assert isinstance(totals, dict) and totals["map_errors"] > 0  # seen and retried
+    assert led.failed_maps >= faults["injected"]["mapping_error"]
+    if kind == "bounce":
+        fi = led.inner
+        assert isinstance(fi, FaultInjectingMapOps)
+        bounce = fi.inner
+        assert isinstance(bounce, BounceMapOps)
+        assert faults["injected"]["iova_alloc"]["insert"] > 0
+        assert bounce.domain.stats["deferred"] > 0  # the deferred-erase path ran
+        assert bounce.alloc_failures > 0
+    # Rings stay mapped while the queues run; a reset returns every mapping.
+    assert led.live == 6
+    rig.driver.reset()
+    assert led.check_leaks("reset") == 0 and led.live == 0
+    if kind == "bounce":
+        for _ in range(50):
+            if not bounce.domain.deferred:
+                break
+            led.housekeeping()
+        bounce.domain.flush_rcaches()
+        for _ in range(50):
+            led.housekeeping()
+        assert bounce.live_slots == 0
+        bounce.domain.check()
+
+
+def test_faults_off_means_no_wrapper() -> None:
+    ops, ledger = build_mapops("bounce", MockMemory().memory, bus_master=lambda: True)
+    assert ledger is ops and isinstance(ledger, DmaLedger)
+    assert isinstance(ledger.inner, BounceMapOps)
+    raw, none = build_mapops("direct", MockMemory().memory, bus_master=lambda: True, ledger=False)
+    assert none is None and raw.max_mapping_size() == 1 << 32
