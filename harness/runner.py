@@ -24,7 +24,7 @@ from harness import paths
 from harness.net.netns import private_netns
 from harness.report import Case, RunResult
 from harness.vm import ktap
-from harness.vm.accel import AccelChoice, choose_accel, run_probe
+from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine, MachineError, tail
 from harness.vm.qemu import MachinePaths, MachineProfile, full_args
 
@@ -167,7 +167,9 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
 
 
 def select_accel(requested: str, env: paths.Env) -> AccelChoice:
-    return choose_accel(requested, lambda: run_probe(list(env.qemu), Path(env.kernel)))
+    cache = paths.cache_dir() / "accel-probe.json"
+    return choose_accel(requested,
+                        lambda: cached_probe(list(env.qemu), Path(env.kernel), cache))
 
 
 def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,

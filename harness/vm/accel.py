@@ -8,6 +8,8 @@ only if the kernel gets all the way to mounting its root file system.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -20,7 +22,8 @@ log = logging.getLogger(__name__)
 #: Printed by the kernel once it has initialised everything and looks for a root file system;
 #: with no initrd and no root= it then panics. Reaching it means KVM ran the whole boot.
 PROBE_MARKER = "VFS: Unable to mount root fs"
-PROBE_TIMEOUT = 60.0
+PROBE_TIMEOUT = 30.0
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,38 @@ def run_probe(qemu: list[str], kernel: Path, timeout: float = PROBE_TIMEOUT) -> 
     errors = [ln for ln in lines if "KVM" in ln or "error" in ln.lower()]
     detail = (errors or lines or [f"QEMU exited with {proc.returncode}"])[0].strip()
     return ProbeResult(False, f"guest kernel died under KVM: {detail}")
+
+
+def probe_key(qemu: list[str], kernel: Path, boot_id: Path = BOOT_ID) -> str:
+    """What the probe's verdict depends on: this boot of the host (its KVM), QEMU, the kernel."""
+    st = kernel.stat()
+    h = hashlib.sha256()
+    for part in (boot_id.read_text().strip(), *qemu, str(kernel), str(st.st_size),
+                 str(st.st_mtime_ns)):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()
+
+
+def cached_probe(qemu: list[str], kernel: Path, cache: Path,
+                 probe: Callable[[], ProbeResult] | None = None) -> ProbeResult:
+    """run_probe, remembered until the host reboots or QEMU or the kernel change.
+
+    A probe that fails under PVM can take its whole timeout; every vm-test would pay it.
+    """
+    key = probe_key(qemu, kernel)
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return ProbeResult(bool(saved["ok"]), f"{saved['detail']} (cached probe)")
+    except (OSError, ValueError, KeyError):
+        pass
+    result = (probe or (lambda: run_probe(qemu, kernel)))()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "ok": result.ok, "detail": result.detail}))
+    except OSError as exc:
+        log.debug("could not cache the KVM probe: %s", exc)
+    return result
 
 
 def kvm_usable_device(dev: Path = Path("/dev/kvm")) -> str | None:

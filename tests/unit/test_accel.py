@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from harness.vm.accel import ProbeResult, choose_accel
+from harness.vm.accel import ProbeResult, cached_probe, choose_accel
 
 
 def test_tcg_requested() -> None:
@@ -40,3 +42,22 @@ def test_auto_without_dev_kvm_does_not_probe() -> None:
 def test_kvm_requested_but_missing_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="--accel kvm"):
         choose_accel("kvm", lambda: ProbeResult(True, ""), device_problem=lambda: "missing")
+
+
+def test_probe_verdict_is_cached_per_boot(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    cache = tmp_path / "probe.json"
+    calls: list[int] = []
+
+    def probe() -> ProbeResult:
+        calls.append(1)
+        return ProbeResult(False, "emulation failure")
+
+    first = cached_probe(["qemu"], kernel, cache, probe)
+    second = cached_probe(["qemu"], kernel, cache, probe)
+    assert calls == [1]
+    assert not first.ok and not second.ok and "cached" in second.detail
+    kernel.write_bytes(b"another kernel")  # a different guest kernel: probe again
+    cached_probe(["qemu"], kernel, cache, probe)
+    assert calls == [1, 1]
