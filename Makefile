@@ -28,6 +28,7 @@ vm-test: deps
 lint: deps
 	$(VENV)/bin/ruff check harness tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict tests
 
 unit: deps
 	$(PY) -m pytest -q tests/unit

@@ -9,44 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
-_SIZE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'64M', '64MiB', '1048576' -> bytes."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 65536, 64K, 64M)")
-    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
-    value = int(m.group(1)) * mult
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def fault_spec(text: str) -> str:
-    """Validate a fault spec now, so a typo is a usage error and not a failed run."""
-    from harness.dma.faults import FaultSpec
-
-    try:
-        FaultSpec.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+from harness import argtypes
 
 
 def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,14 +22,14 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--map-ops", choices=["direct", "bounce"], default="direct",
                    help="direct: zero-copy views of guest memory; bounce: the device sees only "
                         "bounce buffers, copied at the sync points")
-    p.add_argument("--faults", type=fault_spec, metavar="SPEC",
+    p.add_argument("--faults", type=argtypes.fault_spec, metavar="SPEC",
                    help="inject faults into the map ops, e.g. mapping-error=0.01,"
                         "iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--viommu", action="store_true", help="put the device behind an intel-iommu")
-    p.add_argument("--smp", type=positive_int, default=2)
-    p.add_argument("--memory", type=positive_int, default=512, metavar="MB")
-    p.add_argument("--tcp-bytes", type=parse_size, default=64 << 20, metavar="SIZE")
-    p.add_argument("--udp-count", type=positive_int, default=1000)
+    p.add_argument("--smp", type=argtypes.positive_int, default=2)
+    p.add_argument("--memory", type=argtypes.positive_int, default=512, metavar="MB")
+    p.add_argument("--tcp-bytes", type=argtypes.size, default=64 << 20, metavar="SIZE")
+    p.add_argument("--udp-count", type=argtypes.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
     p.add_argument("--out", type=Path, help="parent directory for run logs (default build/vm-test)")

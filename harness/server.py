@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness import argtypes
 from harness.dma import MAPOPS_KINDS, FaultSpec, GuestMemory, build_mapops
 from harness.net import netns as netns_mod
 from harness.net.tap import Tap, configure, link_stats
@@ -348,24 +349,6 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def parse_mac(text: str) -> bytes:
-    parts = text.split(":")
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a MAC address: {text!r}") from None
-
-
-def _fault_spec(text: str) -> str:
-    try:
-        FaultSpec.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def parse_args(argv: list[str] | None) -> ServerConfig:
     p = argparse.ArgumentParser(prog="harness-server", description=__doc__.split("\n")[0])
     p.add_argument("--socket", type=Path, required=True, help="vfio-user socket path")
@@ -373,10 +356,10 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     p.add_argument("--tap", default="htap0", help="TAP device name (default htap0)")
     p.add_argument("--host-address", default="198.18.0.1")
     p.add_argument("--prefixlen", type=int, default=24)
-    p.add_argument("--mac", type=parse_mac, default=parse_mac("52:54:00:12:34:56"))
+    p.add_argument("--mac", type=argtypes.mac, default=argtypes.mac("52:54:00:12:34:56"))
     p.add_argument("--queue-size", type=int, default=256)
     p.add_argument("--map-ops", choices=MAPOPS_KINDS, default="direct")
-    p.add_argument("--faults", type=_fault_spec, help="fault injection spec, e.g. "
+    p.add_argument("--faults", type=argtypes.fault_spec, help="fault injection spec, e.g. "
                    "mapping-error=0.01,iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--access-platform", action="store_true",
                    help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
@@ -405,8 +388,12 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     raise_fd_limit()
-    if cfg.netns:
-        netns_mod.enter(cfg.netns)
+    try:
+        if cfg.netns:
+            netns_mod.enter(cfg.netns)
+    except OSError as exc:
+        log.error("cannot enter network namespace %r: %s", cfg.netns, exc)
+        return 1
     try:
         server = DeviceServer(cfg)
     except (OSError, VfuError, ValueError) as exc:

@@ -145,28 +145,3 @@ class Machine:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.shutdown()
-
-
-def wait_for_console(path: Path, success: str, *, failure: str | None = None,
-                     timeout: float, machine: Machine | None = None,
-                     poll: float = 0.1) -> str:
-    """Wait until `success` appears in the console log; return the text read so far.
-
-    Stops early (returning what was read) when `failure` appears or the machine exits, and
-    raises TimeoutError when neither happens within `timeout` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    text = ""
-    while True:
-        try:
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            text = ""
-        if success in text or (failure is not None and failure in text):
-            return text
-        if machine is not None and not machine.running():
-            # One last read: QEMU may have flushed the final lines as it exited.
-            return path.read_text(errors="replace") if path.exists() else text
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{success!r} did not appear on the console within {timeout:.0f} s")
-        time.sleep(poll)

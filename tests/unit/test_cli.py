@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness.cli import main, parse_size
+from harness.argtypes import size as parse_size
+from harness.cli import main
 
 
 @pytest.mark.parametrize(
@@ -21,6 +22,10 @@ def test_parse_size(text: str, value: int) -> None:
         ["vm-test", "--tcp-bytes", "lots"],
         ["vm-test", "--smp", "0"],
         ["vm-test", "--map-ops", "teleport"],
+    ["vm-test", "--faults", "mapping-error=2"],
+    ["vm-test", "--faults", "gremlins=1"],
+    ["serve", "--socket", "/tmp/x.sock", "--mac", "52:54:00"],
+    ["serve", "--socket", "/tmp/x.sock", "--queue-size", "100"],
         ["bogus"],
     ],
 )

@@ -144,6 +144,7 @@ def test_traffic_survives_every_fault(kind: str) -> None:
     rig.driver.reset()
     assert led.check_leaks("reset") == 0 and led.live == 0
     if kind == "bounce":
+        assert isinstance(bounce, BounceMapOps)
         for _ in range(50):
             if not bounce.domain.deferred:
                 break

@@ -6,7 +6,7 @@ import mmap
 
 import pytest
 
-from harness.dma import Direction, DirectMapOps, DmaFault, GuestMemory, RegionOverlap
+from harness.dma import Direction, DirectMapOps, DmaFault, DmaHandle, GuestMemory, RegionOverlap
 
 P = 0x1000
 
@@ -127,7 +127,7 @@ def test_revocation_releases_every_view_of_a_real_mapping() -> None:
     r = ops.map_page(0x10200, 64, Direction.TO_DEVICE)
     h.view[:4] = b"abcd"
     assert mm[0x100:0x104] == b"abcd"
-    revoked = []
+    revoked: list[DmaHandle] = []
     mem.on_revoke = revoked.append
     assert mem.remove_range(0x10000, 4 * P) == [(0x10000, 4 * P)]
     assert h.revoked and r.revoked and set(revoked) == {h, r}

@@ -10,8 +10,10 @@ import os
 
 import pytest
 
-from harness.report import RunResult, summary
+from harness.report import RunResult
 from harness.runner import VmTestConfig, run_vm_test
+
+from .conftest import record
 
 pytestmark = pytest.mark.vm
 
@@ -25,7 +27,7 @@ def run() -> RunResult:
     if os.geteuid() != 0:
         pytest.skip("VM tests need root (network namespaces, TAP devices)")
     result = run_vm_test(VmTestConfig())
-    print("\n" + summary(result))
+    record("direct", result)
     return result
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from harness.report import RunResult, summary
+from harness.report import RunResult
 from harness.runner import VmTestConfig, run_vm_test
+
+from .conftest import record
 
 pytestmark = pytest.mark.vm
 
@@ -47,7 +49,7 @@ def run(request: pytest.FixtureRequest) -> tuple[Mode, RunResult]:
     mode: Mode = request.param
     result = run_vm_test(VmTestConfig(map_ops=mode.map_ops, viommu=mode.viommu,
                                       faults=mode.faults, tcp_bytes=mode.tcp_bytes))
-    print(f"\n[{mode.name}]\n" + summary(result))
+    record(mode.name, result)
     return mode, result
 
 
