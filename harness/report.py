@@ -35,6 +35,8 @@ class RunResult:
     wall_seconds: float = 0.0
     cases: list[Case] = field(default_factory=list)
     device_stats: dict[str, Any] = field(default_factory=dict)
+    #: The guest's own counters at the end of its plan (TCP retransmissions, drops, errors).
+    guest_net: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     @property
@@ -114,6 +116,18 @@ def summary(result: RunResult) -> str:
     for case in result.cases:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[case.ok]
         lines.append(f"  {mark} {case.name:<28} {_describe(case)}".rstrip())
+    g = result.guest_net
+    if g:
+        lines.append(
+            f"  guest: TCP retransmitted segments {g.get('tcp_retrans_segs', '?')}, UDP in-errors "
+            f"{g.get('udp_in_errors', '?')}, dropped rx/tx {g.get('rx_dropped', '?')}/"
+            f"{g.get('tx_dropped', '?')}, errors rx/tx {g.get('rx_errors', '?')}/"
+            f"{g.get('tx_errors', '?')}")
+    dev = result.device_stats.get("device")
+    if isinstance(dev, dict) and isinstance(dev.get("totals"), dict):
+        t = dev["totals"]
+        lines.append(f"  device: drops {t.get('drops', 0)}, transient map failures "
+                     f"{t.get('map_errors', 0)}, RX starved {t.get('no_buffers', 0)} times")
     lines += _dma_lines(result.device_stats)
     if result.error:
         lines.append(f"  error: {result.error}")

@@ -215,6 +215,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
     stats = _read_json(run_dir / "device-stats.json")
     peer = _read_json(run_dir / "peer.json")
     result.device_stats = stats
+    result.guest_net = dict(report.metrics.get("guest_net", {}))
     result.cases = judge(report, peer, stats, cfg)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from harness import argtypes
 from harness.dma import MAPOPS_KINDS, FaultSpec, GuestMemory, build_mapops
 from harness.net import netns as netns_mod
+from harness.net import tap as tap_mod
 from harness.net.tap import Tap, configure, link_stats
 from harness.vfu import (
     Disconnected,
@@ -103,6 +104,7 @@ class DeviceServer:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
+        tap_mod.create(cfg.tap)
         self.tap = Tap(cfg.tap)
         configure(cfg.tap, cfg.host_address, cfg.prefixlen)
         self.memory = GuestMemory()
@@ -335,6 +337,7 @@ class DeviceServer:
     def close(self) -> None:
         self.ctx.close()
         self.tap.close()
+        tap_mod.destroy(self.cfg.tap)
         if self.control is not None:
             self.control.close()
             with contextlib.suppress(FileNotFoundError):

@@ -15,7 +15,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,31 @@ TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 
 
+def create(ifname: str) -> None:
+    """Create a TAP device (vnet header, no packet info) with pyroute2 in this namespace.
+
+    It is persistent until `destroy`: the device exists before any fd attaches, so the host
+    side can be configured first, and the counters survive the fd (they are read at exit).
+    """
+    with IPRoute() as ipr:
+        try:
+            ipr.link("add", ifname=ifname, kind="tuntap", mode="tap", vnet_hdr=True, no_pi=True)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:
+                raise FileExistsError(f"a link named {ifname} already exists here") from None
+            raise
+
+
+def destroy(ifname: str) -> None:
+    """Remove a TAP made by `create` (a missing one is fine: the namespace may be gone)."""
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx:
+            ipr.link("del", index=idx[0])
+
+
 class Tap:
-    """An open TAP device in the calling process's network namespace."""
+    """An open fd on a TAP device in the calling process's network namespace."""
 
     def __init__(self, ifname: str, *, offload: int = 0) -> None:
         self.ifname = ifname
