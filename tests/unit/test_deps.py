@@ -215,3 +215,24 @@ def test_modinfo_and_module_checks() -> None:
         guest.check_modules({"failover": _ko("failover", "", "6.1.0 SMP")}, builtin, kver)
     with pytest.raises(DepsError, match="does not build in"):
         guest.check_modules(mods, {"virtio"}, kver)
+
+
+@pytest.mark.parametrize(
+    ("debian", "root", "expected"),
+    [
+        (True, False, "as root run: apt-get install -y --no-install-recommends cpio meson"),
+        (False, True, "not a Debian-like system"),
+    ],
+)
+def test_missing_host_tools_name_the_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, debian: bool, root: bool, expected: str
+) -> None:
+    from harness.deps import hosttools
+    from harness.deps.common import Context
+
+    monkeypatch.setattr(hosttools, "missing_packages", lambda: ["cpio", "meson"])
+    monkeypatch.setattr(hosttools, "is_debian_like", lambda: debian)
+    monkeypatch.setattr(hosttools, "is_root", lambda: root)
+    ctx = Context(repo=tmp_path, cache=tmp_path, venv=tmp_path / "venv", check=False)
+    with pytest.raises(DepsError, match=expected):
+        hosttools.ensure(ctx)
