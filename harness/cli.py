@@ -26,6 +26,8 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="inject faults into the map ops, e.g. mapping-error=0.01,"
                         "iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--viommu", action="store_true", help="put the device behind an intel-iommu")
+    p.add_argument("--offloads", action="store_true",
+                   help="offer checksum and TSO offloads (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6)")
     p.add_argument("--smp", type=argtypes.positive_int, default=2)
     p.add_argument("--memory", type=argtypes.positive_int, default=512, metavar="MB")
     p.add_argument("--tcp-bytes", type=argtypes.size, default=64 << 20, metavar="SIZE")
@@ -45,7 +47,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     if args.memory < 256:
         raise SystemExit("harness vm-test: --memory must be at least 256 (MB)")
     cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
-                       faults=args.faults,
+                       faults=args.faults, offloads=args.offloads,
                        smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out)

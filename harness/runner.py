@@ -44,6 +44,8 @@ class VmTestConfig:
     viommu: bool = False
     #: Fault-injection spec for the device's map ops, e.g. "mapping-error=0.01,seed=7".
     faults: str | None = None
+    #: Offer checksum/TSO offloads to the guest.
+    offloads: bool = False
     smp: int = 2
     memory_mb: int = 512
     tcp_bytes: int = 64 * MIB
@@ -186,6 +188,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
              "--map-ops", cfg.map_ops, "--control", str(run_dir / "control.sock"),
              *(["--access-platform"] if cfg.viommu else []),
              *(["--faults", cfg.faults] if cfg.faults else []),
+             *(["--offloads"] if cfg.offloads else []),
              "--stats", str(run_dir / "device-stats.json")],
             run_dir / "server.log", name="device server", ready="READY"))
         stack.enter_context(child(

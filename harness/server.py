@@ -31,7 +31,7 @@ from harness import argtypes
 from harness.dma import MAPOPS_KINDS, FaultSpec, GuestMemory, build_mapops
 from harness.net import netns as netns_mod
 from harness.net import tap as tap_mod
-from harness.net.tap import Tap, configure, link_stats
+from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
 from harness.vfu import (
     Disconnected,
     DmaRegion,
@@ -41,7 +41,7 @@ from harness.vfu import (
     memory_barrier,
 )
 from harness.virtio.constants import F_ACCESS_PLATFORM
-from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
+from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
 
 log = logging.getLogger("harness.server")
 
@@ -69,6 +69,8 @@ class ServerConfig:
     #: Offer VIRTIO_F_ACCESS_PLATFORM: the guest then maps every buffer through its DMA API,
     #: so behind a vIOMMU the device sees IOVAs and one DMA_MAP per guest mapping.
     access_platform: bool = False
+    #: Offer checksum and TSO offloads (the vnet header passes through to the TAP unchanged).
+    offloads: bool = False
 
 
 class ErrorCounter(logging.Handler):
@@ -105,7 +107,10 @@ class DeviceServer:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         tap_mod.create(cfg.tap)
-        self.tap = Tap(cfg.tap)
+        # What the kernel may hand us unsegmented and without checksums: only what the guest
+        # can take (GUEST_CSUM/GUEST_TSO*), and only when offloads are offered at all.
+        self.tap = Tap(cfg.tap, offload=(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                       if cfg.offloads else 0)
         configure(cfg.tap, cfg.host_address, cfg.prefixlen)
         self.memory = GuestMemory()
         self.ctx = VfuContext(str(cfg.socket))
@@ -120,6 +125,8 @@ class DeviceServer:
         features = DEFAULT_FEATURES
         if cfg.access_platform:
             features |= 1 << F_ACCESS_PLATFORM
+        if cfg.offloads:
+            features |= OFFLOAD_FEATURES
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.tap, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
@@ -366,6 +373,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
                    "mapping-error=0.01,iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--access-platform", action="store_true",
                    help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
+    p.add_argument("--offloads", action="store_true",
+                   help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (vnet header passthrough)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
     p.add_argument("--log-level", default="INFO")
@@ -377,7 +386,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     return ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
                         prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                         map_ops=a.map_ops, control=a.control, stats=a.stats,
-                        access_platform=a.access_platform, faults=a.faults)
+                        access_platform=a.access_platform, faults=a.faults,
+                        offloads=a.offloads)
 
 
 def raise_fd_limit() -> None:
