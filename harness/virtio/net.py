@@ -187,92 +187,108 @@ class VirtioNetDevice(VirtioPciDevice):
     # ---- RX ----------------------------------------------------------------------------------
 
     def on_backend_readable(self) -> None:
-        """Move frames backend -> RX ring until the backend is empty, buffers or batch run out."""
+        """Move frames backend -> RX ring until the backend is empty, buffers or batch run out.
+
+        Chains gathered for one frame but not used by it stay mapped in ``pool`` for the next
+        frame: with guest GSO a frame needs room for 64 KiB (dozens of mergeable buffers), and
+        re-mapping all of them for every 66-byte ACK would dominate the cost of receiving.
+        """
         if not self.rx_wanted():
             return
         q = self.rx
         st = q.stats
         backend = self.backend
-        for _ in range(self.batch):
-            chains = self._rx_gather()
-            if not chains:
-                break
-            views = [h.view for c in chains for h in c.writable]
-            try:
-                got = backend.readv(views)
-            except OSError as e:
-                log.debug("rx0: backend read failed: %s", e)
-                got = -1
-            if got <= 0:
-                for c in reversed(chains):
-                    q.unpop(c)
-                break
-            if got < C.NET_HDR_SIZE:
-                st.drops += 1  # a runt without a whole vnet header: nothing to deliver
-                for c in reversed(chains):
-                    q.unpop(c)
-                continue
-            used = 0
-            left = got
-            for c in chains:
-                if left <= 0:
+        pool: list[Chain] = []  # popped and mapped, in ring order
+        try:
+            for _ in range(self.batch):
+                if not self._rx_gather(pool):
                     break
-                left -= c.write_len
-                used += 1
-            _set_num_buffers(chains[0], used)
-            left = got
-            for c in chains[:used]:
-                n = min(left, c.write_len)
-                q.push(c, n)
-                left -= n
-            for c in reversed(chains[used:]):
-                q.unpop(c)
-            st.packets += 1
-            st.bytes += got - C.NET_HDR_SIZE
+                views = [h.view for c in pool for h in c.writable]
+                try:
+                    got = backend.readv(views)
+                except OSError as e:
+                    log.debug("rx0: backend read failed: %s", e)
+                    got = -1
+                if got <= 0:
+                    break
+                if got < C.NET_HDR_SIZE:
+                    st.drops += 1  # a runt without a whole vnet header: nothing to deliver
+                    continue
+                used = 0
+                left = got
+                for c in pool:
+                    if left <= 0:
+                        break
+                    left -= c.write_len
+                    used += 1
+                _set_num_buffers(pool[0], used)
+                left = got
+                for c in pool[:used]:
+                    n = min(left, c.write_len)
+                    q.push(c, n)
+                    left -= n
+                del pool[:used]
+                st.packets += 1
+                st.bytes += got - C.NET_HDR_SIZE
+        finally:
+            # Unpop is LIFO: the chains left are the most recently popped ones.
+            if q.broken:
+                for c in reversed(pool):
+                    q.discard(c)
+            else:
+                for c in reversed(pool):
+                    q.unpop(c)
         if q.flush():
             self._queue_interrupt(q)
 
-    def _rx_gather(self) -> list[Chain] | None:
-        """Chains to hold one max-size frame (one chain without MRG_RXBUF), or None."""
+    def _rx_gather(self, pool: list[Chain]) -> bool:
+        """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
+
+        False when that is not possible now: then ``pool`` is empty again (everything given
+        back to the ring) and the device waits for the driver's kick.
+        """
         q = self.rx
+        if pool and not self._mrg:
+            return True
+        cap = sum(c.write_len for c in pool)
         map_errors = q.stats.map_errors
         for _attempt in range(4):
-            chains: list[Chain] = []
-            cap = 0
-            while True:
+            while (self._mrg and cap < self._rx_max) or not pool:
                 c = q.pop()
                 if c is None:
                     break
                 if c.readable or c.write_len < C.NET_HDR_SIZE:
                     what = "device-readable buffers" if c.readable else "room for no vnet header"
                     q.discard(c)
-                    for done in reversed(chains):
+                    for done in reversed(pool):
                         q.unpop(done)
+                    pool.clear()
                     q.fail(f"RX chain with {what}", c.head)
-                    return None
-                chains.append(c)
+                    return False
+                pool.append(c)
                 cap += c.write_len
-                if not self._mrg or cap >= self._rx_max:
-                    break
             if q.broken:
-                for c in reversed(chains):
+                for c in reversed(pool):
                     q.discard(c)
-                return None
+                pool.clear()
+                return False
             # Enough room, or every buffer the ring can hold is here and it still is not:
             # then use what there is rather than wait for buffers that cannot come.
-            if chains and (not self._mrg or cap >= self._rx_max or len(chains) >= q.size):
+            if pool and (not self._mrg or cap >= self._rx_max or len(pool) >= q.size):
                 q.disable_notify()  # we have buffers: refills need no doorbell
-                return chains
-            for c in reversed(chains):
+                return True
+            for c in reversed(pool):
                 q.unpop(c)
+            pool.clear()
+            cap = 0
             if q.stats.map_errors != map_errors:
-                return None  # transient: stay polling, the next readable event retries
+                return False  # transient: stay polling, the next readable event retries
             if not q.enable_notify():
                 break
         if not q.broken:
             q.stats.no_buffers += 1
             self._rx_starved = True
-        return None
+        return False
 
     # ---- stats -------------------------------------------------------------------------------
 
