@@ -283,15 +283,24 @@ class IovaDomain:
         if not self._alive:
             self._check_alive()
         # One descent serves both the lookup and the erase.
-        path, i = self._tree.locate(pfn)
-        iova = self._tree.entry_at(path, i)
+        tree = self._tree
+        path, i = tree.locate(pfn)
+        iova = tree.entry_at(path, i)
         if (
             iova is None
             or iova.pfn_hi < pfn
             or (self._deferred and self._deferred.get(iova.pfn_lo) is iova)
         ):
             raise IovaNotFoundError(pfn)
-        self._remove(iova, path, i)
+        if self.node_alloc is not None or self.on_release is not None:
+            self._remove(iova, path, i)
+            return
+        # The common case, _remove() without the hooks, inline.
+        tree.erase_at(path, i)
+        lo = iova.pfn_lo
+        self.allocated_pfns -= iova.pfn_hi - lo + 1
+        if lo < self.dma_32bit_pfn:
+            self._max32 = self._max32_aligned = self._max32_none
 
     def _remove(self, iova: Iova, path: object = None, i: int = 0) -> bool:
         """Erase an entry, or queue it when the node allocation fails; True if erased."""

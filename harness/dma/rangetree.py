@@ -106,34 +106,6 @@ def _lower_max(node: _Node, old: int) -> int:
     return 0
 
 
-def _scan_leaf(
-    leaf: _Node, k: int, size: int, limit: int, floor: int, mask: int
-) -> tuple[int, int]:
-    """Rightmost entry at index <= k whose gap holds an aligned block; (-1, 0) if none.
-
-    ``limit`` only cuts the gap of entry ``k`` (callers guarantee it), so candidates below come
-    straight from the class bytes and almost every probe is a hit.
-    """
-    gaps = leaf.gaps
-    kids = leaf.kids
-    marks: bytes | bytearray = b""
-    j = k
-    while j >= 0:
-        g = gaps[j]
-        if g >= size:
-            hi: int = kids[j].pfn_hi  # type: ignore[attr-defined]
-            top = hi + g
-            if top > limit:
-                top = limit
-            start = (top - size + 1) & mask
-            if start > hi and start >= floor:
-                return j, start
-        if not marks:
-            marks = leaf.cls.translate(_GE[size.bit_length()])
-        j = marks.rfind(1, 0, j)
-    return -1, 0
-
-
 # A path from the root: the nodes visited and the child index taken in each.
 _Path = tuple[list[_Node], list[int]]
 
@@ -211,96 +183,140 @@ class RangeTree:
 
         Returns ``(path to the gap owner's leaf, owner index in the leaf, start)`` for
         :meth:`insert_at`, or None when no such range exists (never a false "full").
-        """
-        nodes: list[_Node] = []
-        idxs: list[int] = []
-        found = self._find(self._root, 0, size, limit, floor, mask, nodes, idxs)
-        if found is None:
-            return None
-        return (nodes, idxs), found[0], found[1]
 
-    def _find(
+        Slot ``c`` of a node on the limit's path (the one holding the last entry at or below the
+        limit) is the only one the limit can cut. The search walks that path down while the cut
+        child's max gap could hold ``size`` and tries the cut entry's gap clamped to the limit;
+        then it climbs back to the lowest node with a candidate left of its cut slot and goes
+        down the rightmost candidates from there. Everything left of the limit's path lies
+        wholly below the limit, so that descent only fails on a gap that is misaligned or below
+        ``floor``; :meth:`_search` then carries on depth-first from where it failed, at a cost
+        of one step per such gap.
+        """
+        node = self._root
+        height = self._height
+        nodes = [node]
+        cuts: list[int] = []
+        lv = 0
+        while True:
+            c = bisect_right(node.keys, limit) - 1
+            if c < 0:  # the limit is below the bottom sentinel: nothing can fit
+                return None
+            cuts.append(c)
+            if lv == height:
+                # The cut entry: its gap may reach past the limit.
+                g = node.gaps[c]
+                if g >= size:
+                    hi: int = node.kids[c].pfn_hi  # type: ignore[attr-defined]
+                    top = hi + g
+                    if top > limit:
+                        top = limit
+                    start = (top - size + 1) & mask
+                    if start > hi and start >= floor:
+                        return (nodes, cuts[:-1]), c, start
+                break
+            if node.gaps[c] < size:
+                break
+            node = node.kids[c]  # type: ignore[assignment]
+            nodes.append(node)
+            lv += 1
+        # Climb to the lowest node on the path with a candidate slot left of its cut.
+        k = size.bit_length()
+        ge = _GE[k]
+        while True:
+            i = node.cls.translate(ge).rfind(1, 0, cuts[lv]) if node.maxgap >= size else -1
+            if i >= 0:
+                break
+            if lv == 0:
+                return None
+            lv -= 1
+            node = nodes[lv]
+        del nodes[lv + 1 :]
+        idxs = cuts[:lv]
+        # Go down the rightmost candidates; _search takes over at the first that fails.
+        while True:
+            if lv == height:
+                g = node.gaps[i]
+                if g >= size:
+                    hi = node.kids[i].pfn_hi  # type: ignore[attr-defined]
+                    start = (hi + g - size + 1) & mask
+                    if start > hi and start >= floor:
+                        return (nodes, idxs), i, start
+                break
+            if node.gaps[i] < size:
+                break
+            idxs.append(i)
+            node = node.kids[i]  # type: ignore[assignment]
+            nodes.append(node)
+            lv += 1
+            # The child's max fits, so it has a candidate; when size's class is the child's top
+            # class too, the class bytes can be searched as they are.
+            if node.maxgap.bit_length() == k:
+                i = node.cls.rfind(k)
+            else:
+                i = node.cls.translate(ge).rfind(1)
+        found = self._search(nodes, idxs, node, lv, i, size, floor, mask)
+        return None if found is None else ((nodes, idxs), found[0], found[1])
+
+    def _search(
         self,
-        node: _Node,
-        depth: int,
-        size: int,
-        limit: int,
-        floor: int,
-        mask: int,
         nodes: list[_Node],
         idxs: list[int],
-    ) -> tuple[int, int] | None:
-        """Search the subtree of a node on the limit's path; on success the path is appended.
-
-        Child ``c`` (the one holding the last entry at or below the limit) is the only one the
-        limit can cut: try it first, then its left siblings, rightmost first, unclamped.
-        """
-        nodes.append(node)
-        c = bisect_right(node.keys, limit) - 1
-        if depth == self._height:
-            j, start = _scan_leaf(node, c, size, limit, floor, mask)
-            if j >= 0:
-                return j, start
-            nodes.pop()
-            return None
-        gaps = node.gaps
-        if gaps[c] >= size:
-            idxs.append(c)
-            kid: _Node = node.kids[c]  # type: ignore[assignment]
-            found = self._find(kid, depth + 1, size, limit, floor, mask, nodes, idxs)
-            if found is not None:
-                return found
-            idxs.pop()
-        if c > 0 and node.maxgap >= size:
-            marks = node.cls.translate(_GE[size.bit_length()])
-            i = marks.rfind(1, 0, c)
-            while i >= 0:
-                if gaps[i] >= size:
-                    idxs.append(i)
-                    kid = node.kids[i]  # type: ignore[assignment]
-                    found = self._search_down(kid, depth + 1, nodes, idxs, size, floor, mask)
-                    if found is not None:
-                        return found
-                    idxs.pop()
-                i = marks.rfind(1, 0, i)
-        nodes.pop()
-        return None
-
-    def _search_down(
-        self,
         node: _Node,
-        depth: int,
-        nodes: list[_Node],
-        idxs: list[int],
+        lv: int,
+        i: int,
         size: int,
         floor: int,
         mask: int,
     ) -> tuple[int, int] | None:
-        """Rightmost fitting gap in a subtree that lies wholly below the limit (path appended).
-
-        Only misaligned or below-floor gaps make it backtrack; recursion depth is the height.
-        """
-        nodes.append(node)
-        if depth == self._height:
-            j, start = _scan_leaf(node, len(node.kids) - 1, size, self.top, floor, mask)
-            if j >= 0:
-                return j, start
+        """Depth-first search for :meth:`find_gap`: the rightmost fit among the slots left of
+        ``i`` in ``node`` (level ``lv``, last in ``nodes``; ``idxs`` holds the path to it), then
+        left of the path's slot in each ancestor. Returns (leaf index, start) with the path to
+        the leaf in ``nodes``/``idxs``, or None."""
+        height = self._height
+        k = size.bit_length()
+        ge = _GE[k]
+        while True:
+            if i > 0 and node.maxgap >= size:
+                gaps = node.gaps
+                # Gap classes >= k mark the candidates; when k is also the node's top class the
+                # class bytes can be searched as they are.
+                if node.maxgap.bit_length() == k:
+                    marks = node.cls
+                    needle = k
+                else:
+                    marks = node.cls.translate(ge)
+                    needle = 1
+                i = marks.rfind(needle, 0, i)
+                if lv == height:
+                    kids = node.kids
+                    while i >= 0:
+                        g = gaps[i]
+                        if g >= size:
+                            hi: int = kids[i].pfn_hi  # type: ignore[attr-defined]
+                            start = (hi + g - size + 1) & mask
+                            if start > hi and start >= floor:
+                                return i, start
+                        i = marks.rfind(needle, 0, i)
+                else:
+                    while i >= 0:
+                        if gaps[i] >= size:
+                            idxs.append(i)
+                            node = node.kids[i]  # type: ignore[assignment]
+                            nodes.append(node)
+                            lv += 1
+                            i = len(node.gaps)  # all of the child's slots
+                            break
+                        i = marks.rfind(needle, 0, i)
+                    if i >= 0:
+                        continue
+            # Nothing (more) fits in this node: back up to the parent, left of where we were.
+            if lv == 0:
+                return None
             nodes.pop()
-            return None
-        gaps = node.gaps
-        marks = node.cls.translate(_GE[size.bit_length()])
-        i = marks.rfind(1)
-        while i >= 0:
-            if gaps[i] >= size:
-                idxs.append(i)
-                kid: _Node = node.kids[i]  # type: ignore[assignment]
-                found = self._search_down(kid, depth + 1, nodes, idxs, size, floor, mask)
-                if found is not None:
-                    return found
-                idxs.pop()
-            i = marks.rfind(1, 0, i)
-        nodes.pop()
-        return None
+            lv -= 1
+            node = nodes[-1]
+            i = idxs.pop()
 
     def locate(self, pfn: int) -> tuple[_Path, int]:
         """Path to the leaf of the last entry with ``pfn_lo <= pfn`` (maybe a sentinel), index."""
@@ -351,13 +367,29 @@ class RangeTree:
         leaf.keys.insert(j + 1, lo)
         leaf.kids.insert(j + 1, obj)
         self._count += 1
-        # Both pieces are <= the old gap, so the leaf max only moves if that gap was the max.
-        if g == leaf.maxgap:
-            leaf.maxgap = _lower_max(leaf, g)
         if len(gaps) > LEAF_MAX:
+            if g == leaf.maxgap:
+                leaf.maxgap = _lower_max(leaf, g)
             self._split(nodes, idxs, j + 1)
-        else:
-            self._propagate(nodes, idxs, len(idxs))
+            return
+        # Both pieces are <= the old gap, so the leaf max only moves if that gap was the max;
+        # then each ancestor's max only moves if the child's old max was its max too.
+        if g != leaf.maxgap:
+            return
+        new = _lower_max(leaf, g)
+        lv = len(idxs)
+        while new != g:
+            nodes[lv].maxgap = new
+            if lv == 0:
+                return
+            lv -= 1
+            parent = nodes[lv]
+            c = idxs[lv]
+            parent.gaps[c] = new
+            parent.cls[c] = new.bit_length()
+            if g != parent.maxgap:
+                return
+            new = _lower_max(parent, g)
 
     def erase(self, obj: Iova) -> None:
         """Remove ``obj`` (which must be in the tree); its space joins the gap below it."""
@@ -380,6 +412,27 @@ class RangeTree:
             v = gaps[i - 1] + freed
             gaps[i - 1] = v
             leaf.cls[i - 1] = v.bit_length()
+            del leaf.keys[i]
+            del gaps[i]
+            del leaf.cls[i]
+            del leaf.kids[i]
+            self._count -= 1
+            # v > old: the leaf's new max is max(old max, v), so it can only grow.
+            if len(gaps) >= _LEAF_MIN or not idxs:
+                if v > leaf.maxgap:
+                    leaf.maxgap = v
+                    # Push the growth up while it raises an ancestor's max.
+                    lv = len(idxs) - 1
+                    while lv >= 0:
+                        parent = nodes[lv]
+                        c = idxs[lv]
+                        parent.gaps[c] = v
+                        parent.cls[c] = v.bit_length()
+                        if v <= parent.maxgap:
+                            return
+                        parent.maxgap = v
+                        lv -= 1
+                return
             if v > leaf.maxgap:
                 leaf.maxgap = v
         else:
@@ -392,15 +445,15 @@ class RangeTree:
             if v > pleaf.maxgap:
                 pleaf.maxgap = v
                 self._propagate(pnodes, pidxs, len(pidxs))
-        del leaf.keys[i]
-        del gaps[i]
-        del leaf.cls[i]
-        del leaf.kids[i]
-        self._count -= 1
-        if old == leaf.maxgap:
-            leaf.maxgap = _lower_max(leaf, old) if gaps else 0
-        if i == 0 and gaps:
-            self._fix_keys(nodes, idxs, leaf.keys[0])
+            del leaf.keys[i]
+            del gaps[i]
+            del leaf.cls[i]
+            del leaf.kids[i]
+            self._count -= 1
+            if old == leaf.maxgap:
+                leaf.maxgap = _lower_max(leaf, old) if gaps else 0
+            if gaps:
+                self._fix_keys(nodes, idxs, leaf.keys[0])
         self._rebalance(nodes, idxs)
 
     # ------------------------------------------------------------------ structure maintenance

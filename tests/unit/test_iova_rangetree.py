@@ -87,3 +87,30 @@ def test_insert_outside_gap_rejected() -> None:
         t.insert_at(f[0], f[1], Iova(95, 105))
     with pytest.raises(KeyError):
         t.erase(Iova(1, 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_find_gap_deep_tree_aligned_and_floor(seed: int) -> None:
+    """Misaligned and below-floor gaps in a tree of height >= 2 make the search backtrack
+    across levels; it must still find exactly the brute-force answer."""
+    rng = random.Random(seed)
+    top = 1 << 15
+    t = RangeTree(top)
+    live: list[Iova] = []
+    for _ in range(12000):
+        f = t.find_gap(1, rng.randrange(top), 0, -1)
+        if f is not None:
+            e = Iova(f[2], f[2])
+            t.insert_at(f[0], f[1], e)
+            live.append(e)
+    rng.shuffle(live)
+    for e in live[: len(live) // 3]:
+        t.erase(e)
+    live = live[len(live) // 3 :]
+    assert t.height >= 2
+    t.check()
+    for _ in range(150):
+        size, limit = rng.randint(1, 6), rng.randrange(top)
+        floor, align = rng.randrange(top // 2), rng.choice([1, 2, 4, 8, 16])
+        found = t.find_gap(size, limit, floor, -align)
+        assert (found[2] if found else None) == _brute(live, size, limit, floor, align, top)
