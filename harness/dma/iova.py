@@ -217,7 +217,9 @@ class IovaDomain:
             self.stats["nomem"] += 1
             return None
         path, j, start = found
-        iova = Iova(start, start + size - 1, payload)
+        # A one-pfn range shares one int object for both ends: less memory, one fewer cache
+        # line for whoever reads the entry later.
+        iova = Iova(start, start if size == 1 else start + size - 1, payload)
         self._tree.insert_at(path, j, iova)
         self.allocated_pfns += size
         return iova
@@ -282,25 +284,22 @@ class IovaDomain:
         """
         if not self._alive:
             self._check_alive()
+        if self.node_alloc is None and self.on_release is None and not self._deferred:
+            # The common case: no hooks, nothing deferred; one tree call finds and erases.
+            iova = self._tree.remove(pfn)
+            if iova is None:
+                raise IovaNotFoundError(pfn)
+            lo = iova.pfn_lo
+            self.allocated_pfns -= iova.pfn_hi - lo + 1
+            if lo < self.dma_32bit_pfn:
+                self._max32 = self._max32_aligned = self._max32_none
+            return
         # One descent serves both the lookup and the erase.
         tree = self._tree
-        path, i = tree.locate(pfn)
-        iova = tree.entry_at(path, i)
-        if (
-            iova is None
-            or iova.pfn_hi < pfn
-            or (self._deferred and self._deferred.get(iova.pfn_lo) is iova)
-        ):
+        path, i, iova = tree.locate_entry(pfn)
+        if iova is None or (self._deferred and self._deferred.get(iova.pfn_lo) is iova):
             raise IovaNotFoundError(pfn)
-        if self.node_alloc is not None or self.on_release is not None:
-            self._remove(iova, path, i)
-            return
-        # The common case, _remove() without the hooks, inline.
-        tree.erase_at(path, i)
-        lo = iova.pfn_lo
-        self.allocated_pfns -= iova.pfn_hi - lo + 1
-        if lo < self.dma_32bit_pfn:
-            self._max32 = self._max32_aligned = self._max32_none
+        self._remove(iova, path, i)
 
     def _remove(self, iova: Iova, path: object = None, i: int = 0) -> bool:
         """Erase an entry, or queue it when the node allocation fails; True if erased."""

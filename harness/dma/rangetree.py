@@ -12,9 +12,15 @@ Deliberate differences from the kernel's maple tree:
   hidden sentinels bound the space: one at pfn -1 (owns the free space from pfn 0 upwards) and an
   anchor just above the highest pfn (the kernel's ``IOVA_ANCHOR``). Inserting into a gap therefore
   touches exactly one leaf (the gap's owner's); erasing touches at most two.
+* The highest entry's gap (the free space up to the anchor, usually most of the address space
+  above the allocations) is kept in ``_topgap`` and stored as 0 in the tree. Otherwise it would
+  make every node on the rightmost path look like it has room, and a search under a limit at or
+  above the highest entry would have to walk that path down and back up each time.
 * Nodes are parallel Python lists (``keys``/``gaps``/``kids``) rather than one object per slot, and
   leaves hold the entries' start pfns, gaps and entry objects. That keeps the per-entry cost to a
   few list slots plus the entry itself, and lets ``bisect`` (C code) do the search inside a node.
+  An internal node's keys are an ``array('q')`` instead: its separators are entries' ``pfn_lo``
+  ints from all over the heap, so a ``bisect`` over a list of them takes a cache miss per probe.
 * The tree never allocates "nodes" that can fail: node-allocation failure is modelled one layer up
   (:mod:`harness.dma.iova_faults`), which asks before each write, so a failed write leaves the tree
   untouched.
@@ -25,8 +31,9 @@ Deliberate differences from the kernel's maple tree:
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableSequence
 from typing import Any
 
 __all__ = ["LEAF_MAX", "NODE_MAX", "Iova", "RangeTree", "TreeCorruption"]
@@ -71,16 +78,20 @@ class Iova:
 _GE = [bytes(1 if v >= b else 0 for v in range(256)) for b in range(80)]
 
 
+_Keys = MutableSequence[int]  # list[int] in leaves, array('q') in internal nodes
+
+
 class _Node:
     """A tree node. In a leaf ``kids`` are :class:`Iova` entries, ``keys`` their ``pfn_lo`` and
     ``gaps`` the free pfns above each entry; in an internal node ``kids`` are nodes, ``keys`` the
     smallest ``pfn_lo`` below each child and ``gaps`` each child's ``maxgap``. ``cls`` mirrors
-    ``gaps`` as ``gap.bit_length()`` bytes, which is what the searches scan."""
+    ``gaps`` as ``gap.bit_length()`` bytes, which is what the searches scan. A leaf's ``keys`` is
+    a list (sharing the entries' int objects), an internal node's an ``array('q')``."""
 
     __slots__ = ("cls", "gaps", "keys", "kids", "maxgap")
 
     def __init__(
-        self, keys: list[int], gaps: list[int], kids: list[object], cls: bytearray | None = None
+        self, keys: _Keys, gaps: list[int], kids: list[object], cls: bytearray | None = None
     ) -> None:
         self.keys = keys
         self.gaps = gaps
@@ -120,10 +131,17 @@ class RangeTree:
         self.top = top
         self._bottom = Iova(-1, -1)
         self._anchor = Iova(top, top)
-        leaf = _Node([-1, top], [top, 0], [self._bottom, self._anchor])
+        leaf = _Node([-1, top], [0, 0], [self._bottom, self._anchor])
         self._root = leaf
         self._height = 0  # number of internal levels above the leaves
         self._count = 0
+        # The highest entry below the anchor (maybe the bottom sentinel) and its real gap; the
+        # tree stores 0 as its gap.
+        self._last = self._bottom
+        self._topgap = top
+        # Internal keys are array('q') unless the anchor's key does not fit in one (granules of
+        # one or two bytes); then they stay lists.
+        self._key_array = top < 1 << 63
 
     # ------------------------------------------------------------------ queries
 
@@ -193,6 +211,20 @@ class RangeTree:
         ``floor``; :meth:`_search` then carries on depth-first from where it failed, at a cost
         of one step per such gap.
         """
+        last = self._last
+        if limit >= last.pfn_lo:
+            # The limit cuts the top gap (kept outside the tree): try it, then search the rest
+            # of the tree, where every gap lies wholly below the limit and the stored 0 of the
+            # highest entry rules its gap out.
+            hi = last.pfn_hi
+            top = hi + self._topgap
+            if top > limit:
+                top = limit
+            start = (top - size + 1) & mask
+            if start > hi and start >= floor:
+                path, j = self.locate(last.pfn_lo)
+                return path, j, start
+            limit = self.top - 1
         node = self._root
         height = self._height
         nodes = [node]
@@ -207,7 +239,7 @@ class RangeTree:
                 # The cut entry: its gap may reach past the limit.
                 g = node.gaps[c]
                 if g >= size:
-                    hi: int = node.kids[c].pfn_hi  # type: ignore[attr-defined]
+                    hi = node.kids[c].pfn_hi  # type: ignore[attr-defined]
                     top = hi + g
                     if top > limit:
                         top = limit
@@ -331,11 +363,30 @@ class RangeTree:
         nodes.append(node)
         return (nodes, idxs), bisect_right(node.keys, pfn) - 1
 
+    def locate_entry(self, pfn: int) -> tuple[_Path, int, Iova | None]:
+        """:meth:`locate` and :meth:`find` in one descent: the path, the index and the entry
+        containing ``pfn`` (None if no entry contains it)."""
+        nodes: list[_Node] = []
+        idxs: list[int] = []
+        node = self._root
+        for _ in range(self._height):
+            c = bisect_right(node.keys, pfn) - 1
+            nodes.append(node)
+            idxs.append(c)
+            node = node.kids[c]  # type: ignore[assignment]
+        nodes.append(node)
+        i = bisect_right(node.keys, pfn) - 1
+        obj: Iova | None = node.kids[i]  # type: ignore[assignment]
+        if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:  # type: ignore[union-attr]
+            obj = None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
+        return (nodes, idxs), i, obj
+
     def gap_above(self, path: _Path, j: int) -> tuple[int, int]:
         """The free range ``(first, last)`` owned by entry j of the path's leaf (may be empty)."""
         leaf = path[0][-1]
-        hi: int = leaf.kids[j].pfn_hi  # type: ignore[attr-defined]
-        return hi + 1, hi + leaf.gaps[j]
+        obj: Iova = leaf.kids[j]  # type: ignore[assignment]
+        hi = obj.pfn_hi
+        return hi + 1, hi + (self._topgap if obj is self._last else leaf.gaps[j])
 
     def entry_at(self, path: _Path, j: int) -> Iova | None:
         """Entry j of the path's leaf, or None if it is a sentinel."""
@@ -351,6 +402,9 @@ class RangeTree:
         leaf = nodes[-1]
         gaps = leaf.gaps
         owner: Iova = leaf.kids[j]  # type: ignore[assignment]
+        if owner is self._last:
+            self._insert_top(path, j, obj)
+            return
         g = gaps[j]
         ohi = owner.pfn_hi
         lo = obj.pfn_lo
@@ -376,7 +430,8 @@ class RangeTree:
         # then each ancestor's max only moves if the child's old max was its max too.
         if g != leaf.maxgap:
             return
-        new = _lower_max(leaf, g)
+        # (g == 1, the usual case here, needs no call: the new max is 1 if a 1 is left, else 0.)
+        new = (1 if 1 in cls else 0) if g == 1 else _lower_max(leaf, g)
         lv = len(idxs)
         while new != g:
             nodes[lv].maxgap = new
@@ -389,7 +444,75 @@ class RangeTree:
             parent.cls[c] = new.bit_length()
             if g != parent.maxgap:
                 return
-            new = _lower_max(parent, g)
+            new = (1 if 1 in parent.cls else 0) if g == 1 else _lower_max(parent, g)
+
+    def _insert_top(self, path: _Path, j: int, obj: Iova) -> None:
+        """:meth:`insert_at` into the top gap: store it in the tree, insert, and take the new
+        highest entry's gap out."""
+        owner = self._last
+        if not (owner.pfn_hi < obj.pfn_lo <= obj.pfn_hi <= owner.pfn_hi + self._topgap):
+            raise ValueError(f"{obj!r} is not inside the gap above {owner!r}")
+        self._set_gap(owner, self._topgap)
+        self._last = obj  # owner is an ordinary entry for insert_at now
+        self.insert_at(path, j, obj)
+        self._topgap = self._set_gap(obj, 0)
+
+    def _set_gap(self, obj: Iova, value: int) -> int:
+        """Store ``value`` as ``obj``'s gap in the tree, whichever way the maxgaps above it have
+        to move; returns the old value. O(LEAF_MAX): for the rare changes of the top gap."""
+        (nodes, idxs), j = self.locate(obj.pfn_lo)
+        leaf = nodes[-1]
+        old = leaf.gaps[j]
+        leaf.gaps[j] = value
+        leaf.cls[j] = value.bit_length()
+        leaf.maxgap = max(leaf.gaps)
+        self._propagate(nodes, idxs, len(idxs))
+        return old
+
+    def remove(self, pfn: int) -> Iova | None:
+        """Erase the entry containing ``pfn`` and return it; None (and no change) if there is
+        none. :meth:`locate_entry` plus :meth:`erase_at` in one call, with erase_at's common
+        case (not first in its leaf, no rebalance) inline: the hot path of a free."""
+        nodes: list[_Node] = []
+        idxs: list[int] = []
+        node = self._root
+        for _ in range(self._height):
+            c = bisect_right(node.keys, pfn) - 1
+            nodes.append(node)
+            idxs.append(c)
+            node = node.kids[c]  # type: ignore[assignment]
+        i = bisect_right(node.keys, pfn) - 1
+        obj: Iova = node.kids[i]  # type: ignore[assignment]
+        if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:
+            return None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
+        gaps = node.gaps
+        if i == 0 or obj is self._last or (len(gaps) <= _LEAF_MIN and idxs):
+            nodes.append(node)
+            self.erase_at((nodes, idxs), i)
+            return obj
+        v = gaps[i - 1] + obj.pfn_hi - obj.pfn_lo + 1 + gaps[i]
+        gaps[i - 1] = v
+        cls = node.cls
+        cls[i - 1] = v.bit_length()
+        del node.keys[i]
+        del gaps[i]
+        del cls[i]
+        del node.kids[i]
+        self._count -= 1
+        if v > node.maxgap:
+            node.maxgap = v
+            # Push the growth up while it raises an ancestor's max.
+            lv = len(idxs) - 1
+            while lv >= 0:
+                parent = nodes[lv]
+                c = idxs[lv]
+                parent.gaps[c] = v
+                parent.cls[c] = v.bit_length()
+                if v <= parent.maxgap:
+                    break
+                parent.maxgap = v
+                lv -= 1
+        return obj
 
     def erase(self, obj: Iova) -> None:
         """Remove ``obj`` (which must be in the tree); its space joins the gap below it."""
@@ -400,11 +523,14 @@ class RangeTree:
 
     def erase_at(self, path: _Path, i: int) -> None:
         """Remove entry i of the path's leaf (from :meth:`locate`)."""
-        nodes, idxs = path
-        leaf = nodes[-1]
-        obj: Iova = leaf.kids[i]  # type: ignore[assignment]
+        obj: Iova = path[0][-1].kids[i]  # type: ignore[assignment]
         if obj is self._bottom or obj is self._anchor:
             raise KeyError(obj)
+        if obj is self._last:
+            self._erase_top(path, i)
+            return
+        nodes, idxs = path
+        leaf = nodes[-1]
         gaps = leaf.gaps
         old = gaps[i]
         freed = obj.pfn_hi - obj.pfn_lo + 1 + old
@@ -455,6 +581,17 @@ class RangeTree:
             if gaps:
                 self._fix_keys(nodes, idxs, leaf.keys[0])
         self._rebalance(nodes, idxs)
+
+    def _erase_top(self, path: _Path, i: int) -> None:
+        """:meth:`erase_at` of the highest entry: store the top gap in the tree, erase, and take
+        the new highest entry's gap out."""
+        obj = self._last
+        (pnodes, _), pj = self.locate(obj.pfn_lo - 1)
+        below: Iova = pnodes[-1].kids[pj]  # type: ignore[assignment]
+        self._set_gap(obj, self._topgap)
+        self._last = below  # obj is an ordinary entry for erase_at now
+        self.erase_at(path, i)
+        self._topgap = self._set_gap(below, 0)
 
     # ------------------------------------------------------------------ structure maintenance
 
@@ -509,8 +646,11 @@ class RangeTree:
             del node.cls[s:]
             node.maxgap = max(node.gaps)
             if level == 0:
+                two = [node.keys[0], right.keys[0]]
                 self._root = _Node(
-                    [node.keys[0], right.keys[0]], [node.maxgap, right.maxgap], [node, right]
+                    array("q", two) if self._key_array else two,
+                    [node.maxgap, right.maxgap],
+                    [node, right],
                 )
                 self._height += 1
                 return
@@ -550,7 +690,7 @@ class RangeTree:
                     break
                 # An only child went empty (possible after an uneven split): empty the parent
                 # too and let the next level merge it away.
-                parent.keys.clear()
+                del parent.keys[:]
                 parent.gaps.clear()
                 parent.kids.clear()
                 parent.cls.clear()
@@ -579,7 +719,8 @@ class RangeTree:
                 level -= 1
                 continue
             # Too many for one node: share them out evenly; the parent keeps its shape.
-            keys = left.keys + right.keys
+            keys = left.keys[:]
+            keys += right.keys
             gaps = left.gaps + right.gaps
             kids = left.kids + right.kids
             cls = left.cls + right.cls
@@ -618,6 +759,8 @@ class RangeTree:
             if node.cls != bytearray(g.bit_length() for g in node.gaps):
                 raise TreeCorruption("gap class bytes stale")
             if depth == self._height:
+                if type(node.keys) is not list:
+                    raise TreeCorruption("leaf keys are not a list")
                 if len(node.keys) > LEAF_MAX:
                     raise TreeCorruption("leaf overfull")
                 for key, obj in zip(node.keys, node.kids, strict=True):
@@ -627,6 +770,12 @@ class RangeTree:
                 if node.maxgap != max(node.gaps):
                     raise TreeCorruption("leaf maxgap stale")
                 return node.keys[0], node.maxgap
+            if (
+                not (isinstance(node.keys, array) and node.keys.typecode == "q")
+                if self._key_array
+                else type(node.keys) is not list
+            ):
+                raise TreeCorruption("internal node keys of the wrong type")
             if len(node.keys) > NODE_MAX:
                 raise TreeCorruption("node overfull")
             for key, gap, kid in zip(node.keys, node.gaps, node.kids, strict=True):
@@ -642,9 +791,14 @@ class RangeTree:
         walk(self._root, 0, -1)
         if entries[0] is not self._bottom or entries[-1] is not self._anchor:
             raise TreeCorruption("sentinels missing")
+        if entries[-2] is not self._last:
+            raise TreeCorruption(f"highest entry is {entries[-2]!r}, not {self._last!r}")
         gaps: list[int] = []
         for leaf in self._leaves(self._root, self._height):
             gaps += leaf.gaps
+        if gaps[-2] != 0:
+            raise TreeCorruption("the highest entry's gap is stored in the tree")
+        gaps[-2] = self._topgap
         for a, b, g in zip(entries, entries[1:], gaps, strict=False):
             if a.pfn_hi < a.pfn_lo and a is not self._bottom:
                 raise TreeCorruption(f"inverted range {a!r}")
