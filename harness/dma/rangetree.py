@@ -471,8 +471,8 @@ class RangeTree:
 
     def remove(self, pfn: int) -> Iova | None:
         """Erase the entry containing ``pfn`` and return it; None (and no change) if there is
-        none. :meth:`locate_entry` plus :meth:`erase_at` in one call, with erase_at's common
-        case (not first in its leaf, no rebalance) inline: the hot path of a free."""
+        none: :meth:`locate_entry` plus :meth:`erase_at` with one descent, the hot path of a
+        free."""
         nodes: list[_Node] = []
         idxs: list[int] = []
         node = self._root
@@ -485,33 +485,8 @@ class RangeTree:
         obj: Iova = node.kids[i]  # type: ignore[assignment]
         if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:
             return None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
-        gaps = node.gaps
-        if i == 0 or obj is self._last or (len(gaps) <= _LEAF_MIN and idxs):
-            nodes.append(node)
-            self.erase_at((nodes, idxs), i)
-            return obj
-        v = gaps[i - 1] + obj.pfn_hi - obj.pfn_lo + 1 + gaps[i]
-        gaps[i - 1] = v
-        cls = node.cls
-        cls[i - 1] = v.bit_length()
-        del node.keys[i]
-        del gaps[i]
-        del cls[i]
-        del node.kids[i]
-        self._count -= 1
-        if v > node.maxgap:
-            node.maxgap = v
-            # Push the growth up while it raises an ancestor's max.
-            lv = len(idxs) - 1
-            while lv >= 0:
-                parent = nodes[lv]
-                c = idxs[lv]
-                parent.gaps[c] = v
-                parent.cls[c] = v.bit_length()
-                if v <= parent.maxgap:
-                    break
-                parent.maxgap = v
-                lv -= 1
+        nodes.append(node)
+        self.erase_at((nodes, idxs), i)
         return obj
 
     def erase(self, obj: Iova) -> None:
