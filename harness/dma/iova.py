@@ -284,16 +284,6 @@ class IovaDomain:
         """
         if not self._alive:
             self._check_alive()
-        if self.node_alloc is None and self.on_release is None and not self._deferred:
-            # The common case: no hooks, nothing deferred; one tree call finds and erases.
-            iova = self._tree.remove(pfn)
-            if iova is None:
-                raise IovaNotFoundError(pfn)
-            lo = iova.pfn_lo
-            self.allocated_pfns -= iova.pfn_hi - lo + 1
-            if lo < self.dma_32bit_pfn:
-                self._max32 = self._max32_aligned = self._max32_none
-            return
         # One descent serves both the lookup and the erase.
         tree = self._tree
         path, i, iova = tree.locate_entry(pfn)

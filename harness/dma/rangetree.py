@@ -366,20 +366,11 @@ class RangeTree:
     def locate_entry(self, pfn: int) -> tuple[_Path, int, Iova | None]:
         """:meth:`locate` and :meth:`find` in one descent: the path, the index and the entry
         containing ``pfn`` (None if no entry contains it)."""
-        nodes: list[_Node] = []
-        idxs: list[int] = []
-        node = self._root
-        for _ in range(self._height):
-            c = bisect_right(node.keys, pfn) - 1
-            nodes.append(node)
-            idxs.append(c)
-            node = node.kids[c]  # type: ignore[assignment]
-        nodes.append(node)
-        i = bisect_right(node.keys, pfn) - 1
-        obj: Iova | None = node.kids[i]  # type: ignore[assignment]
-        if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:  # type: ignore[union-attr]
-            obj = None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
-        return (nodes, idxs), i, obj
+        path, i = self.locate(pfn)
+        obj: Iova = path[0][-1].kids[i]  # type: ignore[assignment]
+        if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:
+            return path, i, None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
+        return path, i, obj
 
     def gap_above(self, path: _Path, j: int) -> tuple[int, int]:
         """The free range ``(first, last)`` owned by entry j of the path's leaf (may be empty)."""
@@ -468,26 +459,6 @@ class RangeTree:
         leaf.maxgap = max(leaf.gaps)
         self._propagate(nodes, idxs, len(idxs))
         return old
-
-    def remove(self, pfn: int) -> Iova | None:
-        """Erase the entry containing ``pfn`` and return it; None (and no change) if there is
-        none: :meth:`locate_entry` plus :meth:`erase_at` with one descent, the hot path of a
-        free."""
-        nodes: list[_Node] = []
-        idxs: list[int] = []
-        node = self._root
-        for _ in range(self._height):
-            c = bisect_right(node.keys, pfn) - 1
-            nodes.append(node)
-            idxs.append(c)
-            node = node.kids[c]  # type: ignore[assignment]
-        i = bisect_right(node.keys, pfn) - 1
-        obj: Iova = node.kids[i]  # type: ignore[assignment]
-        if pfn < 0 or obj.pfn_hi < pfn or obj is self._anchor:
-            return None  # (pfn >= 0 makes i >= 0 and rules out the bottom sentinel)
-        nodes.append(node)
-        self.erase_at((nodes, idxs), i)
-        return obj
 
     def erase(self, obj: Iova) -> None:
         """Remove ``obj`` (which must be in the tree); its space joins the gap below it."""
