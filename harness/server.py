@@ -132,7 +132,6 @@ class DeviceServer:
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
         self.dma_maps = 0
         self.dma_unmaps = 0
-        self.dma_bytes_mapped = 0
         self.device_resets_seen = 0
         self.resets: dict[str, int] = {}
         self.vfu_errors = ErrorCounter()
@@ -188,7 +187,9 @@ class DeviceServer:
         # The mapping disappears when this callback returns: nothing may keep a view of it.
         # libvfio-user calls this once per region inside an unmapped range.
         self.memory.remove_range(region.iova, region.size)
-        self.device.memory_changed()
+        # Only rings inside this region lose their views: under a vIOMMU there is one unmap
+        # per guest page mapping, and dropping every ring each time would remap them all.
+        self.device.dma_unmapped(region.iova, region.size)
         self.vfu_regions.pop(region.iova, None)
         self.ledger.check_region(region.iova, region.size, present=False)
 
