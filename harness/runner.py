@@ -8,8 +8,8 @@ peers' verdicts, and turn all of it into Cases. Everything started is stopped in
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import select
 import subprocess
 import sys
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import paths
+from harness.checks import host_checks
+from harness.guest.build import build_initramfs
 from harness.net.netns import private_netns
 from harness.report import Case, RunResult
 from harness.vm import ktap
@@ -111,8 +113,6 @@ def child(argv: list[str], log_path: Path, *, name: str, ready: str | None = Non
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -176,8 +176,6 @@ def select_accel(requested: str, env: paths.Env) -> AccelChoice:
 
 def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
          result: RunResult) -> None:
-    from harness.guest.build import build_initramfs
-
     initrd = build_initramfs()
     py = sys.executable
     with ExitStack() as stack:
@@ -225,8 +223,6 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
 def judge(report: ktap.KtapReport, peer: dict[str, Any], stats: dict[str, Any],
           cfg: VmTestConfig) -> list[Case]:
     """Combine the guest's own verdicts with the host side's checks into one list of Cases."""
-    from harness.checks import host_checks
-
     cases: list[Case] = []
     for test in report.tests:
         ok: bool | None = test.status is not ktap.Status.FAIL
@@ -240,8 +236,3 @@ def judge(report: ktap.KtapReport, peer: dict[str, Any], stats: dict[str, Any],
         cases.append(Case("guest_plan_complete", False, "the guest never printed its done line"))
     cases += host_checks(cases, peer, stats, cfg.tcp_bytes, cfg.udp_count)
     return cases
-
-
-def env_summary() -> dict[str, str]:
-    """A few facts for logs: who ran this and where."""
-    return {"uid": str(os.geteuid()), "python": sys.version.split()[0]}

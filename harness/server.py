@@ -247,8 +247,7 @@ class DeviceServer:
             if want != tap_registered:
                 if want:
                     self.sel.register(self.tap.fileno(), selectors.EVENT_READ, "tap")
-                    # Frames may already be waiting: the selector only reports new edges
-                    # after registration on some kernels, so look once now.
+                    # Frames may already be waiting: take them now, not one loop turn later.
                     self.device.on_backend_readable()
                 else:
                     self.sel.unregister(self.tap.fileno())

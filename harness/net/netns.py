@@ -16,9 +16,6 @@ from pyroute2 import netns
 
 log = logging.getLogger(__name__)
 
-NETNS_RUN_DIR = "/var/run/netns"
-
-
 def unique_name(prefix: str = "hns") -> str:
     """A namespace name no other run uses (pid plus random suffix; <= 15 chars is not needed)."""
     return f"{prefix}-{os.getpid()}-{secrets.token_hex(3)}"

@@ -7,7 +7,7 @@ unit tests compare lists, and lets a user print the exact command (`harness vm-t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The accelerators the harness knows how to run.
@@ -43,7 +43,6 @@ class MachinePaths:
     device_socket: Path
     qmp_socket: Path
     console_log: Path
-    extra_devices: tuple[str, ...] = field(default=())
 
 
 def machine_args(profile: MachineProfile) -> list[str]:
@@ -126,5 +125,4 @@ def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths) -> 
         *console_args(paths.console_log),
         *qmp_args(paths.qmp_socket),
         *vfio_user_device_args(paths.device_socket),
-        *paths.extra_devices,
     ]
