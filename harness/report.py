@@ -66,20 +66,18 @@ def _describe(case: Case) -> str:
 def _dma_lines(stats: dict[str, Any]) -> list[str]:
     """The DMA ledger's and the fault injector's counters, when the device reported them."""
     out = []
+    secs = float(stats.get("connected_seconds") or 0) or 1.0
     ledger = stats.get("ledger")
     if isinstance(ledger, dict):
-        violations = ledger.get("violations") or {}
-        nviol = sum(violations.values()) if isinstance(violations, dict) else violations
-        secs = float(stats.get("connected_seconds") or 0) or 1.0
         out.append(
             f"  ledger: {ledger.get('maps', 0)} maps ({ledger.get('maps', 0) / secs:.0f}/s), "
             f"{ledger.get('unmaps', 0)} unmaps, live {ledger.get('live', 0)} "
-            f"(peak {ledger.get('peak_live', 0)}), violations {nviol}, "
+            f"(peak {ledger.get('peak_live', 0)}), "
+            f"violations {ledger.get('violations_total', 0)}, "
             f"revocations {ledger.get('revocations', 0)}, failed maps "
             f"{ledger.get('failed_maps', 0)}")
     dma = stats.get("dma")
     if isinstance(dma, dict):
-        secs = float(stats.get("connected_seconds") or 0) or 1.0
         maps, unmaps = int(dma.get("maps", 0)), int(dma.get("unmaps", 0))
         out.append(f"  vfio-user DMA_MAP {maps} ({maps / secs:.0f}/s), DMA_UNMAP {unmaps} "
                    f"({unmaps / secs:.0f}/s), failed replies {dma.get('failed_replies', 0)}, "
