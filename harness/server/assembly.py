@@ -1,0 +1,240 @@
+"""Device assembly: builds one virtio-net PCI device over vfio-user and a TAP, with its DMA glue.
+
+``DeviceServer`` owns the TAP, the guest memory (libvfio-user's DMA regions), the map-ops stack
+with its ledger, the vfio-user context with the device's PCI identity, and the device itself; it
+turns libvfio-user's DMA map/unmap/reset callbacks into calls on those, and reports counters
+(``stats()`` while running, ``final_stats()`` at exit). It does not run anything: the event loop
+(``harness.server.loop``) drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.dma import FaultSpec, GuestMemory, build_mapops
+from harness.net import tap as tap_mod
+from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
+from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
+from harness.virtio.constants import F_ACCESS_PLATFORM
+from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
+
+log = logging.getLogger(__name__)
+
+PCI_COMMAND = 0x04
+PCI_COMMAND_MASTER = 0x04
+#: virtio-net: vendor 0x1AF4, modern device id 0x1041, network controller class.
+VIRTIO_VENDOR = 0x1AF4
+VIRTIO_NET_DEVICE_ID = 0x1041
+VIRTIO_SUBSYS_NET = 0x0001
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path
+    tap: str = "htap0"
+    netns: str | None = None
+    host_address: str = "198.18.0.1"
+    prefixlen: int = 24
+    mac: bytes = bytes.fromhex("525400123456")
+    queue_size: int = 256
+    map_ops: str = "direct"
+    control: Path | None = None
+    stats: Path | None = None
+    faults: str | None = None
+    #: Offer VIRTIO_F_ACCESS_PLATFORM: the guest then maps every buffer through its DMA API,
+    #: so behind a vIOMMU the device sees IOVAs and one DMA_MAP per guest mapping.
+    access_platform: bool = False
+    #: Offer checksum and TSO offloads (the vnet header passes through to the TAP unchanged).
+    offloads: bool = False
+
+
+class ErrorCounter(logging.Handler):
+    """Counts libvfio-user's error lines: each is a request it refused (a failed reply)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.count = 0
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        self.last = record.getMessage()
+
+
+class Irq:
+    """InterruptSink over vfu_irq_trigger, counting vectors QEMU has not wired up yet."""
+
+    def __init__(self, ctx: VfuContext) -> None:
+        self.ctx = ctx
+        self.sent = 0
+        self.unwired = 0
+
+    def trigger(self, vector: int) -> None:
+        if self.ctx.irq_trigger(vector):
+            self.sent += 1
+        else:
+            self.unwired += 1
+
+
+class DeviceServer:
+    """Owns the vfio-user context, guest memory, map ops, the device and the TAP."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        tap_mod.create(cfg.tap)
+        try:
+            self._build(cfg)
+        except BaseException:
+            # Half built: the TAP is the only thing that outlives this process.
+            with contextlib.suppress(Exception):
+                tap_mod.destroy(cfg.tap)
+            raise
+
+    def _build(self, cfg: ServerConfig) -> None:
+        # What the kernel may hand us unsegmented and without checksums: only what the guest
+        # can take (GUEST_CSUM/GUEST_TSO*), and only when offloads are offered at all.
+        self.tap = Tap(cfg.tap, offload=(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                       if cfg.offloads else 0)
+        configure(cfg.tap, cfg.host_address, cfg.prefixlen)
+        self.memory = GuestMemory()
+        self.ctx = VfuContext(str(cfg.socket))
+        self.irq = Irq(self.ctx)
+        faults = FaultSpec.parse(cfg.faults) if cfg.faults else None
+        self.mapops, ledger = build_mapops(cfg.map_ops, self.memory,
+                                           bus_master=self._bus_master, faults=faults)
+        assert ledger is not None
+        self.ledger = ledger
+        # libvfio-user's view of the regions (iova -> size), to check the domain against.
+        self.vfu_regions: dict[int, int] = {}
+        features = DEFAULT_FEATURES
+        if cfg.access_platform:
+            features |= 1 << F_ACCESS_PLATFORM
+        if cfg.offloads:
+            features |= OFFLOAD_FEATURES
+        self.device = VirtioNetDevice(
+            self.mapops, self.irq, self.tap, mac=cfg.mac, queue_size=cfg.queue_size,
+            features=features, bus_master=self._bus_master, barrier=memory_barrier)
+        self.dma_maps = 0
+        self.dma_unmaps = 0
+        self.resets: dict[str, int] = {}
+        self.vfu_errors = ErrorCounter()
+        logging.getLogger("harness.vfu.libvfio_user").addHandler(self.vfu_errors)
+        # The IOVA space as the device saw it at its busiest (most regions), sampled.
+        self.busiest: dict[str, Any] = {}
+        self.connected_at: float | None = None
+        self._setup_pci()
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _setup_pci(self) -> None:
+        ctx, dev = self.ctx, self.device
+        ctx.set_ids(VIRTIO_VENDOR, VIRTIO_NET_DEVICE_ID, VIRTIO_VENDOR, VIRTIO_SUBSYS_NET)
+        ctx.set_class(0x02, 0x00, 0x00)
+        ctx.set_revision(1)
+        ctx.setup_region(0, dev.bar0_size, dev.bar0_read, dev.bar0_write)
+        ctx.setup_msix(dev.msix_vectors, table_bar=1, pba_bar=1)
+        for cap in dev.caps:
+            ctx.add_capability(cap)
+        ctx.setup_dma(self._on_dma_map, self._on_dma_unmap)
+        ctx.setup_reset(self._on_reset)
+        ctx.realize()
+
+    def _bus_master(self) -> bool:
+        cfg = self.ctx.config_space()
+        return bool(cfg[PCI_COMMAND] & PCI_COMMAND_MASTER)
+
+    # -- libvfio-user callbacks (run inside vfu_run_ctx; never raise) --------------------
+
+    def _on_dma_map(self, region: DmaRegion) -> None:
+        self.dma_maps += 1
+        # Regions without memory (ROM/MMIO windows) are registered too, so the domain mirrors
+        # libvfio-user's list exactly; the device just cannot touch them.
+        self.memory.add_region(region.iova, region.view, writable=bool(region.prot & 2),
+                               size=region.size)
+        self.vfu_regions[region.iova] = region.size
+        self.ledger.check_region(region.iova, region.size, present=True)
+
+    def _on_dma_unmap(self, region: DmaRegion) -> None:
+        self.dma_unmaps += 1
+        # The mapping disappears when this callback returns: nothing may keep a view of it.
+        # libvfio-user calls this once per region inside an unmapped range.
+        self.memory.remove_range(region.iova, region.size)
+        # Only rings inside this region lose their views: under a vIOMMU there is one unmap
+        # per guest page mapping, and dropping every ring each time would remap them all.
+        self.device.dma_unmapped(region.iova, region.size)
+        self.vfu_regions.pop(region.iova, None)
+        self.ledger.check_region(region.iova, region.size, present=False)
+
+    def _on_reset(self, kind: ResetType) -> None:
+        self.resets[kind.name] = self.resets.get(kind.name, 0) + 1
+        log.info("reset: %s", kind.name)
+        # LOST_CONN needs no action here: libvfio-user only reports it from inside vfu_run_ctx
+        # (which then fails with ENOTCONN: run() raises Disconnected and the loop stops) and
+        # from vfu_destroy_ctx at close().
+        if kind != ResetType.LOST_CONN:
+            self.device.reset()
+
+    # -- loop hooks -------------------------------------------------------------------------
+
+    def attached(self) -> None:
+        """The vfio-user client has attached: start the connected clock."""
+        self.connected_at = time.monotonic()
+
+    def sample_iova_space(self) -> None:
+        """Remember the IOVA space's shape if it has as many regions as ever seen."""
+        nregions = len(self.memory)
+        if nregions >= int(self.busiest.get("regions", -1)):
+            self.busiest = dict(self.memory.fragmentation())
+
+    # -- results -----------------------------------------------------------------------------
+
+    def drain_tap(self) -> int:
+        """Read and count frames still queued on the TAP (nobody will deliver them now)."""
+        scratch = memoryview(bytearray(65536 + 64))
+        n = 0
+        while self.tap.readv([scratch]) >= 0:
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        connected = time.monotonic() - self.connected_at if self.connected_at else 0.0
+        return {
+            "connected_seconds": round(connected, 3),
+            "device": self.device.stats(),
+            "ledger": self.ledger.stats(),
+            "irq": {"sent": self.irq.sent, "unwired": self.irq.unwired},
+            "dma": {"maps": self.dma_maps, "unmaps": self.dma_unmaps,
+                    "regions": [[i, s, w] for i, s, w in self.memory.regions()],
+                    "peak_regions": int(self.busiest.get("regions", 0)),
+                    "fragmentation": self.busiest,
+                    "failed_replies": self.vfu_errors.count,
+                    "last_failure": self.vfu_errors.last},
+            "resets": dict(self.resets),
+            "tap_backend": {"read_errors": self.tap.read_errors,
+                            "write_errors": self.tap.write_errors},
+        }
+
+    def final_stats(self) -> dict[str, Any]:
+        """Counters at exit, with the TAP's own kernel counters taken after draining it."""
+        # Everything the device still holds is released by a reset; then nothing may be live.
+        self.device.reset()
+        self.ledger.check_leaks("exit")
+        self.ledger.check_regions(self.vfu_regions.items())
+        result = self.stats()
+        result["tap_undelivered_at_exit"] = self.drain_tap()
+        try:
+            result["tap"] = link_stats(self.cfg.tap)
+        except (OSError, LookupError) as exc:
+            result["tap"] = {"error": str(exc)}
+        return result
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.tap.close()
+        tap_mod.destroy(self.cfg.tap)
+        logging.getLogger("harness.vfu.libvfio_user").removeHandler(self.vfu_errors)

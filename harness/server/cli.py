@@ -1,0 +1,122 @@
+"""The device process's entry point: parses its options and wires assembly, loop and control.
+
+Run as `python -m harness.server --socket PATH [--netns NAME] ...` (or `harness serve ...`); it
+prints `READY` on stdout once QEMU may connect, serves until QEMU goes away, `quit` arrives on
+the control socket or SIGTERM/SIGINT/SIGHUP, and then writes its final counters to `--stats`
+and removes its TAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+from harness import argtypes
+from harness.dma import MAPOPS_KINDS
+from harness.net import netns as netns_mod
+from harness.server.assembly import DeviceServer, ServerConfig
+from harness.server.control import ControlServer, device_commands
+from harness.server.loop import DeviceLoop
+from harness.vfu import VfuError
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write atomically: a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
+    """Options -> (config, log level); a bad value exits 2 with a usage line."""
+    p = argparse.ArgumentParser(prog="harness-server",
+                                description="Serve one virtio-net device over vfio-user.")
+    p.add_argument("--socket", type=Path, required=True, help="vfio-user socket path")
+    p.add_argument("--netns", help="network namespace to enter first (must exist)")
+    p.add_argument("--tap", default="htap0", help="TAP device name (default htap0)")
+    p.add_argument("--host-address", default="198.18.0.1")
+    p.add_argument("--prefixlen", type=int, default=24)
+    p.add_argument("--mac", type=argtypes.mac, default=argtypes.mac("52:54:00:12:34:56"))
+    p.add_argument("--queue-size", type=int, default=256)
+    p.add_argument("--map-ops", choices=MAPOPS_KINDS, default="direct")
+    p.add_argument("--faults", type=argtypes.fault_spec, help="fault injection spec, e.g. "
+                   "mapping-error=0.01,iova-alloc=0.05,max-mapping-size=4096,seed=7")
+    p.add_argument("--access-platform", action="store_true",
+                   help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
+    p.add_argument("--offloads", action="store_true",
+                   help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (vnet header passthrough)")
+    p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
+    p.add_argument("--stats", type=Path, help="write final counters here at exit")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
+        p.error("--queue-size must be a power of two between 2 and 32768")
+    cfg = ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
+                       prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
+                       map_ops=a.map_ops, control=a.control, stats=a.stats,
+                       access_platform=a.access_platform, faults=a.faults,
+                       offloads=a.offloads)
+    return cfg, a.log_level.upper()
+
+
+def raise_fd_limit() -> None:
+    """Every DMA region keeps its own fd and mmap; under a vIOMMU there is one per guest page
+    mapping, so the default soft limit of 1024 fds is far too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, level = parse_args(argv)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    raise_fd_limit()
+    try:
+        if cfg.netns:
+            netns_mod.enter(cfg.netns)
+    except OSError as exc:
+        log.error("cannot enter network namespace %r: %s", cfg.netns, exc)
+        return 1
+    try:
+        server = DeviceServer(cfg)
+    except (OSError, VfuError, ValueError) as exc:
+        log.error("could not start the device: %s", exc)
+        return 1
+    loop = DeviceLoop(server.ctx, server.device, server.ledger, server.tap,
+                      on_attached=server.attached, sample_iova=server.sample_iova_space)
+    try:
+        if cfg.control is not None:
+            loop.control = ControlServer.listen(
+                cfg.control, device_commands(stats=server.stats, stop=loop.request_stop))
+    except OSError as exc:
+        log.error("could not open the control socket: %s", exc)
+        loop.close()
+        server.close()
+        return 1
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        loop.request_stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        print("READY", flush=True)
+        loop.serve()
+    finally:
+        if cfg.stats is not None:
+            write_json(cfg.stats, server.final_stats())
+        if loop.control is not None:
+            loop.control.close()
+        loop.close()
+        server.close()
+    return 0
