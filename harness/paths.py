@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,10 @@ class Env:
     kernel_version: str
     modules: dict[str, Path]  # name -> decompressed .ko, in load order
     busybox: Path
+    #: What each dependency step installed, exactly (package versions, tree digests).
+    provenance: dict[str, str] = field(default_factory=dict)
+    #: Where that differs from the pins because the archive moved on (one line per step).
+    drift: tuple[str, ...] = ()
 
     @property
     def qemu_argv(self) -> list[str]:
@@ -67,6 +71,8 @@ class Env:
             "kernel_version": self.kernel_version,
             "modules": {k: str(v) for k, v in self.modules.items()},
             "busybox": str(self.busybox),
+            "provenance": dict(self.provenance),
+            "drift": list(self.drift),
         }
 
     @classmethod
@@ -88,6 +94,8 @@ class Env:
                 kernel_version=_str(data, "kernel_version"),
                 modules={str(k): Path(_str(modules, k)) for k in modules},
                 busybox=Path(_str(data, "busybox")),
+                provenance={str(k): str(v) for k, v in dict(data.get("provenance", {})).items()},
+                drift=tuple(str(x) for x in data.get("drift", [])),
             )
         except KeyError as e:
             raise EnvError(f"env.json: missing key {e}") from None

@@ -37,6 +37,9 @@ class RunResult:
     device_stats: dict[str, Any] = field(default_factory=dict)
     #: The guest's own counters at the end of its plan (TCP retransmissions, drops, errors).
     guest_net: dict[str, Any] = field(default_factory=dict)
+    #: Exactly what ran (harness.paths.Env.provenance) and where it differs from the pins.
+    deps: dict[str, str] = field(default_factory=dict)
+    drift: list[str] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -109,6 +112,9 @@ def summary(result: RunResult) -> str:
         f"map-ops {result.map_ops}, vIOMMU {'on' if result.viommu else 'off'}, "
         f"faults {result.faults or 'none'}",
     ]
+    lines += [f"  {k}: {v}" for k, v in result.deps.items()]
+    # Loud on purpose: results may differ from a run with the pinned versions.
+    lines += [f"  WARNING (archive moved on from the pins): {d}" for d in result.drift]
     if result.boot_seconds is not None:
         lines.append(f"  boot: {result.boot_seconds:.1f} s (QEMU start to first KTAP line)")
     for case in result.cases:
@@ -153,6 +159,8 @@ def write_junit(result: RunResult, path: Path) -> None:
     props = ET.SubElement(suite, "properties")
     for key, value in (("accel", result.accel), ("accel_reason", result.accel_reason),
                        ("qemu_version", result.qemu_version),
+                       *((f"deps_{k}", v) for k, v in result.deps.items()),
+                       *((f"drift_{i}", d) for i, d in enumerate(result.drift)),
                        ("boot_seconds", f"{result.boot_seconds or 0:.2f}")):
         ET.SubElement(props, "property", {"name": key, "value": value})
     for case in result.cases:

@@ -155,7 +155,8 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
     accel = select_accel(cfg.accel, env)
     result = RunResult(accel=accel.name, accel_reason=accel.reason, map_ops=cfg.map_ops,
                        viommu=cfg.viommu, faults=cfg.faults or "", qemu_version=env.qemu_version,
-                       kernel_version=env.kernel_version, run_dir=str(run_dir))
+                       kernel_version=env.kernel_version, run_dir=str(run_dir),
+                       deps=dict(env.provenance), drift=list(env.drift))
     log.info("accelerator: %s (%s)", accel.name, accel.reason)
     try:
         _run(cfg, env, accel, run_dir, result)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from harness import paths
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     repo = paths.repo_root()
     venv_path = args.venv or Path(os.environ.get("HARNESS_VENV") or repo / ".venv")
     cache = paths.cache_dir()
-    ctx = Context(repo=repo, cache=cache, venv=venv_path.absolute(), check=args.check)
+    sources = os.environ.get("HARNESS_APT_SOURCES")
+    ctx = Context(repo=repo, cache=cache, venv=venv_path.absolute(), check=args.check,
+                  apt_sources=Path(sources).absolute() if sources else None)
     if not args.check:
         cache.mkdir(parents=True, exist_ok=True)
     if args.relock == "qemu":
@@ -48,26 +51,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     only = set(args.only or STEPS)
     results: dict[str, object] = {}
+    provenance: dict[str, str] = {}
+    drift: list[str] = []
     t_all = time.monotonic()
 
-    def step(name: str, fn: Callable[[], StepResult | tuple[StepResult, object]]) -> None:
-        if name not in only:
-            return
+    def step(name: str, fn: Callable[[Context], StepResult | tuple[StepResult, object]],
+             *, quiet: bool = False) -> None:
         t0 = time.monotonic()
-        out = fn()
+        # A step not asked for still reports what it holds (for env.json), verifying only.
+        out = fn(ctx if name in only else replace(ctx, check=True))
         r, value = out if isinstance(out, tuple) else (out, None)
         results[name] = value
-        _line(name, r, time.monotonic() - t0)
+        provenance[name] = r.what
+        drift.extend(r.drift)
+        if not quiet:
+            _line(name, r, time.monotonic() - t0)
 
     try:
-        step("host", lambda: hosttools.ensure(ctx))
-        step("libvfio-user", lambda: libvfio_user.ensure(ctx))
-        step("qemu", lambda: qemu.ensure(ctx))
-        step("guest", lambda: guest.ensure(ctx))
-        step("venv", lambda: venv.ensure(ctx))
+        for name, fn in (("host", hosttools.ensure), ("libvfio-user", libvfio_user.ensure),
+                         ("qemu", qemu.ensure), ("guest", guest.ensure), ("venv", venv.ensure)):
+            if name in only:
+                step(name, fn)
+            elif "env" in only and name in ("libvfio-user", "qemu", "guest"):
+                step(name, fn, quiet=True)
         if "env" in only:
-            q = results.get("qemu") or qemu.ensure(ctx)[1]
-            g = results.get("guest") or guest.ensure(ctx)[1]
+            q, g = results["qemu"], results["guest"]
             assert isinstance(q, qemu.Qemu) and isinstance(g, guest.Guest)
             env = paths.Env(
                 qemu=tuple(q.argv),
@@ -77,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 kernel_version=g.kernel_version,
                 modules=dict(g.modules),
                 busybox=g.busybox,
+                provenance={k: provenance[k] for k in ("libvfio-user", "qemu", "guest")},
+                drift=tuple(drift),
             )
-            step("env", lambda: manifest.write(ctx, env))
+            step("env", lambda c: manifest.write(c, env))
     except DepsError as e:
         print(f"deps: ERROR: {e}", file=sys.stderr)
         return 1

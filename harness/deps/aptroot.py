@@ -1,4 +1,6 @@
-"""Private APT root: trixie(-backports) config, index updates, pinned .deb and source downloads.
+"""Private APT root: trixie(-backports) config, index updates, package queries and downloads.
+
+What to download (pins, drift) is harness.deps.resolve's business; this module is APT mechanics.
 
 Never touches the system's sources or package state: own Dir::State (empty status file), Dir::Cache
 and Dir::Etc::SourceList, rendered from the templates in qemu/apt/.
@@ -12,9 +14,11 @@ import shutil
 from pathlib import Path
 
 from harness.deps.common import Context, DepsError, log, run
-from harness.deps.pins import Pin, debian_version_compare, find_deb, verify_sha256
+from harness.deps.pins import debian_version_compare
 
 SYSTEM_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+#: Private roots whose lists were refreshed by this process (each step makes its own AptRoot).
+_REFRESHED: set[Path] = set()
 
 
 class AptRoot:
@@ -22,7 +26,6 @@ class AptRoot:
         self.ctx = ctx
         self.root = ctx.cache / "apt"
         self.conf = self.root / "apt.conf"
-        self._updated = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -57,16 +60,20 @@ class AptRoot:
         _write_if_changed(
             self.conf, (tpl / "apt.conf.in").read_text().replace("@ROOT@", str(self.root))
         )
-        _write_if_changed(
-            self.root / "etc" / "sources.list",
-            (tpl / "sources.list.in").read_text().replace("@KEYRING@", str(self.keyring())),
-        )
+        if self.ctx.apt_sources is not None:
+            # A mirror, or the tests' local file repository, instead of the public archive.
+            sources = self.ctx.apt_sources.read_text()
+        else:
+            sources = (tpl / "sources.list.in").read_text().replace(
+                "@KEYRING@", str(self.keyring())
+            )
+        _write_if_changed(self.root / "etc" / "sources.list", sources)
 
     def has_lists(self) -> bool:
         return any((self.root / "state" / "lists").glob("*_Packages*"))
 
     def update(self, *, force: bool = False) -> None:
-        if self._updated or (self.has_lists() and not force):
+        if self.root in _REFRESHED or (self.has_lists() and not force):
             return
         if self.ctx.check:
             raise DepsError("the private APT root has no package lists (run without --check)")
@@ -85,10 +92,23 @@ class AptRoot:
                 "HARNESS_APT_KEYRING "
                 f"at a keyring that does. Output:\n{out[-2000:]}"
             )
-        self._updated = True
+        _REFRESHED.add(self.root)
 
-    def available_versions(self, name: str) -> list[str]:
-        cp = run(["apt-cache", "madison", name], env=self.env, check=False)
+    def prepare(self, *, fresh: bool = False) -> None:
+        """Config written and lists present; `fresh`: lists refreshed once in this process
+        (before a download, so that a list from last week does not name files the archive
+        has since replaced)."""
+        self.configure()
+        self.update(force=fresh)
+
+    def _apt_env(self, system: bool) -> dict[str, str]:
+        return {"LC_ALL": "C"} if system else self.env
+
+    def offered(self, name: str, *, system: bool = False) -> list[str]:
+        """Every version of a binary package the sources offer, oldest first."""
+        if not system:
+            self.prepare()
+        cp = run(["apt-cache", "madison", name], env=self._apt_env(system), check=False)
         versions = []
         for line in (cp.stdout or "").splitlines():
             parts = [p.strip() for p in line.split("|")]
@@ -96,93 +116,58 @@ class AptRoot:
                 versions.append(parts[1])
         return sorted(set(versions), key=_VersionKey)
 
-    def gone_error(self, pin: Pin, lock: Path) -> DepsError:
-        versions = self.available_versions(pin.name)
-        newer = [v for v in versions if debian_version_compare(v, pin.version) > 0]
-        cand = f"newest candidate: {pin.name}={versions[-1]}" if versions else "no version offered"
-        return DepsError(
-            f"pinned {pin.spec()} is no longer offered by the registry ({cand}"
-            f"{'; newer: ' + ', '.join(newer) if newer else ''}). Not taking it silently: "
-            f"review and update {lock} (python3 -m harness.deps --relock qemu regenerates the "
-            "QEMU lock)"
-        )
+    def field(self, name: str, version: str, key: str) -> str:
+        """One control field (e.g. Depends) of name=version from the package index."""
+        cp = run(["apt-cache", "show", f"{name}={version}"], env=self.env, check=False)
+        m = re.search(rf"^{re.escape(key)}: (.*)$", cp.stdout or "", re.M)
+        return m.group(1) if m else ""
 
-    def download_debs(
-        self, pins: list[Pin], dest: Path, lock: Path, *, system: bool = False
-    ) -> None:
-        """Fetch the pinned .debs missing from dest (apt-get download name=version), verify all."""
+    def _retry_after_update(self, argv: list[str], *, cwd: Path | None, system: bool
+                            ) -> tuple[int, str]:
+        """Run an apt command; if it fails, refresh the private lists once and retry."""
+        env = self._apt_env(system)
+        cp = run(argv, cwd=cwd, env=env, check=False)
+        if cp.returncode != 0 and not system and self.root not in _REFRESHED:
+            self.update(force=True)  # stale lists name files the archive no longer has
+            cp = run(argv, cwd=cwd, env=env, check=False)
+        return cp.returncode, cp.stdout or ""
+
+    def download(self, specs: list[str], dest: Path, *, system: bool = False) -> None:
+        """apt-get download name=version... into dest (APT checks each file against the
+        sha256 in the signed index before it keeps it)."""
+        if not specs:
+            return
+        if self.ctx.check:
+            raise DepsError(f"{len(specs)} .deb(s) not in {dest}, e.g. {specs[0]}")
         dest.mkdir(parents=True, exist_ok=True)
-        missing = [p for p in pins if find_deb(dest, p) is None]
-        if missing:
-            if self.ctx.check:
-                raise DepsError(
-                    f"{len(missing)} pinned .deb(s) not in {dest}, e.g. {missing[0].spec()}"
-                )
-            env = {"LC_ALL": "C"} if system else self.env
-            if not system:
-                self.configure()
-                self.update()
-            cp = run(
-                ["apt-get", "download", *[p.spec() for p in missing]],
-                cwd=dest,
-                env=env,
-                check=False,
-            )
-            if cp.returncode != 0 and not system and not self._updated:
-                self.update(force=True)  # stale lists? one refresh, then retry
-                cp = run(
-                    ["apt-get", "download", *[p.spec() for p in missing]],
-                    cwd=dest,
-                    env=env,
-                    check=False,
-                )
-            if cp.returncode != 0:
-                for p in missing:
-                    if f"'{p.version}' for '{p.name}' was not found" in (cp.stdout or ""):
-                        if system:
-                            raise _system_gone(p, lock)
-                        raise self.gone_error(p, lock)
-                raise DepsError(f"apt-get download failed:\n{(cp.stdout or '')[-2000:]}")
-        for p in pins:
-            deb = find_deb(dest, p)
-            if deb is None:
-                raise DepsError(f"{p.spec()} was not downloaded into {dest}")
-            verify_sha256(deb, p.sha256)
+        if not system:
+            self.prepare(fresh=True)
+        rc, out = self._retry_after_update(["apt-get", "download", *specs], cwd=dest,
+                                           system=system)
+        if rc != 0:
+            raise DepsError(f"apt-get download {' '.join(specs)} failed:\n{out[-2000:]}")
 
-    def download_source_file(self, pin: Pin, dest: Path, lock: Path) -> Path:
-        """Fetch one file of a source package (pin.file) with apt-get source --download-only."""
-        assert pin.file
-        target = dest / pin.file
-        if not target.exists():
-            if self.ctx.check:
-                raise DepsError(f"{target} is missing")
-            self.configure()
-            self.update()
-            dest.mkdir(parents=True, exist_ok=True)
-            cp = run(
-                ["apt-get", "source", "--download-only", pin.spec()],
-                cwd=dest,
-                env=self.env,
-                check=False,
-            )
-            if cp.returncode != 0:
-                if "Unable to find a source package" in (cp.stdout or "") or "not found" in (
-                    cp.stdout or ""
-                ):
-                    raise self.gone_error(pin, lock)
-                raise DepsError(f"apt-get source failed:\n{(cp.stdout or '')[-2000:]}")
-        verify_sha256(target, pin.sha256)
-        return target
+    def closure(self, spec: str, release: str) -> list[tuple[str, str]]:
+        """(name, version) of every package `apt-get install spec` would install into an
+        empty root, preferring `release` (apt's own dependency resolution, simulated)."""
+        self.prepare()
+        cp = run(["apt-get", "install", "-s", "-y", "-t", release, spec], env=self.env,
+                 check=False)
+        if cp.returncode != 0:
+            raise DepsError(f"APT cannot resolve {spec} from {release}:\n{cp.stdout[-2000:]}")
+        return re.findall(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) ", cp.stdout, re.M)
 
-
-def _system_gone(pin: Pin, lock: Path) -> DepsError:
-    cp = run(["apt-cache", "policy", pin.name], env={"LC_ALL": "C"}, check=False)
-    m = re.search(r"Candidate: (\S+)", cp.stdout or "")
-    cand = m.group(1) if m else "none"
-    return DepsError(
-        f"pinned {pin.spec()} is not offered by the system's APT sources (candidate: {cand}). "
-        f"Not taking it silently: review and update {lock}"
-    )
+    def download_source(self, spec: str, dest: Path) -> str:
+        """apt-get source --download-only spec into dest; returns APT's output."""
+        if self.ctx.check:
+            raise DepsError(f"the source of {spec} is not in {dest}")
+        self.prepare(fresh=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        rc, out = self._retry_after_update(["apt-get", "source", "--download-only", spec],
+                                           cwd=dest, system=False)
+        if rc != 0:
+            raise DepsError(f"apt-get source {spec} failed:\n{out[-2000:]}")
+        return out
 
 
 class _VersionKey:

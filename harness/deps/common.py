@@ -24,6 +24,9 @@ class Context:
     venv: Path
     check: bool  # verify only: never download, build or install
     verbose: bool = False
+    #: A sources.list to use instead of qemu/apt/sources.list.in (a mirror; the tests' local
+    #: file repository). From $HARNESS_APT_SOURCES on the command line.
+    apt_sources: Path | None = None
 
     @property
     def pins(self) -> Path:
@@ -47,10 +50,17 @@ class StepResult:
     what: str  # short summary, e.g. "QEMU 11.1.3 (private root)"
     where: str
     status: str  # "cached", "installed", "ok", "system"
+    #: Differences from the pins (harness.deps.resolve.drift_line), for env.json and summaries.
+    drift: tuple[str, ...] = ()
 
 
 def log(msg: str) -> None:
     print(f"deps: {msg}", file=sys.stderr, flush=True)
+
+
+def warn(msg: str) -> None:
+    """One line that says what changed from a pin; it also goes into env.json's `drift`."""
+    print(f"deps: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 def run(

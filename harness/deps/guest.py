@@ -7,12 +7,14 @@ modules.builtin (from linux-base) so the guest can insmod failover, net_failover
 from __future__ import annotations
 
 import lzma
+import re
 import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.deps import resolve
 from harness.deps.aptroot import AptRoot
 from harness.deps.common import (
     Context,
@@ -23,11 +25,18 @@ from harness.deps.common import (
     replace_dir,
     run,
     sha256_file,
+    sha256_text,
+    warn,
     write_stamp,
 )
 from harness.deps.pins import Pin, find_deb, load_pins
+from harness.deps.resolve import Drift
 
 MODULES = ("failover", "net_failover", "virtio_net")  # load order
+KERNEL_META = "linux-image-amd64"
+KERNEL_PARTS = ("linux-base", "linux-binary", "linux-modules")
+#: What the cache really holds (resolve.Resolved), when the archive moved on from the locks.
+RESOLVED = "guest-resolved.json"
 BUILTIN_NEEDED = ("virtio", "virtio_ring", "virtio_pci")
 STAMP = ".harness-stamp.json"
 
@@ -115,28 +124,78 @@ def _output_hashes(g: Guest) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in files}
 
 
+def _kernel_from_meta(apt: AptRoot, lock: list[Pin]) -> list[Pin]:
+    """The kernel that trixie-backports' linux-image-amd64 points at today, as pins of its
+    linux-base/-binary/-modules packages (sha256 left blank: the archive's index vouches)."""
+    offered = apt.offered(KERNEL_META)
+    if not offered:
+        raise DepsError(f"the pinned kernel ({', '.join(p.spec() for p in lock)}) is no longer "
+                        f"offered and neither is {KERNEL_META}: point HARNESS_APT_SOURCES at "
+                        "an archive that has it, or update qemu/pins/guest-debs.lock")
+    meta = offered[-1]
+    m = re.search(r"linux-image-(\S+-amd64) \(= ([^)]+)\)", apt.field(KERNEL_META, meta, "Depends"))
+    if not m:
+        raise DepsError(f"{KERNEL_META}={meta} does not depend on a linux-image-<version>-amd64")
+    kver, version = m.group(1), m.group(2)
+    pins = [Pin(f"{part}-{kver}", version, "0" * 64) for part in KERNEL_PARTS]
+    for p in pins:
+        if version not in apt.offered(p.name):
+            raise DepsError(f"the pinned kernel is gone and its newest candidate {kver} does not "
+                            f"come as {', '.join(KERNEL_PARTS)} (no {p.spec()}): update "
+                            "qemu/pins/guest-debs.lock by hand")
+    return pins
+
+
+def resolve_kernel(apt: AptRoot, lock: list[Pin], dest: Path) -> tuple[list[Pin], list[Drift]]:
+    """The pinned kernel packages if offered (newer Debian revisions of the same packages
+    taken with drift); if they are gone, the kernel linux-image-amd64 points at now."""
+    got = [resolve.single(apt, p, dest) for p in lock]
+    if all(g is not None for g in got):
+        pairs = [g for g in got if g is not None]
+        return [p for p, _ in pairs], [d for _, d in pairs if d is not None]
+    candidates = _kernel_from_meta(apt, lock)
+    apt.download([p.spec() for p in candidates], dest)
+    pins = [resolve.hashed(dest, p.name, p.version, {}) for p in candidates]
+    drift = [Drift(new.name, f"{old.name} {old.version}", new.version, matters=True)
+             for old, new in zip(lock, pins, strict=True)]
+    return pins, drift
+
+
+def _resolve(ctx: Context, lock: Path, bb_lock: Path, dest: Path) -> resolve.Resolved:
+    apt = AptRoot(ctx)
+    kpins, drift = resolve_kernel(apt, load_pins(lock), dest)
+    (bb_pin,) = load_pins(bb_lock)
+    got = resolve.single(apt, bb_pin, dest, system=True)
+    if got is None:
+        raise DepsError(f"{bb_pin.name} is not offered by the system's APT sources: run "
+                        "`apt-get update`, or update qemu/pins/busybox.lock")
+    bb, bb_drift = got
+    return resolve.Resolved([*kpins, bb], drift + ([bb_drift] if bb_drift else []))
+
+
 def ensure(ctx: Context) -> tuple[StepResult, Guest]:
     lock = ctx.pins / "guest-debs.lock"
     bb_lock = ctx.pins / "busybox.lock"
-    pins = load_pins(lock)
-    (bb_pin,) = load_pins(bb_lock)
-    kver = kernel_version_of(pins)
+    lock_digest = sha256_text(sha256_file(lock), sha256_file(bb_lock))
     debs = ctx.downloads / "guest"
-    apt = AptRoot(ctx)
-    apt.download_debs(pins, debs, lock)
-    apt.download_debs([bb_pin], debs, bb_lock, system=True)
+    manifest = ctx.cache / RESOLVED
     d = guest_dir(ctx)
-    want_inputs = {"kernel_debs": sha256_file(lock), "busybox": sha256_file(bb_lock)}
-    g = _outputs(d, kver)
-    stamp = read_stamp(d / STAMP)
-    if stamp and stamp.get("inputs") == want_inputs:
+    resolved = resolve.Resolved.load(manifest, lock_digest)
+    if resolved is not None:
+        resolve.check_files(debs, resolved.pins)
+        g = _outputs(d, kernel_version_of(resolved.pins))
+        stamp = read_stamp(d / STAMP)
         try:
-            if stamp.get("outputs") == _output_hashes(g):
-                return StepResult(f"guest kernel {kver} + modules + busybox", str(d), "cached"), g
+            if stamp == {"inputs": resolved.digest(), "outputs": _output_hashes(g)}:
+                return _result(g, resolved, d, "cached"), g
         except OSError:
             pass
     if ctx.check:
         raise DepsError(f"{d} is missing or stale")
+    resolved = _resolve(ctx, lock, bb_lock, debs)
+    pins = resolved.pins
+    kver = kernel_version_of(pins)
+    bb_pin = pins[-1]
 
     def deb(prefix: str) -> Path:
         for p in pins:
@@ -180,6 +239,20 @@ def ensure(ctx: Context) -> tuple[StepResult, Guest]:
     out = run([tg.busybox, "echo", "busybox-ok"], check=False)
     if "busybox-ok" not in (out.stdout or ""):
         raise DepsError(f"{tg.busybox} does not run: {out.stdout}")
-    write_stamp(tmp / STAMP, {"inputs": want_inputs, "outputs": _output_hashes(tg)})
+    write_stamp(tmp / STAMP, {"inputs": resolved.digest(), "outputs": _output_hashes(tg)})
     replace_dir(tmp, d)
-    return StepResult(f"guest kernel {kver} + modules + busybox", str(d), "installed"), g
+    manifest.write_text(resolved.to_json(lock_digest))
+    g = _outputs(d, kver)
+    return _result(g, resolved, d, "installed"), g
+
+
+def _result(g: Guest, resolved: resolve.Resolved, d: Path, status: str) -> StepResult:
+    drift: tuple[str, ...] = ()
+    if resolved.drift:
+        line = resolve.drift_line("guest", resolved.drift)
+        warn(line)
+        drift = (line,)
+    names = {p.name: p.version for p in resolved.pins}
+    kpkg = f"linux-binary-{g.kernel_version}"
+    return StepResult(f"guest kernel {g.kernel_version} ({names.get(kpkg, '?')}) + modules + "
+                      f"busybox {names.get('busybox-static', '?')}", str(d), status, drift)

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.deps import resolve
 from harness.deps.aptroot import AptRoot
 from harness.deps.common import (
     Context,
@@ -21,6 +22,7 @@ from harness.deps.common import (
     replace_dir,
     run,
     sha256_file,
+    warn,
     write_stamp,
 )
 from harness.deps.pins import Pin, find_deb, format_pins, load_pins, version_at_least
@@ -30,6 +32,9 @@ LOCK = "qemu-debs.lock"
 ROOT_PACKAGE = "qemu-system-x86"
 ROOT_RELEASE = "trixie-backports"
 STAMP = ".harness-stamp.json"
+#: What the cache really holds, when the archive has moved on from the lock (resolve.Resolved).
+RESOLVED = "qemu-resolved.json"
+CONSTRAINT = "QEMU >= 10.1 with vfio-user-pci"
 MULTIARCH = "usr/lib/x86_64-linux-gnu"
 
 
@@ -72,54 +77,80 @@ def private_argv(root: Path) -> list[str]:
     ]
 
 
+def _acceptable(version: str) -> bool:
+    """A Debian version of qemu-system-x86 that may satisfy the constraint (the probe of the
+    extracted binary decides; this only skips what cannot)."""
+    try:
+        return version_at_least(resolve.upstream(version), MIN_VERSION)
+    except ValueError:
+        return False
+
+
 def ensure(ctx: Context) -> tuple[StepResult, Qemu]:
     system = shutil.which("qemu-system-x86_64")
     if system:
         q = probe([system])
         if q:
             return StepResult(f"QEMU {q.version} (system)", system, "system"), q
+    return ensure_private(ctx)
+
+
+def ensure_private(ctx: Context) -> tuple[StepResult, Qemu]:
+    """trixie-backports' QEMU in CACHE/qemu-root, resolved by the drift policy."""
     lock = ctx.pins / LOCK
-    pins = load_pins(lock)
+    lock_pins = load_pins(lock)
+    lock_digest = sha256_file(lock)
     root = root_dir(ctx)
     debs = ctx.downloads / "qemu-debs"
-    want = {"lock": sha256_file(lock)}
-    if read_stamp(root / STAMP) == want:
-        _verify_debs(ctx, pins, debs, lock)
+    manifest = ctx.cache / RESOLVED
+    resolved = resolve.Resolved.load(manifest, lock_digest)
+    if resolved is not None and read_stamp(root / STAMP) == {"resolved": resolved.digest()}:
+        resolve.check_files(debs, resolved.pins)
         q = probe(private_argv(root))
         if q is None:
             raise DepsError(
                 f"{root} exists but its QEMU does not run or lacks vfio-user-pci; "
                 f"delete {root} and rerun"
             )
-        return StepResult(f"QEMU {q.version} (private root)", str(root), "cached"), q
+        return _result(q, resolved, root, "cached"), q
     if ctx.check:
-        raise DepsError(
-            f"{root} is missing or stale (system QEMU: "
-            f"{system or 'none'} is not >= 10.1 with vfio-user-pci)"
-        )
-    _verify_debs(ctx, pins, debs, lock)
+        raise DepsError(f"{root} is missing or stale (and there is no system QEMU >= 10.1 "
+                        "with vfio-user-pci)")
+    resolved = resolve.closure(AptRoot(ctx), lock_pins, ROOT_PACKAGE, ROOT_RELEASE, debs,
+                               _acceptable, CONSTRAINT)
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    log(f"extracting {len(pins)} debs into {root}")
-    for p in pins:
+    log(f"extracting {len(resolved.pins)} debs into {root}")
+    for p in resolved.pins:
         deb = find_deb(debs, p)
         assert deb is not None
         run(["dpkg-deb", "-x", deb, tmp])
     q = probe(private_argv(tmp))
     if q is None:
-        raise DepsError(f"the private QEMU in {tmp} does not run or lacks vfio-user-pci")
-    write_stamp(tmp / STAMP, want)
+        version = resolved.by_name()[ROOT_PACKAGE].version
+        raise DepsError(
+            f"{ROOT_PACKAGE} {version} from {ROOT_RELEASE} does not satisfy {CONSTRAINT} "
+            f"(it does not run, or lacks vfio-user-pci; see `{' '.join(private_argv(tmp))} "
+            "-device help`). Fix: install a QEMU >= 10.1 built with vfio-user into the "
+            "system, or point HARNESS_APT_SOURCES at an archive that has one")
+    write_stamp(tmp / STAMP, {"resolved": resolved.digest()})
     replace_dir(tmp, root)
+    manifest.write_text(resolved.to_json(lock_digest))
     q = probe(private_argv(root))
     assert q is not None
-    return StepResult(
-        f"QEMU {q.version} (private root, {len(pins)} debs)", str(root), "installed"
-    ), q
+    return _result(q, resolved, root, "installed"), q
 
 
-def _verify_debs(ctx: Context, pins: list[Pin], debs: Path, lock: Path) -> None:
-    AptRoot(ctx).download_debs(pins, debs, lock)
+def _result(q: Qemu, resolved: resolve.Resolved, root: Path, status: str) -> StepResult:
+    drift: tuple[str, ...] = ()
+    if resolved.drift:
+        line = resolve.drift_line("QEMU closure", resolved.drift)
+        warn(line)
+        drift = (line,)
+    pkg = resolved.by_name()[ROOT_PACKAGE]
+    return StepResult(f"QEMU {q.version} ({pkg.name} {pkg.version}, private root, "
+                      f"{len(resolved.pins)} debs)", str(root), status, drift)
 
 
 def relock(ctx: Context) -> Path:

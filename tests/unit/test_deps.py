@@ -62,7 +62,7 @@ def test_committed_locks_parse_and_pin_the_known_hashes() -> None:
     qemu_pins = {p.name: p for p in load_pins(REPO / "qemu/pins/qemu-debs.lock")}
     assert qemu_pins["qemu-system-x86"].version == "1:11.1.3+ds-1~bpo13+1"
     assert qemu_pins["qemu-system-x86"].sha256 == QEMU_SHA
-    (src,) = load_pins(REPO / "qemu/pins/libvfio-user.lock")
+    src, _tree = load_pins(REPO / "qemu/pins/libvfio-user.lock")
     assert src.file == "qemu_10.0.13+ds.orig.tar.xz"
     guest_pins = load_pins(REPO / "qemu/pins/guest-debs.lock")
     assert guest.kernel_version_of(guest_pins) == "7.3.4+deb13-amd64"
@@ -159,6 +159,8 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
         "kernel_version",
         "modules",
         "busybox",
+        "provenance",
+        "drift",
     }
     assert list(data["modules"]) == ["failover", "virtio_net"]  # load order kept
     (tmp_path / "env.json").write_text(text)
