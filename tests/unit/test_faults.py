@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 
 from harness.dma import BounceMapOps, DmaLedger, FaultInjectingMapOps, FaultSpec, build_mapops
-from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, MockQueue
+from harness.server.loop import DeviceLoop
+from harness.testing.mockdriver import FakeIrq, MockDriver, MockMemory, MockQueue
+from harness.testing.serverfakes import FakeEndpoint, PolledBackend
 from harness.virtio import constants as C
 from harness.virtio.net import VirtioNetDevice
 
@@ -54,9 +57,12 @@ SPEC = "mapping-error=0.2,iova-alloc=0.2,max-mapping-size=2048,seed=11"
 
 
 class Rig:
+    """The device over a mock driver, served by the real DeviceLoop (fakes only at its edges)."""
+
     def __init__(self, kind: str, spec: FaultSpec) -> None:
+        self.kind = kind
         self.mem = MockMemory(64 << 20)
-        self.backend = FakeBackend()
+        self.backend = PolledBackend()
         self.irq = FakeIrq()
         ops, ledger = build_mapops(kind, self.mem.memory, bus_master=lambda: True, faults=spec)
         assert isinstance(ledger, DmaLedger)
@@ -67,13 +73,27 @@ class Rig:
         )
         self.driver = MockDriver(self.dev, self.mem)
         self.driver.init()
+        # Built after the probe: the probe's reset and queue set-up happen with no loop turn in
+        # between, which the loop's per-turn leak check cannot tell apart from a leak (see
+        # test_loop.py::test_reset_and_reinit_in_one_round_is_not_a_leak).
+        self.endpoint = FakeEndpoint()
+        self.loop = DeviceLoop(self.endpoint, self.dev, ledger, self.backend, idle_timeout=0.0)
 
     def turn(self) -> None:
-        """One server loop turn."""
-        self.dev.process()
-        if self.dev.rx_wanted():
-            self.dev.on_backend_readable()
-        self.ledger.housekeeping()
+        """One server loop turn, the loop's own code: select, dispatch, per-turn work."""
+        self.loop.run_once()
+
+    def close(self) -> None:
+        self.loop.close()
+        self.endpoint.close()
+        self.backend.close()
+
+
+@pytest.fixture(params=["direct", "bounce"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+    r = Rig(str(request.param), FaultSpec.parse(SPEC))
+    yield r
+    r.close()
 
 
 def _tx(rig: Rig, frames: list[bytes]) -> None:
@@ -109,10 +129,8 @@ def _rx(rig: Rig, frames: list[bytes], bufsize: int) -> list[bytes]:
     raise AssertionError(f"RX stalled: {len(got)}/{len(frames)} delivered")
 
 
-@pytest.mark.parametrize("kind", ["direct", "bounce"])
-def test_traffic_survives_every_fault(kind: str) -> None:
-    spec = FaultSpec.parse(SPEC)
-    rig = Rig(kind, spec)
+def test_traffic_survives_every_fault(rig: Rig) -> None:
+    kind = rig.kind
     rnd = random.Random(5)
     tx_frames = [HDR_TX + rnd.randbytes(rnd.randrange(60, 6000)) for _ in range(300)]
     _tx(rig, tx_frames)
@@ -142,16 +160,19 @@ def test_traffic_survives_every_fault(kind: str) -> None:
     # Rings stay mapped while the queues run; a reset returns every mapping.
     assert led.live == 6
     rig.driver.reset()
-    assert led.check_leaks("reset") == 0 and led.live == 0
+    rig.turn()  # the loop sees the reset and checks for leaks
+    assert led.live == 0
+    s = led.stats()
+    assert s["violations_total"] == 0, s["violations"]
     if kind == "bounce":
         assert isinstance(bounce, BounceMapOps)
         for _ in range(50):
             if not bounce.domain.deferred:
                 break
-            led.housekeeping()
+            rig.turn()  # housekeeping retries the deferred erases
         bounce.domain.flush_rcaches()
         for _ in range(50):
-            led.housekeeping()
+            rig.turn()
         assert bounce.live_slots == 0
         bounce.domain.check()
 
