@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness import argtypes
+from harness import argtypes, proc
 
 
 def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,10 +52,16 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out)
     try:
-        result = run_vm_test(cfg)
+        with proc.interrupts():
+            result = run_vm_test(cfg)
     except paths.EnvError as exc:
         print(f"harness vm-test: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        # Ctrl-C, SIGTERM or SIGHUP: every context manager has run; say what it stopped.
+        done = ", ".join(proc.cleanup_journal) or "nothing was running"
+        print(f"harness vm-test: interrupted, cleaned up: {done}", file=sys.stderr)
+        return proc.exit_status(exc)
     junit = args.junit or Path(result.run_dir) / "junit.xml"
     write_junit(result, junit)
     print(result.to_json() if args.json else summary(result))

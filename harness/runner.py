@@ -24,6 +24,7 @@ from harness import paths
 from harness.checks import host_checks
 from harness.guest.build import build_initramfs
 from harness.net.netns import private_netns
+from harness.proc import note_cleanup, popen
 from harness.report import Case, RunResult
 from harness.vm import ktap
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
@@ -81,8 +82,7 @@ def child(argv: list[str], log_path: Path, *, name: str, ready: str | None = Non
     or stays silent): the device server must be listening before QEMU starts.
     """
     with log_path.open("wb") as err:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
+        proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
     try:
         if ready is not None:
             assert proc.stdout is not None
@@ -108,6 +108,7 @@ def child(argv: list[str], log_path: Path, *, name: str, ready: str | None = Non
                 log.warning("%s ignored SIGTERM: killing it", name)
                 proc.kill()
                 proc.wait()
+        note_cleanup(f"{name} (pid {proc.pid})")
         if proc.stdout is not None:
             proc.stdout.close()
 

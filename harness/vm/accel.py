@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.proc import run
+
 log = logging.getLogger(__name__)
 
 #: Printed by the kernel once it has initialised everything and looks for a root file system;
@@ -52,8 +54,7 @@ def run_probe(qemu: list[str], kernel: Path, timeout: float = PROBE_TIMEOUT) -> 
     argv = probe_args(qemu, kernel)
     log.debug("KVM probe: %s", " ".join(argv))
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
+        proc = run(argv, name="KVM probe QEMU", timeout=timeout)
         out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     except subprocess.TimeoutExpired as exc:
         def text(b: bytes | str | None) -> str:

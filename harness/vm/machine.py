@@ -20,6 +20,8 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from harness.proc import note_cleanup, popen
+
 log = logging.getLogger(__name__)
 
 
@@ -67,7 +69,9 @@ class Machine:
         """Start QEMU and connect to its QMP socket; raise MachineError if it dies first."""
         log.info("launching QEMU: %s", " ".join(self.argv))
         with self.log_path.open("wb") as out:
-            self._proc = subprocess.Popen(
+            # Its own session: a Ctrl-C meant for the harness must not kill the guest before
+            # the harness shuts it down; PR_SET_PDEATHSIG still stops it if the harness dies.
+            self._proc = popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.launched_at = time.monotonic()
@@ -125,6 +129,8 @@ class Machine:
 
     def shutdown(self, timeout: float = 10.0) -> int | None:
         """QMP quit, then wait, then kill: QEMU is gone when this returns."""
+        if self._proc is not None and self._proc.poll() is None:
+            note_cleanup(f"QEMU (pid {self._proc.pid})")
         if self._proc is not None and self._proc.poll() is None and self._qmp is not None:
             try:
                 self._qmp.cmd("quit")
@@ -134,7 +140,8 @@ class Machine:
                 log.warning("QEMU did not quit within %.0f s: killing it", timeout)
         self.kill()
         if self._qmp is not None:
-            with contextlib.suppress(QMPError, OSError):
+            # QEMU is gone: the QMP library reports the closed socket as EOFError.
+            with contextlib.suppress(QMPError, OSError, EOFError):
                 self._qmp.close()
             self._qmp = None
         return self.exitcode()

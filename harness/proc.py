@@ -1,0 +1,102 @@
+"""Process lifetime: children that never outlive the harness, and signals that unwind cleanly.
+
+Every process the harness starts (QEMU, the device server, host peers, the KVM probe) goes
+through `popen`, which sets PR_SET_PDEATHSIG in the child: when the harness dies, even by
+SIGKILL, the kernel signals the child. SIGTERM and SIGHUP are turned into `Interrupted` (a
+KeyboardInterrupt, as Ctrl-C is) by `interrupts()`, so every `finally` and context manager
+runs on the way out, exactly as for Ctrl-C. Clean-up steps note what they stopped in
+`cleanup_journal`, so the command can say so in one line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+#: What clean-up stopped or removed in this process, in order (one short phrase each).
+cleanup_journal: list[str] = []
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived; `signum` says which (exit status 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def note_cleanup(what: str) -> None:
+    cleanup_journal.append(what)
+
+
+def _die_with_parent(parent: int, sig: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Runs in the child between fork and exec; the setting survives exec.
+        if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            os._exit(126)
+        # The parent may have died before prctl: then nobody would ever signal us.
+        if os.getppid() != parent:
+            os._exit(126)
+    return preexec
+
+
+def popen(argv: Sequence[str], *, death_signal: int = signal.SIGTERM,
+          **kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen whose child gets `death_signal` when this process dies, however."""
+    return subprocess.Popen(list(argv), preexec_fn=_die_with_parent(os.getpid(), death_signal),
+                            **kwargs)
+
+
+def run(argv: Sequence[str], *, name: str, timeout: float | None = None,
+        death_signal: int = signal.SIGKILL, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run with the same guarantee (for short-lived helpers such as the KVM probe)."""
+    with popen(argv, death_signal=death_signal, stdin=subprocess.DEVNULL,
+               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            proc.kill()
+            exc.stdout, exc.stderr = proc.communicate()
+            raise
+        except BaseException:
+            # Interrupted: Popen.__exit__ would wait for the child forever.
+            proc.kill()
+            note_cleanup(f"{name} (pid {proc.pid})")
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise Interrupted like Ctrl-C raises
+    KeyboardInterrupt. Only the first signal raises: a second one during clean-up is
+    ignored, so the clean-up it would cut short still finishes (SIGKILL still works)."""
+    fired = False
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number, as a shell reports a process that a signal ended."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
