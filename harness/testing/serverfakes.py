@@ -1,10 +1,14 @@
 """Stand-ins for the device loop's edges (vfio-user endpoint, pollable backend), so unit tests
-run the real ``harness.server.loop.DeviceLoop`` over the mock driver without libvfio-user."""
+run the real ``harness.server.loop.DeviceLoop`` over the mock driver without libvfio-user;
+and ``deadline``, so a loop that never returns fails its test instead of hanging it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from harness.testing.mockdriver import FakeBackend
 from harness.vfu.errors import Disconnected
@@ -66,3 +70,20 @@ class PolledBackend(FakeBackend):
     def close(self) -> None:
         os.close(self._r)
         os.close(self._w)
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging when a loop under test never returns
+    (SIGALRM; the main thread only, which is where pytest runs tests)."""
+
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
