@@ -9,6 +9,7 @@ and removes its TAP.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -16,6 +17,8 @@ import resource
 import signal
 import sys
 from pathlib import Path
+
+from pyroute2 import NetlinkError
 
 from harness import argtypes
 from harness.dma import MAPOPS_KINDS
@@ -27,12 +30,30 @@ from harness.vfu import VfuError
 
 log = logging.getLogger(__name__)
 
+#: Signals that end the run cleanly: the loop stops, --stats is written, the TAP removed.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 
 def write_json(path: Path, data: object) -> None:
     """Write atomically: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(
+            f"not a log level: {text!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL)")
+    return level
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
 
 
 def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
@@ -42,7 +63,7 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
     p.add_argument("--socket", type=Path, required=True, help="vfio-user socket path")
     p.add_argument("--netns", help="network namespace to enter first (must exist)")
     p.add_argument("--tap", default="htap0", help="TAP device name (default htap0)")
-    p.add_argument("--host-address", default="198.18.0.1")
+    p.add_argument("--host-address", type=_address, default="198.18.0.1")
     p.add_argument("--prefixlen", type=int, default=24)
     p.add_argument("--mac", type=argtypes.mac, default=argtypes.mac("52:54:00:12:34:56"))
     p.add_argument("--queue-size", type=int, default=256)
@@ -55,16 +76,19 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                    help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (vnet header passthrough)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=_log_level, default="INFO")
     a = p.parse_args(argv)
     if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
         p.error("--queue-size must be a power of two between 2 and 32768")
+    max_prefix = ipaddress.ip_address(a.host_address).max_prefixlen
+    if not 0 <= a.prefixlen <= max_prefix:
+        p.error(f"--prefixlen must be between 0 and {max_prefix} for {a.host_address}")
     cfg = ServerConfig(socket=a.socket, tap=a.tap, netns=a.netns, host_address=a.host_address,
                        prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                        map_ops=a.map_ops, control=a.control, stats=a.stats,
                        access_platform=a.access_platform, faults=a.faults,
                        offloads=a.offloads)
-    return cfg, a.log_level.upper()
+    return cfg, a.log_level
 
 
 def raise_fd_limit() -> None:
@@ -73,6 +97,18 @@ def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def stop_on_signals(loop: DeviceLoop) -> None:
+    """SIGTERM, SIGINT and SIGHUP stop the loop at its next event or idle timeout (the
+    handler only sets a flag: nothing is interrupted halfway, and clean-up still runs)."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        loop.request_stop()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         server = DeviceServer(cfg)
-    except (OSError, VfuError, ValueError) as exc:
+    except (OSError, VfuError, ValueError, NetlinkError) as exc:
         log.error("could not start the device: %s", exc)
         return 1
     loop = DeviceLoop(server.ctx, server.device, server.ledger, server.tap,
@@ -103,12 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         return 1
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        loop.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(loop)
     try:
         print("READY", flush=True)
         loop.serve()
