@@ -31,6 +31,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def memory_mb(text: str) -> int:
+    """Guest RAM in MiB: at least 256 (the guest's kernel, initramfs and buffers)."""
+    value = positive_int(text)
+    if value < 256:
+        raise argparse.ArgumentTypeError(f"at least 256 (MB), not {value}")
+    return value
+
+
 def mac(text: str) -> bytes:
     """'52:54:00:12:34:56' -> 6 bytes."""
     parts = text.split(":")

@@ -1,7 +1,8 @@
 """The `harness` command: argument parsing and dispatch, nothing else.
 
-Subcommands: `vm-test` (the end-to-end run), `serve` (the device server alone), `accel`
-(which accelerator auto would pick, and why), `bench iova`. Bad input is an argparse error
+Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
+here), `qmp` (a QMP shell on the running VM), `serve` (the device server alone), `accel` (which
+accelerator auto would pick, and why), `bench iova`. Bad input is an argparse error
 (exit 2) with a one-line message, never a traceback.
 """
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from harness import argtypes, proc
 
 
-def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("vm-test", help="boot a guest against the device and run its test plan")
+def _add_testbed_options(p: argparse.ArgumentParser) -> None:
+    """What shapes a testbed: shared by vm-test and run."""
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="auto probes whether KVM can run the guest and falls back to TCG")
     p.add_argument("--map-ops", choices=["direct", "bounce"], default="direct",
@@ -29,7 +30,14 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--offloads", action="store_true",
                    help="offer checksum and TSO offloads (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6)")
     p.add_argument("--smp", type=argtypes.positive_int, default=2)
-    p.add_argument("--memory", type=argtypes.positive_int, default=512, metavar="MB")
+    p.add_argument("--memory", type=argtypes.memory_mb, default=512, metavar="MB")
+    p.add_argument("--pcap", type=Path, metavar="FILE",
+                   help="write every frame the device moves to FILE (pcapng, both directions)")
+
+
+def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("vm-test", help="boot a guest against the device and run its test plan")
+    _add_testbed_options(p)
     p.add_argument("--tcp-bytes", type=argtypes.size, default=64 << 20, metavar="SIZE")
     p.add_argument("--udp-count", type=argtypes.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=1)
@@ -39,18 +47,42 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="boot the guest with the device and keep it running, "
+                                   "with its shell on this terminal")
+    _add_testbed_options(p)
+    p.add_argument("--console", choices=["terminal", "socket"], default="terminal",
+                   help="terminal: the guest's shell here; socket: on console.sock in the "
+                        "run directory (connect with socat)")
+    p.add_argument("--hotplug-ports", type=argtypes.nonnegative_int, default=1, metavar="N",
+                   help="free pcie-root-ports hp0.. for device_add (default 1)")
+
+
+def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                    help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--run-dir", type=Path,
+                   help="the run's directory (default: the newest running `harness run`)")
+    return p
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP: every context manager has run; say what it stopped."""
+    done = ", ".join(proc.cleanup_journal) or "nothing was running"
+    print(f"harness {command}: interrupted, cleaned up: {done}", file=sys.stderr)
+    return proc.exit_status(exc)
+
+
 def cmd_vm_test(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.report import summary, write_junit
     from harness.runner import VmTestConfig, run_vm_test
 
-    if args.memory < 256:
-        raise SystemExit("harness vm-test: --memory must be at least 256 (MB)")
     cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
                        faults=args.faults, offloads=args.offloads,
                        smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
-                       out_dir=args.out)
+                       out_dir=args.out, pcap=args.pcap)
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)
@@ -58,10 +90,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
         print(f"harness vm-test: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        # Ctrl-C, SIGTERM or SIGHUP: every context manager has run; say what it stopped.
-        done = ", ".join(proc.cleanup_journal) or "nothing was running"
-        print(f"harness vm-test: interrupted, cleaned up: {done}", file=sys.stderr)
-        return proc.exit_status(exc)
+        return _interrupted("vm-test", exc)
     junit = args.junit or Path(result.run_dir) / "junit.xml"
     write_junit(result, junit)
     print(result.to_json() if args.json else summary(result))
@@ -70,9 +99,42 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness import paths
+    from harness.session import run_session
+    from harness.testbed import PeerSpec, TestbedConfig
+
+    cfg = TestbedConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
+                        faults=args.faults, offloads=args.offloads, smp=args.smp,
+                        memory_mb=args.memory, pcap=args.pcap,
+                        hotplug_ports=args.hotplug_ports,
+                        # The peers serve the guest's own hnet tests for as long as it runs.
+                        peers=PeerSpec(timeout=30 * 24 * 3600.0))
+    try:
+        with proc.interrupts():
+            return run_session(cfg, args.console)
+    except paths.EnvError as exc:
+        print(f"harness run: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        return _interrupted("run", exc)
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from harness import qmpshell
+    from harness.session import find_run
+
+    try:
+        run = find_run(args.run_dir)
+    except LookupError as exc:
+        print(f"harness qmp: {exc}", file=sys.stderr)
+        return 2
+    return qmpshell.main(Path(run.qmp), set(run.devices), args.words, force=args.force)
+
+
 def cmd_accel(args: argparse.Namespace) -> int:
     from harness import paths
-    from harness.runner import select_accel
+    from harness.testbed import select_accel
 
     try:
         env = paths.load_env()
@@ -89,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_vm_test(sub)
+    _add_run(sub)
+    p = _add_run_client(sub, "qmp", "QMP shell on the running VM (one command if given)")
+    p.add_argument("--force", action="store_true",
+                   help="send commands the shell refuses (device_del of a vfio-user device)")
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG=VALUE ...]")
     p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
@@ -113,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_vm_test(args)
     if args.command == "accel":
         return cmd_accel(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "qmp":
+        return cmd_qmp(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

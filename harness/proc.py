@@ -11,13 +11,19 @@ runs on the way out, exactly as for Ctrl-C. Clean-up steps note what they stoppe
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -32,6 +38,15 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file, for error messages (empty if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def note_cleanup(what: str) -> None:
@@ -73,6 +88,46 @@ def run(argv: Sequence[str], *, name: str, timeout: float | None = None,
             note_cleanup(f"{name} (pid {proc.pid})")
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@contextmanager
+def managed(argv: list[str], log_path: Path, *, name: str, ready: str | None = None,
+          ready_timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
+    """A helper process with its stderr in `log_path`, stopped with SIGTERM then SIGKILL.
+
+    With `ready`, waits until the process prints that line on stdout (and fails if it exits
+    or stays silent): the device server must be listening before QEMU starts.
+    """
+    with log_path.open("wb") as err:
+        proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+    try:
+        if ready is not None:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + ready_timeout
+            line = b""
+            while line.strip() != ready.encode():
+                left = deadline - time.monotonic()
+                if left <= 0 or proc.poll() is not None:
+                    raise RuntimeError(f"{name} did not start (see {log_path}):\n"
+                                       f"{tail(log_path)}")
+                r, _, _ = select.select([proc.stdout], [], [], left)
+                if r:
+                    line = proc.stdout.readline()
+                    if not line and proc.poll() is not None:
+                        continue
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                log.warning("%s ignored SIGTERM: killing it", name)
+                proc.kill()
+                proc.wait()
+        note_cleanup(f"{name} (pid {proc.pid})")
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @contextmanager

@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import select
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness import paths
 from harness.checks import host_checks
-from harness.guest.build import build_initramfs
-from harness.net.netns import private_netns
-from harness.proc import note_cleanup, popen
 from harness.report import Case, RunResult
+from harness.testbed import PeerSpec, Testbed, TestbedConfig, select_accel
 from harness.vm import ktap
-from harness.vm.accel import AccelChoice, cached_probe, choose_accel
-from harness.vm.machine import Machine, MachineError, tail
-from harness.vm.qemu import MachinePaths, MachineProfile, full_args
+from harness.vm.accel import AccelChoice
+from harness.vm.machine import Machine, MachineError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +48,15 @@ class VmTestConfig:
     seed: int = 1
     timeout: float = 900.0
     out_dir: Path | None = None
+    #: Write every frame the device moves to this pcapng file.
+    pcap: Path | None = None
+
+    def testbed(self) -> TestbedConfig:
+        return TestbedConfig(
+            accel=self.accel, map_ops=self.map_ops, viommu=self.viommu, faults=self.faults,
+            offloads=self.offloads, smp=self.smp, memory_mb=self.memory_mb,
+            cmdline=guest_cmdline(self), pcap=self.pcap,
+            peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))
 
 
 def new_run_dir(base: Path | None) -> Path:
@@ -71,46 +72,6 @@ def new_run_dir(base: Path | None) -> Path:
         latest.unlink()
     latest.symlink_to(run.name)
     return run
-
-
-@contextmanager
-def child(argv: list[str], log_path: Path, *, name: str, ready: str | None = None,
-          ready_timeout: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    """A helper process with its stderr in `log_path`, stopped with SIGTERM then SIGKILL.
-
-    With `ready`, waits until the process prints that line on stdout (and fails if it exits
-    or stays silent): the device server must be listening before QEMU starts.
-    """
-    with log_path.open("wb") as err:
-        proc = popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-    try:
-        if ready is not None:
-            assert proc.stdout is not None
-            deadline = time.monotonic() + ready_timeout
-            line = b""
-            while line.strip() != ready.encode():
-                left = deadline - time.monotonic()
-                if left <= 0 or proc.poll() is not None:
-                    raise RuntimeError(f"{name} did not start (see {log_path}):\n"
-                                       f"{tail(log_path)}")
-                r, _, _ = select.select([proc.stdout], [], [], left)
-                if r:
-                    line = proc.stdout.readline()
-                    if not line and proc.poll() is not None:
-                        continue
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                log.warning("%s ignored SIGTERM: killing it", name)
-                proc.kill()
-                proc.wait()
-        note_cleanup(f"{name} (pid {proc.pid})")
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -170,53 +131,19 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
     return result
 
 
-def select_accel(requested: str, env: paths.Env) -> AccelChoice:
-    cache = paths.cache_dir() / "accel-probe.json"
-    return choose_accel(requested,
-                        lambda: cached_probe(list(env.qemu), Path(env.kernel), cache))
-
-
 def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
          result: RunResult) -> None:
-    initrd = build_initramfs()
-    py = sys.executable
-    with ExitStack() as stack:
-        ns = stack.enter_context(private_netns())
-        device_sock = run_dir / "device.sock"
-        server = stack.enter_context(child(
-            [py, "-m", "harness.server", "--socket", str(device_sock), "--netns", ns,
-             "--map-ops", cfg.map_ops, "--control", str(run_dir / "control.sock"),
-             *(["--access-platform"] if cfg.viommu else []),
-             *(["--faults", cfg.faults] if cfg.faults else []),
-             *(["--offloads"] if cfg.offloads else []),
-             "--stats", str(run_dir / "device-stats.json")],
-            run_dir / "server.log", name="device server", ready="READY"))
-        stack.enter_context(child(
-            [py, "-m", "harness.net.peer", "--netns", ns, "--results",
-             str(run_dir / "peer.json"), "--bytes", str(cfg.tcp_bytes), "--seed",
-             str(cfg.seed), "--udp-count", str(cfg.udp_count)],
-            run_dir / "peer.log", name="host peer"))
-        profile = MachineProfile(accel=accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
-                                 viommu=cfg.viommu, cmdline=guest_cmdline(cfg))
-        mpaths = MachinePaths(kernel=Path(env.kernel), initrd=initrd, device_socket=device_sock,
-                              qmp_socket=run_dir / "qmp.sock",
-                              console_log=run_dir / "console.log")
-        argv = full_args(list(env.qemu), profile, mpaths)
-        (run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
-        machine = Machine(argv, qmp_socket=mpaths.qmp_socket, log_path=run_dir / "qemu.log")
-        with machine:
-            machine.launch()
-            text, result.boot_seconds = follow_console(mpaths.console_log, machine, cfg.timeout)
-            # The guest powers itself off after the plan; give it a moment, then QMP quit.
-            machine.wait(30)
+    with Testbed(cfg.testbed(), run_dir, env=env, accel=accel) as tb:
+        text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout)
+        # The guest powers itself off after the plan; give it a moment, then QMP quit.
+        tb.machine.wait(30)
+        tb.machine.shutdown()
         # QEMU is gone: the server sees the disconnect, writes its counters and exits.
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
+        if not tb.device.wait(30):
             log.warning("device server still running 30 s after QEMU exited")
     report = ktap.parse(text)
-    stats = _read_json(run_dir / "device-stats.json")
-    peer = _read_json(run_dir / "peer.json")
+    stats = tb.device.final_stats()
+    peer = _read_json(tb.peer_results)
     result.device_stats = stats
     result.guest_net = dict(report.metrics.get("guest_net", {}))
     result.cases = judge(report, peer, stats, cfg)

@@ -20,18 +20,9 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from harness.proc import note_cleanup, popen
+from harness.proc import note_cleanup, popen, tail
 
 log = logging.getLogger(__name__)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last lines of a log file, for error messages (empty if it does not exist)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class MachineError(Exception):

@@ -24,6 +24,11 @@ class MachineProfile:
     viommu: bool = False
     #: Extra kernel command-line words (test plan parameters and the like).
     cmdline: tuple[str, ...] = ()
+    #: Free pcie-root-ports (ids hp0, hp1, ...) for devices added at run time (device_add).
+    hotplug_ports: int = 0
+    #: Resets (QMP system_reset, a guest reboot) reset the machine instead of ending QEMU.
+    #: Off for test plans, where a guest panic (panic=-1 reboots) must end the run.
+    reboot: bool = False
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -43,6 +48,10 @@ class MachinePaths:
     device_socket: Path
     qmp_socket: Path
     console_log: Path
+    #: When set, the console is also a unix socket (the log file still records everything).
+    console_socket: Path | None = None
+    #: A second QMP monitor, for people (`harness qmp`); the harness keeps the first.
+    user_qmp_socket: Path | None = None
 
 
 def machine_args(profile: MachineProfile) -> list[str]:
@@ -68,7 +77,7 @@ def machine_args(profile: MachineProfile) -> list[str]:
         "-display", "none",
         "-vga", "none",
         "-nic", "none",
-        "-no-reboot",
+        *([] if profile.reboot else ["-no-reboot"]),
     ]
 
 
@@ -87,20 +96,41 @@ def kernel_args(kernel: Path, initrd: Path, cmdline: str) -> list[str]:
     return ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
-def console_args(log: Path) -> list[str]:
-    """The serial console (ttyS0) goes to a file that the host parses."""
-    return ["-chardev", f"file,id=console,path={log}", "-serial", "chardev:console"]
+def console_args(log: Path, sock: Path | None = None) -> list[str]:
+    """The serial console (ttyS0) goes to a file that the host parses; with `sock`, QEMU also
+    listens there for one client (a terminal), and the file still gets every byte."""
+    if sock is None:
+        return ["-chardev", f"file,id=console,path={log}", "-serial", "chardev:console"]
+    return ["-chardev", f"socket,id=console,path={sock},server=on,wait=off,logfile={log}",
+            "-serial", "chardev:console"]
 
 
-def qmp_args(socket_path: Path) -> list[str]:
-    """A QMP socket that QEMU listens on; the harness connects after launch."""
-    return ["-qmp", f"unix:{socket_path},server=on,wait=off"]
+def qmp_args(socket_path: Path, user_socket: Path | None = None) -> list[str]:
+    """A QMP socket that QEMU listens on; the harness connects after launch. A second one
+    for people, so that an interactive session never takes the harness's own monitor."""
+    args = ["-qmp", f"unix:{socket_path},server=on,wait=off"]
+    if user_socket is not None:
+        args += ["-qmp", f"unix:{user_socket},server=on,wait=off"]
+    return args
+
+
+def hotplug_port_args(count: int) -> list[str]:
+    """Empty pcie-root-ports hp0..hp<count-1> for device_add (q35 has no hot-plug slot else)."""
+    args = []
+    for i in range(count):
+        args += ["-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}"]
+    return args
+
+
+def vfio_user_device_spec(socket_path: Path, device_id: str = "net0") -> dict[str, object]:
+    """The properties of a vfio-user-pci device whose server listens at socket_path."""
+    return {"driver": "vfio-user-pci", "id": device_id,
+            "socket": {"type": "unix", "path": str(socket_path)}}
 
 
 def vfio_user_device_args(socket_path: Path, device_id: str = "net0") -> list[str]:
     """The vfio-user-pci device whose server is our Python process."""
-    spec = {"driver": "vfio-user-pci", "id": device_id,
-            "socket": {"type": "unix", "path": str(socket_path)}}
+    spec = vfio_user_device_spec(socket_path, device_id)
     return ["-device", json.dumps(spec, separators=(",", ":"))]
 
 
@@ -122,7 +152,8 @@ def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths) -> 
         *machine_args(profile),
         *viommu_args(profile),
         *kernel_args(paths.kernel, paths.initrd, kernel_cmdline(profile)),
-        *console_args(paths.console_log),
-        *qmp_args(paths.qmp_socket),
+        *console_args(paths.console_log, paths.console_socket),
+        *qmp_args(paths.qmp_socket, paths.user_qmp_socket),
         *vfio_user_device_args(paths.device_socket),
+        *hotplug_port_args(profile.hotplug_ports),
     ]

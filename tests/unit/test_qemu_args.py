@@ -69,3 +69,19 @@ def test_full_args_orders_iommu_before_device() -> None:
     device = next(i for i, a in enumerate(args) if "vfio-user-pci" in a)
     assert iommu < device
     assert args[args.index("-append") + 1].endswith("harness.bytes=1")
+
+
+def test_interactive_machine_console_socket_second_qmp_hotplug_ports_and_reboot() -> None:
+    paths = MachinePaths(kernel=Path("k"), initrd=Path("i"), device_socket=Path("s"),
+                         qmp_socket=Path("q"), console_log=Path("c.log"),
+                         console_socket=Path("c.sock"), user_qmp_socket=Path("u.sock"))
+    args = full_args(["qemu"], MachineProfile(hotplug_ports=2, reboot=True), paths)
+    chardev = args[args.index("-chardev") + 1]
+    assert chardev == "socket,id=console,path=c.sock,server=on,wait=off,logfile=c.log"
+    qmps = [args[i + 1] for i, a in enumerate(args) if a == "-qmp"]
+    assert qmps == ["unix:q,server=on,wait=off", "unix:u.sock,server=on,wait=off"]
+    ports = [a for a in args if a.startswith("pcie-root-port")]
+    assert ports == ["pcie-root-port,id=hp0,chassis=1,slot=1",
+                     "pcie-root-port,id=hp1,chassis=2,slot=2"]
+    assert "-no-reboot" not in args
+    assert "-no-reboot" in full_args(["qemu"], MachineProfile(), paths)

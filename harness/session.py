@@ -1,0 +1,214 @@
+"""`harness run`: boot the testbed and keep it running, with the guest's shell on this terminal.
+
+The run directory (build/run/<stamp>, `latest` points at the newest) holds the logs, the
+sockets and `run.json`, which says where everything is while the run lives; `harness qmp`,
+`harness stats` and `harness dump-queue` find the running VM through it. The console is
+relayed between the terminal and QEMU's console socket with the terminal in cbreak mode:
+keys go to the guest one by one (its shell echoes and edits), while Ctrl-C stays a signal that
+tears everything down. `exit` in the guest's shell powers the guest off, which ends the run too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import sys
+import termios
+import time
+import tty
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from harness import paths
+from harness.testbed import Testbed, TestbedConfig
+
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What run.json says about a live `harness run`."""
+
+    pid: int
+    run_dir: str
+    qmp: str  # the QMP monitor for people
+    control: list[str]  # each device server's control socket, net0 first
+    devices: list[str]  # the QEMU ids of the vfio-user-pci devices
+    console_socket: str
+    console_log: str
+
+    def write(self) -> None:
+        path = Path(self.run_dir) / RUN_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+
+def runs_root() -> Path:
+    return paths.build_dir() / "run"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def load_run(run_dir: Path) -> RunInfo:
+    """The run in run_dir; LookupError (with the reason) if it is not running."""
+    try:
+        data = json.loads((run_dir / RUN_FILE).read_text())
+        info = RunInfo(**data)
+    except FileNotFoundError:
+        raise LookupError(f"{run_dir} has no {RUN_FILE}: not a harness run directory, or "
+                          "the run has ended") from None
+    except (ValueError, TypeError) as exc:
+        raise LookupError(f"{run_dir / RUN_FILE} is unreadable: {exc}") from None
+    if not _alive(info.pid):
+        raise LookupError(f"the run in {run_dir} has ended (pid {info.pid} is gone)")
+    return info
+
+
+def find_run(run_dir: Path | None = None) -> RunInfo:
+    """The given run, or the newest live one under build/run; LookupError if none."""
+    if run_dir is not None:
+        return load_run(run_dir)
+    candidates = sorted(runs_root().glob(f"*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
+    for path in candidates:
+        with contextlib.suppress(LookupError):
+            return load_run(path.parent)
+    raise LookupError("no running VM found (start one with `harness run`, or pass --run-dir)")
+
+
+def new_run_dir() -> Path:
+    root = runs_root()
+    base = time.strftime("%Y%m%d-%H%M%S")
+    run = root / base
+    n = 0
+    while run.exists():
+        n += 1
+        run = root / f"{base}-{n}"
+    run.mkdir(parents=True)
+    latest = root / "latest"
+    with contextlib.suppress(FileNotFoundError):
+        latest.unlink()
+    latest.symlink_to(run.name)
+    return run
+
+
+def run_info(tb: Testbed) -> RunInfo:
+    assert tb.console_socket is not None
+    return RunInfo(pid=os.getpid(), run_dir=str(tb.run_dir), qmp=str(tb.user_qmp_socket),
+                   control=[str(d.control) for d in tb.devices],
+                   devices=[d.spec.name for d in tb.devices],
+                   console_socket=str(tb.console_socket), console_log=str(tb.console_log))
+
+
+def banner(tb: Testbed, info: RunInfo, console: str) -> str:
+    """Where everything is, in lines that fit 80 columns (paths may be longer)."""
+    env = tb.env
+    lines = [
+        f"harness run: accel {tb.accel.name}, QEMU {env.qemu_version}, "
+        f"kernel {env.kernel_version}",
+        f"  run dir  {info.run_dir}",
+        f"  QMP      harness qmp        ({info.qmp})",
+        f"  device   harness stats, harness dump-queue N   ({info.control[0]})",
+        "  logs     console.log, net0-server.log, qemu.log in the run dir",
+    ]
+    if console == "socket":
+        lines.append(f"  console  socat -,raw,echo=0 UNIX-CONNECT:{info.console_socket}")
+        lines.append("  stop     Ctrl-C or SIGTERM here, or poweroff -f in the guest")
+    else:
+        lines.append("  console  this terminal: the guest's shell (`exit` powers it off)")
+        lines.append("  stop     Ctrl-C, or `exit` in the guest")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def cbreak(fd: int) -> Iterator[None]:
+    """Keys go out one at a time without local echo; Ctrl-C is still a signal here."""
+    if not os.isatty(fd):
+        yield
+        return
+    old = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        attrs = termios.tcgetattr(fd)
+        attrs[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
+
+
+def connect_console(path: Path, timeout: float = 10.0) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def relay(tb: Testbed, stdin: int, stdout: int) -> None:
+    """Terminal <-> console socket until QEMU exits or the console closes."""
+    assert tb.console_socket is not None
+    con = connect_console(tb.console_socket)
+    with con, cbreak(stdin):
+        stdin_open = True
+        while tb.machine.running():
+            fds = [con.fileno()] + ([stdin] if stdin_open else [])
+            ready, _, _ = select.select(fds, [], [], 0.5)
+            if con.fileno() in ready:
+                data = con.recv(65536)
+                if not data:
+                    return
+                os.write(stdout, data)
+            if stdin in ready:
+                data = os.read(stdin, 4096)
+                if not data:
+                    stdin_open = False  # EOF on our input: keep showing the guest's output
+                else:
+                    con.sendall(data)
+
+
+def wait_for_exit(tb: Testbed) -> None:
+    while tb.machine.running():
+        time.sleep(0.5)
+
+
+def run_session(cfg: TestbedConfig, console: str) -> int:
+    """Boot, print where things are, relay the console (or wait), tear down. Exit status 0
+    when the guest powered itself off."""
+    run_dir = new_run_dir()
+    cmdline = ("harness.plan=link_up", "harness.shell=1", *cfg.cmdline)
+    cfg = replace(cfg, console="socket", cmdline=cmdline, reboot=True)
+    with Testbed(cfg, run_dir) as tb:
+        info = run_info(tb)
+        info.write()
+        print(banner(tb, info, console), flush=True)
+        try:
+            if console == "socket":
+                wait_for_exit(tb)
+            else:
+                relay(tb, sys.stdin.fileno(), sys.stdout.fileno())
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (run_dir / RUN_FILE).unlink()
+        tb.machine.wait(10)
+    print("\nharness run: the guest powered off; everything stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,294 @@
+"""The Testbed: one reusable assembly of everything a run needs, started and stopped in one place.
+
+A Testbed is a context manager over a private network namespace, one or more device servers
+(each with its own TAP and subnet in that namespace), the host-side test peers, the QEMU machine
+with its console and QMP sockets. `harness vm-test`, `harness run`, the benchmarks and the pytest
+fixtures all use it, so the clean-up guarantees (harness.proc) hold everywhere: leaving the
+`with` block, by return, exception, Ctrl-C or SIGTERM, stops every process and removes the
+namespace.
+
+    with Testbed(TestbedConfig(viommu=True), run_dir) as tb:
+        tb.wait_console("# harness: done")
+        print(tb.device.stats())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from harness import paths
+from harness.guest.build import build_initramfs
+from harness.net.netns import private_netns
+from harness.proc import managed
+from harness.vm.accel import AccelChoice, cached_probe, choose_accel
+from harness.vm.machine import Machine
+from harness.vm.qemu import MachinePaths, MachineProfile, full_args, vfio_user_device_spec
+
+log = logging.getLogger(__name__)
+
+#: Where run directories of `harness run` live (each has a run.json while it runs).
+RUNS_DIR = "run"
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device server: its name (QEMU device id), TAP, host address and guest MAC."""
+
+    name: str = "net0"
+    index: int = 0
+
+    @property
+    def tap(self) -> str:
+        return f"htap{self.index}"
+
+    @property
+    def host_address(self) -> str:
+        return f"198.18.{self.index}.1"
+
+    @property
+    def guest_address(self) -> str:
+        return f"198.18.{self.index}.2"
+
+    @property
+    def mac(self) -> str:
+        return f"52:54:00:12:34:{0x56 + self.index:02x}"
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """The host-side test peers (TCP sink/source, UDP echo) of the guest's plan."""
+
+    tcp_bytes: int = 64 << 20
+    udp_count: int = 1000
+    seed: int = 1
+    timeout: float = 900.0
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """Everything that shapes a testbed; every field is a CLI option of vm-test and run."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    accel: str = "auto"
+    map_ops: str = "direct"
+    viommu: bool = False
+    faults: str | None = None
+    offloads: bool = False
+    smp: int = 2
+    memory_mb: int = 512
+    #: Extra kernel command-line words (the guest plan's parameters).
+    cmdline: tuple[str, ...] = ()
+    #: "file": the console goes to console.log only; "socket": also to console.sock, where a
+    #: terminal (harness run) or a test can talk to the guest's shell.
+    console: str = "file"
+    peers: PeerSpec | None = field(default_factory=PeerSpec)
+    #: pcie-root-ports (hp0, hp1, ...) left free for device_add.
+    hotplug_ports: int = 0
+    #: Write every frame of the first device to this pcapng file.
+    pcap: Path | None = None
+    #: system_reset and guest reboots reset the machine (interactive runs) instead of ending it.
+    reboot: bool = False
+
+
+class Device:
+    """A running device server: its sockets, its log, and its control channel."""
+
+    def __init__(self, spec: DeviceSpec, run_dir: Path) -> None:
+        self.spec = spec
+        prefix = run_dir / spec.name
+        self.socket = prefix.with_name(f"{spec.name}.sock")
+        self.control = prefix.with_name(f"{spec.name}-control.sock")
+        self.stats_path = prefix.with_name(f"{spec.name}-stats.json")
+        self.log = prefix.with_name(f"{spec.name}-server.log")
+        self.proc: Any = None
+
+    def request(self, cmd: str, timeout: float = 10.0, **args: object) -> dict[str, Any]:
+        """One control-protocol request (see harness.server.control); the reply object."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.control))
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
+        if not isinstance(reply, dict):
+            raise ValueError(f"control reply is not an object: {buf[:200]!r}")
+        return reply
+
+    def stats(self) -> dict[str, Any]:
+        reply = self.request("stats")
+        if not reply.get("ok"):
+            raise RuntimeError(f"stats failed: {reply.get('error')}")
+        stats = reply.get("stats")
+        return stats if isinstance(stats, dict) else {}
+
+    def final_stats(self) -> dict[str, Any]:
+        """The counters the server wrote when it exited (empty if it did not)."""
+        try:
+            data = json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def wait(self, timeout: float) -> bool:
+        """Wait for the server to exit by itself (it does when QEMU goes away)."""
+        try:
+            self.proc.wait(timeout)
+        except Exception:  # subprocess.TimeoutExpired
+            return False
+        return True
+
+
+def select_accel(requested: str, env: paths.Env) -> AccelChoice:
+    cache = paths.cache_dir() / "accel-probe.json"
+    return choose_accel(requested,
+                        lambda: cached_probe(list(env.qemu), Path(env.kernel), cache))
+
+
+class Testbed:
+    """Namespace, device servers, peers and QEMU for one run; `with` starts and stops it all."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, cfg: TestbedConfig, run_dir: Path, *, env: paths.Env | None = None,
+                 accel: AccelChoice | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.env = env or paths.load_env()
+        self.accel = accel or select_accel(cfg.accel, self.env)
+        self.devices: list[Device] = []
+        self.netns = ""
+        self.qmp_socket = run_dir / "qmp.sock"
+        #: A second QMP monitor for people (harness qmp): the harness keeps its own.
+        self.user_qmp_socket = run_dir / "qmp-user.sock"
+        self.console_log = run_dir / "console.log"
+        self.console_socket = run_dir / "console.sock" if cfg.console == "socket" else None
+        self.peer_results = run_dir / "peer.json"
+        self._machine: Machine | None = None
+        self._stack = ExitStack()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Testbed:
+        try:
+            self.start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop QEMU, then the servers and peers, then remove the namespace (reverse order)."""
+        self._stack.close()
+
+    def start(self) -> None:
+        initrd = build_initramfs()
+        self.netns = self._stack.enter_context(private_netns())
+        self.add_device()
+        if self.cfg.peers is not None:
+            self._start_peers(self.cfg.peers)
+        self._launch(initrd)
+
+    @property
+    def device(self) -> Device:
+        """The first device (the one QEMU boots with)."""
+        return self.devices[0]
+
+    @property
+    def machine(self) -> Machine:
+        if self._machine is None:
+            raise RuntimeError("the testbed's machine is not running")
+        return self._machine
+
+    def qmp(self, command: str, **arguments: Any) -> object:
+        return self.machine.qmp(command, **arguments)
+
+    # -- parts -------------------------------------------------------------------------------
+
+    def add_device(self) -> Device:
+        """Start one more device server in the namespace (its own TAP and 198.18.N.0/24)."""
+        spec = DeviceSpec(name=f"net{len(self.devices)}", index=len(self.devices))
+        dev = Device(spec, self.run_dir)
+        cfg = self.cfg
+        argv = [sys.executable, "-m", "harness.server", "--socket", str(dev.socket),
+                "--netns", self.netns, "--tap", spec.tap, "--host-address", spec.host_address,
+                "--mac", spec.mac, "--map-ops", cfg.map_ops, "--control", str(dev.control),
+                "--stats", str(dev.stats_path),
+                *(["--access-platform"] if cfg.viommu else []),
+                *(["--faults", cfg.faults] if cfg.faults else []),
+                *(["--offloads"] if cfg.offloads else []),
+                *(["--pcap", str(cfg.pcap)] if cfg.pcap and not self.devices else [])]
+        dev.proc = self._stack.enter_context(managed(
+            argv, dev.log, name=f"device server {spec.name}", ready="READY"))
+        self.devices.append(dev)
+        return dev
+
+    def hotplug(self, dev: Device, port: int = 0) -> None:
+        """device_add a vfio-user-pci for `dev` on pcie-root-port hp<port>."""
+        spec = vfio_user_device_spec(dev.socket, dev.spec.name)
+        self.qmp("device_add", bus=f"hp{port}", **spec)
+
+    def _start_peers(self, peers: PeerSpec) -> None:
+        argv = [sys.executable, "-m", "harness.net.peer", "--netns", self.netns, "--results",
+                str(self.peer_results), "--bytes", str(peers.tcp_bytes), "--seed",
+                str(peers.seed), "--udp-count", str(peers.udp_count), "--timeout",
+                str(peers.timeout)]
+        self._stack.enter_context(managed(argv, self.run_dir / "peer.log", name="host peer"))
+
+    def _launch(self, initrd: Path) -> None:
+        cfg = self.cfg
+        profile = MachineProfile(accel=self.accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
+                                 viommu=cfg.viommu, cmdline=cfg.cmdline,
+                                 hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot)
+        mpaths = MachinePaths(kernel=Path(self.env.kernel), initrd=initrd,
+                              device_socket=self.device.socket, qmp_socket=self.qmp_socket,
+                              console_log=self.console_log,
+                              console_socket=self.console_socket,
+                              user_qmp_socket=self.user_qmp_socket)
+        argv = full_args(list(self.env.qemu), profile, mpaths)
+        (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+        machine = Machine(argv, qmp_socket=self.qmp_socket, log_path=self.run_dir / "qemu.log")
+        self._stack.enter_context(machine)
+        machine.launch()
+        self._machine = machine
+
+    # -- the console -------------------------------------------------------------------------
+
+    def console_text(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_console(self, pattern: str, timeout: float, *, start: int = 0) -> str:
+        """Wait until `pattern` appears in the console log (after offset `start`); raise
+        TimeoutError, or RuntimeError if QEMU exits first. Returns the console text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console_text()
+            if pattern in text[start:]:
+                return text
+            if not self.machine.running():
+                raise RuntimeError(f"QEMU exited before the console showed {pattern!r}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the console did not show {pattern!r} within {timeout:.0f} s")
+            time.sleep(0.1)
+
