@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "apt-get": "apt",
     "ip": "iproute2",
     "cpio": "cpio",  # the initramfs tests cross-check our newc writer against it
+    "tshark": "tshark",  # the capture tests read --pcap files with the real Wireshark reader
 }
 # pkg-config module -> Debian package
 PKGCONFIG: dict[str, str] = {
