@@ -18,10 +18,12 @@ from typing import Any
 
 from harness.dma import FaultSpec, GuestMemory, build_mapops
 from harness.net import tap as tap_mod
+from harness.net.pcap import CapturingBackend, PcapngWriter
 from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
 from harness.virtio.constants import F_ACCESS_PLATFORM
 from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
+from harness.virtio.protocols import PacketBackend
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class ServerConfig:
     access_platform: bool = False
     #: Offer checksum and TSO offloads (the vnet header passes through to the TAP unchanged).
     offloads: bool = False
+    #: Write every frame between guest and TAP to this pcapng file (harness.net.pcap).
+    pcap: Path | None = None
 
 
 class ErrorCounter(logging.Handler):
@@ -101,6 +105,14 @@ class DeviceServer:
         self.tap = Tap(cfg.tap, offload=(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
                        if cfg.offloads else 0)
         configure(cfg.tap, cfg.host_address, cfg.prefixlen)
+        # The device and the loop move frames through ``backend``: the TAP itself, or a capture
+        # around it. ``tap`` stays the bare TAP (its counters, close, and the drain at exit,
+        # whose frames never reach the guest and so are not captured).
+        self.capture: CapturingBackend[Tap] | None = None
+        self.backend: PacketBackend = self.tap
+        if cfg.pcap is not None:
+            self.capture = CapturingBackend(self.tap, PcapngWriter.open(cfg.pcap))
+            self.backend = self.capture
         self.memory = GuestMemory()
         self.ctx = VfuContext(str(cfg.socket))
         self.irq = Irq(self.ctx)
@@ -117,7 +129,7 @@ class DeviceServer:
         if cfg.offloads:
             features |= OFFLOAD_FEATURES
         self.device = VirtioNetDevice(
-            self.mapops, self.irq, self.tap, mac=cfg.mac, queue_size=cfg.queue_size,
+            self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
         self.dma_maps = 0
         self.dma_unmaps = 0
@@ -203,7 +215,7 @@ class DeviceServer:
 
     def stats(self) -> dict[str, Any]:
         connected = time.monotonic() - self.connected_at if self.connected_at else 0.0
-        return {
+        result: dict[str, Any] = {
             "connected_seconds": round(connected, 3),
             "device": self.device.stats(),
             "ledger": self.ledger.stats(),
@@ -218,6 +230,9 @@ class DeviceServer:
             "tap_backend": {"read_errors": self.tap.read_errors,
                             "write_errors": self.tap.write_errors},
         }
+        if self.capture is not None:
+            result["pcap"] = self.capture.stats()
+        return result
 
     def final_stats(self) -> dict[str, Any]:
         """Counters at exit, with the TAP's own kernel counters taken after draining it."""
@@ -235,6 +250,8 @@ class DeviceServer:
 
     def close(self) -> None:
         self.ctx.close()
+        if self.capture is not None:
+            self.capture.close()
         self.tap.close()
         tap_mod.destroy(self.cfg.tap)
         logging.getLogger("harness.vfu.libvfio_user").removeHandler(self.vfu_errors)

@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                    help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (vnet header passthrough)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
+    p.add_argument("--pcap", type=Path, help="capture every frame between guest and TAP to "
+                   "this pcapng file (Ethernet, direction in epb_flags, vnet header stripped)")
     p.add_argument("--log-level", type=_log_level, default="INFO")
     a = p.parse_args(argv)
     if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
@@ -87,7 +89,7 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                        prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                        map_ops=a.map_ops, control=a.control, stats=a.stats,
                        access_platform=a.access_platform, faults=a.faults,
-                       offloads=a.offloads)
+                       offloads=a.offloads, pcap=a.pcap)
     return cfg, a.log_level
 
 
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, VfuError, ValueError, NetlinkError) as exc:
         log.error("could not start the device: %s", exc)
         return 1
-    loop = DeviceLoop(server.ctx, server.device, server.ledger, server.tap,
+    loop = DeviceLoop(server.ctx, server.device, server.ledger, server.backend,
                       on_attached=server.attached, sample_iova=server.sample_iova_space)
     try:
         if cfg.control is not None:

@@ -256,3 +256,18 @@ def test_capture_failure_stops_capture_not_traffic(caplog: pytest.LogCaptureFixt
     assert cap.stats() == {"frames": 1, "bytes": 60, "error": "[Errno 28] No space left on device"}
     assert len(caplog.records) == 1  # logged once, then quiet
 
+
+# ---- the server option --------------------------------------------------------------------------
+
+
+def test_server_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.cli import main as harness_main
+    from harness.server.cli import parse_args
+
+    cfg, _ = parse_args(["--socket", "s.sock", "--pcap", "run.pcapng"])
+    assert cfg.pcap == Path("run.pcapng")
+    assert parse_args(["--socket", "s.sock"])[0].pcap is None
+    with pytest.raises(SystemExit) as exc:  # `harness serve` hands its options to that parser
+        harness_main(["serve", "--help"])
+    assert exc.value.code == 0
+    assert "--pcap" in capsys.readouterr().out
