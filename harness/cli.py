@@ -69,7 +69,8 @@ def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], na
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
     """Ctrl-C, SIGTERM or SIGHUP: every context manager has run; say what it stopped."""
     done = ", ".join(proc.cleanup_journal) or "nothing was running"
-    print(f"harness {command}: interrupted, cleaned up: {done}", file=sys.stderr)
+    why = exc.args[0] if isinstance(exc, proc.Interrupted) else "SIGINT"
+    print(f"harness {command}: interrupted ({why}), cleaned up: {done}", file=sys.stderr)
     return proc.exit_status(exc)
 
 
@@ -132,6 +133,22 @@ def cmd_qmp(args: argparse.Namespace) -> int:
     return qmpshell.main(Path(run.qmp), set(run.devices), args.words, force=args.force)
 
 
+def cmd_hotplug(args: argparse.Namespace) -> int:
+    from harness.session import find_run, request
+
+    try:
+        reply = request(find_run(args.run_dir), "hotplug")
+    except (LookupError, OSError, ValueError) as exc:
+        print(f"harness hotplug: {exc}", file=sys.stderr)
+        return 2
+    if not reply.get("ok"):
+        print(f"harness hotplug: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(f"added {reply['device']} (MAC {reply['mac']}); in the guest: "
+          f"ip addr add {reply['guest']} dev ethN; host side {reply['host']}")
+    return 0
+
+
 def cmd_accel(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.testbed import select_accel
@@ -156,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="send commands the shell refuses (device_del of a vfio-user device)")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG=VALUE ...]")
+    _add_run_client(sub, "hotplug", "hot-add a second device (its own server) to the "
+                                    "running VM")
     p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
@@ -184,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "qmp":
         return cmd_qmp(args)
+    if args.command == "hotplug":
+        return cmd_hotplug(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

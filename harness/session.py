@@ -27,6 +27,18 @@ from harness import paths
 from harness.testbed import Testbed, TestbedConfig
 
 RUN_FILE = "run.json"
+#: The run process's own requests socket (`harness hotplug` talks to it), in the run dir.
+RUN_SOCKET = "harness.sock"
+
+
+def request(run: RunInfo, cmd: str, timeout: float = 60.0) -> dict[str, object]:
+    """Send one request to a live run's process (see RunRequests)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(Path(run.run_dir) / RUN_SOCKET))
+        s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+        reply = json.loads(s.makefile("rb").readline())
+    return reply if isinstance(reply, dict) else {"ok": False, "error": "bad reply"}
 
 
 @dataclass(frozen=True)
@@ -164,15 +176,72 @@ def connect_console(path: Path, timeout: float = 10.0) -> socket.socket:
             time.sleep(0.05)
 
 
-def relay(tb: Testbed, stdin: int, stdout: int) -> None:
+class RunRequests:
+    """The run process's request socket: one JSON request per connection, one reply.
+
+    `{"cmd": "hotplug"}` starts one more device server and device_adds it on the next free
+    pcie-root-port; the reply names it. Served between console relays, never blocking long:
+    a client has 2 s to send its line.
+    """
+
+    def __init__(self, tb: Testbed) -> None:
+        self.tb = tb
+        self.path = tb.run_dir / RUN_SOCKET
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(self.path))
+        self.sock.listen(4)
+        self.hotplugged = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def serve_one(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(2.0)
+            try:
+                line = conn.makefile("rb").readline(4096)
+                request = json.loads(line)
+                reply = self.handle(request)
+            except (OSError, ValueError) as exc:
+                reply = {"ok": False, "error": f"bad request: {exc}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def handle(self, request: object) -> dict[str, object]:
+        if not isinstance(request, dict) or request.get("cmd") != "hotplug":
+            return {"ok": False, "error": "the only request is {\"cmd\": \"hotplug\"}"}
+        if self.hotplugged >= self.tb.cfg.hotplug_ports:
+            return {"ok": False, "error": f"all {self.tb.cfg.hotplug_ports} hot-plug ports are "
+                                          "taken (harness run --hotplug-ports N)"}
+        try:
+            dev = self.tb.add_device()
+            self.tb.hotplug(dev, port=self.hotplugged)
+        except Exception as exc:  # a failed start or QMP error is the client's answer
+            return {"ok": False, "error": str(exc).splitlines()[0]}
+        self.hotplugged += 1
+        run_info(self.tb).write()
+        s = dev.spec
+        return {"ok": True, "device": s.name, "tap": s.tap, "host": f"{s.host_address}/24",
+                "guest": f"{s.guest_address}/24", "mac": s.mac, "control": str(dev.control)}
+
+
+def relay(tb: Testbed, stdin: int, stdout: int, requests: RunRequests) -> None:
     """Terminal <-> console socket until QEMU exits or the console closes."""
     assert tb.console_socket is not None
     con = connect_console(tb.console_socket)
     with con, cbreak(stdin):
         stdin_open = True
         while tb.machine.running():
-            fds = [con.fileno()] + ([stdin] if stdin_open else [])
+            fds = [con.fileno(), requests.fileno()] + ([stdin] if stdin_open else [])
             ready, _, _ = select.select(fds, [], [], 0.5)
+            if requests.fileno() in ready:
+                requests.serve_one()
             if con.fileno() in ready:
                 data = con.recv(65536)
                 if not data:
@@ -186,9 +255,11 @@ def relay(tb: Testbed, stdin: int, stdout: int) -> None:
                     con.sendall(data)
 
 
-def wait_for_exit(tb: Testbed) -> None:
+def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
     while tb.machine.running():
-        time.sleep(0.5)
+        ready, _, _ = select.select([requests.fileno()], [], [], 0.5)
+        if ready:
+            requests.serve_one()
 
 
 def run_session(cfg: TestbedConfig, console: str) -> int:
@@ -200,13 +271,15 @@ def run_session(cfg: TestbedConfig, console: str) -> int:
     with Testbed(cfg, run_dir) as tb:
         info = run_info(tb)
         info.write()
+        requests = RunRequests(tb)
         print(banner(tb, info, console), flush=True)
         try:
             if console == "socket":
-                wait_for_exit(tb)
+                wait_for_exit(tb, requests)
             else:
-                relay(tb, sys.stdin.fileno(), sys.stdout.fileno())
+                relay(tb, sys.stdin.fileno(), sys.stdout.fileno(), requests)
         finally:
+            requests.close()
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / RUN_FILE).unlink()
         tb.machine.wait(10)

@@ -76,7 +76,7 @@ def test_sigterm_mid_run_cleans_up_and_says_so(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert "harness vm-test: interrupted, cleaned up:" in err
+    assert "harness vm-test: interrupted (SIGTERM), cleaned up:" in err
     assert "QEMU" in err and ns in err
     assert "Traceback" not in err
     assert _gone(children, 5) == []

@@ -40,6 +40,7 @@ class Terminal:
             os.chdir(REPO)
             os.execv(argv[0], argv)
         self.text = ""
+        self.pos = 0  # where the last match ended: each expect only sees newer output
         self.exited: int | None = None
 
     def kill(self) -> None:
@@ -50,10 +51,10 @@ class Terminal:
     def expect(self, pattern: str, timeout: float) -> re.Match[str]:
         deadline = time.monotonic() + timeout
         rx = re.compile(pattern)
-        pos = len(self.text)
         while True:
-            m = rx.search(self.text, max(0, pos - 4096))
+            m = rx.search(self.text, self.pos)
             if m:
+                self.pos = m.end()
                 return m
             left = deadline - time.monotonic()
             if left <= 0:
@@ -117,8 +118,19 @@ def test_run_on_a_terminal_with_qmp_and_reset() -> None:
         term.expect(r"3 packets transmitted, 3 packets received", 60)
         assert Path(run.run_dir, "run.json").exists()
 
+        added = harness("hotplug")
+        assert added.returncode == 0, added.stderr
+        assert "added net1" in added.stdout
+        term.type("for i in $(seq 50); do [ -e /sys/class/net/eth1 ] && break; usleep 200000; "
+                  "done; ip link set eth1 up; ip addr add 198.18.1.2/24 dev eth1; "
+                  "ping -c 3 198.18.1.1\n")
+        term.expect(r"3 packets transmitted, 3 packets received", 60)
+        assert find_run().devices == ["net0", "net1"]
+        full = harness("hotplug")  # one hot-plug port by default, now taken
+        assert full.returncode == 1 and "hot-plug ports are taken" in full.stderr
+
         term.type("\x03")  # Ctrl-C on the harness's terminal: a signal here, not to the guest
-        term.expect(r"harness run: interrupted, cleaned up: .*QEMU", 60)
+        term.expect(r"harness run: interrupted \(SIGINT\), cleaned up: .*QEMU", 60)
         assert term.wait(30) == 130
     finally:
         term.kill()
