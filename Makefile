@@ -5,13 +5,15 @@ PYTHON3 ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VMTEST_ARGS ?=
+RUN_ARGS ?=
 
-.PHONY: all deps vm-test test unit lint bench clean help
+.PHONY: all deps vm-test run test unit lint bench clean help
 
 all: help
 
 help:
 	@echo "make vm-test   boot a guest against the device and run the end-to-end plan"
+	@echo "make run       boot the guest with the device and keep it running (its shell here)"
 	@echo "make test      lint + unit tests + VM tests (installs dependencies first)"
 	@echo "make unit      fast tests only"
 	@echo "make bench     benchmarks (side-by-side tables)"
@@ -24,6 +26,9 @@ deps:
 
 vm-test: deps
 	$(PY) -m harness vm-test $(VMTEST_ARGS)
+
+run: deps
+	$(PY) -m harness run $(RUN_ARGS)
 
 lint: deps
 	$(VENV)/bin/ruff check harness tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +144,16 @@ def summary(result: RunResult) -> str:
     if skipped:
         closing += f", {skipped} skipped"
     lines.append(closing)
-    return "\n".join(lines)
+    return "\n".join(wrapped for line in lines for wrapped in _wrap(line))
+
+
+def _wrap(line: str, width: int = 80) -> list[str]:
+    """Fit an 80-column terminal: continuation lines indented under the first one's text."""
+    if len(line) <= width:
+        return [line]
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def write_junit(result: RunResult, path: Path) -> None:

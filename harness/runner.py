@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from harness import paths
 from harness.checks import host_checks
+from harness.progress import Progress
 from harness.report import Case, RunResult
 from harness.testbed import PeerSpec, Testbed, TestbedConfig, select_accel
 from harness.vm import ktap
@@ -88,11 +90,18 @@ def guest_cmdline(cfg: VmTestConfig) -> tuple[str, ...]:
             f"harness.seed={cfg.seed}")
 
 
-def follow_console(console: Path, machine: Machine, timeout: float) -> tuple[str, float | None]:
-    """Wait for the end of the guest's plan; return the console text and the boot time."""
+_RESULT = re.compile(r"^(ok|not ok) (\d+) (\S+)(.*)$", re.M)
+_PLAN = re.compile(r"^1\.\.(\d+)$", re.M)
+
+
+def follow_console(console: Path, machine: Machine, timeout: float,
+                   progress: Progress | None = None) -> tuple[str, float | None]:
+    """Wait for the end of the guest's plan; return the console text and the boot time.
+    Each KTAP result is a progress step as it appears."""
     deadline = time.monotonic() + timeout
     boot: float | None = None
     text = ""
+    seen = 0
     while True:
         try:
             text = console.read_text(errors="replace")
@@ -100,6 +109,16 @@ def follow_console(console: Path, machine: Machine, timeout: float) -> tuple[str
             text = ""
         if boot is None and KTAP_HEADER in text:
             boot = time.monotonic() - machine.launched_at
+            if progress is not None:
+                progress.note(f"guest booted in {boot:.1f} s")
+        if progress is not None:
+            plan = _PLAN.search(text)
+            if plan and progress.total is None:
+                progress.set_total(int(plan.group(1)))
+            results = _RESULT.findall(text)
+            for status, _n, name, rest in results[seen:]:
+                progress.step(f"{status} {name}{' # SKIP' if '# SKIP' in rest else ''}")
+            seen = len(results)
         if DONE_MARKER in text or not machine.running():
             if not machine.running():
                 text = console.read_text(errors="replace") if console.exists() else text
@@ -133,8 +152,11 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
 
 def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
          result: RunResult) -> None:
-    with Testbed(cfg.testbed(), run_dir, env=env, accel=accel) as tb:
-        text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout)
+    with Progress("vm-test") as progress, \
+            Testbed(cfg.testbed(), run_dir, env=env, accel=accel) as tb:
+        progress.note(f"QEMU started (accel {accel.name})")
+        text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout,
+                                                   progress)
         # The guest powers itself off after the plan; give it a moment, then QMP quit.
         tb.machine.wait(30)
         tb.machine.shutdown()

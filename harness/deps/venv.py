@@ -25,7 +25,7 @@ from harness.deps.common import (
 
 LOCK = "requirements.lock"
 STAMP = ".harness-stamp.json"
-IMPORTS = ("cffi", "pyroute2", "qemu.qmp", "numpy", "pytest", "hypothesis", "mypy")
+IMPORTS = ("cffi", "pyroute2", "qemu.qmp", "numpy", "tqdm", "pytest", "hypothesis", "mypy")
 LOCAL_INDEXES = (Path("/opt/pypi/simple"), Path("/opt/pypi-more/simple"))
 _REQ_RE = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)")
 
