@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,22 @@ def cache_dir() -> Path:
 def build_dir() -> Path:
     """<repo>/build: per-checkout build outputs (gitignored)."""
     return repo_root() / "build"
+
+
+def new_run_dir(root: Path) -> Path:
+    """root/<YYYYmmdd-HHMMSS>[-N], created, with root/latest pointing at it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = root / stamp
+    suffix = 0
+    while run.exists():
+        suffix += 1
+        run = root / f"{stamp}-{suffix}"
+    run.mkdir(parents=True)
+    latest = root / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run.name)
+    return run
 
 
 def env_path() -> Path:

@@ -62,18 +62,7 @@ class VmTestConfig:
 
 
 def new_run_dir(base: Path | None) -> Path:
-    root = base or paths.build_dir() / "vm-test"
-    run = root / time.strftime("%Y%m%d-%H%M%S")
-    suffix = 0
-    while run.exists():
-        suffix += 1
-        run = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    run.mkdir(parents=True)
-    latest = root / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(run.name)
-    return run
+    return paths.new_run_dir(base or paths.build_dir() / "vm-test")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -101,22 +101,6 @@ def find_run(run_dir: Path | None = None) -> RunInfo:
     raise LookupError("no running VM found (start one with `harness run`, or pass --run-dir)")
 
 
-def new_run_dir() -> Path:
-    root = runs_root()
-    base = time.strftime("%Y%m%d-%H%M%S")
-    run = root / base
-    n = 0
-    while run.exists():
-        n += 1
-        run = root / f"{base}-{n}"
-    run.mkdir(parents=True)
-    latest = root / "latest"
-    with contextlib.suppress(FileNotFoundError):
-        latest.unlink()
-    latest.symlink_to(run.name)
-    return run
-
-
 def run_info(tb: Testbed) -> RunInfo:
     assert tb.console_socket is not None
     return RunInfo(pid=os.getpid(), run_dir=str(tb.run_dir), qmp=str(tb.user_qmp_socket),
@@ -265,7 +249,7 @@ def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
 def run_session(cfg: TestbedConfig, console: str) -> int:
     """Boot, print where things are, relay the console (or wait), tear down. Exit status 0
     when the guest powered itself off."""
-    run_dir = new_run_dir()
+    run_dir = paths.new_run_dir(runs_root())
     cmdline = ("harness.plan=link_up", "harness.shell=1", *cfg.cmdline)
     cfg = replace(cfg, console="socket", cmdline=cmdline, reboot=True)
     with Testbed(cfg, run_dir) as tb:

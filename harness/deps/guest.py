@@ -26,7 +26,6 @@ from harness.deps.common import (
     run,
     sha256_file,
     sha256_text,
-    warn,
     write_stamp,
 )
 from harness.deps.pins import Pin, find_deb, load_pins
@@ -247,11 +246,7 @@ def ensure(ctx: Context) -> tuple[StepResult, Guest]:
 
 
 def _result(g: Guest, resolved: resolve.Resolved, d: Path, status: str) -> StepResult:
-    drift: tuple[str, ...] = ()
-    if resolved.drift:
-        line = resolve.drift_line("guest", resolved.drift)
-        warn(line)
-        drift = (line,)
+    drift = resolve.report("guest", resolved)
     names = {p.name: p.version for p in resolved.pins}
     kpkg = f"linux-binary-{g.kernel_version}"
     return StepResult(f"guest kernel {g.kernel_version} ({names.get(kpkg, '?')}) + modules + "

@@ -22,7 +22,6 @@ from harness.deps.common import (
     replace_dir,
     run,
     sha256_file,
-    warn,
     write_stamp,
 )
 from harness.deps.pins import Pin, find_deb, format_pins, load_pins, version_at_least
@@ -143,11 +142,7 @@ def ensure_private(ctx: Context) -> tuple[StepResult, Qemu]:
 
 
 def _result(q: Qemu, resolved: resolve.Resolved, root: Path, status: str) -> StepResult:
-    drift: tuple[str, ...] = ()
-    if resolved.drift:
-        line = resolve.drift_line("QEMU closure", resolved.drift)
-        warn(line)
-        drift = (line,)
+    drift = resolve.report("QEMU closure", resolved)
     pkg = resolved.by_name()[ROOT_PACKAGE]
     return StepResult(f"QEMU {q.version} ({pkg.name} {pkg.version}, private root, "
                       f"{len(resolved.pins)} debs)", str(root), status, drift)

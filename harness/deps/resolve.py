@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.deps.aptroot import AptRoot
-from harness.deps.common import DepsError, sha256_file, sha256_text
+from harness.deps.common import DepsError, sha256_file, sha256_text, warn
 from harness.deps.pins import Pin, find_deb, format_pins
 
 
@@ -96,6 +96,15 @@ def drift_line(what: str, drift: list[Drift]) -> str:
         parts.append(f"{len(libs)} package(s) moved since the lock (taken; APT verified them "
                      "against the signed index): " + ", ".join(map(str, libs)))
     return f"{what}: " + "; ".join(parts)
+
+
+def report(what: str, resolved: Resolved) -> tuple[str, ...]:
+    """Warn about a step's drift (every run, cached or not) and return it for env.json."""
+    if not resolved.drift:
+        return ()
+    line = drift_line(what, resolved.drift)
+    warn(line)
+    return (line,)
 
 
 def cached(dest: Path, pins: list[Pin]) -> bool:
