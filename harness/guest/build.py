@@ -79,12 +79,20 @@ def _env_inputs() -> tuple[Path, dict[str, Path]]:
     return env.busybox, dict(env.modules)
 
 
+def guest_files() -> dict[str, Path]:
+    """Scripts of ours that go into every image besides /init (archive path -> source)."""
+    agent = GUEST_DIR / "agent"
+    return {"sbin/harness-agent": agent} if agent.exists() else {}
+
+
 def build_initramfs(
     *,
     out: Path | None = None,
     busybox: Path | None = None,
     modules: Mapping[str, Path] | None = None,
     compress: bool = True,
+    files: Mapping[str, Path] | None = None,
+    require: tuple[str, ...] | None = None,
 ) -> Path:
     """Compile the programs and write the initramfs (default build/guest/initramfs.cpio.gz).
 
@@ -95,8 +103,11 @@ def build_initramfs(
         busybox = busybox or env_busybox
         modules = modules if modules is not None else env_modules
     programs = compile_programs()
+    extra = dict(guest_files())
+    extra.update(files or {})
     archive = build_archive(
-        busybox=busybox, init=GUEST_DIR / "init", modules=modules, programs=programs
+        busybox=busybox, init=GUEST_DIR / "init", modules=modules, programs=programs,
+        files=extra, **({"require": require} if require is not None else {}),
     )
     target = out or BUILD_DIR / (IMAGE_NAME if compress else "initramfs.cpio")
     write_image(archive, target, compress=compress)

@@ -144,9 +144,16 @@ def build_archive(
     modules: Mapping[str, Path],
     programs: Mapping[str, Path] | None = None,
     applets: Iterable[str] = APPLETS,
+    files: Mapping[str, Path] | None = None,
+    require: Iterable[str] = MODULE_ORDER,
 ) -> Archive:
-    """The guest tree: /bin/busybox + applet links, /init, /lib/modules/<name>.ko, /bin/<prog>."""
-    missing = [m for m in MODULE_ORDER if m not in modules]
+    """The guest tree: /bin/busybox + applet links, /init, /lib/modules/<name>.ko, /bin/<prog>.
+
+    ``modules`` is in load order (dependencies first); /lib/modules/load-order lists it for
+    /init. ``files`` maps archive paths to host files (scripts, the user's own additions).
+    ``require`` names modules that must be present (empty when the kernel builds them in).
+    """
+    missing = [m for m in require if m not in modules]
     if missing:
         raise ValueError(f"modules missing from the environment: {', '.join(missing)}")
     a = Archive()
@@ -159,10 +166,15 @@ def build_archive(
     for applet in applets:
         a.add_symlink(f"bin/{applet}", "busybox")
     a.add_file("init", init.read_bytes(), 0o755)
+    a.add_dir("lib/modules")
     for name, path in sorted(modules.items()):
         a.add_file(f"lib/modules/{name}.ko", read_module(Path(path)))
+    a.add_file("lib/modules/load-order", "".join(f"{m}\n" for m in modules).encode())
     for name, path in sorted((programs or {}).items()):
         a.add_file(f"bin/{name}", Path(path).read_bytes(), 0o755)
+    for dest, src in sorted((files or {}).items()):
+        mode = 0o755 if os.access(src, os.X_OK) else 0o644
+        a.add_file(dest, Path(src).read_bytes(), mode)
     return a
 
 
