@@ -33,6 +33,13 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", type=argtypes.memory_mb, default=512, metavar="MB")
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write every frame the device moves to FILE (pcapng, both directions)")
+    p.add_argument("--kernel", type=Path, metavar="PATH",
+                   help="the guest kernel under test: a bzImage, a kernel build tree, or a "
+                        "/lib/modules/<version> tree (default: the pinned Debian kernel)")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="extra guest kernel command-line words")
+    p.add_argument("--initrd-add", type=Path, metavar="DIR",
+                   help="add DIR's files to the initramfs at the same relative paths")
 
 
 def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -83,11 +90,12 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        faults=args.faults, offloads=args.offloads,
                        smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
-                       out_dir=args.out, pcap=args.pcap)
+                       out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
+                       append=tuple(args.append.split()), initrd_add=args.initrd_add)
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)
-    except paths.EnvError as exc:
+    except (paths.EnvError, ValueError) as exc:  # ValueError: KernelError, a bad --initrd-add
         print(f"harness vm-test: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -108,13 +116,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = TestbedConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
                         faults=args.faults, offloads=args.offloads, smp=args.smp,
                         memory_mb=args.memory, pcap=args.pcap,
-                        hotplug_ports=args.hotplug_ports,
+                        hotplug_ports=args.hotplug_ports, kernel=args.kernel,
+                        append=tuple(args.append.split()), initrd_add=args.initrd_add,
                         # The peers serve the guest's own hnet tests for as long as it runs.
                         peers=PeerSpec(timeout=30 * 24 * 3600.0))
     try:
         with proc.interrupts():
             return run_session(cfg, args.console)
-    except paths.EnvError as exc:
+    except (paths.EnvError, ValueError) as exc:  # ValueError: KernelError, a bad --initrd-add
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

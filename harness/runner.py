@@ -52,12 +52,17 @@ class VmTestConfig:
     out_dir: Path | None = None
     #: Write every frame the device moves to this pcapng file.
     pcap: Path | None = None
+    #: The kernel under test (see harness.guest.kernel); None: the pinned one.
+    kernel: Path | None = None
+    append: tuple[str, ...] = ()
+    initrd_add: Path | None = None
 
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
             accel=self.accel, map_ops=self.map_ops, viommu=self.viommu, faults=self.faults,
             offloads=self.offloads, smp=self.smp, memory_mb=self.memory_mb,
-            cmdline=guest_cmdline(self), pcap=self.pcap,
+            cmdline=guest_cmdline(self), pcap=self.pcap, kernel=self.kernel,
+            append=self.append, initrd_add=self.initrd_add,
             peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))
 
 
@@ -141,8 +146,13 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
 
 def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
          result: RunResult) -> None:
-    with Progress("vm-test") as progress, \
-            Testbed(cfg.testbed(), run_dir, env=env, accel=accel) as tb:
+    tb = Testbed(cfg.testbed(), run_dir, env=env, accel=accel)
+    result.kernel_version = tb.kernel.version
+    if cfg.kernel is not None:
+        result.deps["kernel"] = (f"{tb.kernel.version} from {tb.kernel.source} (under test; "
+                                 "the pinned kernel is not used)")
+    result.drift += [f"kernel: {n}" for n in tb.kernel.notes]
+    with Progress("vm-test") as progress, tb:
         progress.note(f"QEMU started (accel {accel.name})")
         text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout,
                                                    progress)

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from harness import paths
+from harness.guest import kernel as guest_kernel
 from harness.guest.build import build_initramfs
 from harness.net.netns import private_netns
 from harness.proc import managed
@@ -98,6 +99,13 @@ class TestbedConfig:
     pcap: Path | None = None
     #: system_reset and guest reboots reset the machine (interactive runs) instead of ending it.
     reboot: bool = False
+    #: The kernel under test (harness.guest.kernel.locate: bzImage, build tree, modules tree);
+    #: None: the pinned Debian kernel.
+    kernel: Path | None = None
+    #: Extra kernel command-line words from the user (after the harness's own).
+    append: tuple[str, ...] = ()
+    #: A directory whose files are added to the initramfs at the same relative paths.
+    initrd_add: Path | None = None
 
 
 class Device:
@@ -153,6 +161,13 @@ class Device:
         return True
 
 
+def user_files(root: Path) -> dict[str, Path]:
+    """Every file under root, keyed by its path relative to root (--initrd-add)."""
+    if not root.is_dir():
+        raise ValueError(f"--initrd-add {root}: not a directory")
+    return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def select_accel(requested: str, env: paths.Env) -> AccelChoice:
     cache = paths.cache_dir() / "accel-probe.json"
     return choose_accel(requested,
@@ -169,6 +184,8 @@ class Testbed:
         self.cfg = cfg
         self.run_dir = run_dir
         self.env = env or paths.load_env()
+        # Refused before anything starts when it lacks what the run needs (KernelError).
+        self.kernel = guest_kernel.resolve(cfg.kernel, self.env, viommu=cfg.viommu)
         self.accel = accel or select_accel(cfg.accel, self.env)
         self.devices: list[Device] = []
         self.netns = ""
@@ -200,7 +217,10 @@ class Testbed:
         self._stack.close()
 
     def start(self) -> None:
-        initrd = build_initramfs()
+        initrd = build_initramfs(
+            modules=self.kernel.modules, out=self.run_dir / "initramfs.cpio.gz",
+            require=() if self.cfg.kernel is not None else None,
+            files=user_files(self.cfg.initrd_add) if self.cfg.initrd_add else None)
         self.netns = self._stack.enter_context(private_netns())
         self.add_device()
         if self.cfg.peers is not None:
@@ -256,9 +276,9 @@ class Testbed:
     def _launch(self, initrd: Path) -> None:
         cfg = self.cfg
         profile = MachineProfile(accel=self.accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
-                                 viommu=cfg.viommu, cmdline=cfg.cmdline,
+                                 viommu=cfg.viommu, cmdline=(*cfg.cmdline, *cfg.append),
                                  hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot)
-        mpaths = MachinePaths(kernel=Path(self.env.kernel), initrd=initrd,
+        mpaths = MachinePaths(kernel=self.kernel.image, initrd=initrd,
                               device_socket=self.device.socket, qmp_socket=self.qmp_socket,
                               console_log=self.console_log,
                               console_socket=self.console_socket,

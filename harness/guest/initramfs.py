@@ -11,7 +11,9 @@ import gzip
 import io
 import lzma
 import os
+import shutil
 import stat
+import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -128,12 +130,18 @@ def parse_cpio(blob: bytes) -> list[Entry]:
 
 
 def read_module(path: Path) -> bytes:
-    """Module bytes, decompressing .ko.xz/.ko.gz because busybox insmod takes plain ELF."""
+    """Module bytes, decompressing .ko.xz/.ko.gz/.ko.zst because busybox insmod takes plain ELF
+    (zstd has no stdlib module in Python 3.11: the zstd command does it)."""
     raw = path.read_bytes()
     if path.name.endswith(".xz"):
         return lzma.decompress(raw)
     if path.name.endswith(".gz"):
         return gzip.decompress(raw)
+    if path.name.endswith(".zst"):
+        if shutil.which("zstd") is None:
+            raise ValueError(f"{path} is zstd-compressed: install zstd (apt-get install zstd)")
+        return subprocess.run(["zstd", "-dc"], input=raw, capture_output=True,
+                              check=True).stdout
     return raw
 
 
