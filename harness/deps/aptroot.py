@@ -104,21 +104,25 @@ class AptRoot:
     def _apt_env(self, system: bool) -> dict[str, str]:
         return {"LC_ALL": "C"} if system else self.env
 
-    def offered(self, name: str, *, system: bool = False) -> list[str]:
-        """Every version of a binary package the sources offer, oldest first."""
+    def offered(self, name: str, *, system: bool = False, suite: str | None = None
+                ) -> list[str]:
+        """Every version of a binary package the sources offer (from `suite` only, if
+        given: e.g. trixie without trixie-backports), oldest first."""
         if not system:
             self.prepare()
         cp = run(["apt-cache", "madison", name], env=self._apt_env(system), check=False)
         versions = []
         for line in (cp.stdout or "").splitlines():
             parts = [p.strip() for p in line.split("|")]
-            if len(parts) >= 3 and parts[0] == name and "Sources" not in parts[2]:
+            if (len(parts) >= 3 and parts[0] == name and "Sources" not in parts[2]
+                    and (suite is None or f" {suite}/" in f" {parts[2]}")):
                 versions.append(parts[1])
         return sorted(set(versions), key=_VersionKey)
 
-    def field(self, name: str, version: str, key: str) -> str:
+    def field(self, name: str, version: str, key: str, *, system: bool = False) -> str:
         """One control field (e.g. Depends) of name=version from the package index."""
-        cp = run(["apt-cache", "show", f"{name}={version}"], env=self.env, check=False)
+        cp = run(["apt-cache", "show", f"{name}={version}"], env=self._apt_env(system),
+                 check=False)
         m = re.search(rf"^{re.escape(key)}: (.*)$", cp.stdout or "", re.M)
         return m.group(1) if m else ""
 

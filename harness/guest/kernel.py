@@ -146,13 +146,15 @@ def check_config(config: dict[str, str], *, viommu: bool) -> None:
 
 def _from_modules_dir(mdir: Path, given: Path) -> GuestKernel:
     version = mdir.name
-    candidates = [mdir / "vmlinuz", mdir.parent.parent.parent / "boot" / f"vmlinuz-{version}",
+    # <root>/lib/modules/<v> or, with merged /usr, <root>/usr/lib/modules/<v>: <root>/boot.
+    roots = [p for p in mdir.parents[2:4]]
+    candidates = [mdir / "vmlinuz", *(r / "boot" / f"vmlinuz-{version}" for r in roots),
                   Path("/boot") / f"vmlinuz-{version}"]
     image = next((c for c in candidates if c.is_file()), None)
     if image is None:
         raise KernelError(f"no kernel image for {version}: looked at "
                           + ", ".join(str(c) for c in candidates))
-    configs = [mdir / "config", mdir.parent.parent.parent / "boot" / f"config-{version}",
+    configs = [mdir / "config", *(r / "boot" / f"config-{version}" for r in roots),
                Path("/boot") / f"config-{version}"]
     config = next((c for c in configs if c.is_file()), None)
     return GuestKernel(
@@ -171,8 +173,25 @@ def _from_build_tree(tree: Path) -> GuestKernel:
                        config=parse_config(config.read_text()) if config.is_file() else {})
 
 
+def fetch_debian(name: str) -> Path:
+    """`debian:6.1`/`debian:6.12`: that suite's current kernel, fetched into the cache."""
+    from harness.deps.common import Context, DepsError
+    from harness.deps.kernels import fetch
+
+    ctx = Context(repo=paths.repo_root(), cache=paths.cache_dir(), venv=Path(), check=False)
+    try:
+        return fetch(ctx, name)
+    except DepsError as exc:
+        raise KernelError(str(exc)) from None
+
+
 def locate(path: Path) -> GuestKernel:
     """What the user pointed at, before the module closure is computed."""
+    if str(path).startswith("debian:"):
+        k = locate(fetch_debian(str(path).removeprefix("debian:")))
+        return GuestKernel(image=k.image, version=k.version, source=f"{path} = {k.source}",
+                           modules=k.modules, config=k.config, builtin=k.builtin,
+                           notes=k.notes)
     path = path.expanduser().resolve()
     if not path.exists():
         raise KernelError(f"{path} does not exist")
