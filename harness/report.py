@@ -121,6 +121,9 @@ def summary(result: RunResult) -> str:
     for case in result.cases:
         mark = {True: "ok  ", False: "FAIL", None: "skip"}[case.ok]
         lines.append(f"  {mark} {case.name:<28} {_describe(case)}".rstrip())
+        excerpt = case.metrics.get("excerpt")
+        if case.ok is False and isinstance(excerpt, str):  # a kernel verdict's evidence
+            lines += [f"      | {ln}"[:80] for ln in excerpt.splitlines()[:14]]
     g = result.guest_net
     if g:
         lines.append(
@@ -176,7 +179,10 @@ def write_junit(result: RunResult, path: Path) -> None:
     for case in result.cases:
         tc = ET.SubElement(suite, "testcase", {"classname": "vm", "name": case.name})
         if case.ok is False:
-            ET.SubElement(tc, "failure", {"message": case.detail or "failed"})
+            failure = ET.SubElement(tc, "failure", {"message": case.detail or "failed"})
+            excerpt = case.metrics.get("excerpt")
+            if isinstance(excerpt, str):
+                failure.text = excerpt
         elif case.ok is None:
             ET.SubElement(tc, "skipped", {"message": case.detail or "skipped"})
         if case.metrics:

@@ -24,6 +24,7 @@ from harness.testbed import PeerSpec, Testbed, TestbedConfig, select_accel
 from harness.vm import ktap
 from harness.vm.accel import AccelChoice
 from harness.vm.machine import Machine, MachineError
+from harness.vm.verdicts import kernel_cases
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class VmTestConfig:
     kernel: Path | None = None
     append: tuple[str, ...] = ()
     initrd_add: Path | None = None
+    #: Kernel WARNINGs on the console pass (with their excerpt) instead of failing the run.
+    allow_warnings: bool = False
 
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
@@ -168,6 +171,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
     result.device_stats = stats
     result.guest_net = dict(report.metrics.get("guest_net", {}))
     result.cases = judge(report, peer, stats, cfg)
+    result.cases += kernel_cases(text, allow_warnings=cfg.allow_warnings)
 
 
 def judge(report: ktap.KtapReport, peer: dict[str, Any], stats: dict[str, Any],
