@@ -70,7 +70,7 @@ def kernel_cases(console: str, *, allow_warnings: bool = False) -> list[Case]:
             else f.excerpt.splitlines()[0]
         detail = f"{f.count}x, first at console line {f.first_line}: {head.strip()}"
         ok = f.kind == "warning" and allow_warnings
-        cases.append(Case(f"kernel_{f.kind}", True if ok else False,
+        cases.append(Case(f"kernel_{f.kind}", ok,
                           ("allowed (--allow-warnings): " if ok else "") + detail,
                           {"excerpt": f.excerpt, "count": f.count, "line": f.first_line}))
     return cases
