@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
@@ -294,13 +295,14 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def stats(self) -> dict[str, object]:
         """Per-queue counters, their totals, and device-level counters."""
-        per: dict[str, dict[str, int]] = {}
+        per: dict[str, dict[str, int | bool]] = {}
         totals: dict[str, int] = {}
         for q in self.queues:
             d = {name: getattr(q.stats, name) for name in QueueStats.__slots__}
-            per[q.name] = d
             for k, v in d.items():
                 totals[k] = totals.get(k, 0) + v
+            # Ring indices and queue state next to the counters (not summed into totals).
+            per[q.name] = {**d, **q.ring_state()}
         return {
             **per,
             "totals": totals,
@@ -313,6 +315,20 @@ class VirtioNetDevice(VirtioPciDevice):
             "features": self.negotiated,
             "rx_starved": self._rx_starved,
         }
+
+    def dump_queue(self, index: int) -> dict[str, Any]:
+        """Queue ``index``'s rings and in-flight chains decoded (``SplitVirtqueue.dump``).
+
+        LookupError (its message says why) when there is no such queue or it is not enabled.
+        With Bus Master Enable clear the dump reads only the ring views already held.
+        """
+        if not 0 <= index < self.num_queues:
+            names = ", ".join(f"{q.index} {q.name}" for q in self.queues)
+            raise LookupError(f"no queue {index} (queues: {names})")
+        q = self.queues[index]
+        if not q.enabled:
+            raise LookupError(f"queue {index} ({q.name}) is not enabled")
+        return q.dump(may_map=self.bus_master())
 
 
 def _set_num_buffers(chain: Chain, n: int) -> None:

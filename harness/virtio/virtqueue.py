@@ -18,6 +18,12 @@ the one x86 reorders).
 Any malformed input marks the queue broken, bumps its error counter, logs queue, descriptor and
 IOVA, and calls ``on_error``; the device turns that into NEEDS_RESET. Nothing here raises on
 guest input.
+
+Introspection (``ring_state``, ``dump``) only reads: the ring views the data path already holds
+(mapping them first if the data path would), and an indirect table through ``map_page`` like the
+data path does. It never maps data buffers, never follows ``next`` further than the data path
+would, and applies the same checks with the same words; what it finds wrong goes into the dump
+as an ``error`` field, and nothing is counted as a queue error or breaks the queue.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import logging
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from harness.dma import ATTR_COHERENT, Direction, DmaHandle, MapOps
 from harness.virtio.constants import (
@@ -46,6 +53,11 @@ log = logging.getLogger(__name__)
 
 _DESC = struct.Struct("<QIHH")
 _U32_MAX = 0xFFFFFFFF
+#: Steps along ``next`` one dump takes in all, per descriptor of the queue: a valid ring's
+#: in-flight chains share no descriptor, so they need at most one each, plus their indirect
+#: tables (chains past the budget say so); a garbage ring may send every head into the same
+#: long loop, and must cost neither a long walk nor a huge reply.
+DUMP_BUDGET_PER_DESCRIPTOR = 4
 
 
 @dataclass(slots=True)
@@ -56,6 +68,11 @@ class QueueStats:
     bytes: int = 0
     kicks: int = 0
     interrupts: int = 0
+    #: used.idx was published but the driver asked for no interrupt (EVENT_IDX used_event, or
+    #: avail.flags NO_INTERRUPT without EVENT_IDX).
+    interrupts_suppressed: int = 0
+    #: chains completed into the used ring (a mergeable RX frame may take several).
+    chains: int = 0
     errors: int = 0
     drops: int = 0
     map_errors: int = 0
@@ -85,6 +102,20 @@ class _ChainError(Exception):
 
 class _TransientMapError(Exception):
     """A data buffer could not be mapped for a reason that may go away."""
+
+
+class _DumpBudgetSpent(Exception):
+    """A dump decoded as many chain entries as it may: internal, never leaves this module."""
+
+
+@dataclass(slots=True)
+class _DumpChain:
+    """One in-flight chain as a dump decodes it (descriptors only: buffers are never read)."""
+
+    head: int
+    entries: list[dict[str, int | bool]] = field(default_factory=list)
+    read_len: int = 0
+    write_len: int = 0
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
@@ -449,6 +480,7 @@ class SplitVirtqueue:
         used32[1 + 2 * slot] = chain.head
         used32[2 + 2 * slot] = length
         self._used_idx = (self._used_idx + 1) & 0xFFFF
+        self.stats.chains += 1
 
     def flush(self) -> bool:
         """Publish used.idx once for everything pushed; True if the driver wants an interrupt."""
@@ -468,8 +500,12 @@ class SplitVirtqueue:
         self._sync_avail()
         if self.event_idx:
             event = avail16[2 + self.size]
-            return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-        return not avail16[0] & AVAIL_F_NO_INTERRUPT
+            wanted = ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        else:
+            wanted = not avail16[0] & AVAIL_F_NO_INTERRUPT
+        if not wanted:
+            self.stats.interrupts_suppressed += 1
+        return wanted
 
     # ---- notification suppression ------------------------------------------------------------
 
@@ -505,3 +541,215 @@ class SplitVirtqueue:
     def outstanding(self) -> int:
         """Chains popped and not yet pushed, unpopped or discarded."""
         return self._outstanding
+
+    def ring_state(self) -> dict[str, int | bool]:
+        """The device's side of the ring now; reads no guest memory.
+
+        ``avail_idx`` is the guest's avail.idx as the device last read it, ``last_avail`` the
+        next avail slot the device will pop, ``used_idx`` the used.idx it last published.
+        """
+        return {
+            "size": self.size,
+            "enabled": self.enabled,
+            "broken": self.broken,
+            "avail_idx": self._avail_seen,
+            "last_avail": self._next_avail,
+            "used_idx": self._published,
+            "outstanding": self._outstanding,
+        }
+
+    def dump(self, *, may_map: bool = True) -> dict[str, Any]:
+        """Decode the descriptor table, both rings and the chains in flight, as JSON-ready data.
+
+        In flight are the chains the driver has made available and the device has not returned:
+        avail slots from the device's used index up to the guest's avail.idx now. The device
+        completes chains in the order it pops them, so the slots it popped and still holds are
+        the last ``outstanding`` ones before ``last_avail`` (earlier ones were discarded by a
+        broken queue). ``may_map`` False (Bus Master Enable clear) leaves indirect tables
+        unread. Every list is bounded by the queue size (a chain lists each descriptor once,
+        even when it loops); problems are ``error`` fields.
+        """
+        out: dict[str, Any] = {
+            "index": self.index,
+            "name": self.name,
+            "size": self.size,
+            "enabled": self.enabled,
+            "broken": self.broken,
+            "event_idx": self.event_idx,
+            "indirect": self.indirect,
+            "msix_vector": self.msix_vector,
+            "addresses": {"desc": self.desc_addr, "avail": self.avail_addr,
+                          "used": self.used_addr},
+            "device": {
+                "avail_idx": self._avail_seen,
+                "last_avail": self._next_avail,
+                "used_idx": self._published,
+                "used_unpublished": (self._used_idx - self._published) & 0xFFFF,
+                "outstanding": self._outstanding,
+                "notify": self._notify_on,
+            },
+        }  # fmt: skip
+        if not (self._rings or self._ensure_rings()):
+            why = ("the queue is broken" if self.broken else
+                   "the queue is not enabled" if not self.enabled else
+                   "mapping them failed transiently")  # fmt: skip
+            out["error"] = f"rings not mapped: {why}"
+            return out
+        desc, avail16, used16, used32 = self._desc, self._avail16, self._used16, self._used32
+        assert desc is not None and avail16 is not None
+        assert used16 is not None and used32 is not None
+        size = self.size
+        self._sync_avail()
+        avail_idx = avail16[1]
+        self._barrier()  # entries after the index that published them, as pop() reads them
+        out["avail"] = {"flags": avail16[0], "idx": avail_idx,
+                        "used_event": avail16[2 + size], "ring": avail16[2 : 2 + size].tolist()}
+        out["used"] = {
+            "flags": used16[0],
+            "idx": used16[1],
+            "avail_event": used16[2 + 4 * size],
+            "ring": [[used32[1 + 2 * s], used32[2 + 2 * s]] for s in range(size)],
+        }  # fmt: skip
+        out["descriptors"] = [
+            {"addr": a, "len": n, "flags": f, "next": x}
+            for a, n, f, x in _DESC.iter_unpack(desc[: size * DESC_SIZE])
+        ]  # fmt: skip
+        errors: list[str] = []
+        out["in_flight"] = self._dump_in_flight(avail_idx, avail16, may_map, errors)
+        if errors:
+            out["error"] = "; ".join(errors)
+        return out
+
+    def _dump_in_flight(
+        self, avail_idx: int, avail16: memoryview, may_map: bool, errors: list[str]
+    ) -> list[dict[str, Any]]:
+        size = self.size
+        start = self._used_idx
+        # Offsets from ``start``: [0, held) discarded, [held, taken) popped, then available.
+        taken = (self._next_avail - start) & 0xFFFF
+        held = (taken - self._outstanding) & 0xFFFF
+        if (avail_idx - self._next_avail) & 0xFFFF > size:
+            # What _refresh_avail would refuse: show only what the device has accepted.
+            errors.append(f"avail idx jumped to {avail_idx} with {self._next_avail} consumed "
+                          f"(size {size})")  # fmt: skip
+            avail_idx = self._avail_seen
+        count = (avail_idx - start) & 0xFFFF
+        if count > size:
+            errors.append(f"{count} chains between used idx {start} and avail idx {avail_idx} "
+                          f"(size {size}): showing {size}")  # fmt: skip
+            count = size
+        budget = [DUMP_BUDGET_PER_DESCRIPTOR * size]
+        chains: list[dict[str, Any]] = []
+        for k in range(count):
+            idx = (start + k) & 0xFFFF
+            state = "discarded" if k < held else "popped" if k < taken else "available"
+            slot = idx & (size - 1)
+            entry: dict[str, Any] = {"slot": slot, "idx": idx, "state": state}
+            entry.update(self._dump_chain(avail16[2 + slot], may_map, budget))
+            chains.append(entry)
+        return chains
+
+    def _dump_chain(self, head: int, may_map: bool, budget: list[int]) -> dict[str, Any]:
+        """One chain's descriptors, checked as _walk checks them, without mapping buffers."""
+        chain = _DumpChain(head)
+        error = ""
+        size = self.size
+        if head >= size:
+            error = f"head index {head} out of range (size {size})"
+        else:
+            table = self._desc
+            assert table is not None
+            try:
+                self._dump_table(table, head, size, chain, budget, may_map, top=True)
+            except _ChainError as e:
+                where = f"desc {e.desc}" if e.desc >= 0 else ""
+                where += f" iova {e.iova:#x}" if e.iova >= 0 else ""
+                error = f"{where.strip()}: {e.reason}" if where else e.reason
+            except _DumpBudgetSpent:
+                error = ("not decoded further: the dump's budget of "
+                         f"{DUMP_BUDGET_PER_DESCRIPTOR * size} steps along next is spent")
+        out: dict[str, Any] = {"head": head, "descriptors": chain.entries,
+                               "read_len": chain.read_len, "write_len": chain.write_len}
+        if error:
+            out["error"] = error
+        return out
+
+    def _dump_table(
+        self, table: memoryview, first: int, n: int, chain: _DumpChain, budget: list[int],
+        may_map: bool, *, top: bool,
+    ) -> None:  # fmt: skip
+        """_walk_table's checks, in its order and words, recording instead of mapping."""
+        i = first
+        seen: set[int] = set()  # a descriptor walked again is not listed again
+        for _ in range(n):
+            if budget[0] <= 0:
+                raise _DumpBudgetSpent
+            budget[0] -= 1
+            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)
+            if i not in seen:
+                seen.add(i)
+                entry: dict[str, int | bool] = {"desc": i, "addr": addr, "len": length,
+                                                "flags": flags, "next": nxt}
+                if not top:
+                    entry["indirect"] = True
+                chain.entries.append(entry)
+            if flags & DESC_F_INDIRECT:
+                self._dump_indirect(i, addr, length, flags, chain, budget, may_map, top=top)
+            elif length:
+                if chain.read_len + chain.write_len + length > _U32_MAX:
+                    raise _ChainError("chain length exceeds 2^32 - 1", i, addr)
+                if flags & DESC_F_WRITE:
+                    chain.write_len += length
+                else:
+                    if chain.write_len:
+                        raise _ChainError("device-readable descriptor after writable", i, addr)
+                    chain.read_len += length
+            if not flags & DESC_F_NEXT:
+                return
+            if nxt >= n:
+                raise _ChainError(f"next {nxt} out of range (table of {n})", i)
+            i = nxt
+        raise _ChainError(f"descriptor loop or chain longer than {n}", first)
+
+    def _dump_indirect(
+        self, i: int, addr: int, length: int, flags: int, chain: _DumpChain,
+        budget: list[int], may_map: bool, *, top: bool,
+    ) -> None:  # fmt: skip
+        if not self.indirect:
+            raise _ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
+        if not top:
+            raise _ChainError("nested INDIRECT descriptor", i, addr)
+        if flags & DESC_F_NEXT:
+            raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
+        if chain.read_len or chain.write_len:
+            raise _ChainError("INDIRECT descriptor not alone in its chain", i, addr)
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
+            raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
+        if not may_map:
+            raise _ChainError("indirect table not read: Bus Master Enable is clear", i, addr)
+        # Mapped and copied as _indirect does (a snapshot), under the dump's own ledger name.
+        ops = self._mapops
+        max_map = ops.max_mapping_size()
+        ctx = (f"{self.name} dump", i, flags & ~DESC_F_WRITE)
+        pieces: list[DmaHandle] = []
+        try:
+            at, left = addr, length
+            while left:
+                n = min(left, max_map)
+                c = ops.contiguous(at, n)
+                if 0 < c < n:
+                    n = c
+                h = ops.map_page(at, n, Direction.TO_DEVICE, 0, ctx)
+                if ops.mapping_error(h):
+                    err = h.error
+                    if err is not None and err.transient:
+                        raise _ChainError(f"indirect table not mapped now: {err}", i, h.iova)
+                    raise _ChainError(f"buffer not mappable: {err}", i, h.iova)
+                pieces.append(h)
+                left -= n
+                at += n
+            table = memoryview(b"".join([h.view for h in pieces]))
+        finally:
+            for h in pieces:
+                ops.unmap_page(h, Direction.TO_DEVICE)
+        self._dump_table(table, 0, length // DESC_SIZE, chain, budget, may_map, top=False)
