@@ -11,8 +11,17 @@ across writes; each gets exactly one reply line, in order::
 
     ping   -> {"ok": true}                                  liveness, costs nothing
     stats  -> {"ok": true, "stats": {...}, "control": {...}}
-              stats: the device counters (the --stats file without its exit-only keys)
+              stats: the device counters (the --stats file without its exit-only keys):
+                device.<queue>: avail_idx (the guest's, as last read), last_avail, used_idx,
+                kicks, interrupts, interrupts_suppressed, chains, packets, bytes, drops,
+                errors, ...; ledger: map-ops and ledger counters, iova_space (occupancy)
               control: this server's counters (clients, requests, errors, dropped)
+    dump-queue {"queue": N}
+           -> {"ok": true, "dump": {...}}                   queue N's rings decoded: size,
+              addresses, device indices, avail {flags idx used_event ring}, used {flags idx
+              avail_event ring}, descriptors [{addr len flags next}], in_flight [{slot idx
+              state head descriptors read_len write_len error?}], error? (what is wrong)
+              failure: "queue" missing or not an integer, no such queue, queue not enabled
     quit   -> {"ok": true}                                  then the device process stops
 
 Anything else gets a failure reply: invalid UTF-8, invalid JSON, JSON that is not an object,
@@ -96,6 +105,8 @@ def parse_request(line: bytes) -> Request:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError(f"request is not JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # a number past int()'s digit limit
+        raise RequestError(f"request is not JSON ({exc})") from None
     except RecursionError:
         raise RequestError("request is not JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
@@ -114,9 +125,15 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def device_commands(*, stats: Callable[[], dict[str, Any]],
-                    stop: Callable[[], None]) -> dict[str, Handler]:
-    """The command table of the device process: name -> handler. Add new commands here."""
+def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], None],
+                    dump_queue: Callable[[int], dict[str, Any]] | None = None,
+                    ) -> dict[str, Handler]:
+    """The command table of the device process: name -> handler. Add new commands here.
+
+    ``dump_queue(index)`` decodes one virtqueue (``VirtioNetDevice.dump_queue``) and raises
+    LookupError for a queue that does not exist or is not enabled; without it there is no
+    ``dump-queue`` command.
+    """
 
     def ping(_server: ControlServer, _request: Request) -> Reply:
         return {}
@@ -128,7 +145,23 @@ def device_commands(*, stats: Callable[[], dict[str, Any]],
         stop()
         return {}
 
-    return {"ping": ping, "stats": do_stats, "quit": do_quit}
+    table: dict[str, Handler] = {"ping": ping, "stats": do_stats, "quit": do_quit}
+    if dump_queue is not None:
+        dump = dump_queue
+
+        def do_dump_queue(_server: ControlServer, request: Request) -> Reply:
+            if "queue" not in request.args:
+                raise CommandError('dump-queue needs "queue": a queue index')
+            queue = request.args["queue"]
+            if isinstance(queue, bool) or not isinstance(queue, int):
+                raise CommandError(f'"queue" must be an integer, not {_json_type(queue)}')
+            try:
+                return {"dump": dump(queue)}
+            except LookupError as exc:
+                raise CommandError(str(exc)) from None
+
+        table["dump-queue"] = do_dump_queue
+    return table
 
 
 @dataclass(eq=False)
