@@ -1,8 +1,9 @@
 """The `harness` command: argument parsing and dispatch, nothing else.
 
 Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
-here), `qmp` (a QMP shell on the running VM), `serve` (the device server alone), `accel` (which
-accelerator auto would pick, and why), `bench iova`. Bad input is an argparse error
+here), `qmp` (a QMP shell on the running VM), `stats` and `dump-queue` (the running device's
+counters and rings), `serve` (the device server alone), `accel` (which accelerator auto would
+pick, and why), `bench iova`. Bad input is an argparse error
 (exit 2) with a one-line message, never a traceback.
 """
 
@@ -71,6 +72,12 @@ def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], na
     p.add_argument("--run-dir", type=Path,
                    help="the run's directory (default: the newest running `harness run`)")
     return p
+
+
+def _seconds(text: str) -> float:
+    from harness.inspect import seconds
+
+    return seconds(text)
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
@@ -158,6 +165,35 @@ def cmd_hotplug(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inspect_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
+                        help_text: str) -> argparse.ArgumentParser:
+    p = _add_run_client(sub, name, help_text)
+    p.add_argument("--device", default="net0",
+                   help="which device server of the run (default net0)")
+    p.add_argument("--json", action="store_true", help="print the server's reply as JSON")
+    return p
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from harness import inspect
+
+    try:
+        return inspect.stats(args.run_dir, args.device, as_json=args.json, watch=args.watch)
+    except inspect.InspectError as exc:
+        print(f"harness stats: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_dump_queue(args: argparse.Namespace) -> int:
+    from harness import inspect
+
+    try:
+        return inspect.dump_queue(args.run_dir, args.device, args.queue, as_json=args.json)
+    except inspect.InspectError as exc:
+        print(f"harness dump-queue: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_accel(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.testbed import select_accel
@@ -184,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND [ARG=VALUE ...]")
     _add_run_client(sub, "hotplug", "hot-add a second device (its own server) to the "
                                     "running VM")
+    p = _add_inspect_client(sub, "stats", "the running device's counters: queues, "
+                                         "interrupts, map ops, ledger, IOVA space")
+    p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p = _add_inspect_client(sub, "dump-queue", "decode one virtqueue of the running device: "
+                                              "descriptors, rings, chains in flight")
+    p.add_argument("queue", type=argtypes.nonnegative_int, metavar="N",
+                   help="queue index (0 rx0, 1 tx0)")
     p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
@@ -214,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_qmp(args)
     if args.command == "hotplug":
         return cmd_hotplug(args)
+    if args.command == "stats":
+        return cmd_stats(args)
+    if args.command == "dump-queue":
+        return cmd_dump_queue(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -1,0 +1,548 @@
+"""Renders a running device's introspection for people: `harness stats` and `harness dump-queue`.
+
+Both find the running VM through ``harness.session.find_run``, pick one device server's control
+socket (``--device``, net0 by default) and send it one request of the control protocol
+(``harness.server.control``: a JSON line out, a JSON line back). ``stats`` becomes a table of
+the queues and a few lines of map-ops, ledger and IOVA counters; ``dump-queue`` a readable
+decoding of one virtqueue. ``--json`` prints the server's reply as it came, one line per reply.
+Every line of the human renderings fits 80 columns.
+
+Renderers take the reply as plain JSON data and never trust its shape: a missing or odd field
+shows as ``-`` or 0, never as a traceback. Whatever keeps a command from answering (no running
+VM, an unknown device, a server that does not answer or refuses) is an :class:`InspectError`
+whose message is the one line the command prints before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from harness.virtio import constants as C
+
+WIDTH = 80
+#: Seconds between two samples of `harness stats --watch` without a value.
+DEFAULT_WATCH = 2.0
+#: Seconds a request may take before the device server counts as not answering.
+TIMEOUT = 10.0
+#: Longest reply line read (a dump of a 32768-entry queue is a few MiB).
+MAX_REPLY = 64 << 20
+#: How much of a dump the text rendering shows (--json has everything).
+SHOW_CHAINS = 32
+SHOW_CHAIN_DESCRIPTORS = 8
+SHOW_DESCRIPTORS = 32
+SHOW_RING = 8
+
+_STATUS_BITS = ((C.STATUS_ACKNOWLEDGE, "ACK"), (C.STATUS_DRIVER, "DRIVER"),
+                (C.STATUS_FEATURES_OK, "FEATURES_OK"), (C.STATUS_DRIVER_OK, "DRIVER_OK"),
+                (C.STATUS_NEEDS_RESET, "NEEDS_RESET"), (C.STATUS_FAILED, "FAILED"))
+_DESC_FLAGS = ((C.DESC_F_NEXT, "NEXT"), (C.DESC_F_WRITE, "WRITE"),
+               (C.DESC_F_INDIRECT, "INDIRECT"))
+#: (header, width, key in the per-queue stats) of the stats table; the queue name comes first.
+_COLUMNS = (("avail", 5, "avail_idx"), ("used", 5, "used_idx"), ("kicks", 8, "kicks"),
+            ("irqs", 8, "interrupts"), ("suppressed", 10, "interrupts_suppressed"),
+            ("chains", 8, "chains"), ("bytes", 7, "bytes"), ("drops", 6, "drops"),
+            ("errors", 6, "errors"))
+_NAME_WIDTH = 6
+
+
+class InspectError(Exception):
+    """The command cannot answer; the message is the one line it prints (exit status 2)."""
+
+
+# ---- talking to the device server -------------------------------------------------------------
+
+
+def request(path: Path, cmd: str, *, timeout: float = TIMEOUT, **args: object) -> dict[str, Any]:
+    """One control request on the socket at ``path``: the reply object (``ok`` true or not)."""
+    line = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+    buf = bytearray()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(line)
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_REPLY:
+                    raise InspectError(f"reply from {path} longer than {MAX_REPLY} bytes")
+    except TimeoutError:
+        raise InspectError(f"the device server at {path} did not answer within "
+                           f"{timeout:g} s") from None
+    except OSError as exc:
+        raise InspectError(f"cannot reach the device server at {path}: "
+                           f"{exc.strerror or exc}") from None
+    if not buf.endswith(b"\n"):
+        raise InspectError(f"the device server at {path} closed the connection without a reply")
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise InspectError(f"the device server at {path} sent something that is not JSON: "
+                           f"{bytes(buf[:60])!r}") from None
+    if not isinstance(reply, dict):
+        raise InspectError(f"the device server at {path} sent a {type(reply).__name__}, "
+                           "not an object")
+    return reply
+
+
+def _ok(reply: dict[str, Any], what: str) -> dict[str, Any]:
+    if reply.get("ok") is not True:
+        raise InspectError(f"{what} refused: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def find_control(run_dir: Path | None, device: str) -> Path:
+    """The control socket of ``device`` in the running VM (``run_dir``, or the newest run)."""
+    from harness.session import find_run  # the run machinery only where a run is looked up
+
+    try:
+        run = find_run(run_dir)
+    except LookupError as exc:
+        raise InspectError(str(exc)) from None
+    if device not in run.devices:
+        known = ", ".join(run.devices) or "none"
+        raise InspectError(f"no device {device!r} in the run in {run.run_dir} (devices: {known})")
+    index = run.devices.index(device)
+    if index >= len(run.control):
+        raise InspectError(f"{run.run_dir}/run.json names no control socket for {device}")
+    return Path(run.control[index])
+
+
+# ---- small formatting helpers -------------------------------------------------------------
+
+
+def _dict(data: object, key: str) -> dict[str, Any]:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _int(data: object, key: str) -> int | None:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _n(data: object, key: str) -> int:
+    return _int(data, key) or 0
+
+
+def _list(data: object, key: str) -> list[Any]:
+    value = data.get(key) if isinstance(data, Mapping) else None
+    return value if isinstance(value, list) else []
+
+
+def count(n: int | None, width: int = 0) -> str:
+    """A counter in at most ``width`` characters: 1234567 -> '1234567' or '1.2M'."""
+    if n is None:
+        return "-"
+    text = str(n)
+    if not width or len(text) <= width:
+        return text
+    value = float(n)
+    for suffix in ("k", "M", "G", "T", "P", "E"):
+        value /= 1000
+        for digits in (1, 0):
+            text = f"{value:.{digits}f}{suffix}"
+            if len(text) <= width:
+                return text
+    return "#" * width
+
+
+def things(n: int | None, what: str) -> str:
+    """'1 region', '3 regions', '- regions'."""
+    return f"{count(n)} {what}" if n == 1 else f"{count(n)} {what}s"
+
+
+def size(n: int | None) -> str:
+    """Bytes for people: 512 -> '512 B', 1536 -> '1.5 KiB', 3 << 30 -> '3.0 GiB'."""
+    if n is None:
+        return "-"
+    if abs(n) < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "PiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _short_size(n: int | None, width: int) -> str:
+    """Bytes in a table cell: 'B'-less units, e.g. '1.5K', '3.0G'."""
+    if n is None:
+        return "-"
+    if len(str(n)) <= width:
+        return str(n)
+    value = float(n)
+    for unit in "KMGTPE":
+        value /= 1024
+        text = f"{value:.1f}{unit}"
+        if len(text) <= width:
+            return text
+        if len(f"{value:.0f}{unit}") <= width:
+            return f"{value:.0f}{unit}"
+    return "#" * width
+
+
+def status_text(status: int | None) -> str:
+    if status is None:
+        return "status -"
+    names = [name for bit, name in _STATUS_BITS if status & bit]
+    return f"status {status:#04x} ({' '.join(names) or 'reset'})"
+
+
+def desc_flags(flags: int) -> str:
+    names = [name for bit, name in _DESC_FLAGS if flags & bit]
+    rest = flags & ~(C.DESC_F_NEXT | C.DESC_F_WRITE | C.DESC_F_INDIRECT)
+    if rest:
+        names.append(f"{rest:#x}")
+    return ",".join(names) or "-"
+
+
+def clip(text: str, width: int = WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def pack(first: str, tokens: Iterable[str], *, pad: str = "    ", sep: str = ", ") -> list[str]:
+    """``first`` then ``tokens`` joined by ``sep``, wrapped onto lines of at most 80 columns
+    that start with ``pad``; a token too long for any line is clipped."""
+    lines: list[str] = []
+    line = clip(first)
+    fresh = True  # no token on this line yet
+    for raw in tokens:
+        tok = clip(raw, WIDTH - len(pad))
+        add = tok if fresh else sep + tok
+        if len(line) + len(add) > WIDTH and line.strip():
+            lines.append(line.rstrip())
+            line, add = pad, tok
+        line += add
+        fresh = False
+    lines.append(line.rstrip())
+    return lines
+
+
+def labelled(label: str, parts: Iterable[str], indent: int = 9) -> list[str]:
+    """``label`` in a column of ``indent`` characters, then ``parts`` joined by ', '."""
+    first = f"{label:<{indent - 1}} " if len(label) < indent else f"{label} "
+    return pack(first, parts, pad=" " * max(indent, 4))
+
+
+# ---- stats ----------------------------------------------------------------------------------
+
+
+def _queues(device: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The per-queue dicts of the device's stats, in the device's order, totals last."""
+    rows = [(k, v) for k, v in device.items() if isinstance(v, dict) and k != "totals"]
+    totals = device.get("totals")
+    if isinstance(totals, dict):
+        rows.append(("total", totals))
+    return rows
+
+
+def render_stats(reply: Mapping[str, Any], device: str = "net0") -> str:
+    """A `stats` reply as a queue table and counter lines, each at most 80 columns."""
+    stats = _dict(reply, "stats")
+    dev = _dict(stats, "device")
+    lines: list[str] = []
+    features = _int(dev, "features")
+    head = [status_text(_int(dev, "status")),
+            f"features {features:#x}" if features is not None else "features -",
+            things(_int(dev, 'resets'), 'reset')]
+    up = stats.get("connected_seconds")
+    if isinstance(up, (int, float)) and not isinstance(up, bool):
+        head.append(f"connected {up:.0f} s")
+    if dev.get("needs_reset") is True:
+        head.append("NEEDS RESET")
+    lines += labelled(device, head)
+    header = f"{'queue':<{_NAME_WIDTH}}" + "".join(
+        f" {title:>{w}}" for title, w, _ in _COLUMNS)
+    lines.append(header)
+    for name, q in _queues(dev):
+        cells = []
+        for _title, w, key in _COLUMNS:
+            if name == "total" and key in ("avail_idx", "used_idx"):
+                cells.append(f" {'':>{w}}")
+            elif key == "bytes":
+                cells.append(f" {_short_size(_int(q, key), w):>{w}}")
+            else:
+                cells.append(f" {count(_int(q, key), w):>{w}}")
+        state = ""
+        if q.get("broken") is True:
+            state = " broken"
+        elif q.get("enabled") is False:
+            state = " off"
+        lines.append(clip(f"{name[:_NAME_WIDTH]:<{_NAME_WIDTH}}" + "".join(cells) + state))
+    lines += _stats_lines(stats, _dict(reply, "control"))
+    return "\n".join(lines)
+
+
+def _stats_lines(stats: Mapping[str, Any], control: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    dev = _dict(stats, "device")
+    totals = _dict(dev, "totals")
+    irq = _dict(stats, "irq")
+    lines += labelled("frames", [things(_int(totals, 'packets'), 'packet'),
+                                 f"{count(_int(totals, 'map_errors'))} transient map errors",
+                                 f"RX starved {count(_int(totals, 'no_buffers'))} times",
+                                 f"{count(_int(dev, 'bad_accesses'))} bad BAR accesses"])
+    if irq:
+        lines += labelled("irq", [f"{count(_int(irq, 'sent'))} sent",
+                                  f"{count(_int(irq, 'unwired'))} before QEMU wired them"])
+    ledger = _dict(stats, "ledger")
+    mapops = _dict(ledger, "mapops")
+    if ledger:
+        lines += labelled("map ops", [
+            f"{mapops.get('mode', '?')}",
+            f"{count(_int(ledger, 'maps'))} maps ({size(_int(ledger, 'map_bytes'))})",
+            f"{count(_int(ledger, 'unmaps'))} unmaps",
+            f"{count(_int(ledger, 'live'))} live (peak {count(_int(ledger, 'peak_live'))})",
+            f"{count(_int(ledger, 'failed_maps'))} failed",
+            f"syncs {count(_int(ledger, 'syncs_for_device'))} to device / "
+            f"{count(_int(ledger, 'syncs_for_cpu'))} to cpu",
+        ])
+        violations = _dict(ledger, "violations")
+        kinds = [f"{k} {count(_int(violations, k))}" for k in sorted(violations)
+                 if _n(violations, k)]
+        lines += labelled("ledger", [
+            things(_int(ledger, 'violations_total'), 'violation'),
+            *kinds,
+            f"{count(_int(ledger, 'revocations'))} revocations",
+            f"{count(_int(ledger, 'region_checks'))} region checks",
+        ])
+    space = _dict(ledger, "iova_space")
+    dma = _dict(stats, "dma")
+    if space or dma:
+        parts = [things(_int(space, 'regions'), 'region'),
+                 f"{size(_int(space, 'mapped_bytes'))} mapped",
+                 f"free below 4 GiB {size(_int(space, 'free_below_4g'))}",
+                 f"largest gap {size(_int(space, 'largest_free_below_4g'))}"]
+        if dma:
+            parts.append(f"peak {things(_int(dma, 'peak_regions'), 'region')}")
+            parts.append(f"{count(_int(dma, 'maps'))} DMA_MAP / "
+                         f"{count(_int(dma, 'unmaps'))} DMA_UNMAP")
+        lines += labelled("iova", parts)
+    if mapops.get("mode") == "bounce":
+        domain = _dict(mapops, "domain")
+        lines += labelled("bounce", [
+            f"{count(_int(mapops, 'live_slots'))} live slots",
+            f"{count(_int(mapops, 'allocated_pages'))} pages allocated",
+            f"window {size(_int(mapops, 'window'))}",
+            f"{count(_int(mapops, 'alloc_failures'))} alloc failures",
+            f"{count(_int(mapops, 'deferred_pending'))} deferred erases",
+            *(f"{k} {count(_int(domain, k))}" for k in sorted(domain) if _int(domain, k)),
+        ])
+    faults = _dict(ledger, "faults")
+    if faults:
+        injected = _dict(faults, "injected")
+        parts = [str(faults.get("spec", "?")),
+                 f"{count(_int(injected, 'mapping_error'))} mapping errors injected"]
+        iova_alloc = _dict(injected, "iova_alloc")
+        if iova_alloc:
+            parts.append(f"{count(sum(_n(iova_alloc, k) for k in iova_alloc))} IOVA "
+                         "allocations failed")
+        lines += labelled("faults", parts)
+    if control:
+        parts = [things(_int(control, 'clients'), 'client'),
+                 things(_int(control, 'requests'), 'request'),
+                 things(_int(control, 'errors'), 'error')]
+        last = control.get("last_error")
+        if isinstance(last, str) and last:
+            parts.append(f"last: {last}")
+        lines += labelled("control", parts)
+    return lines
+
+
+# ---- dump-queue -----------------------------------------------------------------------------
+
+
+def _hex(n: int | None) -> str:
+    return "-" if n is None else f"{n:#x}"
+
+
+def render_dump(dump: Mapping[str, Any], device: str = "net0") -> str:
+    """A `dump-queue` reply's ``dump`` for people; every line at most 80 columns."""
+    lines: list[str] = []
+    size_ = _int(dump, "size")
+    head = [f"size {count(size_)}",
+            "broken" if dump.get("broken") is True else
+            "enabled" if dump.get("enabled") is True else "not enabled"]
+    if dump.get("event_idx") is True:
+        head.append("EVENT_IDX")
+    if dump.get("indirect") is True:
+        head.append("INDIRECT_DESC")
+    vector = _int(dump, "msix_vector")
+    head.append("no MSI-X vector" if vector == C.NO_VECTOR else f"MSI-X vector {count(vector)}")
+    title = f"{device} queue {dump.get('index', '?')} ({dump.get('name', '?')}): "
+    lines += pack(title, head)
+    addr = _dict(dump, "addresses")
+    lines += labelled("  rings", [f"desc {_hex(_int(addr, 'desc'))}",
+                                  f"avail {_hex(_int(addr, 'avail'))}",
+                                  f"used {_hex(_int(addr, 'used'))}"], indent=11)
+    dev = _dict(dump, "device")
+    lines += labelled("  device", [
+        f"avail idx {count(_int(dev, 'avail_idx'))} (as last read)",
+        f"last_avail {count(_int(dev, 'last_avail'))}",
+        f"used idx {count(_int(dev, 'used_idx'))}",
+        f"{count(_int(dev, 'outstanding'))} chains popped",
+        "kicks wanted" if dev.get("notify") is not False else "kicks off (NO_NOTIFY)",
+    ], indent=11)
+    error = dump.get("error")
+    if isinstance(error, str) and error:
+        lines += _wrapped("  ERROR", error)
+    avail = _dict(dump, "avail")
+    used = _dict(dump, "used")
+    if not avail and not used:
+        return "\n".join(lines)
+    lines += labelled("  avail", [f"flags {_hex(_int(avail, 'flags'))}",
+                                  f"idx {count(_int(avail, 'idx'))}",
+                                  f"used_event {count(_int(avail, 'used_event'))}"], indent=11)
+    lines += labelled("  used", [f"flags {_hex(_int(used, 'flags'))}",
+                                 f"idx {count(_int(used, 'idx'))}",
+                                 f"avail_event {count(_int(used, 'avail_event'))}"], indent=11)
+    lines += _render_in_flight(_list(dump, "in_flight"))
+    lines += _render_rings(avail, used, size_ or 0)
+    lines += _render_descriptors(_list(dump, "descriptors"))
+    return "\n".join(lines)
+
+
+def _wrapped(label: str, text: str, indent: int = 11) -> list[str]:
+    """Free text after a label, wrapped at spaces to 80 columns."""
+    first = f"{label:<{indent - 1}} " if len(label) < indent else f"{label} "
+    return pack(first, text.split(), pad=" " * indent, sep=" ")
+
+
+def _render_in_flight(chains: list[Any]) -> list[str]:
+    states: dict[str, int] = {}
+    for c in chains:
+        state = c.get("state", "?") if isinstance(c, dict) else "?"
+        states[str(state)] = states.get(str(state), 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in states.items())
+    lines = [clip(f"  in flight: {len(chains)} chains" + (f" ({summary})" if summary else ""))]
+    for c in chains[:SHOW_CHAINS]:
+        if not isinstance(c, dict):
+            continue
+        lines.append(clip(
+            f"    idx {count(_int(c, 'idx'))} slot {count(_int(c, 'slot'))} head "
+            f"{count(_int(c, 'head'))} {c.get('state', '?')}: {size(_int(c, 'read_len'))} out, "
+            f"{size(_int(c, 'write_len'))} in"))
+        descs = [d for d in _list(c, "descriptors") if isinstance(d, dict)]
+        for d in descs[:SHOW_CHAIN_DESCRIPTORS]:
+            lines.append(clip("      " + _desc_line(d)))
+        if len(descs) > SHOW_CHAIN_DESCRIPTORS:
+            lines.append(f"      ... {len(descs) - SHOW_CHAIN_DESCRIPTORS} more descriptors")
+        error = c.get("error")
+        if isinstance(error, str) and error:
+            lines += _wrapped("      error", error, indent=13)
+    if len(chains) > SHOW_CHAINS:
+        lines.append(f"    ... {len(chains) - SHOW_CHAINS} more chains (--json has them all)")
+    return lines
+
+
+def _desc_line(d: Mapping[str, Any]) -> str:
+    flags = _n(d, "flags")
+    where = "i" if d.get("indirect") is True else ""
+    nxt = f" -> {_n(d, 'next')}" if flags & C.DESC_F_NEXT else ""
+    shown = f" {desc_flags(flags)}" if flags else ""
+    return (f"[{where}{count(_int(d, 'desc'))}] {_hex(_int(d, 'addr'))} len "
+            f"{count(_int(d, 'len'))}{shown}{nxt}")
+
+
+def _render_rings(avail: Mapping[str, Any], used: Mapping[str, Any], qsize: int) -> list[str]:
+    """The last few entries the driver published and the device returned, by ring index."""
+    lines: list[str] = []
+    ring = _list(avail, "ring")
+    idx = _int(avail, "idx")
+    if idx is not None and qsize and len(ring) == qsize:
+        n = min(SHOW_RING, qsize, idx or qsize)  # idx < n: fewer published (or it wrapped)
+        parts = [f"{(idx - k) & 0xFFFF}:{ring[(idx - k) % qsize]}" for k in range(n, 0, -1)]
+        lines += pack(f"  avail ring, last {n} (idx:head) ", parts, sep=" ")
+    uring = _list(used, "ring")
+    uidx = _int(used, "idx")
+    if uidx is not None and qsize and len(uring) == qsize:
+        n = min(SHOW_RING, qsize, uidx or qsize)
+        parts = []
+        for k in range(n, 0, -1):
+            e = uring[(uidx - k) % qsize]
+            shown = f"{e[0]}/{e[1]}" if isinstance(e, list) and len(e) == 2 else "?"
+            parts.append(f"{(uidx - k) & 0xFFFF}:{shown}")
+        lines += pack(f"  used ring, last {n} (idx:id/len) ", parts, sep=" ")
+    return lines
+
+
+def _render_descriptors(descs: list[Any]) -> list[str]:
+    used = [(i, d) for i, d in enumerate(descs) if isinstance(d, dict) and any(
+        _n(d, k) for k in ("addr", "len", "flags", "next"))]
+    lines = [f"  descriptors: {len(used)} of {len(descs)} not zero"]
+    if used:
+        lines.append(f"  {'idx':>5}  {'addr':<18} {'len':>10}  {'flags':<19} {'next':>5}")
+    for i, d in used[:SHOW_DESCRIPTORS]:
+        lines.append(clip(f"  {i:>5}  {_hex(_int(d, 'addr')):<18} {count(_int(d, 'len'), 10):>10}"
+                          f"  {desc_flags(_n(d, 'flags')):<19} {count(_int(d, 'next'), 5):>5}"))
+    if len(used) > SHOW_DESCRIPTORS:
+        lines.append(f"  ... {len(used) - SHOW_DESCRIPTORS} more (--json has the whole table)")
+    return lines
+
+
+# ---- the commands ---------------------------------------------------------------------------
+
+
+def seconds(text: str) -> float:
+    """argparse type of --watch: a positive, finite number of seconds (at least 0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0.1:
+        raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds: {text!r}")
+    return value
+
+
+def stats(run_dir: Path | None, device: str, *, as_json: bool = False,
+          watch: float | None = None, out: TextIO | None = None,
+          sleep: Callable[[float], None] | None = None) -> int:
+    """`harness stats`: one table (or JSON reply), or one every ``watch`` s until Ctrl-C."""
+    out = out if out is not None else sys.stdout
+    sleep = sleep if sleep is not None else time.sleep
+    path = find_control(run_dir, device)
+    clear = watch is not None and not as_json and out.isatty()
+    try:
+        while True:
+            reply = _ok(request(path, "stats"), "stats")
+            if as_json:
+                text = json.dumps(reply)
+            else:
+                text = render_stats(reply, device)
+                if watch is not None:
+                    text = (f"{device}: every {watch:g} s, Ctrl-C stops    "
+                            f"{time.strftime('%H:%M:%S')}\n" + text)
+            out.write(("\x1b[H\x1b[2J" if clear else "") + text + "\n")
+            out.flush()
+            if watch is None:
+                return 0
+            if not as_json and not clear:
+                out.write("\n")
+            sleep(watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def dump_queue(run_dir: Path | None, device: str, queue: int, *, as_json: bool = False,
+               out: TextIO | None = None) -> int:
+    """`harness dump-queue N`: queue N of ``device`` decoded (or the JSON reply)."""
+    out = out if out is not None else sys.stdout
+    path = find_control(run_dir, device)
+    reply = _ok(request(path, "dump-queue", queue=queue), f"dump-queue {queue}")
+    if as_json:
+        out.write(json.dumps(reply) + "\n")
+    else:
+        out.write(render_dump(_dict(reply, "dump"), device) + "\n")
+    return 0
