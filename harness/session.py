@@ -6,6 +6,10 @@ sockets and `run.json`, which says where everything is while the run lives; `har
 relayed between the terminal and QEMU's console socket with the terminal in cbreak mode:
 keys go to the guest one by one (its shell echoes and edits), while Ctrl-C stays a signal that
 tears everything down. `exit` in the guest's shell powers the guest off, which ends the run too.
+
+`harness run --exec CMD` is the same run without a person: once the guest's plan has brought
+the link up, CMD runs in the guest through the guest command channel (harness.guest.agent),
+its stdout and stderr are copied here, everything is torn down, and its exit status is ours.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from harness import paths
+from harness.guest.agent import AgentError
 from harness.testbed import Testbed, TestbedConfig
 
 RUN_FILE = "run.json"
@@ -246,15 +251,50 @@ def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
             requests.serve_one()
 
 
-def run_session(cfg: TestbedConfig, console: str) -> int:
+#: `harness run --exec`: how long the guest may take to boot and run its plan (link_up).
+PLAN_TIMEOUT = 300.0
+#: `harness run --exec` statuses of its own, as GNU timeout and env have them: the command
+#: timed out; the harness could not run it (no boot, no agent).
+EXIT_TIMED_OUT = 124
+EXIT_CANNOT_RUN = 125
+
+
+def run_command(tb: Testbed, command: str, timeout: float) -> int:
+    """Once the plan is done (the link is up), run `command` in the guest through the agent and
+    copy its output here; its exit status, or EXIT_TIMED_OUT / EXIT_CANNOT_RUN."""
+    try:
+        tb.wait_console("# harness: done", PLAN_TIMEOUT)
+        result = tb.guest.run(command, timeout=timeout)
+    except (AgentError, TimeoutError, RuntimeError) as exc:  # RuntimeError: QEMU exited
+        print(f"harness run: {exc} (see {tb.console_log})", file=sys.stderr)
+        return EXIT_CANNOT_RUN
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    if result.timed_out:
+        print(f"harness run: the command timed out after {timeout:g} s", file=sys.stderr)
+        return EXIT_TIMED_OUT
+    return result.returncode
+
+
+def run_session(cfg: TestbedConfig, console: str, command: str | None = None,
+                command_timeout: float = 600.0) -> int:
     """Boot, print where things are, relay the console (or wait), tear down. Exit status 0
-    when the guest powered itself off."""
+    when the guest powered itself off. With `command`: run it instead (run_command), quietly,
+    and return its status."""
     run_dir = paths.new_run_dir(runs_root())
     cmdline = ("harness.plan=link_up", "harness.shell=1", *cfg.cmdline)
     cfg = replace(cfg, console="socket", cmdline=cmdline, reboot=True)
     with Testbed(cfg, run_dir) as tb:
         info = run_info(tb)
         info.write()
+        if command is not None:
+            try:
+                return run_command(tb, command, command_timeout)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    (run_dir / RUN_FILE).unlink()
         requests = RunRequests(tb)
         print(banner(tb, info, console), flush=True)
         try:

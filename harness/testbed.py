@@ -27,6 +27,7 @@ from typing import Any
 
 from harness import paths
 from harness.guest import kernel as guest_kernel
+from harness.guest.agent import GuestAgent
 from harness.guest.build import build_initramfs
 from harness.net.netns import private_netns
 from harness.proc import managed
@@ -194,8 +195,11 @@ class Testbed:
         self.user_qmp_socket = run_dir / "qmp-user.sock"
         self.console_log = run_dir / "console.log"
         self.console_socket = run_dir / "console.sock" if cfg.console == "socket" else None
+        #: The guest command channel's serial port (ttyS1 in the guest); see `guest`.
+        self.agent_socket = run_dir / "agent.sock"
         self.peer_results = run_dir / "peer.json"
         self._machine: Machine | None = None
+        self._guest: GuestAgent | None = None
         self._stack = ExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -241,6 +245,17 @@ class Testbed:
     def qmp(self, command: str, **arguments: Any) -> object:
         return self.machine.qmp(command, **arguments)
 
+    @property
+    def guest(self) -> GuestAgent:
+        """Commands and files in the guest, past the device under test (harness.guest.agent):
+        `tb.guest.run("ip -s link").text`. Connects on first use, and the first request waits
+        for the agent while the guest boots; closed before QEMU stops."""
+        if self._guest is None:
+            if self._machine is None:
+                raise RuntimeError("the testbed's machine is not running")
+            self._guest = self._stack.enter_context(GuestAgent(self.agent_socket))
+        return self._guest
+
     # -- parts -------------------------------------------------------------------------------
 
     def add_device(self) -> Device:
@@ -282,7 +297,8 @@ class Testbed:
                               device_socket=self.device.socket, qmp_socket=self.qmp_socket,
                               console_log=self.console_log,
                               console_socket=self.console_socket,
-                              user_qmp_socket=self.user_qmp_socket)
+                              user_qmp_socket=self.user_qmp_socket,
+                              agent_socket=self.agent_socket)
         argv = full_args(list(self.env.qemu), profile, mpaths)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         machine = Machine(argv, qmp_socket=self.qmp_socket, log_path=self.run_dir / "qemu.log")

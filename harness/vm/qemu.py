@@ -52,6 +52,8 @@ class MachinePaths:
     console_socket: Path | None = None
     #: A second QMP monitor, for people (`harness qmp`); the harness keeps the first.
     user_qmp_socket: Path | None = None
+    #: The guest command channel (harness.guest.agent): a second serial port, ttyS1.
+    agent_socket: Path | None = None
 
 
 def machine_args(profile: MachineProfile) -> list[str]:
@@ -105,6 +107,15 @@ def console_args(log: Path, sock: Path | None = None) -> list[str]:
             "-serial", "chardev:console"]
 
 
+def agent_args(sock: Path | None) -> list[str]:
+    """The guest agent's serial port: it must come after the console's -serial, so that the
+    console stays ttyS0 (COM1) and the agent gets ttyS1 (COM2)."""
+    if sock is None:
+        return []
+    return ["-chardev", f"socket,id=agent,path={sock},server=on,wait=off",
+            "-serial", "chardev:agent"]
+
+
 def qmp_args(socket_path: Path, user_socket: Path | None = None) -> list[str]:
     """A QMP socket that QEMU listens on; the harness connects after launch. A second one
     for people, so that an interactive session never takes the harness's own monitor."""
@@ -153,6 +164,7 @@ def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths) -> 
         *viommu_args(profile),
         *kernel_args(paths.kernel, paths.initrd, kernel_cmdline(profile)),
         *console_args(paths.console_log, paths.console_socket),
+        *agent_args(paths.agent_socket),
         *qmp_args(paths.qmp_socket, paths.user_qmp_socket),
         *vfio_user_device_args(paths.device_socket),
         *hotplug_port_args(profile.hotplug_ports),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,17 @@ def test_interactive_machine_console_socket_second_qmp_hotplug_ports_and_reboot(
                      "pcie-root-port,id=hp1,chassis=2,slot=2"]
     assert "-no-reboot" not in args
     assert "-no-reboot" in full_args(["qemu"], MachineProfile(), paths)
+
+
+def test_agent_serial_port_comes_after_the_console() -> None:
+    paths = MachinePaths(kernel=Path("k"), initrd=Path("i"), device_socket=Path("s"),
+                         qmp_socket=Path("q"), console_log=Path("c.log"),
+                         agent_socket=Path("run/agent.sock"))
+    args = full_args(["qemu"], MachineProfile(), paths)
+    serials = [args[i + 1] for i, a in enumerate(args) if a == "-serial"]
+    assert serials == ["chardev:console", "chardev:agent"]  # ttyS0 console, ttyS1 agent
+    chardevs = [args[i + 1] for i, a in enumerate(args) if a == "-chardev"]
+    assert chardevs[1] == "socket,id=agent,path=run/agent.sock,server=on,wait=off"
+    assert args.index("chardev:console") < args.index("chardev:agent")
+    without = full_args(["qemu"], MachineProfile(), replace(paths, agent_socket=None))
+    assert "chardev:agent" not in without and without.count("-serial") == 1
