@@ -64,6 +64,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "run directory (connect with socat)")
     p.add_argument("--hotplug-ports", type=argtypes.nonnegative_int, default=1, metavar="N",
                    help="free pcie-root-ports hp0.. for device_add (default 1)")
+    p.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                   help="no terminal: once the link is up, run CMD in the guest (sh -c, over "
+                        "the guest agent's serial port), print its output, stop everything and "
+                        "exit with its status (124: it timed out, 125: it could not be run)")
+    p.add_argument("--exec-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="how long --exec's command may run (default 600)")
 
 
 def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str,
@@ -129,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         peers=PeerSpec(timeout=30 * 24 * 3600.0))
     try:
         with proc.interrupts():
-            return run_session(cfg, args.console)
+            return run_session(cfg, args.console, args.exec_cmd, args.exec_timeout)
     except (paths.EnvError, ValueError) as exc:  # ValueError: KernelError, a bad --initrd-add
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
