@@ -35,8 +35,9 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcap", type=Path, metavar="FILE",
                    help="write every frame the device moves to FILE (pcapng, both directions)")
     p.add_argument("--kernel", type=Path, metavar="PATH",
-                   help="the guest kernel under test: a bzImage, a kernel build tree, or a "
-                        "/lib/modules/<version> tree (default: the pinned Debian kernel)")
+                   help="the guest kernel under test: a bzImage, a kernel build tree, a "
+                        "/lib/modules/<version> tree, or debian:6.1 / debian:6.12 (that "
+                        "suite's current kernel; default: the pinned Debian 7.3 kernel)")
     p.add_argument("--append", default="", metavar="ARGS",
                    help="extra guest kernel command-line words")
     p.add_argument("--initrd-add", type=Path, metavar="DIR",
@@ -53,6 +54,8 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--out", type=Path, help="parent directory for run logs (default build/vm-test)")
     p.add_argument("--junit", type=Path, help="JUnit XML path (default <run dir>/junit.xml)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--allow-warnings", action="store_true",
+                   help="kernel WARNINGs on the console pass (their excerpt is kept)")
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,7 +107,8 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
-                       append=tuple(args.append.split()), initrd_add=args.initrd_add)
+                       append=tuple(args.append.split()), initrd_add=args.initrd_add,
+                       allow_warnings=args.allow_warnings)
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)

@@ -60,7 +60,10 @@ def ensure(ctx: Context) -> StepResult:
     parse_lock(lock.read_text())  # fail early on a malformed lock
     venv = ctx.venv
     py = python_bin(venv)
-    want = {"lock": sha256_file(lock), "python": sys.version.split()[0], "repo": str(ctx.repo)}
+    # pyproject.toml too: its entry points (the harness command, the pytest plugin) are only
+    # registered by the editable install.
+    want = {"lock": sha256_file(lock), "python": sys.version.split()[0], "repo": str(ctx.repo),
+            "pyproject": sha256_file(ctx.repo / "pyproject.toml")}
     if py.exists() and read_stamp(venv / STAMP) == want:
         _smoke(py)
         return StepResult("venv (requirements.lock)", str(venv), "cached")
