@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from harness.vfu.errors import Disconnected, VfuError
+from harness.vfu.errors import ClientDropped, Disconnected, VfuError
 from harness.vfu.model import DmaRegion, ResetType
 
 if TYPE_CHECKING:
     from harness.vfu.context import VfuContext, memory_barrier
 
 __all__ = [
+    "ClientDropped",
     "Disconnected",
     "DmaRegion",
     "ResetType",

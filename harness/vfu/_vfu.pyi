@@ -42,6 +42,22 @@ class _Lib:
     PCI_MSIX_FLAGS_QSIZE: int
     PCI_REVISION_ID: int
     PROT_READ: int
+    VFIO_USER_VERSION: int
+    VFIO_USER_DMA_MAP: int
+    VFIO_USER_DMA_UNMAP: int
+    VFIO_USER_DEVICE_GET_INFO: int
+    VFIO_USER_DEVICE_GET_REGION_INFO: int
+    VFIO_USER_DEVICE_GET_REGION_IO_FDS: int
+    VFIO_USER_DEVICE_GET_IRQ_INFO: int
+    VFIO_USER_DEVICE_SET_IRQS: int
+    VFIO_USER_REGION_READ: int
+    VFIO_USER_REGION_WRITE: int
+    VFIO_USER_DMA_READ: int
+    VFIO_USER_DMA_WRITE: int
+    VFIO_USER_DEVICE_RESET: int
+    VFIO_USER_DIRTY_PAGES: int
+    HARNESS_NR_COMMANDS: int
+    HARNESS_DMA_GRANULE: int
     PROT_WRITE: int
     LOG_ERR: int
     LOG_WARNING: int
@@ -92,6 +108,9 @@ class _Lib:
     def vfu_pci_get_config_space(self, ctx: CData) -> CData: ...
     def vfu_pci_add_capability(self, ctx: CData, pos: int, flags: int, data: CData) -> int: ...
     def harness_mb(self) -> None: ...
+    def harness_set_client_timeout(self, ms: int) -> None: ...
+    def harness_wire_take(self, out: CData) -> None: ...
+    def harness_close_duplicate_map_fd(self) -> None: ...
     # extern "Python" trampolines, as C function pointers.
     harness_log_cb: CData
     harness_reset_cb: CData

@@ -9,7 +9,10 @@ and forwards to one of its `_cb_*` methods. No exception ever crosses back into 
 - a BaseException that is not an Exception (KeyboardInterrupt, SystemExit) cannot unwind
   through C, so it is stashed on the context and re-raised by the VfuContext call that entered C.
 
-Callbacks returning int/ssize_t then return -1; void ones just return.
+Callbacks returning int/ssize_t then return -1; void ones just return. Every failure except the
+log callback's is also counted on the context by kind (``_count_failure``): region_read,
+region_write, reset, dma_register, dma_unregister. That is the exact count of refusals by the
+device, including those the library never hears of (the DMA callbacks return void).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class CallbackTarget(Protocol):
     def _cb_dma_register(self, info: Any) -> None: ...
     def _cb_dma_unregister(self, info: Any) -> None: ...
     def _defer(self, exc: BaseException) -> None: ...
+    def _count_failure(self, kind: str, what: str, exc: BaseException) -> None: ...
 
 
 def _target(vctx: Any) -> CallbackTarget:
@@ -39,8 +43,14 @@ def _target(vctx: Any) -> CallbackTarget:
     return target
 
 
-def _failed(vctx: Any, what: str, exc: BaseException) -> None:
-    """Log exc, set the errno C will see, and stash it if it must be re-raised later."""
+def _failed(vctx: Any, what: str, exc: BaseException, kind: str | None = None) -> None:
+    """Log exc, count it under ``kind``, set the errno C will see, and stash it if it must be
+    re-raised later."""
+    if kind is not None:
+        try:
+            _target(vctx)._count_failure(kind, what, exc)
+        except Exception:  # the handle itself is broken; the log line below still says it
+            log.exception("cannot count the failure of %s", what)
     if isinstance(exc, OSError) and exc.errno:
         log.debug("%s refused: %s", what, exc)
         ffi.errno = exc.errno
@@ -69,7 +79,7 @@ def harness_reset_cb(vctx: Any, kind: int) -> int:
     try:
         _target(vctx)._cb_reset(kind)
     except BaseException as exc:
-        _failed(vctx, "reset", exc)
+        _failed(vctx, "reset", exc, "reset")
         return -1
     return 0
 
@@ -79,7 +89,7 @@ def harness_dma_register_cb(vctx: Any, info: Any) -> None:
     try:
         _target(vctx)._cb_dma_register(info)
     except BaseException as exc:
-        _failed(vctx, "DMA register", exc)
+        _failed(vctx, "DMA register", exc, "dma_register")
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
@@ -87,7 +97,7 @@ def harness_dma_unregister_cb(vctx: Any, info: Any) -> None:
     try:
         _target(vctx)._cb_dma_unregister(info)
     except BaseException as exc:
-        _failed(vctx, "DMA unregister", exc)
+        _failed(vctx, "DMA unregister", exc, "dma_unregister")
 
 
 def _make_region_trampoline(index: int) -> None:
@@ -98,7 +108,9 @@ def _make_region_trampoline(index: int) -> None:
         try:
             return _target(vctx)._cb_region(index, buf, count, offset, is_write)
         except BaseException as exc:
-            _failed(vctx, f"region {index} {'write' if is_write else 'read'} @{offset:#x}", exc)
+            kind = "region_write" if is_write else "region_read"
+            _failed(vctx, f"region {index} {'write' if is_write else 'read'} @{offset:#x}", exc,
+                    kind)
             return -1
 
     trampoline.__name__ = f"harness_region_cb{index}"

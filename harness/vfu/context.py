@@ -7,6 +7,23 @@ thread that calls run()/attach()/close(); libvfio-user is not thread-safe.
 
 Callbacks run inside run() (and inside close(), which unregisters DMA and resets). Exceptions
 they raise never reach C (see harness.vfu.callbacks); the C call then fails with EIO.
+
+Client failures (what this libvfio-user allows, and what the context adds):
+- attach() accepts one connection and reads its VERSION; if that fails the library has already
+  closed the connection and keeps listening on the same socket: attach() raises VfuError and the
+  next attach() takes the next client. Nothing reached the device.
+- run() raises Disconnected when the client is gone: the library has then unregistered every DMA
+  region, called the reset callback with LOST_CONN, closed the eventfds and the connection, and
+  listens again on the same socket. The context also restores the PCI config space it had at
+  realize(), so the next client finds the device as after power-on (the owner resets the device
+  itself).
+- Any other run() failure leaves the connection in an unknown state (the library's own
+  vfu_reset_ctx is private): the context shuts the connection down and runs the library until it
+  takes that same reset path, then raises ClientDropped. One context serves any number of
+  clients, one at a time; it is never re-created.
+- Every connection has a timeout (``client_timeout``) for a message the client started to send
+  and for a reply it does not read (harness.vfu.build's client guard): the connection is shut
+  down then, so no client can stall the server.
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import socket
 import stat
 import struct
 from collections.abc import Callable
@@ -22,7 +40,7 @@ from typing import Any, NamedTuple
 
 from harness.vfu import callbacks
 from harness.vfu._vfu import ffi, lib
-from harness.vfu.errors import VfuError, error_from_errno
+from harness.vfu.errors import ClientDropped, Disconnected, VfuError, error_from_errno
 from harness.vfu.model import PROT_WRITE, DmaRegion, ResetType
 
 log = logging.getLogger(__name__)
@@ -44,11 +62,82 @@ _SYSLOG_TO_LOGGING = {
 MSIX_ENTRY_SIZE = 16
 #: Offset of the PBA when it shares the table's BAR and none is given (QEMU's own layout).
 MSIX_DEFAULT_PBA_ALIGN = 0x800
+#: Seconds a client may take to finish a message it started, or to read a reply (QEMU's own
+#: x-msg-timeout is 5 s: a QEMU that waits longer for us has given up already).
+DEFAULT_CLIENT_TIMEOUT = 5.0
+#: Requests one run() handles at most, so a client that never stops sending cannot starve the
+#: rest of the event loop (the socket stays readable: the loop comes back at once).
+RUN_LIMIT = 1024
+#: run() calls after shutting a failed connection down before the library must have taken its
+#: reset path (each consumes at least one queued header; the client can queue no more).
+_DROP_LIMIT = 1 << 16
+
+#: vfio-user command numbers -> names, for the error reply counters.
+COMMAND_NAMES = {
+    lib.VFIO_USER_VERSION: "VERSION",
+    lib.VFIO_USER_DMA_MAP: "DMA_MAP",
+    lib.VFIO_USER_DMA_UNMAP: "DMA_UNMAP",
+    lib.VFIO_USER_DEVICE_GET_INFO: "DEVICE_GET_INFO",
+    lib.VFIO_USER_DEVICE_GET_REGION_INFO: "DEVICE_GET_REGION_INFO",
+    lib.VFIO_USER_DEVICE_GET_REGION_IO_FDS: "DEVICE_GET_REGION_IO_FDS",
+    lib.VFIO_USER_DEVICE_GET_IRQ_INFO: "DEVICE_GET_IRQ_INFO",
+    lib.VFIO_USER_DEVICE_SET_IRQS: "DEVICE_SET_IRQS",
+    lib.VFIO_USER_REGION_READ: "REGION_READ",
+    lib.VFIO_USER_REGION_WRITE: "REGION_WRITE",
+    lib.VFIO_USER_DMA_READ: "DMA_READ",
+    lib.VFIO_USER_DMA_WRITE: "DMA_WRITE",
+    lib.VFIO_USER_DEVICE_RESET: "DEVICE_RESET",
+    lib.VFIO_USER_DIRTY_PAGES: "DIRTY_PAGES",
+}
 
 
 class _Region(NamedTuple):
     read: ReadFn
     write: WriteFn
+
+
+class WireCounters:
+    """What the context refused, counted where it happens (exact, unlike log lines).
+
+    - ``error_replies``: error replies libvfio-user sent, by command name (counted in the
+      sendmsg() wrapper of harness.vfu.build, so a refusal is 1 whatever the library logs).
+      A request sent without wanting a reply (a posted REGION_WRITE) that the library refuses
+      sends nothing and is counted nowhere; one that reaches a callback is counted below.
+    - ``callback_failures``: callbacks that failed, by kind (region_read, region_write, reset,
+      dma_register, dma_unregister): each one is a request the device refused or a device bug.
+    - ``refused_maps``: DMA_MAPs the client guard refused before the library took them (each is
+      also an error reply); ``timeouts``: connections shut down for a stalled message or reply.
+    """
+
+    def __init__(self) -> None:
+        self.error_replies: dict[str, int] = {}
+        self.callback_failures: dict[str, int] = {}
+        self.refused_maps = 0
+        self.timeouts = 0
+        self.last_error_reply = ""
+        self.last_callback_failure = ""
+        self.last_refused_map = ""
+
+    @property
+    def error_replies_total(self) -> int:
+        return sum(self.error_replies.values())
+
+    @property
+    def callback_failures_total(self) -> int:
+        return sum(self.callback_failures.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "error_replies": self.error_replies_total,
+            "error_replies_by_command": dict(self.error_replies),
+            "last_error_reply": self.last_error_reply,
+            "callback_failures": self.callback_failures_total,
+            "callback_failures_by_kind": dict(self.callback_failures),
+            "last_callback_failure": self.last_callback_failure,
+            "refused_maps": self.refused_maps,
+            "last_refused_map": self.last_refused_map,
+            "timeouts": self.timeouts,
+        }
 
 
 def memory_barrier() -> None:
@@ -68,6 +157,17 @@ def _syslog_level_for(logger: logging.Logger) -> int:
     return lib.LOG_ERR
 
 
+def _shutdown(fd: int) -> None:
+    """shutdown(fd, SHUT_RDWR) on a socket this process does not own as a Python object."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError as exc:  # already shut down or reset by the peer: what we wanted
+        log.debug("shutdown of the client connection: %s", exc)
+    finally:
+        sock.close()
+
+
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -79,8 +179,22 @@ def _align_up(n: int, align: int) -> int:
 class VfuContext:
     """A vfio-user PCI device server context bound to a UNIX socket path."""
 
-    def __init__(self, socket_path: str, *, pci_express: bool = True) -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        pci_express: bool = True,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
+    ) -> None:
+        if not 0 < client_timeout <= 3600:
+            raise ValueError(f"client timeout {client_timeout} s out of range (0, 3600]")
         self.socket_path = socket_path
+        self.client_timeout = client_timeout
+        self.counters = WireCounters()
+        self._wire = ffi.new("harness_wire_t *")
+        self._attached = False
+        self._conn_fd = -1
+        self._pristine_config: bytes | None = None
         self._regions: dict[int, _Region] = {}
         self._dma_regions: dict[tuple[int, int], DmaRegion] = {}
         self._on_map: Callable[[DmaRegion], None] | None = None
@@ -287,40 +401,144 @@ class VfuContext:
 
     def realize(self) -> None:
         self._check(lib.vfu_realize_ctx(self._live()), "vfu_realize_ctx")
+        # What every new client must find: the config space as the device defined it.
+        self._pristine_config = bytes(self.config_space())
 
     # -- running ---------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """Whether a client is attached (between a successful attach() and its Disconnected)."""
+        return self._attached
 
     def attach(self) -> bool:
         """Accept a client and negotiate; False while nobody is connecting.
 
         Negotiation reads the client's VERSION message blocking (libvfio-user's design), which
-        QEMU sends right after connecting.
+        QEMU sends right after connecting; a client that does not send it within the client
+        timeout is dropped. A failed negotiation raises VfuError (a Disconnected if the client
+        hung up); the library has closed that connection and listens again.
         """
-        rc = lib.vfu_attach_ctx(self._live())
-        if rc < 0 and ffi.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        ctx = self._live()
+        # Read by the accept() wrapper, which only ever runs inside vfu_attach_ctx.
+        lib.harness_set_client_timeout(max(1, round(self.client_timeout * 1000)))
+        rc = lib.vfu_attach_ctx(ctx)
+        err = ffi.errno
+        self._take_wire()
+        if rc < 0 and err in (errno.EAGAIN, errno.EWOULDBLOCK):
             self._raise_deferred()
             return False
-        self._check(rc, "vfu_attach_ctx")
+        if rc < 0:
+            self._raise_deferred()
+            raise error_from_errno(err, "vfu_attach_ctx")
+        self._raise_deferred()
+        self._attached = True
+        self._conn_fd = int(lib.vfu_get_poll_fd(ctx))
         return True
 
     def fileno(self) -> int:
         """The fd to poll: the listening socket before attach, the connection after."""
         return self._check(lib.vfu_get_poll_fd(self._live()), "vfu_get_poll_fd")
 
-    def run(self) -> int:
-        """Handle every request already queued on the socket; returns how many.
+    def run(self, limit: int = RUN_LIMIT) -> int:
+        """Handle the requests already queued on the socket (at most ``limit``); returns how
+        many.
 
         Raises Disconnected when the client went away (callbacks have then seen every DMA
-        region unregistered and a LOST_CONN reset); attach() may take a new client.
+        region unregistered and a LOST_CONN reset), ClientDropped when a request failed in a
+        way that left the connection unusable and the context dropped the client. Either way
+        the config space is back to its state at realize() and attach() takes the next client.
         """
         ctx = self._live()
         total = 0
-        while True:
-            # Non-blocking mode: one request per call, 0 once the socket would block.
-            n = self._check(lib.vfu_run_ctx(ctx), "vfu_run_ctx")
-            if n == 0:
-                return total
-            total += n
+        timeouts = self.counters.timeouts
+        try:
+            while total < limit:
+                # Non-blocking mode: one request per call, 0 once the socket would block.
+                n = self._run_once(ctx)
+                if n == 0:
+                    break
+                total += n
+        except Disconnected as exc:
+            self._detached()
+            if self.counters.timeouts != timeouts and not isinstance(exc, ClientDropped):
+                # The client guard shut the connection down: the client stalled, it did not
+                # leave.
+                raise ClientDropped(errno.ETIMEDOUT, f"client stalled for more than "
+                                    f"{self.client_timeout:g} s; client dropped") from exc
+            raise
+        except VfuError as exc:
+            if not self._attached:
+                raise
+            raise self._drop_client(ctx, exc) from exc
+        return total
+
+    def _run_once(self, ctx: Any) -> int:
+        rc = lib.vfu_run_ctx(ctx)
+        err = ffi.errno
+        self._take_wire()
+        if rc < 0:
+            self._raise_deferred()
+            raise error_from_errno(err, "vfu_run_ctx")
+        self._raise_deferred()
+        if self._attached and lib.vfu_get_poll_fd(ctx) != self._conn_fd:
+            # do_reply() resets the context when a reply fails with ECONNRESET and then
+            # reports success: the connection is gone (closed, LOST_CONN done) all the same.
+            raise Disconnected(errno.ENOTCONN, "vfu_run_ctx: connection lost while replying")
+        return int(rc)
+
+    def _drop_client(self, ctx: Any, cause: VfuError) -> ClientDropped:
+        """Shut the connection down and let the library find that out: it then takes its own
+        reset path (regions unregistered, LOST_CONN, connection closed) and listens again."""
+        log.debug("dropping the vfio-user client after %s", cause)
+        _shutdown(lib.vfu_get_poll_fd(ctx))
+        for _ in range(_DROP_LIMIT):
+            try:
+                self._run_once(ctx)
+            except Disconnected:
+                self._detached()
+                break
+            except VfuError as exc:
+                log.debug("while dropping the client: %s", exc)
+        else:
+            raise VfuError(errno.EIO, "vfu_run_ctx: the dropped client's connection never "
+                                      f"ended (after {cause})")
+        err = cause.errno if cause.errno else errno.EIO
+        return ClientDropped(err, f"{cause.strerror or cause}; client dropped")
+
+    def _detached(self) -> None:
+        self._attached = False
+        self._conn_fd = -1
+        if self._pristine_config is not None:
+            self.config_space()[:] = self._pristine_config
+
+    def _take_wire(self) -> None:
+        """Move the client guard's counters (harness.vfu.build) into this context's: they
+        belong to whichever context was inside libvfio-user, and that was this one."""
+        w = self._wire
+        lib.harness_wire_take(w)
+        c = self.counters
+        for cmd in range(lib.HARNESS_NR_COMMANDS):
+            n = int(w.error_replies[cmd])
+            if n:
+                name = COMMAND_NAMES.get(cmd, "other")
+                c.error_replies[name] = c.error_replies.get(name, 0) + n
+        if any(w.error_replies[cmd] for cmd in range(lib.HARNESS_NR_COMMANDS)):
+            cmd, err = int(w.last_cmd), int(w.last_errno)
+            c.last_error_reply = (f"{COMMAND_NAMES.get(cmd, f'command {cmd}')}: "
+                                  f"{os.strerror(err) if err > 0 else f'error {err}'}")
+        if w.refused_maps:
+            c.refused_maps += int(w.refused_maps)
+            c.last_refused_map = ffi.string(w.last_refusal).decode(errors="replace")
+            log.warning("%s: refused %s", self.socket_path, c.last_refused_map)
+        if w.timeouts:
+            c.timeouts += int(w.timeouts)
+            log.warning("%s: client timed out (%.3g s) in the middle of a message or reply: "
+                        "connection shut down", self.socket_path, self.client_timeout)
+
+    def stats(self) -> dict[str, object]:
+        """Refusal counters (WireCounters) and whether a client is attached."""
+        return {"attached": self._attached, **self.counters.as_dict()}
 
     def irq_trigger(self, vector: int) -> bool:
         """Signal MSI-X vector; False if the client has not given an eventfd for it yet."""
@@ -352,7 +570,9 @@ class VfuContext:
         try:
             lib.vfu_destroy_ctx(ctx)
         finally:
+            self._take_wire()
             self._ctx = None
+            self._attached = False
             self._unlink_stale_socket()
             # Callbacks can no longer run: drop them so their closures can be collected.
             self._regions.clear()
@@ -376,6 +596,11 @@ class VfuContext:
     def _defer(self, exc: BaseException) -> None:
         if self._deferred is None:
             self._deferred = exc
+
+    def _count_failure(self, kind: str, what: str, exc: BaseException) -> None:
+        c = self.counters
+        c.callback_failures[kind] = c.callback_failures.get(kind, 0) + 1
+        c.last_callback_failure = f"{what}: {exc}"
 
     def _cb_log(self, level: int, msg: str) -> None:
         lib_log.log(_SYSLOG_TO_LOGGING.get(level, logging.ERROR), "%s: %s", self.socket_path, msg)
@@ -408,6 +633,13 @@ class VfuContext:
         iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
         size = int(info.iova.iov_len)
         prot = int(info.prot)
+        if (iova, size) in self._dma_regions:
+            # The library answers a DMA_MAP of exactly a live region by returning that region
+            # and calling us again: the device has it already. The new message's fd is left
+            # open by the library; the client guard closes it.
+            log.debug("DMA region [%#x, %#x) mapped again: already known", iova, iova + size)
+            lib.harness_close_duplicate_map_fd()
+            return
         view: memoryview | None = None
         # info is valid only now; vaddr already points at `iova` inside the page-aligned mmap
         # (info.mapping), so the view is exactly [vaddr, vaddr + size).

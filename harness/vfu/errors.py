@@ -1,8 +1,13 @@
 """The exception tree of the libvfio-user boundary and the one errno -> exception translation.
 
 OSError
- '- VfuError          a libvfio-user call failed (rc -1); .errno says why
-     '- Disconnected  the vfio-user client is gone (ENOTCONN, ESHUTDOWN, ECONNRESET)
+ '- VfuError              a libvfio-user call failed (rc -1); .errno says why
+     '- Disconnected      the vfio-user client is gone (ENOTCONN, ESHUTDOWN, ECONNRESET)
+         '- ClientDropped the server dropped the client after a failure that was not a clean
+                          disconnect (.errno and __cause__: that failure)
+
+After a Disconnected (and so a ClientDropped) the context listens again: attach() takes the next
+client.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ class VfuError(OSError):
 
 class Disconnected(VfuError):
     """The vfio-user client disconnected; the context can attach() a new one."""
+
+
+class ClientDropped(Disconnected):
+    """A request failed in a way that leaves the connection unusable (not a clean disconnect),
+    so the context dropped the client; the context can attach() a new one."""
 
 
 def error_from_errno(err: int, what: str) -> VfuError:
