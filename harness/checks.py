@@ -91,10 +91,14 @@ def errors_check(stats: dict[str, Any]) -> Case:
     facts = {k: dev.get(k) for k in ("errors", "device_errors", "bad_accesses", "needs_reset")}
     facts["ledger_violations"] = _get(stats, "ledger", "violations_total")
     facts["failed_vfio_user_replies"] = _get(stats, "dma", "failed_replies")
+    # Refusals the library never replies with an error for (a DMA map the device refused is
+    # still in libvfio-user's list), and clients dropped or refused at attach.
+    facts["failed_callbacks"] = _get(stats, "vfio_user", "callback_failures")
+    facts["vfio_user_client_failures"] = _get(stats, "vfio_user", "client_failures")
     if any(facts.values()):
         return Case(name, False, f"device reported problems: {facts}", facts)
     return Case(name, True, "no ring errors, no ledger violations, no failed vfio-user "
-                            "replies, no NEEDS_RESET", facts)
+                            "replies or callbacks, no failed clients, no NEEDS_RESET", facts)
 
 
 def host_checks(cases: list[Case], peer: dict[str, Any], stats: dict[str, Any],

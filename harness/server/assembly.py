@@ -20,6 +20,7 @@ from harness.dma import FaultSpec, GuestMemory, build_mapops
 from harness.net import tap as tap_mod
 from harness.net.pcap import CapturingBackend, PcapngWriter
 from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
+from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
 from harness.virtio.constants import F_ACCESS_PLATFORM
 from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
@@ -55,19 +56,11 @@ class ServerConfig:
     offloads: bool = False
     #: Write every frame between guest and TAP to this pcapng file (harness.net.pcap).
     pcap: Path | None = None
-
-
-class ErrorCounter(logging.Handler):
-    """Counts libvfio-user's error lines: each is a request it refused (a failed reply)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.ERROR)
-        self.count = 0
-        self.last = ""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += 1
-        self.last = record.getMessage()
+    #: Keep serving vfio-user clients after one leaves (otherwise the first one's departure
+    #: ends the process). Clients that fail to attach never end it.
+    serve_forever: bool = False
+    #: Seconds a vfio-user client may take to finish a message or read a reply.
+    client_timeout: float = 5.0
 
 
 class Irq:
@@ -114,7 +107,7 @@ class DeviceServer:
             self.capture = CapturingBackend(self.tap, PcapngWriter.open(cfg.pcap))
             self.backend = self.capture
         self.memory = GuestMemory()
-        self.ctx = VfuContext(str(cfg.socket))
+        self.ctx = VfuContext(str(cfg.socket), client_timeout=cfg.client_timeout)
         self.irq = Irq(self.ctx)
         faults = FaultSpec.parse(cfg.faults) if cfg.faults else None
         self.mapops, ledger = build_mapops(cfg.map_ops, self.memory,
@@ -134,8 +127,8 @@ class DeviceServer:
         self.dma_maps = 0
         self.dma_unmaps = 0
         self.resets: dict[str, int] = {}
-        self.vfu_errors = ErrorCounter()
-        logging.getLogger("harness.vfu.libvfio_user").addHandler(self.vfu_errors)
+        #: Filled by the loop (DeviceLoop(clients=...)); reported under "vfio_user".
+        self.clients = ClientCounters()
         # The IOVA space as the device saw it at its busiest (most regions), sampled.
         self.busiest: dict[str, Any] = {}
         self.connected_at: float | None = None
@@ -186,8 +179,8 @@ class DeviceServer:
         self.resets[kind.name] = self.resets.get(kind.name, 0) + 1
         log.info("reset: %s", kind.name)
         # LOST_CONN needs no action here: libvfio-user only reports it from inside vfu_run_ctx
-        # (which then fails with ENOTCONN: run() raises Disconnected and the loop stops) and
-        # from vfu_destroy_ctx at close().
+        # (which then fails with ENOTCONN: run() raises Disconnected and the loop calls
+        # detached()) and from vfu_destroy_ctx at close().
         if kind != ResetType.LOST_CONN:
             self.device.reset()
 
@@ -196,6 +189,13 @@ class DeviceServer:
     def attached(self) -> None:
         """The vfio-user client has attached: start the connected clock."""
         self.connected_at = time.monotonic()
+
+    def detached(self) -> None:
+        """The vfio-user client is gone (its DMA regions are unregistered, the config space is
+        back to its state at start): reset the device, so the next client finds it as new."""
+        self.device.reset()
+        self.ledger.check_leaks("disconnect")
+        self.ledger.check_regions(self.vfu_regions.items())
 
     def sample_iova_space(self) -> None:
         """Remember the IOVA space's shape if it has as many regions as ever seen."""
@@ -224,8 +224,10 @@ class DeviceServer:
                     "regions": [[i, s, w] for i, s, w in self.memory.regions()],
                     "peak_regions": int(self.busiest.get("regions", 0)),
                     "fragmentation": self.busiest,
-                    "failed_replies": self.vfu_errors.count,
-                    "last_failure": self.vfu_errors.last},
+                    # Exact: requests libvfio-user answered with an error (WireCounters).
+                    "failed_replies": self.ctx.counters.error_replies_total,
+                    "last_failure": self.ctx.counters.last_error_reply},
+            "vfio_user": {**self.clients.as_dict(), **self.ctx.stats()},
             "resets": dict(self.resets),
             "tap_backend": {"read_errors": self.tap.read_errors,
                             "write_errors": self.tap.write_errors},
@@ -254,4 +256,3 @@ class DeviceServer:
             self.capture.close()
         self.tap.close()
         tap_mod.destroy(self.cfg.tap)
-        logging.getLogger("harness.vfu.libvfio_user").removeHandler(self.vfu_errors)

@@ -1,9 +1,11 @@
 """The device process's entry point: parses its options and wires assembly, loop and control.
 
 Run as `python -m harness.server --socket PATH [--netns NAME] ...` (or `harness serve ...`); it
-prints `READY` on stdout once QEMU may connect, serves until QEMU goes away, `quit` arrives on
-the control socket or SIGTERM/SIGINT/SIGHUP, and then writes its final counters to `--stats`
-and removes its TAP.
+prints `READY` on stdout once QEMU may connect, serves until QEMU goes away (with
+`--serve-forever`: never; the next client is served), `quit` arrives on the control socket or
+SIGTERM/SIGINT/SIGHUP, and then writes its final counters to `--stats` and removes its TAP.
+A vfio-user client that fails (a bad VERSION, a broken message) is logged, counted and dropped;
+it never ends the process.
 """
 
 from __future__ import annotations
@@ -78,10 +80,18 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
     p.add_argument("--pcap", type=Path, help="capture every frame between guest and TAP to "
                    "this pcapng file (Ethernet, direction in epb_flags, vnet header stripped)")
+    p.add_argument("--serve-forever", action="store_true",
+                   help="keep serving vfio-user clients after one leaves (default: the first "
+                   "client that attached and left ends the process)")
+    p.add_argument("--client-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="drop a vfio-user client that takes longer than this to finish a "
+                   "message or read a reply (default 5)")
     p.add_argument("--log-level", type=_log_level, default="INFO")
     a = p.parse_args(argv)
     if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
         p.error("--queue-size must be a power of two between 2 and 32768")
+    if not 0 < a.client_timeout <= 3600:
+        p.error("--client-timeout must be more than 0 and at most 3600 seconds")
     max_prefix = ipaddress.ip_address(a.host_address).max_prefixlen
     if not 0 <= a.prefixlen <= max_prefix:
         p.error(f"--prefixlen must be between 0 and {max_prefix} for {a.host_address}")
@@ -89,7 +99,8 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                        prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                        map_ops=a.map_ops, control=a.control, stats=a.stats,
                        access_platform=a.access_platform, faults=a.faults,
-                       offloads=a.offloads, pcap=a.pcap)
+                       offloads=a.offloads, pcap=a.pcap, serve_forever=a.serve_forever,
+                       client_timeout=a.client_timeout)
     return cfg, a.log_level
 
 
@@ -130,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("could not start the device: %s", exc)
         return 1
     loop = DeviceLoop(server.ctx, server.device, server.ledger, server.backend,
-                      on_attached=server.attached, sample_iova=server.sample_iova_space)
+                      on_attached=server.attached, on_detached=server.detached,
+                      sample_iova=server.sample_iova_space, serve_forever=cfg.serve_forever,
+                      clients=server.clients)
     try:
         if cfg.control is not None:
             loop.control = ControlServer.listen(

@@ -9,6 +9,12 @@ event has been handled, so it is batched.
 
 The loop takes its collaborators as protocols (an endpoint with ``attach/fileno/run``, the
 device, the ledger, the backend), so unit tests run the real loop over a mock driver.
+
+Clients: the loop outlives every vfio-user client. A client whose attach (VERSION negotiation)
+fails, or whose requests break the connection (``ClientDropped``), is logged (one ERROR line,
+the traceback at DEBUG), counted in ``ClientCounters`` and dropped, and the loop waits for the
+next one. A client that attached and then left ends ``serve()`` (QEMU quitting ends the device
+process, which then writes its final counters), unless ``serve_forever`` is set.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ import logging
 import selectors
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from harness.server.control import ControlServer
-from harness.vfu.errors import Disconnected
+from harness.vfu.errors import ClientDropped, Disconnected, VfuError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,9 @@ log = logging.getLogger(__name__)
 SAMPLE_INTERVAL = 0.5
 #: How long a turn may sleep when nothing is pending (bounds how late a signal is noticed).
 IDLE_TIMEOUT = 1.0
+#: Pause after a failed attach before the next (a failure that repeats, e.g. out of fds while a
+#: connection waits in the backlog, must not spin the loop); control requests are still served.
+ATTACH_FAILURE_PAUSE = 0.05
 
 EventHandler = Callable[[int], None]
 
@@ -62,6 +72,23 @@ class Pollable(Protocol):
     def fileno(self) -> int: ...
 
 
+@dataclass
+class ClientCounters:
+    """The vfio-user clients this loop has seen (reported in the device's stats)."""
+
+    #: Clients that attached (negotiated VERSION).
+    clients: int = 0
+    #: Attach failures plus attached clients dropped after a protocol failure.
+    client_failures: int = 0
+    #: Attached clients that left, cleanly or dropped.
+    disconnects: int = 0
+    #: What the last failure was ("attach: ...", "dropped: ...").
+    last_failure: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 class DeviceLoop:
     """Waits for the vfio-user client, then serves it until it leaves or a stop is requested."""
 
@@ -74,10 +101,13 @@ class DeviceLoop:
         control: ControlServer | None = None,
         *,
         on_attached: Callable[[], None] = lambda: None,
+        on_detached: Callable[[], None] = lambda: None,
         sample_iova: Callable[[], None] = lambda: None,
         selector: selectors.BaseSelector | None = None,
         idle_timeout: float = IDLE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
+        serve_forever: bool = False,
+        clients: ClientCounters | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.device = device
@@ -86,12 +116,19 @@ class DeviceLoop:
         #: May be set after construction, before serve() (its commands may need this loop).
         self.control = control
         self.on_attached = on_attached
+        #: Called once an attached client is gone (the endpoint listens again by then).
+        self.on_detached = on_detached
         self.sample_iova = sample_iova
         self.selector = selector if selector is not None else selectors.DefaultSelector()
         self.idle_timeout = idle_timeout
         self.clock = clock
         self.stop = False
+        #: Keep waiting for the next client after one leaves (otherwise serve() returns).
+        self.serve_forever = serve_forever
+        self.clients = clients if clients is not None else ClientCounters()
         self.turns = 0
+        self._attached = False
+        self._endpoint_fd = -1
         self._backend_polled = False
         self._resets_seen = device.resets
         self._next_sample = 0.0
@@ -103,22 +140,36 @@ class DeviceLoop:
     # -- the whole run -----------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Wait for the client, then serve until it disconnects or a stop is requested."""
+        """Wait for a client, then serve it until it leaves or a stop is requested; then
+        return, or with ``serve_forever`` wait for the next client."""
         if self.control is not None:
             self.control.register(self.selector)
-        if not self.wait_for_client():
-            return
-        self.on_attached()
-        log.info("vfio-user client connected")
-        self.selector.register(self.endpoint.fileno(), selectors.EVENT_READ, self._on_endpoint)
         while not self.stop:
-            self.run_once()
+            if not self.wait_for_client():
+                return
+            self.clients.clients += 1
+            self._attached = True
+            self.on_attached()
+            log.info("vfio-user client connected")
+            self._endpoint_fd = self.endpoint.fileno()
+            self.selector.register(self._endpoint_fd, selectors.EVENT_READ, self._on_endpoint)
+            while not self.stop and self._attached:
+                self.run_once()
+            if not self.serve_forever:
+                return
 
     def wait_for_client(self) -> bool:
-        """Poll for the client (serving control requests meanwhile); False if told to stop."""
+        """Poll for a client (serving control requests meanwhile) until one attaches; False
+        if told to stop. Clients that fail to attach are counted and dropped."""
         while not self.stop:
-            if self.endpoint.attach():
-                return True
+            try:
+                if self.endpoint.attach():
+                    return True
+            except VfuError as exc:
+                # The endpoint closed that connection itself; nothing reached the device.
+                self._client_failed("attach", exc)
+                self.dispatch(ATTACH_FAILURE_PAUSE)
+                continue
             # Readable listening socket = someone connecting: just try attach() again.
             key = self.selector.register(self.endpoint.fileno(), selectors.EVENT_READ,
                                          _ignore)
@@ -127,6 +178,12 @@ class DeviceLoop:
             finally:
                 self.selector.unregister(key.fileobj)
         return False
+
+    def _client_failed(self, stage: str, exc: BaseException) -> None:
+        self.clients.client_failures += 1
+        self.clients.last_failure = f"{stage}: {exc}"
+        log.error("vfio-user client failed (%s): %s", stage, exc)
+        log.debug("vfio-user client failure (%s)", stage, exc_info=exc)
 
     # -- one turn ----------------------------------------------------------------------------
 
@@ -174,12 +231,33 @@ class DeviceLoop:
     def _on_endpoint(self, _mask: int) -> None:
         try:
             self.endpoint.run()
+        except ClientDropped as exc:
+            self._client_failed("dropped", exc)
+            self._detach()
         except Disconnected:
             log.info("vfio-user client disconnected")
+            self._detach()
+
+    def _detach(self) -> None:
+        """The client is gone and the endpoint listens again: forget its connection, stop
+        polling the backend for a device that is about to be reset, tell the owner."""
+        self._attached = False
+        self.clients.disconnects += 1
+        # The endpoint has closed that fd already (selectors ignore the error); unregister it
+        # now, before the number can be reused by the next connection.
+        self.selector.unregister(self._endpoint_fd)
+        self._endpoint_fd = -1
+        if self._backend_polled:
+            self.selector.unregister(self.backend.fileno())
+            self._backend_polled = False
+        self.on_detached()
+        if not self.serve_forever:
             self.stop = True
 
     def _on_backend(self, _mask: int) -> None:
-        self.device.on_backend_readable()
+        # A detach earlier in the same round of events may have stopped polling it.
+        if self._backend_polled:
+            self.device.on_backend_readable()
 
     def close(self) -> None:
         """Release the selector (the fds in it belong to their owners)."""
