@@ -5,7 +5,11 @@ VERSION negotiation (JSON capabilities), DEVICE_GET_INFO, GET_REGION_INFO, GET_I
 REGION_READ/REGION_WRITE, DMA_MAP (fd passed with SCM_RIGHTS), DMA_UNMAP and DEVICE_RESET.
 
 Server and client may share one thread: every request is sent, then `pump` (typically
-"attach if not attached, else run()") is called until the reply is readable.
+"attach if not attached, else run()") is called until the reply is readable. Against a server
+in another process, give a `timeout` instead: a reply that does not come raises ETIMEDOUT.
+
+The framing is split (`send` any header/payload/fds, `recv_reply`) so that
+harness.testing.hostile_vfu can send what a well-behaved client never would.
 """
 
 from __future__ import annotations
@@ -29,12 +33,22 @@ IRQ_INFO = struct.Struct("<IIII")  # argsz, flags, index, count
 REGION_ACCESS = struct.Struct("<QII")  # offset, region, count
 DMA_MAP = struct.Struct("<IIQQQ")  # argsz, flags, offset, addr, size
 DMA_UNMAP = struct.Struct("<IIQQ")  # argsz, flags, addr, size
+IRQ_SET = struct.Struct("<IIIII")  # argsz, flags, index, start, count (+ data)
 
 FLAG_TYPE_REPLY = 1
 FLAG_NO_REPLY = 1 << 4
 FLAG_ERROR = 1 << 5
 DMA_READ = 1 << 0
 DMA_WRITE = 1 << 1
+#: struct vfio_irq_set flags (linux/vfio.h).
+IRQ_SET_DATA_NONE = 1 << 0
+IRQ_SET_DATA_BOOL = 1 << 1
+IRQ_SET_DATA_EVENTFD = 1 << 2
+IRQ_SET_ACTION_MASK = 1 << 3
+IRQ_SET_ACTION_UNMASK = 1 << 4
+IRQ_SET_ACTION_TRIGGER = 1 << 5
+MSIX_IRQ_INDEX = 2
+CONFIG_REGION_INDEX = 7
 #: vfio-user protocol version this client speaks (libvfio-user's LIB_VFIO_USER_MAJOR/MINOR).
 PROTOCOL_MAJOR = 0
 PROTOCOL_MINOR = 1
@@ -48,15 +62,23 @@ class Command(enum.IntEnum):
     DMA_UNMAP = 3
     DEVICE_GET_INFO = 4
     DEVICE_GET_REGION_INFO = 5
+    DEVICE_GET_REGION_IO_FDS = 6
     DEVICE_GET_IRQ_INFO = 7
     DEVICE_SET_IRQS = 8
     REGION_READ = 9
     REGION_WRITE = 10
+    DMA_READ = 11
+    DMA_WRITE = 12
     DEVICE_RESET = 13
+    DIRTY_PAGES = 14
 
 
 class VfioUserError(OSError):
     """The server replied with an error; .errno is its error_no."""
+
+
+class ServerClosed(VfioUserError):
+    """The server closed the connection (EOF, reset, or a broken pipe while sending)."""
 
 
 @dataclass(frozen=True)
@@ -77,9 +99,12 @@ class RegionInfo:
 class VfioUserClient:
     """One client connection. Use connect(), then the request helpers; close() when done."""
 
-    def __init__(self, path: str, pump: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self, path: str, pump: Callable[[], object] | None = None, *, timeout: float | None = None
+    ) -> None:
         self.path = path
         self._pump = pump
+        self.timeout = timeout
         self._sock: socket.socket | None = None
         self._next_id = 0
         self.server_version: tuple[int, int] = (0, 0)
@@ -89,9 +114,7 @@ class VfioUserClient:
 
     def connect(self, *, max_msg_fds: int = 16, max_data_xfer_size: int = 1 << 20) -> None:
         """Connect and negotiate (the server's attach() reads VERSION, so it is sent first)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self.path)
-        self._sock = sock
+        self.open()
         caps = {
             "capabilities": {"max_msg_fds": max_msg_fds, "max_data_xfer_size": max_data_xfer_size}
         }
@@ -102,6 +125,13 @@ class VfioUserClient:
         text = reply[VERSION.size :].rstrip(b"\0")
         if text:
             self.server_caps = json.loads(text).get("capabilities", {})
+
+    def open(self) -> None:
+        """Just connect the socket (no VERSION: see connect())."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self._sock = sock
 
     def close(self) -> None:
         if self._sock is not None:
@@ -150,21 +180,55 @@ class VfioUserClient:
     def dma_unmap(self, iova: int, size: int, *, flags: int = 0) -> None:
         self.request(Command.DMA_UNMAP, DMA_UNMAP.pack(DMA_UNMAP.size, flags, iova, size))
 
+    def set_irqs(
+        self, index: int, start: int, count: int, flags: int, *, fds: Sequence[int] = (),
+        data: bytes = b"",
+    ) -> None:  # fmt: skip
+        req = IRQ_SET.pack(IRQ_SET.size + len(data), flags, index, start, count) + data
+        self.request(Command.DEVICE_SET_IRQS, req, fds=fds)
+
     def reset(self) -> None:
         self.request(Command.DEVICE_RESET, b"")
 
     def request(self, cmd: int, payload: bytes, fds: Sequence[int] = ()) -> bytes:
         """Send one command and return the reply payload; VfioUserError if it failed."""
+        msg_id = self.send(cmd, payload, fds)
+        return self.recv_reply(msg_id, cmd)
+
+    def send(
+        self, cmd: int, payload: bytes = b"", fds: Sequence[int] = (), *,
+        msg_id: int | None = None, size: int | None = None, flags: int = 0,
+        raw: bytes | None = None,
+    ) -> int:  # fmt: skip
+        """Send one message, well-formed unless told otherwise; returns its msg_id.
+
+        ``size`` overrides the header's msg_size, ``flags`` its flags word; ``raw`` replaces
+        the whole message (header included) with exactly those bytes.
+        """
         sock = self._conn()
-        msg_id = self._next_id
-        self._next_id = (self._next_id + 1) & 0xFFFF
-        header = HEADER.pack(msg_id, cmd, HEADER.size + len(payload), 0, 0)
+        if msg_id is None:
+            msg_id = self._next_id
+            self._next_id = (self._next_id + 1) & 0xFFFF
+        if size is None:
+            size = HEADER.size + len(payload)
+        parts = [raw] if raw is not None else [HEADER.pack(msg_id, cmd, size, flags, 0), payload]
         ancillary = []
         if fds:
             ancillary.append(
                 (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
             )
-        sock.sendmsg([header, payload], ancillary)
+        try:
+            # sendmsg() may send part of a large message; the fds go with its first byte.
+            sent = sock.sendmsg(parts, ancillary)
+            rest = b"".join(parts)[sent:]
+            if rest:
+                sock.sendall(rest)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise ServerClosed(exc.errno, f"sending {cmd}: {exc.strerror}") from None
+        return msg_id
+
+    def recv_reply(self, msg_id: int, cmd: int) -> bytes:
+        """The reply to (msg_id, cmd): its payload, or VfioUserError with the server's errno."""
         self._wait_readable()
         rid, rcmd, size, flags, err = HEADER.unpack(self._recv_exact(HEADER.size))
         body = self._recv_exact(size - HEADER.size)
@@ -173,7 +237,8 @@ class VfioUserClient:
                 errno_mod.EPROTO, f"unexpected reply id={rid} cmd={rcmd} flags={flags:#x}"
             )
         if flags & FLAG_ERROR:
-            raise VfioUserError(err, f"{Command(cmd).name}: {os.strerror(err)}")
+            name = Command(cmd).name if cmd in Command._value2member_map_ else str(cmd)
+            raise VfioUserError(err, f"{name}: {os.strerror(err)}")
         return body
 
     # -- socket plumbing -----------------------------------------------------------------
@@ -198,9 +263,14 @@ class VfioUserClient:
         sock = self._conn()
         chunks = []
         while n:
-            chunk = sock.recv(n)
+            try:
+                chunk = sock.recv(n)
+            except ConnectionResetError:
+                chunk = b""
+            except TimeoutError:
+                raise VfioUserError(errno_mod.ETIMEDOUT, "no reply from the server") from None
             if not chunk:
-                raise VfioUserError(errno_mod.ECONNRESET, "server closed the connection")
+                raise ServerClosed(errno_mod.ECONNRESET, "server closed the connection")
             chunks.append(chunk)
             n -= len(chunk)
         return b"".join(chunks)
