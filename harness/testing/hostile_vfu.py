@@ -55,8 +55,9 @@ from harness.testing.vfu_client import (
 )
 from harness.virtio.pci import VirtioPciDevice
 
-#: How long a case waits for a reply or for the server to close (a server that needs longer
-#: than its own client timeout plus this is as good as hung).
+#: How long a case waits for a reply or for the server to close the connection. The cases
+#: that stall (``uses_timeout``) need it to exceed the server's --client-timeout (5 s by
+#: default: run such a server with a shorter one, or pass run_case a longer timeout).
 REPLY_TIMEOUT = 5.0
 #: Guest-RAM-like memory for the cases that map some: IOVA and size (4 KiB aligned).
 RAM_IOVA = 0x100000
@@ -158,10 +159,11 @@ class HostileClient(VfioUserClient):
             return After.CLOSED
         raise AssertionError("the server kept a connection it should have closed")
 
-    def wait_closed(self, timeout: float = REPLY_TIMEOUT) -> bool:
+    def wait_closed(self, timeout: float | None = None) -> bool:
         """True once the server closed the connection (unread replies are discarded)."""
         sock = self.sock
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + ((self.timeout or REPLY_TIMEOUT) if timeout is None
+                                       else timeout)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -190,11 +192,11 @@ class HostileClient(VfioUserClient):
             raise AssertionError(f"device info after the case looks wrong: {info}")
         return After.USABLE
 
-    def wait_hangup(self, timeout: float = REPLY_TIMEOUT) -> bool:
+    def wait_hangup(self) -> bool:
         """True once the server shut the connection down, without reading anything."""
         poller = select.poll()
         poller.register(self.sock, select.POLLRDHUP | select.POLLHUP)
-        return bool(poller.poll(timeout * 1000))
+        return bool(poller.poll((self.timeout or REPLY_TIMEOUT) * 1000))
 
     def disconnected(self) -> Outcome:
         """The case expects the server to close the connection (no reply)."""
@@ -262,8 +264,8 @@ def case_named(name: str) -> HostileCase:
     raise KeyError(name)
 
 
-def run_case(path: str, hostile: HostileCase) -> Outcome:
-    return hostile.act(HostileClient(path))
+def run_case(path: str, hostile: HostileCase, *, timeout: float = REPLY_TIMEOUT) -> Outcome:
+    return hostile.act(HostileClient(path, timeout=timeout))
 
 
 ERROR_CLOSED = Expect(Reaction.ERROR, errno.EINVAL, After.CLOSED)
@@ -451,7 +453,7 @@ def replies_never_read(c: HostileClient) -> Outcome:
     with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
         while True:
             c.sock.send(msg * 256)
-    c.sock.settimeout(REPLY_TIMEOUT)
+    c.sock.settimeout(c.timeout)
     if not c.wait_hangup():
         raise AssertionError("the server kept a client that reads no replies")
     return c.disconnected()
