@@ -53,7 +53,8 @@ class Endpoint(Protocol):
 class Device(Protocol):
     """The device's server-loop API (VirtioNetDevice)."""
 
-    resets: int
+    #: Called at the end of every device reset (VirtioPciDevice.reset).
+    after_reset: Callable[[], None]
 
     def process(self) -> None: ...
     def has_work(self) -> bool: ...
@@ -130,8 +131,15 @@ class DeviceLoop:
         self._attached = False
         self._endpoint_fd = -1
         self._backend_polled = False
-        self._resets_seen = device.resets
         self._next_sample = 0.0
+        # The leak check runs at the moment of a reset, not at the next turn: a reset and the
+        # driver's new queue set-up can arrive in one batch of vfio-user messages, and a check
+        # after both would take the new rings for leaks and reclaim them under the device.
+        device.after_reset = lambda: self._check_leaks_at_reset()
+
+    def _check_leaks_at_reset(self) -> None:
+        # The guest reset the device (status 0): every mapping must be gone by now.
+        self.ledger.check_leaks("reset")
 
     def request_stop(self) -> None:
         """Stop after the current event (safe from a signal handler: it only sets a flag)."""
@@ -211,10 +219,6 @@ class DeviceLoop:
         if now >= self._next_sample:
             self.sample_iova()
             self._next_sample = now + SAMPLE_INTERVAL
-        if self.device.resets != self._resets_seen:
-            # The guest reset the device (status 0): every mapping must be gone by now.
-            self._resets_seen = self.device.resets
-            self.ledger.check_leaks("reset")
         want = self.device.rx_wanted()
         if want != self._backend_polled:
             if want:

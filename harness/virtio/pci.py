@@ -85,6 +85,8 @@ class VirtioPciDevice:
         ]  # fmt: skip
         self.bad_accesses = 0
         self.resets = 0
+        #: Called at the end of every reset (the server checks the ledger for leaks there).
+        self.after_reset: Callable[[], None] = lambda: None
         self.device_errors = 0
         self.config_generation = 0
         self._pending = 0
@@ -111,6 +113,7 @@ class VirtioPciDevice:
         self.resets += 1
         self._reset_transport()
         self._on_reset()
+        self.after_reset()
 
     def has_feature(self, bit: int) -> bool:
         """Whether ``bit`` was negotiated (valid once FEATURES_OK is accepted)."""

@@ -163,9 +163,6 @@ def test_iova_space_sampled_every_half_second(served: Served) -> None:
         "sample@0.0", "sample@0.5", "sample@1.2"]
 
 
-@pytest.mark.xfail(strict=True, reason="known: the leak check runs once per loop turn, so a "
-                   "reset and a new queue set-up in one round of events look like leaks and "
-                   "the new rings are reclaimed under the device")
 def test_reset_and_reinit_in_one_round_is_not_a_leak(served: Served) -> None:
     s = served
     s.loop.run_once()
