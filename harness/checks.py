@@ -101,8 +101,27 @@ def errors_check(stats: dict[str, Any]) -> Case:
                             "replies or callbacks, no failed clients, no NEEDS_RESET", facts)
 
 
+def guest_iova_check(stats: dict[str, Any]) -> Case:
+    """Behind a vIOMMU: the guest's IOVA allocator, as the DMA_MAP/UNMAP stream shows it."""
+    name = "guest_iova_clean"
+    r = stats.get("guest_iova")
+    if not isinstance(r, dict) or "violations_total" not in r:
+        return Case(name, False, "no guest-IOVA report (did the server exit cleanly?)")
+    hist = r.get("size_histogram") or {}
+    top = ", ".join(f"{int(k) // 1024}K x{v}" for k, v in list(hist.items())[:4])
+    low = r.get("lowest_iova")
+    facts = {k: r.get(k) for k in ("maps", "unmaps", "peak_live", "lowest_iova", "above_4g",
+                                   "multi_page", "aligned_multi_page", "violations_total")}
+    if r["violations_total"]:
+        return Case(name, False, f"{r['violations_total']} violations, first: "
+                                 f"{(r.get('violations') or ['?'])[0]}", facts)
+    return Case(name, True, f"{r.get('maps')} maps, peak {r.get('peak_live')} live, lowest "
+                            f"{low:#x}, sizes {top}" if isinstance(low, int) else
+                            "no guest IOMMU mappings seen", facts)
+
+
 def host_checks(cases: list[Case], peer: dict[str, Any], stats: dict[str, Any],
-                tcp_bytes: int, udp_count: int) -> list[Case]:
+                tcp_bytes: int, udp_count: int, *, viommu: bool = False) -> list[Case]:
     """The host-side Cases, for whichever guest tests actually ran."""
     ran = {c.name for c in cases if c.ok is not None}
     out: list[Case] = []
@@ -112,4 +131,6 @@ def host_checks(cases: list[Case], peer: dict[str, Any], stats: dict[str, Any],
         out.append(peer_udp_check(peer, udp_count))
     out.append(counters_check(stats))
     out.append(errors_check(stats))
+    if viommu:
+        out.append(guest_iova_check(stats))
     return out

@@ -188,5 +188,5 @@ def judge(report: ktap.KtapReport, peer: dict[str, Any], stats: dict[str, Any],
                           f"guest planned {report.plan} tests, reported {len(report.tests)}"))
     elif not report.done:
         cases.append(Case("guest_plan_complete", False, "the guest never printed its done line"))
-    cases += host_checks(cases, peer, stats, cfg.tcp_bytes, cfg.udp_count)
+    cases += host_checks(cases, peer, stats, cfg.tcp_bytes, cfg.udp_count, viommu=cfg.viommu)
     return cases

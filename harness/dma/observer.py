@@ -8,6 +8,12 @@ below the device's DMA mask; and it reports what a developer of an allocator cha
 see: the size histogram, peak live mappings, the lowest IOVA reached, how much of the space
 stays 32-bit, and fragmentation over time (live span versus mapped bytes).
 
+The stream has epochs: before the guest turns DMA remapping on, QEMU maps guest RAM 1:1 (a few
+large regions from IOVA 0); when it turns it on, all of those are unmapped, and from then on
+the mappings are the guest allocator's. Each time the live set empties an epoch ends; the
+report describes the epoch with the most mappings (the guest's allocator at work), while the
+checks and the totals cover the whole stream.
+
 What the stream can show of iova.c's size alignment: QEMU's intel-iommu notifies per page
 range that the guest maps, so a multi-page mapping arrives as one region whose start can be
 checked for alignment to its size rounded up to a power of two (`aligned_multi_page`).
@@ -37,21 +43,38 @@ class Violation:
 
 
 @dataclass
-class GuestIovaObserver:
-    dma_mask_bits: int = 64
-    clock: Callable[[], float] = time.monotonic
+class Epoch:
+    """What one stretch of the stream between two empty live sets showed."""
+
     maps: int = 0
-    unmaps: int = 0
     peak_live: int = 0
     lowest_iova: int | None = None
     highest_end: int = 0
     above_4g: int = 0
     multi_page: int = 0
     aligned_multi_page: int = 0
+    histogram: dict[int, int] = field(default_factory=dict)  # size rounded up to 2^k -> count
+
+    def as_dict(self) -> dict[str, object]:
+        return {"epoch_maps": self.maps, "peak_live": self.peak_live,
+                "lowest_iova": self.lowest_iova, "highest_end": self.highest_end,
+                "above_4g": self.above_4g,
+                "multi_page": self.multi_page, "aligned_multi_page": self.aligned_multi_page,
+                "size_histogram": {str(k): v for k, v in sorted(self.histogram.items())}}
+
+
+@dataclass
+class GuestIovaObserver:
+    dma_mask_bits: int = 64
+    clock: Callable[[], float] = time.monotonic
+    maps: int = 0
+    unmaps: int = 0
+    epochs: int = 1
     violations_total: int = 0
     violations: list[Violation] = field(default_factory=list)
-    histogram: dict[int, int] = field(default_factory=dict)  # size rounded up to 2^k -> count
     samples: list[tuple[float, int, int, int]] = field(default_factory=list)
+    _epoch: Epoch = field(default_factory=Epoch)
+    _busiest: Epoch | None = None
     _starts: list[int] = field(default_factory=list)  # sorted live starts
     _sizes: dict[int, int] = field(default_factory=dict)  # live start -> size
     _live_bytes: int = 0
@@ -86,17 +109,19 @@ class GuestIovaObserver:
         self._starts.insert(i, iova)
         self._sizes[iova] = size
         self._live_bytes += size
-        self.peak_live = max(self.peak_live, len(self._starts))
-        self.lowest_iova = iova if self.lowest_iova is None else min(self.lowest_iova, iova)
-        self.highest_end = max(self.highest_end, end)
+        e = self._epoch
+        e.maps += 1
+        e.peak_live = max(e.peak_live, len(self._starts))
+        e.lowest_iova = iova if e.lowest_iova is None else min(e.lowest_iova, iova)
+        e.highest_end = max(e.highest_end, end)
         if end > 1 << 32:
-            self.above_4g += 1
+            e.above_4g += 1
         bucket = 1 << max(size - 1, 0).bit_length()
-        self.histogram[bucket] = self.histogram.get(bucket, 0) + 1
+        e.histogram[bucket] = e.histogram.get(bucket, 0) + 1
         if size > PAGE:
-            self.multi_page += 1
+            e.multi_page += 1
             if iova % bucket == 0:
-                self.aligned_multi_page += 1
+                e.aligned_multi_page += 1
         self._sample()
 
     def unmapped(self, iova: int, size: int) -> None:
@@ -110,6 +135,11 @@ class GuestIovaObserver:
         self._starts.pop(bisect.bisect_left(self._starts, iova))
         self._live_bytes -= size
         self._sample()
+        if not self._starts:  # the live set emptied: the epoch ends
+            if self._busiest is None or self._epoch.maps > self._busiest.maps:
+                self._busiest = self._epoch
+            self._epoch = Epoch()
+            self.epochs += 1
 
     def _sample(self) -> None:
         now = self.clock()
@@ -127,16 +157,19 @@ class GuestIovaObserver:
     def live(self) -> int:
         return len(self._starts)
 
+    @property
+    def busiest(self) -> Epoch:
+        """The epoch with the most mappings so far (the current one included)."""
+        if self._busiest is None or self._epoch.maps > self._busiest.maps:
+            return self._epoch
+        return self._busiest
+
     def report(self) -> dict[str, object]:
-        """JSON-ready: the checks' verdict, the histogram and the samples over time."""
+        """JSON-ready: the checks' verdict, the busiest epoch and the samples over time."""
         worst = max(self.samples, key=lambda s: s[3] - s[2], default=None)
         return {
-            "maps": self.maps, "unmaps": self.unmaps, "live": self.live,
-            "peak_live": self.peak_live,
-            "lowest_iova": self.lowest_iova, "highest_end": self.highest_end,
-            "above_4g": self.above_4g,
-            "size_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
-            "multi_page": self.multi_page, "aligned_multi_page": self.aligned_multi_page,
+            "maps": self.maps, "unmaps": self.unmaps, "live": self.live, "epochs": self.epochs,
+            **self.busiest.as_dict(),
             "violations_total": self.violations_total,
             "violations": [str(v) for v in self.violations],
             # (seconds, live mappings, live bytes, span from lowest start to highest end)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.dma import FaultSpec, GuestMemory, build_mapops
+from harness.dma.observer import GuestIovaObserver
 from harness.net import tap as tap_mod
 from harness.net.pcap import CapturingBackend, PcapngWriter
 from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
@@ -125,6 +126,8 @@ class DeviceServer:
             self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
         self.dma_maps = 0
+        # Every DMA_MAP/UNMAP is a guest IOMMU mapping behind a vIOMMU (virtio: 64-bit mask).
+        self.guest_iova = GuestIovaObserver(dma_mask_bits=64)
         self.dma_unmaps = 0
         self.resets: dict[str, int] = {}
         #: Filled by the loop (DeviceLoop(clients=...)); reported under "vfio_user".
@@ -157,6 +160,7 @@ class DeviceServer:
 
     def _on_dma_map(self, region: DmaRegion) -> None:
         self.dma_maps += 1
+        self.guest_iova.mapped(region.iova, region.size)
         # Regions without memory (ROM/MMIO windows) are registered too, so the domain mirrors
         # libvfio-user's list exactly; the device just cannot touch them.
         self.memory.add_region(region.iova, region.view, writable=bool(region.prot & 2),
@@ -166,6 +170,7 @@ class DeviceServer:
 
     def _on_dma_unmap(self, region: DmaRegion) -> None:
         self.dma_unmaps += 1
+        self.guest_iova.unmapped(region.iova, region.size)
         # The mapping disappears when this callback returns: nothing may keep a view of it.
         # libvfio-user calls this once per region inside an unmapped range.
         self.memory.remove_range(region.iova, region.size)
@@ -228,6 +233,8 @@ class DeviceServer:
                     "failed_replies": self.ctx.counters.error_replies_total,
                     "last_failure": self.ctx.counters.last_error_reply},
             "vfio_user": {**self.clients.as_dict(), **self.ctx.stats()},
+            # Behind a vIOMMU: the guest's own IOVA allocator, checked from outside.
+            "guest_iova": self.guest_iova.report(),
             "resets": dict(self.resets),
             "tap_backend": {"read_errors": self.tap.read_errors,
                             "write_errors": self.tap.write_errors},

@@ -56,4 +56,19 @@ def test_dma_mask_and_wrapping() -> None:
 def test_unaligned_multi_page_is_visible() -> None:
     o = GuestIovaObserver()
     o.mapped(0x11000, 4 * P)  # 16 KiB not aligned to 16 KiB
-    assert (o.multi_page, o.aligned_multi_page) == (1, 0)
+    assert (o.busiest.multi_page, o.busiest.aligned_multi_page) == (1, 0)
+
+
+def test_the_report_describes_the_busiest_epoch() -> None:
+    o = GuestIovaObserver()
+    o.mapped(0x0, 0xA0000)  # boot: RAM 1:1 before the guest turns DMA remapping on
+    o.mapped(0x100000, 0x1FF00000)
+    o.unmapped(0x0, 0xA0000)
+    o.unmapped(0x100000, 0x1FF00000)
+    for i in range(3):  # the guest's allocator, top-down from 4 GiB
+        o.mapped(0xFFFFF000 - i * P, P)
+    for i in range(3):
+        o.unmapped(0xFFFFF000 - i * P, P)
+    r = o.report()
+    assert r["epochs"] == 3 and r["maps"] == 5
+    assert r["lowest_iova"] == 0xFFFFD000 and r["size_histogram"] == {"4096": 3}
