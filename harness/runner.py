@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,9 +93,11 @@ _PLAN = re.compile(r"^1\.\.(\d+)$", re.M)
 
 
 def follow_console(console: Path, machine: Machine, timeout: float,
-                   progress: Progress | None = None) -> tuple[str, float | None]:
+                   progress: Progress | None = None,
+                   alive: Callable[[], None] = lambda: None) -> tuple[str, float | None]:
     """Wait for the end of the guest's plan; return the console text and the boot time.
-    Each KTAP result is a progress step as it appears."""
+    Each KTAP result is a progress step as it appears; `alive` raises if a part of the run
+    died (it is called every 0.2 s)."""
     deadline = time.monotonic() + timeout
     boot: float | None = None
     text = ""
@@ -120,6 +123,7 @@ def follow_console(console: Path, machine: Machine, timeout: float,
             if not machine.running():
                 text = console.read_text(errors="replace") if console.exists() else text
             return text, boot
+        alive()
         if time.monotonic() > deadline:
             raise TimeoutError(f"the guest did not finish its plan within {timeout:.0f} s")
         time.sleep(0.2)
@@ -158,7 +162,7 @@ def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
     with Progress("vm-test") as progress, tb:
         progress.note(f"QEMU started (accel {accel.name})")
         text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout,
-                                                   progress)
+                                                   progress, alive=tb.check_alive)
         # The guest powers itself off after the plan; give it a moment, then QMP quit.
         tb.machine.wait(30)
         tb.machine.shutdown()

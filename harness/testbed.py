@@ -30,7 +30,7 @@ from harness.guest import kernel as guest_kernel
 from harness.guest.agent import GuestAgent
 from harness.guest.build import build_initramfs
 from harness.net.netns import private_netns
-from harness.proc import managed
+from harness.proc import managed, tail
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine
 from harness.vm.qemu import MachinePaths, MachineProfile, full_args, vfio_user_device_spec
@@ -107,6 +107,10 @@ class TestbedConfig:
     append: tuple[str, ...] = ()
     #: A directory whose files are added to the initramfs at the same relative paths.
     initrd_add: Path | None = None
+
+
+class ServerDied(RuntimeError):
+    """A device server exited while the guest was running; carries its log tail."""
 
 
 class Device:
@@ -230,6 +234,18 @@ class Testbed:
         if self.cfg.peers is not None:
             self._start_peers(self.cfg.peers)
         self._launch(initrd)
+
+    def check_alive(self) -> None:
+        """Raise ServerDied if a device server exited while QEMU still runs (so a run says so
+        at once, with the server's log tail, instead of waiting for the guest's timeouts)."""
+        if self._machine is None or not self._machine.running():
+            return
+        for dev in self.devices:
+            code = dev.proc.poll()
+            if code is not None:
+                raise ServerDied(f"device server {dev.spec.name} (pid {dev.proc.pid}) died "
+                                 f"with exit status {code} while the guest was running; "
+                                 f"{dev.log}:\n{tail(dev.log)}")
 
     @property
     def device(self) -> Device:
