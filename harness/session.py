@@ -123,6 +123,7 @@ def banner(tb: Testbed, info: RunInfo, console: str) -> str:
         f"  run dir  {info.run_dir}",
         f"  QMP      harness qmp        ({info.qmp})",
         f"  device   harness stats, harness dump-queue N   ({info.control[0]})",
+        "  hot-add  harness hotplug    (one more device, with its own server)",
         "  logs     console.log, net0-server.log, qemu.log in the run dir",
     ]
     if console == "socket":
