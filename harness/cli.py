@@ -2,9 +2,9 @@
 
 Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
 here), `qmp` (a QMP shell on the running VM), `stats` and `dump-queue` (the running device's
-counters and rings), `serve` (the device server alone), `accel` (which accelerator auto would
-pick, and why), `bench iova`. Bad input is an argparse error
-(exit 2) with a one-line message, never a traceback.
+counters and rings), `link` (set its link up or down), `serve` (the device server alone),
+`accel` (which accelerator auto would pick, and why), `bench iova`. Bad input is an argparse
+error (exit 2) with a one-line message, never a traceback.
 """
 
 from __future__ import annotations
@@ -204,6 +204,16 @@ def cmd_dump_queue(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_link(args: argparse.Namespace) -> int:
+    from harness import inspect
+
+    try:
+        return inspect.link(args.run_dir, args.device, args.state == "up", as_json=args.json)
+    except inspect.InspectError as exc:
+        print(f"harness link: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_accel(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.testbed import select_accel
@@ -238,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "descriptors, rings, chains in flight")
     p.add_argument("queue", type=argtypes.nonnegative_int, metavar="N",
                    help="queue index (0 rx0, 1 tx0)")
+    p = _add_inspect_client(sub, "link", "set the running device's link up or down (the "
+                                        "guest sees carrier change)")
+    p.add_argument("state", choices=["up", "down"])
     p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
@@ -272,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stats(args)
     if args.command == "dump-queue":
         return cmd_dump_queue(args)
+    if args.command == "link":
+        return cmd_link(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

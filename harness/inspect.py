@@ -1,4 +1,5 @@
-"""Renders a running device's introspection for people: `harness stats` and `harness dump-queue`.
+"""Renders a running device's introspection for people: `harness stats` and `harness dump-queue`
+(and sets its link: `harness link up|down`).
 
 Both find the running VM through ``harness.session.find_run``, pick one device server's control
 socket (``--device``, net0 by default) and send it one request of the control protocol
@@ -260,6 +261,9 @@ def render_stats(reply: Mapping[str, Any], device: str = "net0") -> str:
     up = stats.get("connected_seconds")
     if isinstance(up, (int, float)) and not isinstance(up, bool):
         head.append(f"connected {up:.0f} s")
+    link = dev.get("link_up")
+    if isinstance(link, bool):
+        head.append("link up" if link else "LINK DOWN")
     if dev.get("needs_reset") is True:
         head.append("NEEDS RESET")
     lines += labelled(device, head)
@@ -533,6 +537,22 @@ def stats(run_dir: Path | None, device: str, *, as_json: bool = False,
             sleep(watch)
     except KeyboardInterrupt:
         return 0
+
+
+def link(run_dir: Path | None, device: str, up: bool, *, as_json: bool = False,
+         out: TextIO | None = None) -> int:
+    """`harness link up|down`: set ``device``'s link state; say the new state."""
+    out = out if out is not None else sys.stdout
+    path = find_control(run_dir, device)
+    word = "up" if up else "down"
+    reply = _ok(request(path, "link", up=up), f"link {word}")
+    if as_json:
+        out.write(json.dumps(reply) + "\n")
+    else:
+        state = "up" if reply.get("up") is True else "down" if reply.get("up") is False else "?"
+        how = "" if reply.get("changed") is not False else " (it already was)"
+        out.write(f"{device}: link {state}{how}\n")
+    return 0
 
 
 def dump_queue(run_dir: Path | None, device: str, queue: int, *, as_json: bool = False,

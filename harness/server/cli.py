@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.control is not None:
             loop.control = ControlServer.listen(
                 cfg.control, device_commands(stats=server.stats, stop=loop.request_stop,
-                                             dump_queue=server.device.dump_queue))
+                                             dump_queue=server.device.dump_queue,
+                                             link=server.device.set_link))
     except OSError as exc:
         log.error("could not open the control socket: %s", exc)
         loop.close()

@@ -22,6 +22,10 @@ across writes; each gets exactly one reply line, in order::
               avail_event ring}, descriptors [{addr len flags next}], in_flight [{slot idx
               state head descriptors read_len write_len error?}], error? (what is wrong)
               failure: "queue" missing or not an integer, no such queue, queue not enabled
+    link {"up": true|false}
+           -> {"ok": true, "up": bool, "changed": bool}    set the link state (virtio-net
+              config status LINK_UP; a change raises a config interrupt); up is the new state
+              failure: "up" missing or not a boolean
     quit   -> {"ok": true}                                  then the device process stops
 
 Anything else gets a failure reply: invalid UTF-8, invalid JSON, JSON that is not an object,
@@ -127,12 +131,14 @@ def _json_type(value: object) -> str:
 
 def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], None],
                     dump_queue: Callable[[int], dict[str, Any]] | None = None,
+                    link: Callable[[bool], bool] | None = None,
                     ) -> dict[str, Handler]:
     """The command table of the device process: name -> handler. Add new commands here.
 
     ``dump_queue(index)`` decodes one virtqueue (``VirtioNetDevice.dump_queue``) and raises
     LookupError for a queue that does not exist or is not enabled; without it there is no
-    ``dump-queue`` command.
+    ``dump-queue`` command. ``link(up)`` sets the link state and says whether it changed
+    (``VirtioNetDevice.set_link``); without it there is no ``link`` command.
     """
 
     def ping(_server: ControlServer, _request: Request) -> Reply:
@@ -161,6 +167,19 @@ def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], N
                 raise CommandError(str(exc)) from None
 
         table["dump-queue"] = do_dump_queue
+    if link is not None:
+        set_link = link
+
+        def do_link(_server: ControlServer, request: Request) -> Reply:
+            if "up" not in request.args:
+                raise CommandError('link needs "up": true or false')
+            up = request.args["up"]
+            if not isinstance(up, bool):
+                raise CommandError(f'"up" must be a boolean, not {_json_type(up)}')
+            changed = set_link(up)
+            return {"up": up, "changed": changed}
+
+        table["link"] = do_link
     return table
 
 

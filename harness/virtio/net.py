@@ -4,6 +4,16 @@ Frames travel with their 12-byte virtio_net_hdr_v1 straight to and from the back
 opened with IFF_VNET_HDR and TUNSETVNETHDRSZ=12), so checksum/TSO offloads need no work here;
 only num_buffers is ours to fill in on RX. Data never gets copied by Python: TX hands the
 guest's buffers to ``writev``, RX ``readv``s straight into the guest's buffers.
+
+Link state (VIRTIO_NET_F_STATUS): ``set_link`` flips VIRTIO_NET_S_LINK_UP in the config
+``status`` field, bumps config_generation and, once the driver is up (DRIVER_OK), signals the
+config change (ISR bit 1, the msix_config vector), as virtio 1.x 4.1.4.3.1 and 4.1.5.3 require.
+The link survives device resets (it is the cable, not device state). While it is down the device
+behaves like a NIC without carrier: nothing reaches the wire and nothing comes from it. TX chains
+are still consumed and completed (a real NIC does not hang its TX ring either; the guest would
+see a TX timeout), their frames dropped and counted (tx0 ``drops``, ``link_drops``); frames the
+backend holds are read and discarded (rx0 ``drops``, ``link_drops``) rather than left to pile up
+and arrive stale when the link comes back.
 """
 
 from __future__ import annotations
@@ -94,6 +104,9 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_starved = False
         self._rx_max = _RX_MAX_MTU
         self._mrg = False
+        self.link_changes = 0
+        self.link_drops = 0  # frames dropped, either direction, because the link was down
+        self._scratch: bytearray | None = None  # where link-down RX frames are read to die
 
     # ---- transport hooks ---------------------------------------------------------------------
 
@@ -109,12 +122,25 @@ class VirtioNetDevice(VirtioPciDevice):
     def _on_reset(self) -> None:
         self._rx_starved = False
 
-    def set_link(self, up: bool) -> None:
-        """Change the link status bit and raise a config interrupt."""
-        if up != self.link_up:
-            self.link_up = up
-            if self.has_feature(C.NET_F_STATUS):
+    def set_link(self, up: bool) -> bool:
+        """Set the link state; True when it changed.
+
+        A change bumps config_generation (when the device offers STATUS: only then does the
+        field exist) and raises one config interrupt once the driver has set DRIVER_OK (before
+        that the driver reads the field itself, like QEMU's virtio_notify_config). No change,
+        no interrupt.
+        """
+        if up == self.link_up:
+            return False
+        self.link_up = up
+        self.link_changes += 1
+        log.info("link %s", "up" if up else "down")
+        if self.device_features >> C.NET_F_STATUS & 1:
+            if self.status & C.STATUS_DRIVER_OK:
                 self.config_changed()
+            else:
+                self.config_generation = (self.config_generation + 1) & 0xFF
+        return True
 
     # ---- server loop API ---------------------------------------------------------------------
 
@@ -126,8 +152,13 @@ class VirtioNetDevice(VirtioPciDevice):
         return bool(self._pending) and self._usable()
 
     def rx_wanted(self) -> bool:
-        """RX has (or may have) buffers: the backend should be polled for readability."""
-        return not self._rx_starved and self._usable() and self.rx.enabled and not self.rx.broken
+        """RX has (or may have) buffers, or the link is down and the backend is to be drained:
+        the backend should be polled for readability."""
+        if not self._usable():
+            return False
+        if not self.link_up:
+            return True
+        return not self._rx_starved and self.rx.enabled and not self.rx.broken
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
@@ -163,6 +194,11 @@ class VirtioNetDevice(VirtioPciDevice):
                     q.discard(chain)
                     q.fail(f"TX chain with {what}", chain.head)
                     break
+                if not self.link_up:
+                    st.drops += 1  # no carrier: the frame never reaches the wire
+                    self.link_drops += 1
+                    q.push(chain, 0)
+                    continue
                 try:
                     backend.writev([h.view for h in chain.readable])
                 except OSError as e:
@@ -195,6 +231,9 @@ class VirtioNetDevice(VirtioPciDevice):
         re-mapping all of them for every 66-byte ACK would dominate the cost of receiving.
         """
         if not self.rx_wanted():
+            return
+        if not self.link_up:
+            self._rx_discard()
             return
         q = self.rx
         st = q.stats
@@ -241,6 +280,23 @@ class VirtioNetDevice(VirtioPciDevice):
                     q.unpop(c)
         if q.flush():
             self._queue_interrupt(q)
+
+    def _rx_discard(self) -> None:
+        """Link down: read up to a batch of frames from the backend and drop them."""
+        if self._scratch is None:
+            self._scratch = bytearray(_RX_MAX_GSO)
+        views = [memoryview(self._scratch)]
+        st = self.rx.stats
+        for _ in range(self.batch):
+            try:
+                got = self.backend.readv(views)
+            except OSError as e:
+                log.debug("rx0: backend read failed: %s", e)
+                return
+            if got <= 0:
+                return
+            st.drops += 1
+            self.link_drops += 1
 
     def _rx_gather(self, pool: list[Chain]) -> bool:
         """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
@@ -314,6 +370,9 @@ class VirtioNetDevice(VirtioPciDevice):
             "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
             "features": self.negotiated,
             "rx_starved": self._rx_starved,
+            "link_up": self.link_up,
+            "link_changes": self.link_changes,
+            "link_drops": self.link_drops,
         }
 
     def dump_queue(self, index: int) -> dict[str, Any]:
