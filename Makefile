@@ -43,6 +43,7 @@ test: lint
 
 bench: deps
 	$(PY) -m harness bench iova
+	$(PY) -m harness bench net
 
 clean:
 	rm -rf build

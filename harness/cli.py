@@ -3,8 +3,8 @@
 Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
 here), `qmp` (a QMP shell on the running VM), `stats` and `dump-queue` (the running device's
 counters and rings), `link` (set its link up or down), `serve` (the device server alone),
-`accel` (which accelerator auto would pick, and why), `bench iova`. Bad input is an argparse
-error (exit 2) with a one-line message, never a traceback.
+`accel` (which accelerator auto would pick, and why), `bench iova`, `bench net`. Bad input
+is an argparse error (exit 2) with a one-line message, never a traceback.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
                    add_help=False)
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("what", choices=["iova"])
+    p.add_argument("what", choices=["iova", "net"])
     argv = sys.argv[1:] if argv is None else argv
     # serve and bench pass their own options through to their own parsers.
     if argv and argv[0] == "serve":
@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         from harness.bench.iova import main as bench_iova
 
         return bench_iova(argv[2:])
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] == "net":
+        from harness.bench.net import main as bench_net
+
+        return bench_net(argv[2:])
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,

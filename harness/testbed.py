@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -29,11 +30,18 @@ from harness import paths
 from harness.guest import kernel as guest_kernel
 from harness.guest.agent import GuestAgent
 from harness.guest.build import build_initramfs
+from harness.net.hosttap import open_in_netns
 from harness.net.netns import private_netns
 from harness.proc import managed, tail
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine
-from harness.vm.qemu import MachinePaths, MachineProfile, full_args, vfio_user_device_spec
+from harness.vm.qemu import (
+    MachinePaths,
+    MachineProfile,
+    builtin_net_args,
+    full_args,
+    vfio_user_device_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,9 @@ class TestbedConfig:
     append: tuple[str, ...] = ()
     #: A directory whose files are added to the initramfs at the same relative paths.
     initrd_add: Path | None = None
+    #: "ours": our vfio-user device server; "builtin": QEMU's own virtio-net-pci on a TAP
+    #: in the same namespace (htap0, 198.18.0.1/24, same MAC), no device server at all.
+    device: str = "ours"
 
 
 class ServerDied(RuntimeError):
@@ -204,6 +215,8 @@ class Testbed:
         self.peer_results = run_dir / "peer.json"
         self._machine: Machine | None = None
         self._guest: GuestAgent | None = None
+        #: cfg.device == "builtin": the TAP fd QEMU inherits (closed here once QEMU runs).
+        self._tap_fd: int | None = None
         self._stack = ExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -230,7 +243,12 @@ class Testbed:
             require=() if self.cfg.kernel is not None else None,
             files=user_files(self.cfg.initrd_add) if self.cfg.initrd_add else None)
         self.netns = self._stack.enter_context(private_netns())
-        self.add_device()
+        if self.cfg.device == "builtin":
+            spec = DeviceSpec()
+            self._tap_fd = open_in_netns(self.netns, spec.tap, spec.host_address)
+            self._stack.callback(os.close, self._tap_fd)
+        else:
+            self.add_device()
         if self.cfg.peers is not None:
             self._start_peers(self.cfg.peers)
         self._launch(initrd)
@@ -309,15 +327,20 @@ class Testbed:
         profile = MachineProfile(accel=self.accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
                                  viommu=cfg.viommu, cmdline=(*cfg.cmdline, *cfg.append),
                                  hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot)
+        builtin = self._tap_fd is not None
         mpaths = MachinePaths(kernel=self.kernel.image, initrd=initrd,
-                              device_socket=self.device.socket, qmp_socket=self.qmp_socket,
+                              device_socket=self.run_dir / "net0.sock" if builtin
+                              else self.device.socket, qmp_socket=self.qmp_socket,
                               console_log=self.console_log,
                               console_socket=self.console_socket,
                               user_qmp_socket=self.user_qmp_socket,
                               agent_socket=self.agent_socket)
-        argv = full_args(list(self.env.qemu), profile, mpaths)
+        device = None if self._tap_fd is None else builtin_net_args(
+            self._tap_fd, DeviceSpec().mac, viommu=cfg.viommu, offloads=cfg.offloads)
+        argv = full_args(list(self.env.qemu), profile, mpaths, device)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
-        machine = Machine(argv, qmp_socket=self.qmp_socket, log_path=self.run_dir / "qemu.log")
+        machine = Machine(argv, qmp_socket=self.qmp_socket, log_path=self.run_dir / "qemu.log",
+                          pass_fds=() if self._tap_fd is None else (self._tap_fd,))
         self._stack.enter_context(machine)
         machine.launch()
         self._machine = machine

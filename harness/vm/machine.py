@@ -46,8 +46,11 @@ class MachineError(Exception):
 class Machine:
     """A running QEMU guest with a QMP connection."""
 
-    def __init__(self, argv: list[str], *, qmp_socket: Path, log_path: Path) -> None:
+    def __init__(self, argv: list[str], *, qmp_socket: Path, log_path: Path,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.argv = argv
+        #: Open fds QEMU inherits (a TAP for `-netdev tap,fd=N`).
+        self.pass_fds = pass_fds
         self.qmp_socket = qmp_socket
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +67,7 @@ class Machine:
             # the harness shuts it down; PR_SET_PDEATHSIG still stops it if the harness dies.
             self._proc = popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, pass_fds=self.pass_fds)
         self.launched_at = time.monotonic()
         deadline = self.launched_at + qmp_timeout
         while True:

@@ -145,6 +145,26 @@ def vfio_user_device_args(socket_path: Path, device_id: str = "net0") -> list[st
     return ["-device", json.dumps(spec, separators=(",", ":"))]
 
 
+#: QEMU's virtio-net offload properties, all off unless the run offers offloads; on, the
+#: same set our device offers (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6), nothing more.
+_BUILTIN_OFFLOADS = ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6")
+_BUILTIN_NEVER = ("gso", "host_ufo", "guest_ufo", "host_tunnel_csum", "guest_tunnel_csum")
+
+
+def builtin_net_args(tap_fd: int, mac: str, *, viommu: bool = False,
+                     offloads: bool = False, device_id: str = "net0") -> list[str]:
+    """QEMU's own virtio-net-pci on a TAP fd the harness opened in the run's namespace (the
+    reference side of `harness bench net`); same MAC and feature set as our device, and
+    modern-only (PCI id 0x1041) like it: iommu_platform=on needs that anyway."""
+    props = [f"{p}={'on' if offloads else 'off'}" for p in _BUILTIN_OFFLOADS]
+    props += [f"{p}=off" for p in _BUILTIN_NEVER]
+    if viommu:
+        props.append("iommu_platform=on")
+    return ["-netdev", f"tap,id=n0,fd={tap_fd},vhost=off",
+            "-device", ",".join(["virtio-net-pci", "netdev=n0", f"id={device_id}",
+                                 "disable-legacy=on", f"mac={mac}", *props])]
+
+
 def kernel_cmdline(profile: MachineProfile, *, quiet: bool = True) -> str:
     """The guest kernel command line: serial console, no reboot on panic, the test plan."""
     words = ["console=ttyS0", "panic=-1", "reboot=t"]
@@ -156,8 +176,9 @@ def kernel_cmdline(profile: MachineProfile, *, quiet: bool = True) -> str:
     return " ".join(words)
 
 
-def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths) -> list[str]:
-    """The whole command line for one harness run."""
+def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths,
+              device: list[str] | None = None) -> list[str]:
+    """The whole command line for one harness run; `device` replaces our vfio-user-pci."""
     return [
         *qemu,
         *machine_args(profile),
@@ -166,6 +187,6 @@ def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths) -> 
         *console_args(paths.console_log, paths.console_socket),
         *agent_args(paths.agent_socket),
         *qmp_args(paths.qmp_socket, paths.user_qmp_socket),
-        *vfio_user_device_args(paths.device_socket),
+        *(vfio_user_device_args(paths.device_socket) if device is None else device),
         *hotplug_port_args(profile.hotplug_ports),
     ]

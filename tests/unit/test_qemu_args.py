@@ -100,3 +100,26 @@ def test_agent_serial_port_comes_after_the_console() -> None:
     assert args.index("chardev:console") < args.index("chardev:agent")
     without = full_args(["qemu"], MachineProfile(), replace(paths, agent_socket=None))
     assert "chardev:agent" not in without and without.count("-serial") == 1
+
+
+def test_builtin_net_replaces_vfio_user_with_qemus_virtio_net_on_a_tap_fd() -> None:
+    from harness.vm.qemu import builtin_net_args
+
+    dev = builtin_net_args(7, "52:54:00:12:34:56")
+    assert dev[:2] == ["-netdev", "tap,id=n0,fd=7,vhost=off"]
+    props = dev[3].split(",")
+    assert props[:5] == ["virtio-net-pci", "netdev=n0", "id=net0", "disable-legacy=on",
+                         "mac=52:54:00:12:34:56"]
+    # No offloads unless asked, as our device; never the ones ours cannot offer.
+    assert {"csum=off", "host_tso4=off", "guest_tso6=off", "gso=off", "host_ufo=off"} <= set(props)
+    assert "iommu_platform=on" not in props
+    on = builtin_net_args(7, "52:54:00:12:34:56", viommu=True, offloads=True)[3].split(",")
+    assert {"csum=on", "guest_csum=on", "host_tso4=on", "guest_tso6=on", "gso=off",
+            "iommu_platform=on"} <= set(on)
+    paths = MachinePaths(kernel=Path("k"), initrd=Path("i"), device_socket=Path("s"),
+                         qmp_socket=Path("q"), console_log=Path("c.log"))
+    args = full_args(["qemu"], MachineProfile(viommu=True), paths, dev)
+    assert "vfio-user-pci" not in " ".join(args) and dev[3] in args
+    assert args.index("intel-iommu,caching-mode=on,intremap=on") < args.index(dev[3])
+    assert full_args(["qemu"], MachineProfile(), paths) == full_args(
+        ["qemu"], MachineProfile(), paths, None)
