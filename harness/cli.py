@@ -99,8 +99,10 @@ def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
 
 def cmd_vm_test(args: argparse.Namespace) -> int:
     from harness import paths
+    from harness.guest.kernel import KernelError
     from harness.report import summary, write_junit
     from harness.runner import VmTestConfig, run_vm_test
+    from harness.testbed import TestbedError
 
     cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
                        faults=args.faults, offloads=args.offloads,
@@ -112,7 +114,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)
-    except (paths.EnvError, ValueError) as exc:  # ValueError: KernelError, a bad --initrd-add
+    except (paths.EnvError, KernelError, TestbedError) as exc:
         print(f"harness vm-test: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
@@ -127,8 +129,9 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness import paths
+    from harness.guest.kernel import KernelError
     from harness.session import run_session
-    from harness.testbed import PeerSpec, TestbedConfig
+    from harness.testbed import PeerSpec, TestbedConfig, TestbedError
 
     cfg = TestbedConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
                         faults=args.faults, offloads=args.offloads, smp=args.smp,
@@ -140,7 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with proc.interrupts():
             return run_session(cfg, args.console, args.exec_cmd, args.exec_timeout)
-    except (paths.EnvError, ValueError) as exc:  # ValueError: KernelError, a bad --initrd-add
+    except (paths.EnvError, KernelError, TestbedError) as exc:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

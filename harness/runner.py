@@ -21,9 +21,8 @@ from harness import paths
 from harness.checks import host_checks
 from harness.progress import Progress
 from harness.report import Case, RunResult
-from harness.testbed import PeerSpec, Testbed, TestbedConfig, select_accel
+from harness.testbed import PeerSpec, Testbed, TestbedConfig
 from harness.vm import ktap
-from harness.vm.accel import AccelChoice
 from harness.vm.machine import Machine, MachineError
 from harness.vm.verdicts import kernel_cases
 
@@ -130,18 +129,25 @@ def follow_console(console: Path, machine: Machine, timeout: float,
 
 
 def run_vm_test(cfg: VmTestConfig) -> RunResult:
-    """Run the whole thing once; never raises for a failing guest, only reports it."""
+    """Run the whole thing once; never raises for a failing guest, only reports it. A kernel
+    or testbed that cannot run the plan (KernelError, TestbedError) raises before anything
+    starts, before even the accelerator probe."""
     started = time.monotonic()
     env = paths.load_env()
     run_dir = new_run_dir(cfg.out_dir)
-    accel = select_accel(cfg.accel, env)
+    tb = Testbed(cfg.testbed(), run_dir, env=env)
+    accel = tb.accel
     result = RunResult(accel=accel.name, accel_reason=accel.reason, map_ops=cfg.map_ops,
                        viommu=cfg.viommu, faults=cfg.faults or "", qemu_version=env.qemu_version,
-                       kernel_version=env.kernel_version, run_dir=str(run_dir),
+                       kernel_version=tb.kernel.version, run_dir=str(run_dir),
                        deps=dict(env.provenance), drift=list(env.drift))
+    if cfg.kernel is not None:
+        result.deps["kernel"] = (f"{tb.kernel.version} from {tb.kernel.source} (under test; "
+                                 "the pinned kernel is not used)")
+    result.drift += [f"kernel: {n}" for n in tb.kernel.notes]
     log.info("accelerator: %s (%s)", accel.name, accel.reason)
     try:
-        _run(cfg, env, accel, run_dir, result)
+        _run(cfg, tb, result)
     except (MachineError, RuntimeError, TimeoutError, OSError) as exc:
         log.error("vm-test failed: %s", exc)
         result.error = str(exc).splitlines()[0]
@@ -151,16 +157,9 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
     return result
 
 
-def _run(cfg: VmTestConfig, env: paths.Env, accel: AccelChoice, run_dir: Path,
-         result: RunResult) -> None:
-    tb = Testbed(cfg.testbed(), run_dir, env=env, accel=accel)
-    result.kernel_version = tb.kernel.version
-    if cfg.kernel is not None:
-        result.deps["kernel"] = (f"{tb.kernel.version} from {tb.kernel.source} (under test; "
-                                 "the pinned kernel is not used)")
-    result.drift += [f"kernel: {n}" for n in tb.kernel.notes]
+def _run(cfg: VmTestConfig, tb: Testbed, result: RunResult) -> None:
     with Progress("vm-test") as progress, tb:
-        progress.note(f"QEMU started (accel {accel.name})")
+        progress.note(f"QEMU started (accel {tb.accel.name})")
         text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout,
                                                    progress, alive=tb.check_alive)
         # The guest powers itself off after the plan; give it a moment, then QMP quit.

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -120,6 +121,12 @@ class TestbedConfig:
     device: str = "ours"
 
 
+class TestbedError(ValueError):
+    """The testbed cannot be built as asked (a bad --initrd-add, ...); the message says why."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
 class ServerDied(RuntimeError):
     """A device server exited while the guest was running; carries its log tail."""
 
@@ -172,7 +179,7 @@ class Device:
         """Wait for the server to exit by itself (it does when QEMU goes away)."""
         try:
             self.proc.wait(timeout)
-        except Exception:  # subprocess.TimeoutExpired
+        except subprocess.TimeoutExpired:
             return False
         return True
 
@@ -180,7 +187,7 @@ class Device:
 def user_files(root: Path) -> dict[str, Path]:
     """Every file under root, keyed by its path relative to root (--initrd-add)."""
     if not root.is_dir():
-        raise ValueError(f"--initrd-add {root}: not a directory")
+        raise TestbedError(f"--initrd-add {root}: not a directory")
     return {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
 
 
@@ -202,6 +209,7 @@ class Testbed:
         self.env = env or paths.load_env()
         # Refused before anything starts when it lacks what the run needs (KernelError).
         self.kernel = guest_kernel.resolve(cfg.kernel, self.env, viommu=cfg.viommu)
+        self.user_files = user_files(cfg.initrd_add) if cfg.initrd_add else None
         self.accel = accel or select_accel(cfg.accel, self.env)
         self.devices: list[Device] = []
         self.netns = ""
@@ -241,7 +249,7 @@ class Testbed:
         initrd = build_initramfs(
             modules=self.kernel.modules, out=self.run_dir / "initramfs.cpio.gz",
             require=() if self.cfg.kernel is not None else None,
-            files=user_files(self.cfg.initrd_add) if self.cfg.initrd_add else None)
+            files=self.user_files)
         self.netns = self._stack.enter_context(private_netns())
         if self.cfg.device == "builtin":
             spec = DeviceSpec()
