@@ -121,6 +121,10 @@ class TestbedConfig:
     device: str = "ours"
 
 
+#: What serves the guest's NIC: our vfio-user device, or QEMU's built-in virtio-net-pci.
+DEVICES = ("ours", "builtin")
+
+
 class TestbedError(ValueError):
     """The testbed cannot be built as asked (a bad --initrd-add, ...); the message says why."""
 
@@ -204,6 +208,10 @@ class Testbed:
 
     def __init__(self, cfg: TestbedConfig, run_dir: Path, *, env: paths.Env | None = None,
                  accel: AccelChoice | None = None) -> None:
+        if cfg.device not in DEVICES:
+            raise TestbedError(f"device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
+        if cfg.device == "builtin" and cfg.hotplug_ports:
+            raise TestbedError("hot-plug needs our device servers (device='ours')")
         self.cfg = cfg
         self.run_dir = run_dir
         self.env = env or paths.load_env()

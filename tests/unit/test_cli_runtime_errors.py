@@ -26,3 +26,10 @@ def test_refused_before_anything_starts(command: str, args: list[str], message: 
     assert len(lines) == 1, lines
     # Without a dependency cache the environment error comes first, which is fine too.
     assert message in lines[0] or "make deps" in lines[0]
+
+
+def test_testbed_refuses_an_unknown_device_kind(tmp_path: Path) -> None:
+    from harness.testbed import Testbed, TestbedConfig, TestbedError
+
+    with pytest.raises(TestbedError, match="device must be one of ours, builtin"):
+        Testbed(TestbedConfig(device="e1000"), tmp_path)
