@@ -4,6 +4,7 @@ error (ArgumentTypeError), never a traceback."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 _SIZE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -69,3 +70,14 @@ def fault_spec(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def seconds(text: str) -> float:
+    """--watch, --exec-timeout: a positive, finite number of seconds (at least 0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0.1:
+        raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds: {text!r}")
+    return value

@@ -71,7 +71,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="no terminal: once the link is up, run CMD in the guest (sh -c, over "
                         "the guest agent's serial port), print its output, stop everything and "
                         "exit with its status (124: it timed out, 125: it could not be run)")
-    p.add_argument("--exec-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+    p.add_argument("--exec-timeout", type=argtypes.seconds, default=600.0, metavar="SECONDS",
                    help="how long --exec's command may run (default 600)")
 
 
@@ -81,12 +81,6 @@ def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], na
     p.add_argument("--run-dir", type=Path,
                    help="the run's directory (default: the newest running `harness run`)")
     return p
-
-
-def _seconds(text: str) -> float:
-    from harness.inspect import seconds
-
-    return seconds(text)
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "running VM")
     p = _add_inspect_client(sub, "stats", "the running device's counters: queues, "
                                          "interrupts, map ops, ledger, IOVA space")
-    p.add_argument("--watch", nargs="?", type=_seconds, const=2.0, metavar="SECONDS",
+    p.add_argument("--watch", nargs="?", type=argtypes.seconds, const=2.0, metavar="SECONDS",
                    help="refresh every SECONDS (default 2) until Ctrl-C")
     p = _add_inspect_client(sub, "dump-queue", "decode one virtqueue of the running device: "
                                               "descriptors, rings, chains in flight")

@@ -16,9 +16,7 @@ whose message is the one line the command prints before exiting with status 2.
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import socket
 import sys
 import time
@@ -497,17 +495,6 @@ def _render_descriptors(descs: list[Any]) -> list[str]:
 
 
 # ---- the commands ---------------------------------------------------------------------------
-
-
-def seconds(text: str) -> float:
-    """argparse type of --watch: a positive, finite number of seconds (at least 0.1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0.1:
-        raise argparse.ArgumentTypeError(f"must be at least 0.1 seconds: {text!r}")
-    return value
 
 
 def stats(run_dir: Path | None, device: str, *, as_json: bool = False,
