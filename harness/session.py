@@ -124,6 +124,7 @@ def banner(tb: Testbed, info: RunInfo, console: str) -> str:
         f"  QMP      harness qmp        ({info.qmp})",
         f"  device   harness stats, harness dump-queue N   ({info.control[0]})",
         "  hot-add  harness hotplug    (one more device, with its own server)",
+        "  link     harness link down|up   (the device's link state, as the guest sees it)",
         "  logs     console.log, net0-server.log, qemu.log in the run dir",
     ]
     if console == "socket":
