@@ -31,9 +31,9 @@ run: deps
 	$(PY) -m harness run $(RUN_ARGS)
 
 lint: deps
-	$(VENV)/bin/ruff check harness tests
+	$(VENV)/bin/ruff check harness tests .ci
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict tests
+	$(VENV)/bin/mypy --strict tests .ci/merge_junit.py
 
 unit: deps
 	$(PY) -m pytest -q tests/unit

@@ -40,18 +40,23 @@ def build_dir() -> Path:
 
 
 def new_run_dir(root: Path) -> Path:
-    """root/<YYYYmmdd-HHMMSS>[-N], created, with root/latest pointing at it."""
+    """root/<YYYYmmdd-HHMMSS>[-N], created, with root/latest pointing at it. Safe when several
+    runs start in the same second (pytest -n): each gets its own directory."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = root / stamp
+    root.mkdir(parents=True, exist_ok=True)
     suffix = 0
-    while run.exists():
-        suffix += 1
-        run = root / f"{stamp}-{suffix}"
-    run.mkdir(parents=True)
-    latest = root / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(run.name)
+    while True:
+        run = root / (stamp if suffix == 0 else f"{stamp}-{suffix}")
+        try:
+            run.mkdir()
+            break
+        except FileExistsError:
+            suffix += 1
+    # Replace `latest` atomically: a concurrent run may be doing the same.
+    tmp = root / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    os.replace(tmp, root / "latest")
     return run
 
 

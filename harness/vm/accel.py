@@ -97,7 +97,9 @@ def cached_probe(qemu: list[str], kernel: Path, cache: Path,
     result = (probe or (lambda: run_probe(qemu, kernel)))()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "ok": result.ok, "detail": result.detail}))
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "ok": result.ok, "detail": result.detail}))
+        tmp.replace(cache)  # parallel runs (pytest -n) never read half a file
     except OSError as exc:
         log.debug("could not cache the KVM probe: %s", exc)
     return result
