@@ -44,6 +44,12 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                    help="add DIR's files to the initramfs at the same relative paths")
 
 
+def _misbehave_spec(text: str) -> str:
+    from harness.virtio.misbehave import spec_list
+
+    return spec_list(text)
+
+
 def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("vm-test", help="boot a guest against the device and run its test plan")
     _add_testbed_options(p)
@@ -56,6 +62,10 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--allow-warnings", action="store_true",
                    help="kernel WARNINGs on the console pass (their excerpt is kept)")
+    p.add_argument("--misbehave", type=_misbehave_spec, action="append", default=[],
+                   metavar="CASE[:after=N][:queue=Q][:always]",
+                   help="make the device break the virtio spec in this named way (repeatable "
+                        "or a comma list; `harness misbehave --list` names the cases)")
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -104,7 +114,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
                        append=tuple(args.append.split()), initrd_add=args.initrd_add,
-                       allow_warnings=args.allow_warnings)
+                       allow_warnings=args.allow_warnings, misbehave=tuple(args.misbehave))
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)
@@ -254,7 +264,15 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("what", choices=["iova", "net"])
+    sub.add_parser("misbehave", help="run the misbehaving-device catalogue against a guest "
+                   "kernel (see `harness misbehave --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "misbehave":
+        from harness.misbehave_run import main as misbehave_main
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return misbehave_main(argv[1:])
     # serve and bench pass their own options through to their own parsers.
     if argv and argv[0] == "serve":
         from harness.server import main as serve_main

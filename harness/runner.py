@@ -59,13 +59,15 @@ class VmTestConfig:
     initrd_add: Path | None = None
     #: Kernel WARNINGs on the console pass (with their excerpt) instead of failing the run.
     allow_warnings: bool = False
+    #: Misbehaviour specs for the device (harness.virtio.misbehave), e.g. "used-len-zero".
+    misbehave: tuple[str, ...] = ()
 
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
             accel=self.accel, map_ops=self.map_ops, viommu=self.viommu, faults=self.faults,
             offloads=self.offloads, smp=self.smp, memory_mb=self.memory_mb,
             cmdline=guest_cmdline(self), pcap=self.pcap, kernel=self.kernel,
-            append=self.append, initrd_add=self.initrd_add,
+            append=self.append, initrd_add=self.initrd_add, misbehave=self.misbehave,
             peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))
 
 

@@ -94,6 +94,8 @@ class TestbedConfig:
     map_ops: str = "direct"
     viommu: bool = False
     faults: str | None = None
+    #: Misbehaviour specs for the first device (harness.virtio.misbehave), validated.
+    misbehave: tuple[str, ...] = ()
     offloads: bool = False
     smp: int = 2
     memory_mb: int = 512
@@ -320,7 +322,9 @@ class Testbed:
                 *(["--access-platform"] if cfg.viommu else []),
                 *(["--faults", cfg.faults] if cfg.faults else []),
                 *(["--offloads"] if cfg.offloads else []),
-                *(["--pcap", str(cfg.pcap)] if cfg.pcap and not self.devices else [])]
+                *(["--pcap", str(cfg.pcap)] if cfg.pcap and not self.devices else []),
+                *[a for m in (cfg.misbehave if not self.devices else ())
+                  for a in ("--misbehave", m)]]
         dev.proc = self._stack.enter_context(managed(
             argv, dev.log, name=f"device server {spec.name}", ready="READY"))
         self.devices.append(dev)

@@ -24,6 +24,7 @@ from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, 
 from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
 from harness.virtio.constants import F_ACCESS_PLATFORM
+from harness.virtio.misbehave import parse_list
 from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
 from harness.virtio.protocols import PacketBackend
 
@@ -62,6 +63,8 @@ class ServerConfig:
     serve_forever: bool = False
     #: Seconds a vfio-user client may take to finish a message or read a reply.
     client_timeout: float = 5.0
+    #: Misbehaviour specs (harness.virtio.misbehave), comma lists, each already validated.
+    misbehave: tuple[str, ...] = ()
 
 
 class Irq:
@@ -125,6 +128,9 @@ class DeviceServer:
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier)
+        for text in cfg.misbehave:
+            for spec in parse_list(text):
+                self.device.add_misbehaviour(spec)
         self.dma_maps = 0
         # Every DMA_MAP/UNMAP is a guest IOMMU mapping behind a vIOMMU (virtio: 64-bit mask).
         self.guest_iova = GuestIovaObserver(dma_mask_bits=64)

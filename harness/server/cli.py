@@ -29,6 +29,7 @@ from harness.server.assembly import DeviceServer, ServerConfig
 from harness.server.control import ControlServer, device_commands
 from harness.server.loop import DeviceLoop
 from harness.vfu import VfuError
+from harness.virtio.misbehave import spec_list
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,10 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
     p.add_argument("--client-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="drop a vfio-user client that takes longer than this to finish a "
                    "message or read a reply (default 5)")
+    p.add_argument("--misbehave", type=spec_list, action="append", default=[],
+                   metavar="CASE[:after=N][:queue=Q][:always]",
+                   help="break the virtio spec in this named way (repeatable or a comma "
+                   "list; see harness.virtio.misbehave.CASES)")
     p.add_argument("--log-level", type=_log_level, default="INFO")
     a = p.parse_args(argv)
     if a.queue_size < 2 or a.queue_size > 32768 or a.queue_size & (a.queue_size - 1):
@@ -100,7 +105,7 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                        map_ops=a.map_ops, control=a.control, stats=a.stats,
                        access_platform=a.access_platform, faults=a.faults,
                        offloads=a.offloads, pcap=a.pcap, serve_forever=a.serve_forever,
-                       client_timeout=a.client_timeout)
+                       client_timeout=a.client_timeout, misbehave=tuple(a.misbehave))
     return cfg, a.log_level
 
 
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             loop.control = ControlServer.listen(
                 cfg.control, device_commands(stats=server.stats, stop=loop.request_stop,
                                              dump_queue=server.device.dump_queue,
-                                             link=server.device.set_link))
+                                             link=server.device.set_link,
+                                             misbehave=server.device.add_misbehaviour))
     except OSError as exc:
         log.error("could not open the control socket: %s", exc)
         loop.close()

@@ -26,6 +26,9 @@ across writes; each gets exactly one reply line, in order::
            -> {"ok": true, "up": bool, "changed": bool}    set the link state (virtio-net
               config status LINK_UP; a change raises a config interrupt); up is the new state
               failure: "up" missing or not a boolean
+    misbehave {"case": "<name>", "after": N?, "queue": "rx0|tx0|any"?, "always": bool?}
+           -> {"ok": true, "misbehave": "<spec>"}           switch a misbehaviour on
+              (harness.virtio.misbehave); failure: unknown case, bad after/queue/always
     quit   -> {"ok": true}                                  then the device process stops
 
 Anything else gets a failure reply: invalid UTF-8, invalid JSON, JSON that is not an object,
@@ -59,6 +62,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from harness.virtio.misbehave import Misbehaviour
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +137,7 @@ def _json_type(value: object) -> str:
 def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], None],
                     dump_queue: Callable[[int], dict[str, Any]] | None = None,
                     link: Callable[[bool], bool] | None = None,
+                    misbehave: Callable[[Misbehaviour], None] | None = None,
                     ) -> dict[str, Handler]:
     """The command table of the device process: name -> handler. Add new commands here.
 
@@ -180,6 +186,31 @@ def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], N
             return {"up": up, "changed": changed}
 
         table["link"] = do_link
+    if misbehave is not None:
+        switch_on = misbehave
+
+        def do_misbehave(_server: ControlServer, request: Request) -> Reply:
+            args = request.args
+            case = args.get("case")
+            if not isinstance(case, str):
+                raise CommandError(f'misbehave needs "case": a string, not {_json_type(case)}')
+            after = args.get("after", 0)
+            if isinstance(after, bool) or not isinstance(after, int):
+                raise CommandError(f'"after" must be an integer, not {_json_type(after)}')
+            queue = args.get("queue", "any")
+            if not isinstance(queue, str):
+                raise CommandError(f'"queue" must be a string, not {_json_type(queue)}')
+            always = args.get("always", False)
+            if not isinstance(always, bool):
+                raise CommandError(f'"always" must be a boolean, not {_json_type(always)}')
+            try:
+                spec = Misbehaviour(case, after, queue, always)
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+            switch_on(spec)
+            return {"misbehave": str(spec)}
+
+        table["misbehave"] = do_misbehave
     return table
 
 

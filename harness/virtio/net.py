@@ -25,6 +25,7 @@ from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
+from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 from harness.virtio.virtqueue import Chain, QueueStats
@@ -107,6 +108,51 @@ class VirtioNetDevice(VirtioPciDevice):
         self.link_changes = 0
         self.link_drops = 0  # frames dropped, either direction, because the link was down
         self._scratch: bytearray | None = None  # where link-down RX frames are read to die
+        #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
+        self.misbehave: Misbehave | None = None
+
+    # ---- misbehaviours -----------------------------------------------------------------------
+
+    def add_misbehaviour(self, spec: Misbehaviour) -> None:
+        """Switch one misbehaviour on (the device and both queues consult it from now on)."""
+        if self.misbehave is None:
+            self.misbehave = Misbehave()
+            for q in self.queues:
+                q.misbehave = self.misbehave
+        self.misbehave.add(spec)
+        log.warning("misbehaviour on: %s", spec)
+
+    def _misbehave_tx(self, mb: Misbehave) -> bool:
+        """True when TX is stalled (tx-stall fired now or before)."""
+        if not mb.tx_stalled and mb.due("tx", "tx0") is not None:
+            mb.tx_stalled = True
+            log.warning("misbehave tx-stall: TX is no longer consumed")
+        return mb.tx_stalled
+
+    def _misbehave_rx_header(self, mb: Misbehave, first: Chain) -> None:
+        s = mb.due("rx-header", "rx0")
+        if s is None:
+            return
+        if s.case == "num-buffers-zero":
+            _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
+        else:  # bad-gso-type
+            _write_header(first, 1, b"\x7f")
+
+    def _misbehave_device(self, mb: Misbehave) -> None:
+        s = mb.due("device", None)
+        if s is None:
+            return
+        if s.case == "interrupt-storm":
+            for q in self.queues:
+                if s.queue in ("any", q.name) and q.msix_vector != C.NO_VECTOR:
+                    for _ in range(64):
+                        self.irq.trigger(q.msix_vector)
+        elif s.case == "config-change-no-interrupt":
+            self.mac = self.mac[:5] + bytes([self.mac[5] ^ 1])
+            log.warning("misbehave: MAC now %s, no generation bump, no interrupt",
+                        self.mac.hex(":"))
+        else:  # needs-reset-midtraffic
+            self.device_error("misbehave needs-reset-midtraffic (no real error)")
 
     # ---- transport hooks ---------------------------------------------------------------------
 
@@ -177,6 +223,8 @@ class VirtioNetDevice(VirtioPciDevice):
     # ---- TX ----------------------------------------------------------------------------------
 
     def _tx_flush(self) -> None:
+        if self.misbehave is not None and self._misbehave_tx(self.misbehave):
+            return
         q = self.tx
         st = q.stats
         backend = self.backend
@@ -220,6 +268,8 @@ class VirtioNetDevice(VirtioPciDevice):
             self._pending |= 1 << TX_QUEUE  # a transient map failure: retry, do not wait
         if q.flush():
             self._queue_interrupt(q)
+        if self.misbehave is not None:
+            self._misbehave_device(self.misbehave)
 
     # ---- RX ----------------------------------------------------------------------------------
 
@@ -262,6 +312,8 @@ class VirtioNetDevice(VirtioPciDevice):
                     left -= c.write_len
                     used += 1
                 _set_num_buffers(pool[0], used)
+                if self.misbehave is not None:
+                    self._misbehave_rx_header(self.misbehave, pool[0])
                 left = got
                 for c in pool[:used]:
                     n = min(left, c.write_len)
@@ -280,6 +332,8 @@ class VirtioNetDevice(VirtioPciDevice):
                     q.unpop(c)
         if q.flush():
             self._queue_interrupt(q)
+        if self.misbehave is not None:
+            self._misbehave_device(self.misbehave)
 
     def _rx_discard(self) -> None:
         """Link down: read up to a batch of frames from the backend and drop them."""
@@ -373,6 +427,7 @@ class VirtioNetDevice(VirtioPciDevice):
             "link_up": self.link_up,
             "link_changes": self.link_changes,
             "link_drops": self.link_drops,
+            **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),
         }
 
     def dump_queue(self, index: int) -> dict[str, Any]:
@@ -395,12 +450,15 @@ def _set_num_buffers(chain: Chain, n: int) -> None:
 
     Plain byte writes are fine here: the guest cannot look before used.idx is published.
     """
-    off = C.NET_HDR_NUM_BUFFERS_OFFSET
-    data = _U16.pack(n)
+    _write_header(chain, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(n))
+
+
+def _write_header(chain: Chain, off: int, data: bytes) -> None:
+    """Write ``data`` at vnet header offset ``off`` into the chain's mapped buffers."""
     for h in chain.writable:
         view = h.view
         if off < len(view):
-            take = min(2, len(view) - off)
+            take = min(len(data), len(view) - off)
             view[off : off + take] = data[:take]
             data = data[take:]
             if not data:

@@ -44,6 +44,7 @@ from harness.virtio.constants import (
     DESC_SIZE,
     USED_F_NO_NOTIFY,
 )
+from harness.virtio.misbehave import Misbehave
 from harness.virtio.protocols import Barrier, no_barrier
 
 if sys.byteorder != "little":  # cast("H"/"I") is native order; virtio 1.x rings are LE
@@ -149,6 +150,8 @@ class SplitVirtqueue:
         self._on_error = on_error
         self._barrier = barrier
         self._rings: list[DmaHandle] = []
+        #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
+        self.misbehave: Misbehave | None = None
         self._reset_state()
 
     # ---- configuration (transport side) ------------------------------------------------------
@@ -476,8 +479,17 @@ class SplitVirtqueue:
         used32 = self._used32
         if used32 is None:  # rings dropped while the chain was out: nothing to publish into
             return
+        head = chain.head
+        if self.misbehave is not None:
+            head, length, twice = self.misbehave.on_push(self.name, head, length,
+                                                         chain.write_len, self.size)
+            if twice:  # used-id-duplicate: the same element once more, inside the used ring
+                slot = self._used_idx & (self.size - 1)
+                used32[1 + 2 * slot] = head
+                used32[2 + 2 * slot] = length
+                self._used_idx = (self._used_idx + 1) & 0xFFFF
         slot = self._used_idx & (self.size - 1)
-        used32[1 + 2 * slot] = chain.head
+        used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = length
         self._used_idx = (self._used_idx + 1) & 0xFFFF
         self.stats.chains += 1
@@ -491,7 +503,10 @@ class SplitVirtqueue:
         assert avail16 is not None
         new = self._used_idx
         old = self._published
-        used16[1] = new
+        if self.misbehave is not None and self.misbehave.due("publish", self.name):
+            used16[1] = (new + self.size + 1) & 0xFFFF  # used-idx-jump; the next flush fixes it
+        else:
+            used16[1] = new
         self._published = new
         self._sync_used()
         # The driver must see used.idx before we look at its suppression flags, or both sides

@@ -1,0 +1,210 @@
+"""`harness misbehave`: run the misbehaviour catalogue against a guest kernel, classify how the
+kernel reacted, compare with the recorded baseline for that kernel.
+
+Each case is its own vm-test with a small plan. ``classify`` turns a run into one class, the
+worst that applies:
+
+    oops        kernel_oops/bug/panic/kasan/kfence/ubsan
+    hang        kernel_soft_lockup/hard_lockup/hung_task/rcu_stall, or the guest's plan never
+                completed (it stopped reporting, or the run timed out)
+    corruption  the host peers (or the guest) saw wrong bytes: a byte mismatch or bad datagrams
+    warning     kernel_warning
+    graceful    none of these: the driver dropped, reset or reported and the plan ran to its
+                end (guest tests may fail: losing frames is an allowed reaction)
+
+Baselines live in ``qemu/baselines/misbehave-<kernel version>.json`` ({case: class}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.report import Case, RunResult
+from harness.virtio.misbehave import CASES
+
+CLASSES = ("graceful", "warning", "corruption", "hang", "oops")
+_OOPS = {"kernel_oops", "kernel_bug", "kernel_panic", "kernel_kasan", "kernel_kfence",
+         "kernel_ubsan"}
+_HANG = {"kernel_soft_lockup", "kernel_hard_lockup", "kernel_hung_task", "kernel_rcu_stall"}
+_CORRUPT = re.compile(r"first mismatch at \d|[1-9]\d* bad|corrupt", re.I)
+#: Console lines worth quoting as evidence of how the driver reacted.
+_DRIVER_LINE = re.compile(r"virtio|eth0|NETDEV WATCHDOG|nobody cared|irq \d+:", re.I)
+BASELINE_DIR = Path(__file__).resolve().parents[1] / "qemu" / "baselines"
+#: Extra guest command-line words for every case: the interface must come up at least.
+SMALL_PLAN = {"tcp_bytes": 4 << 20, "udp_count": 100}
+
+
+def _head(c: Case) -> str:
+    return f"{c.name}: {c.detail}".splitlines()[0]
+
+
+def classify(result: RunResult, console: str = "") -> tuple[str, list[str]]:
+    """(class, evidence lines) for one run (see the module docstring)."""
+    failed = result.failed
+    names = {c.name for c in failed}
+    evidence: list[str] = []
+    oops = [c for c in failed if c.name in _OOPS]
+    hang = [c for c in failed if c.name in _HANG]
+    incomplete = [c for c in failed if c.name == "guest_plan_complete"]
+    corrupt = [c for c in failed if _CORRUPT.search(c.detail or "")]
+    if oops:
+        cls, why = "oops", oops
+    elif hang or incomplete or (result.error and "did not finish" in result.error):
+        cls, why = "hang", hang + incomplete
+        if result.error:
+            evidence.append(f"run: {result.error}")
+    elif corrupt:
+        cls, why = "corruption", corrupt
+    elif "kernel_warning" in names:
+        cls, why = "warning", [c for c in failed if c.name == "kernel_warning"]
+    else:
+        cls, why = "graceful", [c for c in failed if not c.name.startswith("kernel_")]
+    evidence += [_head(c) for c in why]
+    fired = result.device_stats.get("device", {}).get("misbehave", {}).get("fired", {})
+    if isinstance(fired, dict) and fired:
+        evidence.append("device: " + ", ".join(f"{k} acted {v}x" for k, v in fired.items()))
+    bad = {k: v for k, v in result.guest_net.items()
+           if k != "tcp_retrans_segs" and ("dropped" in k or "errors" in k) and v}
+    if bad:
+        evidence.append("guest: " + ", ".join(f"{k} {v}" for k, v in sorted(bad.items())))
+    if cls == "graceful" and result.error:
+        evidence.append(f"run: {result.error}")
+    for line in console.splitlines():
+        if _DRIVER_LINE.search(line) and re.search(r"error|bad|broken|timed out|not a head|"
+                                                   r"out of range|nobody|disabl|missing",
+                                                   line, re.I):
+            evidence.append("console: " + line.strip())
+            if len(evidence) >= 6:
+                break
+    return cls, evidence
+
+
+@dataclass
+class Outcome:
+    case: str
+    cls: str
+    evidence: list[str]
+    seconds: float
+    run_dir: str
+    kernel_version: str
+
+
+def run_case(case: str, kernel: Path | None, out: Path | None, timeout: float) -> Outcome:
+    from harness.runner import VmTestConfig, run_vm_test
+
+    spec = f"{case}:after=200:always" if case in ("used-len-zero", "interrupt-storm") else \
+        f"{case}:after=200"
+    cfg = VmTestConfig(kernel=kernel, out_dir=out, timeout=timeout, misbehave=(spec,),
+                       **SMALL_PLAN)  # type: ignore[arg-type]
+    started = time.monotonic()
+    result = run_vm_test(cfg)
+    console_path = Path(result.run_dir) / "console.log"
+    try:
+        console = console_path.read_text(errors="replace")
+    except OSError:
+        console = ""
+    cls, evidence = classify(result, console)
+    return Outcome(case, cls, evidence, time.monotonic() - started, result.run_dir,
+                   result.kernel_version)
+
+
+def baseline_path(kernel_version: str) -> Path:
+    return BASELINE_DIR / f"misbehave-{kernel_version}.json"
+
+
+def load_baseline(kernel_version: str) -> dict[str, str] | None:
+    try:
+        data = json.loads(baseline_path(kernel_version).read_text())
+    except (OSError, ValueError):
+        return None
+    cases = data.get("cases") if isinstance(data, dict) else None
+    return {str(k): str(v) for k, v in cases.items()} if isinstance(cases, dict) else None
+
+
+def compare(observed: dict[str, str], baseline: dict[str, str]) -> list[str]:
+    """What changed against the baseline, one line each (empty: nothing)."""
+    out = []
+    for case, cls in observed.items():
+        was = baseline.get(case)
+        if was is None:
+            out.append(f"{case}: {cls} (no baseline)")
+        elif was != cls:
+            out.append(f"{case}: was {was}, now {cls}")
+    return out
+
+
+def table(outcomes: list[Outcome]) -> str:
+    """case, class, first evidence line, seconds; 80 columns."""
+    lines = [f"{'case':<27} {'class':<10} {'evidence':<33} {'s':>5}"]
+    for o in outcomes:
+        ev = o.evidence[0] if o.evidence else "-"
+        if len(ev) > 33:
+            ev = ev[:32] + "~"
+        lines.append(f"{o.case:<27} {o.cls:<10} {ev:<33} {o.seconds:>5.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="harness misbehave",
+                                description="run the misbehaving-device catalogue")
+    p.add_argument("cases", nargs="*", help="cases to run (default with --all: every case)")
+    p.add_argument("--all", action="store_true", help="run every case")
+    p.add_argument("--list", action="store_true", help="list the cases with clause and bug class")
+    p.add_argument("--kernel", type=Path, metavar="PATH", help="the guest kernel under test")
+    p.add_argument("--out", type=Path, help="parent directory for run logs")
+    p.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+                   help="per case (a case that runs out is a hang)")
+    p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
+    p.add_argument("--write-baseline", action="store_true",
+                   help="record the classes observed as the baseline for this kernel")
+    a = p.parse_args(argv)
+    if a.list:
+        for c in CASES.values():
+            print(f"{c.name}\n  clause: {c.clause}\n  bug class: {c.bug_class}\n  does: {c.what}")
+        return 0
+    unknown = [c for c in a.cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s): {', '.join(unknown)} (see --list)")
+    cases = list(CASES) if a.all else a.cases
+    if not cases:
+        p.error("name cases or give --all")
+    outcomes = []
+    for case in cases:
+        print(f"misbehave {case} ...", file=sys.stderr, flush=True)
+        outcomes.append(run_case(case, a.kernel, a.out, a.timeout))
+    observed = {o.case: o.cls for o in outcomes}
+    version = outcomes[0].kernel_version
+    if a.json:
+        print(json.dumps({"kernel": version, "outcomes": [o.__dict__ for o in outcomes]},
+                         indent=2))
+    else:
+        print(f"kernel {version}")
+        print(table(outcomes))
+        for o in outcomes:
+            if o.cls != "graceful" or o.evidence:
+                print(f"\n{o.case} ({o.cls}):")
+                for line in o.evidence:
+                    print(f"  {line}")
+    if a.write_baseline:
+        path = baseline_path(version)
+        old = load_baseline(version) or {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data: dict[str, Any] = {"kernel": version, "cases": {**old, **observed}}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        print(f"baseline written: {path}")
+        return 0
+    baseline = load_baseline(version)
+    if baseline is None:
+        print(f"no baseline for kernel {version} ({baseline_path(version)})", file=sys.stderr)
+        return 1
+    changed = compare(observed, baseline)
+    for line in changed:
+        print(f"CHANGED {line}")
+    return 1 if changed else 0

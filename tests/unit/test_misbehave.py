@@ -1,0 +1,333 @@
+"""Misbehaviours: the spec parser, the registry, each hook breaking exactly its one rule (with the
+DMA ledger watching), the control command and switches, and classify() on constructed runs."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import struct
+
+import pytest
+
+from harness.dma import DmaLedger, build_mapops
+from harness.misbehave_run import CLASSES, Outcome, classify, compare, table
+from harness.report import Case, RunResult
+from harness.server.cli import parse_args
+from harness.server.control import CommandError, Request, device_commands
+from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, NetRig
+from harness.virtio import constants as C
+from harness.virtio.misbehave import (
+    CASES,
+    POINTS,
+    QUEUES,
+    Misbehaviour,
+    parse_list,
+    spec_list,
+)
+from harness.virtio.net import VirtioNetDevice
+
+HDR = bytes(12)
+RX_VECTOR, TX_VECTOR, CONFIG_VECTOR = 1, 2, 0
+
+
+# ---- the spec parser ----------------------------------------------------------------------
+
+
+def test_parse_defaults_and_options() -> None:
+    assert Misbehaviour.parse("used-len-zero") == Misbehaviour("used-len-zero")
+    m = Misbehaviour.parse("used-len-zero:after=100:queue=rx0:always")
+    assert (m.case, m.after, m.queue, m.always) == ("used-len-zero", 100, "rx0", True)
+    assert str(m) == "used-len-zero:after=100:queue=rx0:always"
+    assert Misbehaviour.parse(str(m)) == m
+    assert Misbehaviour.parse("tx-stall:once").always is False
+    assert [s.case for s in parse_list("tx-stall, used-len-zero")] == ["tx-stall",
+                                                                       "used-len-zero"]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("nonsense", "unknown misbehaviour 'nonsense'"),
+    ("used-len-zero:after=x", "is not a whole number"),
+    ("used-len-zero:after=-1", "after must be 0 or more"),
+    ("used-len-zero:queue=rx9", "queue must be one of rx0, tx0, any"),
+    ("used-len-zero:queue=tx0", "used-len-zero acts on rx0, not tx0"),
+    ("used-len-zero:sometimes", "unknown option 'sometimes'"),
+])
+def test_bad_specs_are_one_line_errors(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(why)):
+        Misbehaviour.parse(text)
+    with pytest.raises(argparse.ArgumentTypeError) as exc:
+        spec_list(text)
+    assert "\n" not in str(exc.value)
+
+
+def test_spec_list_normalises_and_refuses_empty() -> None:
+    assert spec_list("used-len-zero:after=0,tx-stall") == "used-len-zero,tx-stall"
+    with pytest.raises(argparse.ArgumentTypeError, match="empty"):
+        spec_list(" , ")
+
+
+# ---- the registry -------------------------------------------------------------------------
+
+
+def test_registry_every_case_has_clause_bug_class_point() -> None:
+    assert len(CASES) >= 8
+    for name, case in CASES.items():
+        assert case.name == name
+        assert re.search(r"\d+\.\d+", case.clause), name  # a section number
+        assert case.bug_class and case.what, name
+        assert case.point in POINTS, name
+        assert case.queues and set(case.queues) <= set(QUEUES) - {"any"}, name
+
+
+# ---- the hooks, on a device whose map ops carry the ledger ---------------------------------
+
+
+def rig(*specs: str) -> tuple[NetRig, DmaLedger]:
+    mem = MockMemory()
+    bme = [True]
+    ops, ledger = build_mapops("direct", mem.memory, bus_master=lambda: bme[0])
+    assert ledger is not None
+    backend, irq = FakeBackend(), FakeIrq()
+    dev = VirtioNetDevice(ops, irq, backend, mac=bytes.fromhex("525400123456"),
+                          queue_size=16, bus_master=lambda: bme[0])
+    for s in specs:
+        for spec in parse_list(s):
+            dev.add_misbehaviour(spec)
+    driver = MockDriver(dev, mem)
+    driver.init()
+    return NetRig(dev, driver, backend, irq, bme), ledger
+
+
+def clean(ledger: DmaLedger) -> None:
+    """The ledger saw no access outside a mapping and nothing is left mapped but the rings."""
+    st = ledger.stats()
+    assert st["violations_total"] == 0, st["violations"]
+
+
+def used_ring(r: NetRig, queue: int, slot: int) -> tuple[int, int]:
+    q = r.driver.queues[queue]
+    head, length = struct.unpack("<II", q.mem.read(q.used + 4 + 8 * slot, 8))
+    return head, length
+
+
+def rx_one(r: NetRig, payload: int = 60, size: int = 1536) -> None:
+    r.rx.add(in_=[size])
+    r.rx.kick()
+    r.device.process()
+    r.backend.rx.append(HDR + bytes(payload))
+    r.device.on_backend_readable()
+
+
+def tx_one(r: NetRig, data: bytes = b"x" * 60) -> None:
+    r.tx.add([HDR + data])
+    r.tx.kick()
+    r.device.process()
+
+
+def test_a_behaving_device_holds_no_misbehave() -> None:
+    r, ledger = rig()
+    assert r.device.misbehave is None
+    assert all(q.misbehave is None for q in r.device.queues)
+    assert "misbehave" not in r.device.stats()
+    rx_one(r)
+    assert used_ring(r, 0, 0) == (0, 72)
+    clean(ledger)
+
+
+def test_used_len_overflow() -> None:
+    r, ledger = rig("used-len-overflow")
+    rx_one(r)
+    assert r.rx.used_idx() == 1
+    assert used_ring(r, 0, 0) == (0, 1536 + 4096)  # more than the buffer's 1536 bytes
+    clean(ledger)
+
+
+def test_used_len_zero_after_n_always() -> None:
+    r, ledger = rig("used-len-zero:after=2:always")
+    for _ in range(4):
+        rx_one(r)
+    assert [used_ring(r, 0, s)[1] for s in range(4)] == [72, 72, 0, 0]
+    clean(ledger)
+
+
+def test_used_id_out_of_range_once() -> None:
+    r, ledger = rig("used-id-out-of-range:queue=tx0")
+    tx_one(r)
+    tx_one(r)
+    assert used_ring(r, 1, 0) == (16 + 0, 0)  # queue size 16 + head 0
+    assert used_ring(r, 1, 1)[0] < 16  # once: the next one is right again
+    clean(ledger)
+
+
+def test_used_id_duplicate() -> None:
+    r, ledger = rig("used-id-duplicate:queue=tx0")
+    tx_one(r)
+    assert r.tx.used_idx() == 2  # one chain, two used elements
+    assert used_ring(r, 1, 0) == used_ring(r, 1, 1) == (0, 0)
+    clean(ledger)
+
+
+def test_used_idx_jump_then_corrected() -> None:
+    r, ledger = rig("used-idx-jump:queue=tx0")
+    tx_one(r)
+    assert r.tx.used_idx() == 1 + 16 + 1  # more than the queue size past the last one
+    tx_one(r)
+    assert r.tx.used_idx() == 2  # published right again (so it went backwards)
+    clean(ledger)
+
+
+def test_num_buffers_zero() -> None:
+    r, ledger = rig("num-buffers-zero")
+    rx_one(r)
+    [(head, n)] = r.rx.get_used()
+    assert struct.unpack_from("<H", r.rx.written(head, n), 10)[0] == 0
+    clean(ledger)
+
+
+def test_bad_gso_type() -> None:
+    r, ledger = rig("bad-gso-type")
+    rx_one(r)
+    rx_one(r)
+    u1, u2 = r.rx.get_used()
+    first, second = r.rx.written(*u1), r.rx.written(*u2)
+    assert first[1] == 0x7F and second[1] == 0  # once
+    assert struct.unpack_from("<H", first, 10)[0] == 1  # num_buffers still right
+    clean(ledger)
+
+
+def test_tx_stall_after_one() -> None:
+    r, ledger = rig("tx-stall:after=1")
+    tx_one(r, b"a" * 60)
+    tx_one(r, b"b" * 60)
+    tx_one(r, b"c" * 60)
+    assert len(r.backend.tx) == 1 and r.tx.used_idx() == 1
+    assert r.device.stats()["misbehave"]["tx_stalled"] is True  # type: ignore[index]
+    clean(ledger)
+
+
+def test_interrupt_storm() -> None:
+    r, ledger = rig("interrupt-storm:queue=tx0")
+    tx_one(r)
+    assert r.irq.count(TX_VECTOR) == 1 + 64  # the real one, then 64 with nothing used
+    assert r.tx.used_idx() == 1
+    assert r.irq.count(RX_VECTOR) == 0
+    clean(ledger)
+
+
+def test_config_change_no_interrupt() -> None:
+    r, ledger = rig("config-change-no-interrupt")
+    gen = r.driver.read(C.COMMON_CFGGENERATION, 1)
+    before = r.irq.count(CONFIG_VECTOR)
+    tx_one(r)
+    mac = bytes(r.driver.read(C.DEVICE_OFFSET + i, 1) for i in range(6))
+    assert mac == bytes.fromhex("525400123457")
+    assert r.driver.read(C.COMMON_CFGGENERATION, 1) == gen
+    assert r.irq.count(CONFIG_VECTOR) == before
+    clean(ledger)
+
+
+def test_needs_reset_midtraffic() -> None:
+    r, ledger = rig("needs-reset-midtraffic:after=2")
+    tx_one(r)
+    assert not r.device.status & C.STATUS_NEEDS_RESET
+    tx_one(r)  # the second completion: then NEEDS_RESET
+    assert r.device.status & C.STATUS_NEEDS_RESET
+    assert r.irq.count(CONFIG_VECTOR) >= 1
+    tx_one(r)
+    assert r.tx.used_idx() == 2  # no more service
+    clean(ledger)
+
+
+def test_every_case_has_a_hook_test() -> None:
+    tested = {n[len("test_"):].split("_after")[0].split("_once")[0].split("_then")[0]
+              .replace("_", "-") for n in globals() if n.startswith("test_")}
+    assert set(CASES) <= tested, set(CASES) - tested
+
+
+# ---- switches -----------------------------------------------------------------------------
+
+
+def test_control_command() -> None:
+    on: list[Misbehaviour] = []
+    table_ = device_commands(stats=dict, stop=lambda: None, misbehave=on.append)
+    cmd = table_["misbehave"]
+    reply = cmd(None, Request("misbehave", {"cmd": "misbehave",  # type: ignore[arg-type]
+                                            "case": "tx-stall", "after": 5}))
+    assert reply == {"misbehave": "tx-stall:after=5"} and on == [Misbehaviour("tx-stall", 5)]
+    bad: list[tuple[dict[str, object], str]] = [
+                      ({}, '"case"'), ({"case": "nope"}, "unknown misbehaviour"),
+                      ({"case": "tx-stall", "after": "1"}, '"after" must be an integer'),
+                      ({"case": "tx-stall", "after": -1}, "after must be"),
+                      ({"case": "tx-stall", "queue": 0}, '"queue" must be a string'),
+                      ({"case": "tx-stall", "queue": "rx0"}, "acts on tx0"),
+                      ({"case": "tx-stall", "always": 1}, '"always" must be a boolean')]
+    for args, why in bad:
+        with pytest.raises(CommandError, match=re.escape(why)):
+            cmd(None, Request("misbehave", {"cmd": "misbehave", **args}))  # type: ignore[arg-type]
+    assert "misbehave" not in device_commands(stats=dict, stop=lambda: None)
+
+
+def test_server_cli_option(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _ = parse_args(["--socket", "/tmp/x", "--misbehave", "tx-stall:after=3",
+                         "--misbehave", "used-len-zero,bad-gso-type"])
+    assert cfg.misbehave == ("tx-stall:after=3", "used-len-zero,bad-gso-type")
+    with pytest.raises(SystemExit):
+        parse_args(["--socket", "/tmp/x", "--misbehave", "bogus"])
+    assert "unknown misbehaviour 'bogus'" in capsys.readouterr().err
+
+
+# ---- classify -----------------------------------------------------------------------------
+
+
+def result(*cases: Case, error: str | None = None) -> RunResult:
+    r = RunResult(accel="tcg", accel_reason="", map_ops="direct", viommu=False, faults="",
+                  qemu_version="", kernel_version="7.3.4", run_dir="/tmp", error=error)
+    r.cases = list(cases)
+    return r
+
+
+OK = Case("tcp_guest_to_host", True, "4 MiB")
+
+
+@pytest.mark.parametrize("cases, error, want", [
+    ((OK, Case("kernel_clean", True, "")), None, "graceful"),
+    ((Case("tcp_guest_to_host", False, "timed out"),), None, "graceful"),
+    ((OK, Case("kernel_warning", False, "1x: WARNING: CPU: 0 PID: 1 at x")), None, "warning"),
+    ((Case("host_verified_udp", False, "host saw 90 good, 3 bad of 100"),), None,
+     "corruption"),
+    ((Case("host_verified_tcp_guest_to_host", False, "host received 5/9 bytes: first "
+                                                     "mismatch at 17"),), None, "corruption"),
+    ((Case("guest_plan_complete", False, "planned 5, reported 2"),), None, "hang"),
+    ((), "the guest did not finish its plan within 60 s", "hang"),
+    ((Case("kernel_rcu_stall", False, "rcu: INFO"), Case("kernel_warning", False, "")), None,
+     "hang"),
+    ((Case("kernel_oops", False, "BUG: unable to handle"),
+      Case("guest_plan_complete", False, "")), None, "oops"),
+    ((Case("kernel_kasan", False, "BUG: KASAN: slab-out-of-bounds"),), None, "oops"),
+])
+def test_classify(cases: tuple[Case, ...], error: str | None, want: str) -> None:
+    cls, evidence = classify(result(*cases, error=error))
+    assert cls == want and cls in CLASSES
+    if want != "graceful":
+        assert evidence
+
+
+def test_classify_quotes_console_and_counters() -> None:
+    r = result(OK)
+    r.guest_net = {"rx_dropped": 3, "tx_errors": 0, "tcp_retrans_segs": 9}
+    r.device_stats = {"device": {"misbehave": {"fired": {"used-len-zero": 3}}}}
+    cls, ev = classify(r, "boot\n[ 5.1] virtio_net virtio0: input.0:id 300 is not a head!\n")
+    assert cls == "graceful"
+    assert "device: used-len-zero acted 3x" in ev
+    assert "guest: rx_dropped 3" in ev
+    assert any("is not a head" in e for e in ev)
+
+
+def test_compare_and_table() -> None:
+    assert compare({"a": "graceful"}, {"a": "graceful"}) == []
+    assert compare({"a": "oops", "b": "hang"}, {"a": "graceful"}) == [
+        "a: was graceful, now oops", "b: hang (no baseline)"]
+    out = table([Outcome("config-change-no-interrupt", "corruption",
+                         ["host_verified_udp: host saw 90 good, 3 bad of 100"], 61.5, "/x",
+                         "7.3.4")])
+    assert all(len(line) <= 80 for line in out.splitlines())
