@@ -22,7 +22,8 @@
  *          --queue-size N (16), --rto-ms MS (200), --max-retries K (20).
  *
  * Output: one stdout line of key=value results; on failure one stderr line with the reason.
- * Exit: 0 ok, 1 verification failed, 2 usage, 3 device/setup failure, 4 timeout.
+ * Exit: 0 ok, 1 verification failed, 2 usage, 3 device/setup failure, 4 timeout,
+ *       5 hostile case not applicable (needs a feature the device does not offer).
  * The device is always reset before exit (it must not DMA into pages we give back).
  */
 #define _GNU_SOURCE
@@ -46,6 +47,7 @@
 #define EXIT_USAGE 2
 #define EXIT_SETUP 3
 #define EXIT_TIMEOUT 4
+#define EXIT_NA 5 /* a hostile case needs a feature the device does not offer */
 
 #define PAGE 4096u
 #define NPAGES 96u
@@ -904,11 +906,17 @@ static int cmd_arp(void)
 
 /* Each case builds a malformed TX (or RX) submission after a normal init, kicks, and reports
  * what the device did. The expected reaction (virtio 1.3, 2.7 and 4.1) is in `expect`. */
+enum { S_LIVE, S_LIVE_INDIRECT, S_NONE };
+
 struct hcase {
 	const char *name;
 	const char *expect;
 	void (*fn)(void);
+	int setup; /* S_LIVE: initialised, queues enabled, DRIVER_OK, RX empty; S_NONE: reset only */
 };
+
+/* What a case saw of the device's reaction besides status and rings ("-" if nothing). */
+static char obs[160] = "-";
 
 static uint64_t guest_ram_end_guess(void)
 {
@@ -1022,19 +1030,320 @@ static void h_readonly_rx(void)
 	tx_frame(f, n);
 }
 
+#define F_INDIRECT 28
+#define F_RING_PACKED 34
+
+/* A well-formed ARP request for the host in TX buffer `slot` (header included); its length. */
+static uint32_t arp_in_buf(struct vq *q, unsigned slot)
+{
+	static const uint8_t zero[6];
+	uint8_t f[64];
+	size_t n = arp_build(f, 1, BCAST, zero, O.host_ip);
+	memset(q->buf[slot], 0, HDR_LEN);
+	memcpy(q->buf[slot] + HDR_LEN, f, n);
+	return (uint32_t)(HDR_LEN + n);
+}
+
+static void itable(struct vq *q, unsigned slot, unsigned i, uint64_t addr, uint32_t len,
+		   uint16_t flags, uint16_t next)
+{
+	uint8_t *e = q->buf[slot] + 16 * i;
+	memcpy(e, &addr, 8);
+	memcpy(e + 8, &len, 4);
+	memcpy(e + 12, &flags, 2);
+	memcpy(e + 14, &next, 2);
+}
+
+static void h_indirect_loop(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 1);
+	itable(q, 0, 0, q->buf_pa[1], n, D_NEXT, 1);
+	itable(q, 0, 1, q->buf_pa[2], 16, D_NEXT, 0);
+	desc_set(q, 0, q->buf_pa[0], 32, D_INDIRECT, 0);
+	tx_chain_submit(0);
+}
+
+static void h_indirect_in_indirect(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 1);
+	itable(q, 2, 0, q->buf_pa[1], n, 0, 0);
+	itable(q, 0, 0, q->buf_pa[2], 16, D_INDIRECT, 0);
+	desc_set(q, 0, q->buf_pa[0], 16, D_INDIRECT, 0);
+	tx_chain_submit(0);
+}
+
+static void h_indirect_with_next(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 1);
+	itable(q, 0, 0, q->buf_pa[1], n, 0, 0);
+	desc_set(q, 0, q->buf_pa[0], 16, D_INDIRECT | D_NEXT, 1);
+	desc_set(q, 1, q->buf_pa[2], 16, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_indirect_len_odd(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 1);
+	itable(q, 0, 0, q->buf_pa[1], n, 0, 0);
+	desc_set(q, 0, q->buf_pa[0], 20, D_INDIRECT, 0);
+	tx_chain_submit(0);
+}
+
+static void h_indirect_len_zero(void)
+{
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], 0, D_INDIRECT, 0);
+	tx_chain_submit(0);
+}
+
+static void h_writable_before_readable_rx(void)
+{
+	struct vq *rx = &D.q[0];
+	desc_set(rx, 0, rx->buf_pa[0], PAGE, D_WRITE | D_NEXT, 1);
+	desc_set(rx, 1, rx->buf_pa[1], PAGE, 0, 0);
+	avail_put(rx, 0);
+	kick(rx);
+	static const uint8_t zero[6];
+	uint8_t f[64];
+	size_t n = arp_build(f, 1, BCAST, zero, O.host_ip);
+	tx_frame(f, n);
+}
+
+static void h_same_head_twice(void)
+{
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	avail_put(q, 0);
+	avail_put(q, 0);
+	kick(q);
+}
+
+static void h_frame_over_64k(void)
+{
+	/* One descriptor of 70000 bytes from our buffer on: guest RAM the device may read. */
+	struct vq *q = &D.q[1];
+	arp_in_buf(q, 0);
+	desc_set(q, 0, q->buf_pa[0], 70000, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_gso_bad_type(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 0);
+	q->buf[0][1] = 0x42; /* gso_type */
+	desc_set(q, 0, q->buf_pa[0], n, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_csum_unnegotiated(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 0);
+	uint8_t *h = q->buf[0];
+	h[0] = 1; /* NEEDS_CSUM without VIRTIO_NET_F_CSUM, csum_start past the frame */
+	h[6] = 0xd0;
+	h[7] = 0x07; /* csum_start 2000 */
+	h[8] = 6;
+	desc_set(q, 0, q->buf_pa[0], n, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_gso_unnegotiated_hdr_len(void)
+{
+	struct vq *q = &D.q[1];
+	uint32_t n = arp_in_buf(q, 0);
+	uint8_t *h = q->buf[0];
+	h[1] = 1; /* GSO_TCPV4, never negotiated */
+	h[2] = 0x0f;
+	h[3] = 0x27; /* hdr_len 9999 */
+	h[4] = 0x10; /* gso_size 16 */
+	desc_set(q, 0, q->buf_pa[0], n, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_notify_absent_queue(void)
+{
+	uint64_t off = (uint64_t)D.notify + 7ull * D.notify_mult;
+	if (off + 2 > D.bar0_len)
+		die(EXIT_SETUP, "queue 7's doorbell would lie outside BAR0");
+	*(volatile uint16_t *)(D.bar0 + off) = 7;
+	mb();
+	snprintf(obs, sizeof(obs), "numq=%u", r16(D.common + C_NUMQ));
+}
+
+static void h_bar_wrong_width(void)
+{
+	uint32_t v = r32(D.common + C_STATUS); /* status is a 1-byte field */
+	snprintf(obs, sizeof(obs), "status_as_u32=%#x", v);
+}
+
+static void h_bar_gap_read(void)
+{
+	uint32_t gap = D.isr + 0x800; /* between ISR and the device config */
+	if (gap + 4 > D.bar0_len)
+		die(EXIT_SETUP, "no gap in BAR0");
+	snprintf(obs, sizeof(obs), "gap_read=%#x", r32(gap));
+}
+
+static void h_clear_bus_master(void)
+{
+	struct vq *q = &D.q[1];
+	set_command(0, 0x4);
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0);
+	usleep(300000);
+	uint16_t off = used_idx(q);
+	set_command(0x4, 0);
+	kick(q);
+	double end = now() + 2;
+	while (used_idx(q) == off && now() < end)
+		usleep(1000);
+	snprintf(obs, sizeof(obs), "used_without_bme=%u used_after_bme=%u", off, used_idx(q));
+}
+
+static void h_reset_in_flight(void)
+{
+	post_rx_all();
+	kick(&D.q[0]);
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0);
+	status_wr(0);
+	int ok = wait_status_zero(5.0) == 0;
+	snprintf(obs, sizeof(obs), "reset_done=%d", ok);
+}
+
+static void h_msix_vector_out_of_range(void)
+{
+	w16(D.common + C_QSEL, 0);
+	w16(D.common + C_QMSIX, 99);
+	snprintf(obs, sizeof(obs), "vector=%#x", r16(D.common + C_QMSIX));
+}
+
+static void h_change_addr_after_enable(void)
+{
+	w16(D.common + C_QSEL, 1);
+	w32(D.common + C_QDESC, 0x1000);
+	uint32_t lo = r32(D.common + C_QDESC);
+	snprintf(obs, sizeof(obs), "desc_unchanged=%d", lo == (uint32_t)D.q[1].desc_pa);
+}
+
+/* ---- transport cases: start from a reset device ---- */
+
+static void ack_driver(void)
+{
+	D.inited = 1;
+	status_wr(0);
+	if (wait_status_zero(5.0))
+		die(EXIT_SETUP, "status stuck at %#x after reset", status_rd());
+	status_wr(ST_ACK);
+	status_wr(ST_ACK | ST_DRIVER);
+}
+
+static void write_features(uint64_t f)
+{
+	w32(D.common + C_GFSEL, 0);
+	w32(D.common + C_GF, (uint32_t)f);
+	w32(D.common + C_GFSEL, 1);
+	w32(D.common + C_GF, (uint32_t)(f >> 32));
+}
+
+static void h_queue_size_not_pow2(void)
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	w16(D.common + C_QSEL, 0);
+	w16(D.common + C_QSIZE, 15);
+	snprintf(obs, sizeof(obs), "size=%u", r16(D.common + C_QSIZE));
+}
+
+static void h_queue_size_zero(void)
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	w16(D.common + C_QSEL, 0);
+	w16(D.common + C_QSIZE, 0);
+	snprintf(obs, sizeof(obs), "size=%u", r16(D.common + C_QSIZE));
+}
+
+static void h_driver_ok_before_features_ok(void)
+{
+	ack_driver();
+	write_features(1ull << F_VERSION_1);
+	status_wr(ST_ACK | ST_DRIVER | ST_DRIVER_OK);
+	snprintf(obs, sizeof(obs), "driver_ok=%d", !!(status_rd() & ST_DRIVER_OK));
+}
+
+static void h_unoffered_feature(void)
+{
+	ack_driver();
+	w32(D.common + C_DFSEL, 1);
+	uint32_t hi = r32(D.common + C_DF);
+	if (hi >> (F_RING_PACKED - 32) & 1)
+		die(EXIT_SETUP, "the device offers RING_PACKED: pick another unoffered bit");
+	write_features(1ull << F_VERSION_1 | 1ull << F_RING_PACKED);
+	status_wr(ST_ACK | ST_DRIVER | ST_FEATURES_OK);
+	snprintf(obs, sizeof(obs), "features_ok=%d", !!(status_rd() & ST_FEATURES_OK));
+}
+
+static void h_features_after_features_ok(void)
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	w32(D.common + C_GFSEL, 0);
+	w32(D.common + C_GF, 1u << F_MAC);
+	w32(D.common + C_GFSEL, 0);
+	snprintf(obs, sizeof(obs), "driver_features_lo=%#x", r32(D.common + C_GF));
+}
+
+static void h_enable_before_features_ok(void)
+{
+	ack_driver();
+	D.next_page = 0;
+	setup_queue(&D.q[0], 0);
+	w16(D.common + C_QENABLE, 1);
+	snprintf(obs, sizeof(obs), "enable=%u", r16(D.common + C_QENABLE));
+}
+
 static const struct hcase CASES[] = {
-	{"addr-outside-ram", "needs_reset", h_addr_outside_ram},
-	{"addr-len-overflow", "needs_reset", h_addr_len_overflow},
-	{"zero-len", "needs_reset_or_drop", h_zero_len},
-	{"next-out-of-range", "needs_reset", h_next_out_of_range},
-	{"next-loop", "needs_reset", h_next_loop},
-	{"chain-longer-than-queue", "needs_reset", h_chain_longer_than_queue},
-	{"head-out-of-range", "needs_reset", h_head_out_of_range},
-	{"avail-idx-jump", "needs_reset", h_avail_jump},
-	{"writable-tx", "needs_reset", h_writable_tx},
-	{"short-frame", "needs_reset_or_drop", h_short_frame},
-	{"indirect-unnegotiated", "needs_reset", h_indirect_unnegotiated},
-	{"readonly-rx", "needs_reset", h_readonly_rx},
+	{"addr-outside-ram", "needs_reset", h_addr_outside_ram, S_LIVE},
+	{"addr-len-overflow", "needs_reset", h_addr_len_overflow, S_LIVE},
+	{"zero-len", "needs_reset_or_drop", h_zero_len, S_LIVE},
+	{"next-out-of-range", "needs_reset", h_next_out_of_range, S_LIVE},
+	{"next-loop", "needs_reset", h_next_loop, S_LIVE},
+	{"chain-longer-than-queue", "needs_reset", h_chain_longer_than_queue, S_LIVE},
+	{"head-out-of-range", "needs_reset", h_head_out_of_range, S_LIVE},
+	{"avail-idx-jump", "needs_reset", h_avail_jump, S_LIVE},
+	{"writable-tx", "needs_reset", h_writable_tx, S_LIVE},
+	{"short-frame", "needs_reset_or_drop", h_short_frame, S_LIVE},
+	{"indirect-unnegotiated", "needs_reset", h_indirect_unnegotiated, S_LIVE},
+	{"readonly-rx", "needs_reset", h_readonly_rx, S_LIVE},
+	{"indirect-loop", "needs_reset", h_indirect_loop, S_LIVE_INDIRECT},
+	{"indirect-in-indirect", "needs_reset", h_indirect_in_indirect, S_LIVE_INDIRECT},
+	{"indirect-with-next", "needs_reset", h_indirect_with_next, S_LIVE_INDIRECT},
+	{"indirect-len-not-16", "needs_reset", h_indirect_len_odd, S_LIVE_INDIRECT},
+	{"indirect-len-zero", "needs_reset", h_indirect_len_zero, S_LIVE_INDIRECT},
+	{"writable-before-readable-rx", "needs_reset", h_writable_before_readable_rx, S_LIVE},
+	{"same-head-twice", "needs_reset_or_ignore", h_same_head_twice, S_LIVE},
+	{"frame-over-64k", "needs_reset_or_drop", h_frame_over_64k, S_LIVE},
+	{"gso-bad-type", "needs_reset_or_drop", h_gso_bad_type, S_LIVE},
+	{"csum-unnegotiated", "needs_reset_or_drop", h_csum_unnegotiated, S_LIVE},
+	{"gso-unnegotiated-hdr-len", "needs_reset_or_drop", h_gso_unnegotiated_hdr_len, S_LIVE},
+	{"notify-absent-queue", "ignore", h_notify_absent_queue, S_LIVE},
+	{"bar-wrong-width", "ignore", h_bar_wrong_width, S_LIVE},
+	{"bar-gap-read", "ignore", h_bar_gap_read, S_LIVE},
+	{"clear-bus-master", "no_dma_without_bme", h_clear_bus_master, S_LIVE},
+	{"reset-in-flight", "reset", h_reset_in_flight, S_LIVE},
+	{"msix-vector-out-of-range", "ignore", h_msix_vector_out_of_range, S_LIVE},
+	{"change-addr-after-enable", "ignore", h_change_addr_after_enable, S_LIVE},
+	{"queue-size-not-pow2", "ignore", h_queue_size_not_pow2, S_NONE},
+	{"queue-size-zero", "ignore", h_queue_size_zero, S_NONE},
+	{"driver-ok-before-features-ok", "ignore", h_driver_ok_before_features_ok, S_NONE},
+	{"unoffered-feature", "refuse_features", h_unoffered_feature, S_NONE},
+	{"features-after-features-ok", "ignore", h_features_after_features_ok, S_NONE},
+	{"enable-before-features-ok", "ignore", h_enable_before_features_ok, S_NONE},
 };
 #define NCASES (sizeof(CASES) / sizeof(CASES[0]))
 
@@ -1053,11 +1362,32 @@ static int cmd_hostile(const char *name)
 		die(EXIT_USAGE, "unknown hostile case %s (vnetraw hostile list)", name);
 	/* Only rx queue buffers are posted for readonly-rx; the other cases leave RX empty so
 	 * the device's reaction is to our TX submission alone. */
-	init_to_features_ok((1ull << F_VERSION_1) | (1ull << F_MAC));
-	enable_queue(&D.q[0]);
-	enable_queue(&D.q[1]);
-	driver_ok();
-	uint16_t rx_before = used_idx(&D.q[0]);
+	uint16_t rx_before = 0;
+	if (c->setup == S_NONE) {
+		D.inited = 1;
+		status_wr(0);
+		if (wait_status_zero(5.0))
+			die(EXIT_SETUP, "status stuck at %#x after reset", status_rd());
+		D.next_page = 0;
+		memset(D.mem, 0, (size_t)NPAGES * PAGE);
+		/* rings for the read-back below: set up but never given to the device */
+		setup_queue(&D.q[0], 0);
+		setup_queue(&D.q[1], 1);
+		status_wr(0);
+		wait_status_zero(5.0);
+		D.next_page = 0;
+	} else {
+		uint64_t want = (1ull << F_VERSION_1) | (1ull << F_MAC);
+		if (c->setup == S_LIVE_INDIRECT)
+			want |= 1ull << F_INDIRECT;
+		init_to_features_ok(want);
+		if (c->setup == S_LIVE_INDIRECT && !(D.features >> F_INDIRECT & 1))
+			die(EXIT_NA, "not applicable: the device does not offer INDIRECT_DESC");
+		enable_queue(&D.q[0]);
+		enable_queue(&D.q[1]);
+		driver_ok();
+		rx_before = used_idx(&D.q[0]);
+	}
 	c->fn();
 	/* Give the device time to look (it processes kicks in its event loop). */
 	double until = now() + 1.0;
@@ -1075,9 +1405,9 @@ static int cmd_hostile(const char *name)
 		used_elem(&D.q[1], 0, &id, &len);
 	uint8_t isr = r8(D.isr);
 	out("mode=hostile case=%s expect=%s status=%#x needs_reset=%d isr=%#x tx_used_idx=%u"
-	    " tx_used0_id=%u tx_used0_len=%u rx_used_delta=%u",
+	    " tx_used0_id=%u tx_used0_len=%u rx_used_delta=%u %s",
 	    c->name, c->expect, st, !!(st & ST_NEEDS_RESET), isr, tx_used, id, len,
-	    (uint16_t)(rx_used - rx_before));
+	    (uint16_t)(rx_used - rx_before), obs);
 	/* The reset the spec asks the driver for; then the device must be usable again. */
 	status_wr(0);
 	if (wait_status_zero(5.0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -72,7 +73,8 @@ def _assert_clean(stats: dict[str, Any]) -> None:
 #: translates: for the cases that hand the device such an address, that refusal is the
 #: expected trace. Any other new violation kind would be the device misbehaving.
 ADDRESS_CASES = {"addr-outside-ram": {"unmapped_iova"},
-                 "addr-len-overflow": {"unmapped_iova", "out_of_bounds"}}
+                 "addr-len-overflow": {"unmapped_iova", "out_of_bounds"},
+                 "frame-over-64k": {"unmapped_iova", "out_of_bounds"}}
 
 
 def _violations(stats: dict[str, Any]) -> dict[str, int]:
@@ -81,48 +83,85 @@ def _violations(stats: dict[str, Any]) -> dict[str, int]:
     return {str(k): int(n) for k, n in v.items()}
 
 
-def test_well_behaved_udp_echo(testbed: Testbed) -> None:
-    before = _device(testbed)["device"]
-    kv = _echo(testbed, 200)
-    print(kv)
-    assert kv["status"] == "0xf"  # ACK|DRIVER|FEATURES_OK|DRIVER_OK, no NEEDS_RESET
-    after = _device(testbed)
-    dev = after["device"]
-    # Every datagram went out through tx0 and came back through rx0 (plus the ARP exchange).
-    assert dev["tx0"]["packets"] - before["tx0"]["packets"] >= 201
-    assert dev["rx0"]["packets"] - before["rx0"]["packets"] >= 201
-    assert dev["errors"] == before["errors"] and dev["device_errors"] == before["device_errors"]
-    assert dev["bad_accesses"] == before["bad_accesses"]
-    _assert_clean(after)
+@dataclass(frozen=True)
+class Expect:
+    """What the device must do (virtio 1.3; the reaction is the `reaction` column).
+
+    reason: NEEDS_RESET (status bit 0x40, config interrupt) with this text in the server's
+    "device needs reset: queue ..." log line ("" = any reason). obs: the driver's read-back
+    (key=value) must be this. bad_access: the BAR access is counted in bad_accesses.
+    tap_refused: the chain is completed and the frame dropped and counted where it leaves
+    (the host TAP refuses it: tap_backend.write_errors).
+    """
+
+    reaction: str
+    reason: str | None = None
+    obs: dict[str, str] = field(default_factory=dict)
+    bad_access: bool = False
+    tap_refused: bool = False
+    #: A known difference between the device and the reaction above: the test checks the rest
+    #: (server alive, ledger clean, traffic after reset) and ends as xfail with this text.
+    known_gap: str | None = None
 
 
-def test_arp_reply_fields(testbed: Testbed) -> None:
-    r = testbed.guest.run("vnetraw arp --timeout 30", timeout=60)
-    assert r.returncode == 0, f"rc={r.returncode} {r.text} {r.stderr.decode()}"
-    kv = _kv(r.text)
-    assert len(kv["host_mac"]) == 17
+def _nr(reason: str) -> Expect:
+    return Expect("NEEDS_RESET + config interrupt (2.1.2, 2.7)", reason=reason)
 
 
-def test_unknown_case_is_a_usage_error(testbed: Testbed) -> None:
-    r = testbed.guest.run("vnetraw hostile no-such-case", timeout=30)
-    assert r.returncode == 2 and b"unknown hostile case" in r.stderr
-
-
-#: Case -> what the device's log must give as the reason for NEEDS_RESET (so a case that trips
-#: over something else than what it means to test fails).
-CASES = {
-    "addr-outside-ram": "tx0: buffer not mappable: DMA fault at iova 0x10000000000",
-    "addr-len-overflow": "tx0: buffer not mappable: DMA fault at iova 0xfffffffffffff000",
-    "zero-len": "tx0: TX chain with no full vnet header",
-    "next-out-of-range": "tx0: next 19 out of range",
-    "next-loop": "tx0: descriptor loop or chain longer than 16",
-    "chain-longer-than-queue": "tx0: descriptor loop or chain longer than 16",
-    "head-out-of-range": "tx0: head index 21 out of range",
-    "avail-idx-jump": "tx0: avail idx jumped to 23",
-    "writable-tx": "tx0: TX chain with device-writable buffers",
-    "short-frame": "tx0: TX chain with no full vnet header",
-    "indirect-unnegotiated": "tx0: INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC",
-    "readonly-rx": "rx0: RX chain with device-readable buffers",
+CASES: dict[str, Expect] = {
+    "addr-outside-ram": _nr("tx0: buffer not mappable: DMA fault at iova 0x10000000000"),
+    "addr-len-overflow": _nr("tx0: buffer not mappable: DMA fault at iova 0xfffffffffffff000"),
+    "zero-len": _nr("tx0: TX chain with no full vnet header"),
+    "next-out-of-range": _nr("tx0: next 19 out of range"),
+    "next-loop": _nr("tx0: descriptor loop or chain longer than 16"),
+    "chain-longer-than-queue": _nr("tx0: descriptor loop or chain longer than 16"),
+    "head-out-of-range": _nr("tx0: head index 21 out of range"),
+    "avail-idx-jump": _nr("tx0: avail idx jumped to 23"),
+    "writable-tx": _nr("tx0: TX chain with device-writable buffers"),
+    "short-frame": _nr("tx0: TX chain with no full vnet header"),
+    "indirect-unnegotiated": _nr("tx0: INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC"),
+    "readonly-rx": _nr("rx0: RX chain with device-readable buffers"),
+    "indirect-loop": _nr(""),
+    "indirect-in-indirect": _nr(""),
+    "indirect-with-next": _nr(""),
+    "indirect-len-not-16": _nr(""),
+    "indirect-len-zero": _nr(""),
+    "writable-before-readable-rx": _nr("rx0: device-readable descriptor after writable"),
+    "same-head-twice": Expect("each avail entry is processed; no corruption",
+                              obs={"tx_used_idx": "2"}),
+    "frame-over-64k": Expect(
+        "completed, dropped and counted", obs={"tx_used_idx": "1"}, tap_refused=True,
+        known_gap="the device writes a 69988-byte non-GSO frame to the TAP, which accepts it "
+                  "(counted as a sent packet, not a drop)"),
+    "gso-bad-type": Expect("completed, dropped and counted", obs={"tx_used_idx": "1"},
+                           tap_refused=True),
+    "csum-unnegotiated": Expect("completed, dropped and counted", obs={"tx_used_idx": "1"},
+                                tap_refused=True),
+    "gso-unnegotiated-hdr-len": Expect("completed, dropped and counted",
+                                       obs={"tx_used_idx": "1"}, tap_refused=True),
+    "notify-absent-queue": Expect("ignored, counted", obs={"numq": "2"}, bad_access=True),
+    "bar-wrong-width": Expect("ignored (reads 0), counted", obs={"status_as_u32": "0"},
+                              bad_access=True),
+    "bar-gap-read": Expect("ignored (reads 0), counted", obs={"gap_read": "0"},
+                           bad_access=True),
+    "clear-bus-master": Expect("no DMA while BME is clear; resumes when set",
+                               obs={"used_without_bme": "0", "used_after_bme": "1"}),
+    "reset-in-flight": Expect("reset completes, every mapping released",
+                              obs={"reset_done": "1"}),
+    "msix-vector-out-of-range": Expect("reads back NO_VECTOR (4.1.4.3)",
+                                       obs={"vector": "0xffff"}),
+    "change-addr-after-enable": Expect("ignored, counted", obs={"desc_unchanged": "1"},
+                                       bad_access=True),
+    "queue-size-not-pow2": Expect("ignored, counted", obs={"size": "16"}, bad_access=True),
+    "queue-size-zero": Expect("ignored, counted", obs={"size": "16"}, bad_access=True),
+    "driver-ok-before-features-ok": Expect("DRIVER_OK not taken, counted",
+                                           obs={"driver_ok": "0"}, bad_access=True),
+    "unoffered-feature": Expect("FEATURES_OK not set (2.2.2, 3.1.1)",
+                                obs={"features_ok": "0"}),
+    "features-after-features-ok": Expect("ignored, counted", obs={"driver_features_lo": "0"},
+                                         bad_access=True),
+    "enable-before-features-ok": Expect("ignored, counted", obs={"enable": "0"},
+                                        bad_access=True),
 }
 
 
@@ -134,29 +173,42 @@ def test_the_case_list_matches_the_driver(testbed: Testbed) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hostile_case(testbed: Testbed, case: str) -> None:
+    exp = CASES[case]
     log_start = testbed.device.log.stat().st_size
     before_all = _device(testbed)
     before = before_all["device"]
     r = testbed.guest.run(f"vnetraw hostile {case} --timeout 30", timeout=60)
+    if r.returncode == 5:
+        pytest.skip(r.stderr.decode().strip())
     assert r.returncode == 0, f"rc={r.returncode} {r.text} {r.stderr.decode()}"
     kv = _kv(r.text)
     print(f"{case}: {kv}")
     testbed.check_alive()
     after = _device(testbed)
     dev = after["device"]
-    reacted = kv["needs_reset"] == "1"
-    counted = dev["errors"] > before["errors"] or dev["device_errors"] > before["device_errors"]
-    if kv["expect"] == "needs_reset":
-        assert reacted, kv
-        assert counted, (before, dev)
-    else:  # needs_reset_or_drop: NEEDS_RESET, or the chain completed and the frame dropped
-        assert reacted or (kv["tx_used_idx"] == "1" and dev["totals"]["drops"]
-                           > before["totals"]["drops"]), (kv, dev)
     log = testbed.device.log.read_bytes()[log_start:].decode(errors="replace")
-    assert f"device needs reset: queue {CASES[case]}" in log, log[-2000:]
+    if exp.reason is not None:
+        assert kv["needs_reset"] == "1", kv
+        assert dev["device_errors"] > before["device_errors"], (before, dev)
+        assert f"device needs reset: queue {exp.reason}" in log, log[-2000:]
+    else:
+        assert kv["needs_reset"] == "0" and "device needs reset" not in log, (kv, log[-2000:])
+    assert {k: kv.get(k) for k in exp.obs} == exp.obs, kv
+    if exp.bad_access:
+        assert dev["bad_accesses"] > before["bad_accesses"], (before, dev)
+    gap = False
+    if exp.tap_refused:
+        refused = after["tap_backend"]["write_errors"] == before_all["tap_backend"][
+            "write_errors"] + 1
+        gap = not refused and exp.known_gap is not None
+        assert refused or gap, after["tap_backend"]
     v0, v1 = _violations(before_all), _violations(after)
     new = {k: n - v0.get(k, 0) for k, n in v1.items() if n != v0.get(k, 0)}
     assert set(new) <= ADDRESS_CASES.get(case, set()), new
+    # vnetraw reset the device before it exited: nothing of the guest's is still mapped.
+    assert after["ledger"]["live"] == 0, after["ledger"]
     # After the reset vnetraw did, the device passes verified traffic again.
     _echo(testbed, 10)
     assert not _device(testbed)["device"]["needs_reset"]
+    if gap:
+        pytest.xfail(str(exp.known_gap))
