@@ -1307,6 +1307,79 @@ static void h_enable_before_features_ok(void)
 	snprintf(obs, sizeof(obs), "enable=%u", r16(D.common + C_QENABLE));
 }
 
+static void h_avail_idx_backwards(void)
+{
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0);
+	double end = now() + 2;
+	while (used_idx(q) != 1 && now() < end)
+		usleep(1000);
+	q->avail_idx = 0;
+	avail_set_idx(q, 0);
+	kick(q);
+}
+
+static void h_len_past_region(void)
+{
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], 0xfffff000u, 0, 0);
+	tx_chain_submit(0);
+}
+
+static void h_msix_config_out_of_range(void)
+{
+	w16(D.common + C_MSIX, 99);
+	snprintf(obs, sizeof(obs), "msix_config=%#x", r16(D.common + C_MSIX));
+}
+
+static void h_status_clear_bits(void)
+{
+	status_wr(ST_ACK | ST_DRIVER); /* clears FEATURES_OK and DRIVER_OK without a reset */
+	snprintf(obs, sizeof(obs), "status_after=%#x", status_rd());
+}
+
+static void h_queue_select_absent(void)
+{
+	w16(D.common + C_QSEL, 9);
+	w16(D.common + C_QSIZE, 16);
+	snprintf(obs, sizeof(obs), "absent_size=%u", r16(D.common + C_QSIZE));
+}
+
+static void h_device_cfg_write(void)
+{
+	uint8_t before = r8(D.device);
+	w8(D.device, (uint8_t)(before ^ 0xff));
+	snprintf(obs, sizeof(obs), "mac0_unchanged=%d", r8(D.device) == before);
+}
+
+static void h_feature_dword_2(void)
+{
+	ack_driver();
+	write_features(1ull << F_VERSION_1);
+	w32(D.common + C_GFSEL, 2);
+	w32(D.common + C_GF, 1);
+	status_wr(ST_ACK | ST_DRIVER | ST_FEATURES_OK);
+	snprintf(obs, sizeof(obs), "features_ok=%d", !!(status_rd() & ST_FEATURES_OK));
+}
+
+static void h_kick_before_driver_ok(void)
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	enable_queue(&D.q[0]);
+	enable_queue(&D.q[1]);
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0);
+	usleep(300000);
+	uint16_t before = used_idx(q);
+	driver_ok();
+	double end = now() + 2;
+	while (used_idx(q) == before && now() < end)
+		usleep(1000);
+	snprintf(obs, sizeof(obs), "used_before_driver_ok=%u used_after=%u", before, used_idx(q));
+}
+
 static const struct hcase CASES[] = {
 	{"addr-outside-ram", "needs_reset", h_addr_outside_ram, S_LIVE},
 	{"addr-len-overflow", "needs_reset", h_addr_len_overflow, S_LIVE},
@@ -1344,6 +1417,14 @@ static const struct hcase CASES[] = {
 	{"unoffered-feature", "refuse_features", h_unoffered_feature, S_NONE},
 	{"features-after-features-ok", "ignore", h_features_after_features_ok, S_NONE},
 	{"enable-before-features-ok", "ignore", h_enable_before_features_ok, S_NONE},
+	{"avail-idx-backwards", "needs_reset", h_avail_idx_backwards, S_LIVE},
+	{"len-past-region", "needs_reset", h_len_past_region, S_LIVE},
+	{"msix-config-out-of-range", "ignore", h_msix_config_out_of_range, S_LIVE},
+	{"status-clear-bits", "ignore_or_counted", h_status_clear_bits, S_LIVE},
+	{"queue-select-absent", "ignore", h_queue_select_absent, S_LIVE},
+	{"device-cfg-write", "ignore", h_device_cfg_write, S_LIVE},
+	{"feature-dword-2", "refuse_features", h_feature_dword_2, S_NONE},
+	{"kick-before-driver-ok", "no_use_before_driver_ok", h_kick_before_driver_ok, S_NONE},
 };
 #define NCASES (sizeof(CASES) / sizeof(CASES[0]))
 

@@ -74,7 +74,8 @@ def _assert_clean(stats: dict[str, Any]) -> None:
 #: expected trace. Any other new violation kind would be the device misbehaving.
 ADDRESS_CASES = {"addr-outside-ram": {"unmapped_iova"},
                  "addr-len-overflow": {"unmapped_iova", "out_of_bounds"},
-                 "frame-over-64k": {"unmapped_iova", "out_of_bounds"}}
+                 "frame-over-64k": {"unmapped_iova", "out_of_bounds"},
+                 "len-past-region": {"unmapped_iova", "out_of_bounds"}}
 
 
 def _violations(stats: dict[str, Any]) -> dict[str, int]:
@@ -162,6 +163,21 @@ CASES: dict[str, Expect] = {
                                          bad_access=True),
     "enable-before-features-ok": Expect("ignored, counted", obs={"enable": "0"},
                                         bad_access=True),
+    "avail-idx-backwards": _nr("tx0: avail idx jumped to 0 with 1 consumed"),
+    "len-past-region": _nr("tx0: buffer not mappable: DMA fault"),
+    "msix-config-out-of-range": Expect("reads back NO_VECTOR (4.1.4.3)",
+                                       obs={"msix_config": "0xffff"}),
+    "status-clear-bits": Expect("counted (2.1.2: the driver MUST NOT clear a status bit)",
+                                bad_access=True),
+    "queue-select-absent": Expect("ignored, counted; absent queue reads size 0 (4.1.4.3)",
+                                  obs={"absent_size": "0"}, bad_access=True),
+    "device-cfg-write": Expect("ignored, counted (read-only config field)",
+                               obs={"mac0_unchanged": "1"}, bad_access=True),
+    "feature-dword-2": Expect("FEATURES_OK not set (a bit never offered)",
+                              obs={"features_ok": "0"}),
+    "kick-before-driver-ok": Expect(
+        "no buffer used before DRIVER_OK (3.1.1), processed after it",
+        obs={"used_before_driver_ok": "0", "used_after": "1"}),
 }
 
 
