@@ -2,9 +2,12 @@
 
 A ``Misbehaviour`` names a case of ``CASES``, after how many completions it starts (``after``,
 counted on its queue, or on both for ``any``), on which queue (``rx0``, ``tx0``, ``any``) and
-whether it fires ``once`` or ``always``. A ``Misbehave`` holds the active ones and their
-counters; the device and its queues hold it in their ``misbehave`` attribute, ``None`` when
-nothing is configured (then the hot path pays one attribute check per push, flush and batch).
+whether it fires ``once`` or ``always``. Used-element cases leave the first N completions
+alone and act on the next; the others act at their first chance once N completions are done
+(a publish, an RX header, a TX kick, the end of a batch). A ``Misbehave`` holds the active
+ones and their counters; the device and its queues hold it in their ``misbehave`` attribute,
+``None`` when nothing is configured (then the hot path pays one attribute check per push,
+flush and batch).
 
 The hooks only change the values the device writes where it would write anyway: a used
 element's id and len, used.idx, the RX vnet header of a buffer the chain maps, the config
@@ -67,6 +70,29 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "driver walks stale used entries when the index runs ahead (virtqueue_get_buf on "
          "garbage)",
          "used.idx published as the right value + queue size + 1 (once), then corrected"),
+    Case("used-idx-backwards", "publish", ("rx0", "tx0"),
+         "2.7.8 (The Virtqueue Used Ring): idx indicates where the device would put the next "
+         "descriptor entry; it only ever increments (modulo 2^16) (from memory)",
+         "driver computes the number of new entries as used.idx - last_used (u16 underflow)",
+         "used.idx published as one less than the last value published (once), then corrected"),
+    Case("num-buffers-too-large", "rx-header", ("rx0",),
+         "5.1.6.4.1: the device MUST set num_buffers to the number of descriptors (chains) "
+         "used for the packet",
+         "driver takes the next packet's buffer as the rest of this one (merged frame from "
+         "two packets) or waits for buffers that never come",
+         "RX header num_buffers = the real count + 1"),
+    Case("gso-size-zero", "rx-header", ("rx0",),
+         "5.1.6.4.1: with a GSO type set the device MUST set gso_size to the MSS (> 0), and "
+         "only use GSO types the driver negotiated (GUEST_TSO4 is not, by default)",
+         "gso_size 0 reaching skb_shinfo(skb)->gso_size: divide-by-zero / endless "
+         "segmentation class (virtio_net_hdr_to_skb hardening, 2021-2024)",
+         "RX header gso_type = TCPV4, gso_size = 0"),
+    Case("csum-start-beyond-frame", "rx-header", ("rx0",),
+         "5.1.6.4.1: with NEEDS_CSUM, csum_start and csum_offset MUST point inside the "
+         "packet (from memory: the checksum is to be written at csum_start + csum_offset)",
+         "unchecked checksum offsets: out-of-bounds checksum write in the stack "
+         "(skb_partial_csum_set class)",
+         "RX header flags = NEEDS_CSUM, csum_start = 0xfff0, csum_offset = 16"),
     Case("num-buffers-zero", "rx-header", ("rx0",),
          "5.1.6.4 (Processing of Incoming Packets), 5.1.6.4.1: the device MUST set "
          "num_buffers to the number of descriptors (chains) used for the packet (>= 1)",
@@ -89,6 +115,12 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "but not expected in bulk)",
          "spurious interrupts: IRQ_NONE accounting, 'nobody cared' disabling the vector",
          "64 extra used-buffer interrupts with nothing new used, after every batch"),
+    Case("link-flap", "device", ("rx0", "tx0"),
+         "none broken: 5.1.4 (status: VIRTIO_NET_S_LINK_UP) and 4.1.4.3.1 (generation, "
+         "config interrupt) are followed for each change; a legal but hostile sequence",
+         "carrier handling races: link down/up work racing with NAPI and TX (netif_carrier "
+         "flapping, stale queue state after carrier on)",
+         "link down then up at once: two generation bumps, two config interrupts"),
     Case("config-change-no-interrupt", "device", ("rx0", "tx0"),
          "2.5.1 / 4.1.4.3.1: the device MUST change config_generation and (4.1.5.3) send a "
          "configuration change notification when device configuration changes",

@@ -129,12 +129,21 @@ class VirtioNetDevice(VirtioPciDevice):
             log.warning("misbehave tx-stall: TX is no longer consumed")
         return mb.tx_stalled
 
-    def _misbehave_rx_header(self, mb: Misbehave, first: Chain) -> None:
+    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int) -> None:
         s = mb.due("rx-header", "rx0")
         if s is None:
             return
-        if s.case == "num-buffers-zero":
+        case = s.case
+        if case == "num-buffers-zero":
             _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
+        elif case == "num-buffers-too-large":
+            _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
+        elif case == "gso-size-zero":  # gso_type TCPV4, gso_size (bytes 4..5) 0
+            _write_header(first, 1, b"\x01")
+            _write_header(first, 4, b"\0\0")
+        elif case == "csum-start-beyond-frame":  # NEEDS_CSUM, csum_start, csum_offset
+            _write_header(first, 0, b"\x01")
+            _write_header(first, 6, struct.pack("<HH", 0xFFF0, 16))
         else:  # bad-gso-type
             _write_header(first, 1, b"\x7f")
 
@@ -147,6 +156,9 @@ class VirtioNetDevice(VirtioPciDevice):
                 if s.queue in ("any", q.name) and q.msix_vector != C.NO_VECTOR:
                     for _ in range(64):
                         self.irq.trigger(q.msix_vector)
+        elif s.case == "link-flap":
+            self.set_link(False)
+            self.set_link(True)
         elif s.case == "config-change-no-interrupt":
             self.mac = self.mac[:5] + bytes([self.mac[5] ^ 1])
             log.warning("misbehave: MAC now %s, no generation bump, no interrupt",
@@ -313,7 +325,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     used += 1
                 _set_num_buffers(pool[0], used)
                 if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool[0])
+                    self._misbehave_rx_header(self.misbehave, pool[0], used)
                 left = got
                 for c in pool[:used]:
                     n = min(left, c.write_len)

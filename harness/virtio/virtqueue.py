@@ -503,10 +503,13 @@ class SplitVirtqueue:
         assert avail16 is not None
         new = self._used_idx
         old = self._published
-        if self.misbehave is not None and self.misbehave.due("publish", self.name):
-            used16[1] = (new + self.size + 1) & 0xFFFF  # used-idx-jump; the next flush fixes it
-        else:
+        bad = None if self.misbehave is None else self.misbehave.due("publish", self.name)
+        if bad is None:
             used16[1] = new
+        elif bad.case == "used-idx-jump":  # the next flush publishes the right value again
+            used16[1] = (new + self.size + 1) & 0xFFFF
+        else:  # used-idx-backwards
+            used16[1] = (old - 1) & 0xFFFF
         self._published = new
         self._sync_used()
         # The driver must see used.idx before we look at its suppression flags, or both sides

@@ -176,6 +176,57 @@ def test_used_idx_jump_then_corrected() -> None:
     clean(ledger)
 
 
+def test_used_idx_backwards_then_corrected() -> None:
+    r, ledger = rig("used-idx-backwards:queue=tx0:after=2")
+    tx_one(r)
+    assert r.tx.used_idx() == 1
+    tx_one(r)
+    assert r.tx.used_idx() == 0  # one less than the last published
+    tx_one(r)
+    assert r.tx.used_idx() == 3
+    clean(ledger)
+
+
+def rx_header(r: NetRig) -> tuple[int, int, int, int, int, int, int]:
+    [(head, n)] = r.rx.get_used()
+    return struct.unpack_from("<BBHHHHH", r.rx.written(head, n))
+
+
+def test_num_buffers_too_large() -> None:
+    r, ledger = rig("num-buffers-too-large")
+    rx_one(r)
+    assert rx_header(r)[6] == 2  # one buffer used, two claimed
+    clean(ledger)
+
+
+def test_gso_size_zero() -> None:
+    r, ledger = rig("gso-size-zero")
+    rx_one(r)
+    _flags, gso_type, _hdr_len, gso_size, *_ = rx_header(r)
+    assert (gso_type, gso_size) == (1, 0)
+    clean(ledger)
+
+
+def test_csum_start_beyond_frame() -> None:
+    r, ledger = rig("csum-start-beyond-frame")
+    rx_one(r)
+    flags, _gso, _hl, _gs, start, off, num = rx_header(r)
+    assert (flags, start, off, num) == (1, 0xFFF0, 16, 1)
+    assert start > 60  # beyond the 60-byte frame
+    clean(ledger)
+
+
+def test_link_flap() -> None:
+    r, ledger = rig("link-flap")
+    gen = r.driver.read(C.COMMON_CFGGENERATION, 1)
+    before = r.irq.count(CONFIG_VECTOR)
+    tx_one(r)
+    assert r.device.link_up and r.device.link_changes == 2
+    assert r.driver.read(C.COMMON_CFGGENERATION, 1) == (gen + 2) & 0xFF
+    assert r.irq.count(CONFIG_VECTOR) == before + 2
+    clean(ledger)
+
+
 def test_num_buffers_zero() -> None:
     r, ledger = rig("num-buffers-zero")
     rx_one(r)
