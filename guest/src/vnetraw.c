@@ -706,8 +706,11 @@ static int rx_poll(rx_fn fn, void *ctx, double until)
 			uint8_t frame[PAGE];
 			const uint8_t *b = q->buf[id];
 			uint16_t nb = (uint16_t)(b[10] | b[11] << 8);
-			if (b[1] != 0 || (nb != 0 && nb != 1))
-				die(EXIT_VERIFY, "rx header: gso_type %u num_buffers %u", b[1], nb);
+			/* No GUEST_CSUM, GUEST_TSO*, MRG_RXBUF negotiated (5.1.6.4.1): no NEEDS_CSUM,
+			 * GSO_NONE, one buffer. */
+			if ((b[0] & 1) || b[1] != 0 || nb > 1)
+				die(EXIT_VERIFY, "rx header: flags %#x gso_type %u num_buffers %u", b[0],
+				    b[1], nb);
 			size_t flen = len - HDR_LEN;
 			memcpy(frame, b + HDR_LEN, flen);
 			memset(q->buf[id], 0, PAGE);

@@ -230,6 +230,35 @@ def test_hostile_case(testbed: Testbed, case: str) -> None:
         pytest.xfail(str(exp.known_gap))
 
 
+#: A device misbehaviour (harness.virtio.misbehave, switched on once through the control
+#: socket) -> the reason vnetraw must give when it refuses the device's completion.
+DEVICE_FAULTS = {
+    "used-len-overflow": "rx used element len",
+    "used-len-zero": "rx used element len",
+    "used-id-out-of-range": "rx used element id",
+    "used-idx-jump": "rx used.idx",
+    "num-buffers-too-large": "rx header",
+    "bad-gso-type": "rx header",
+    "csum-start-beyond-frame": "rx header",
+}
+
+
+@pytest.mark.parametrize("fault", list(DEVICE_FAULTS))
+def test_the_driver_refuses_a_misbehaving_device(testbed: Testbed, fault: str) -> None:
+    """The driver's own checks: a broken completion on rx0 (the first frame it receives, the
+    ARP reply, before any datagram is sent) makes it stop with exit 1 and the reason; then,
+    the misbehaviour spent, the next run passes."""
+    reply = testbed.device.request("misbehave", case=fault, queue="rx0")
+    assert reply.get("ok"), reply
+    r = testbed.guest.run(f"vnetraw udp-echo --count 5 --first {Schedule.next} --seed {SEED} "
+                          "--timeout 30", timeout=60)
+    assert r.returncode == 1, f"rc={r.returncode} {r.text} {r.stderr.decode()}"
+    assert DEVICE_FAULTS[fault] in r.stderr.decode(), r.stderr
+    print(f"{fault}: {r.stderr.decode().strip()}")
+    testbed.check_alive()
+    _echo(testbed, 10)
+
+
 def test_zz_the_peer_verified_every_datagram(testbed: Testbed) -> None:
     """Last in the module: the host peer checked each datagram the raw driver sent against the
     schedule, in order across every run above (`--first`); not one was bad."""
