@@ -52,11 +52,11 @@ def _device(tb: Testbed) -> dict[str, Any]:
     return stats
 
 
-def _echo(tb: Testbed, count: int) -> dict[str, str]:
+def _echo(tb: Testbed, count: int, extra: str = "", timeout: int = 90) -> dict[str, str]:
     """vnetraw udp-echo of the next `count` datagrams; asserts every echo verified."""
     first = Schedule.next
     r = tb.guest.run(f"vnetraw udp-echo --count {count} --first {first} --seed {SEED} "
-                     f"--timeout 90", timeout=120)
+                     f"--timeout {timeout} {extra}", timeout=timeout + 30)
     assert r.returncode == 0, f"rc={r.returncode} {r.text} {r.stderr.decode()}"
     kv = _kv(r.text)
     assert kv["echoes_ok"] == str(count) and kv["echoes_bad"] == "0", kv
@@ -67,6 +67,47 @@ def _echo(tb: Testbed, count: int) -> dict[str, str]:
 def _assert_clean(stats: dict[str, Any]) -> None:
     led = stats["ledger"]
     assert led["violations_total"] == 0, led.get("violations")
+
+
+def test_well_behaved_udp_echo(testbed: Testbed) -> None:
+    before = _device(testbed)["device"]
+    kv = _echo(testbed, 200)
+    print(kv)
+    assert kv["status"] == "0xf"  # ACK|DRIVER|FEATURES_OK|DRIVER_OK, no NEEDS_RESET
+    after = _device(testbed)
+    dev = after["device"]
+    # Every datagram went out through tx0 and came back through rx0 (plus the ARP exchange).
+    assert dev["tx0"]["packets"] - before["tx0"]["packets"] >= 201
+    assert dev["rx0"]["packets"] - before["rx0"]["packets"] >= 201
+    assert dev["errors"] == before["errors"] and dev["device_errors"] == before["device_errors"]
+    assert dev["bad_accesses"] == before["bad_accesses"]
+    _assert_clean(after)
+
+
+@pytest.mark.parametrize("size", [2, 32])
+def test_other_queue_sizes(testbed: Testbed, size: int) -> None:
+    kv = _echo(testbed, 100, f"--queue-size {size}")
+    assert kv["queue_size"] == str(size)
+
+
+def test_ring_indices_wrap_past_65535(testbed: Testbed) -> None:
+    """More than 2^16 chains on each queue: avail.idx and used.idx wrap (free-running u16)."""
+    kv = _echo(testbed, 66_000, timeout=600)
+    print(kv)
+    dev = _device(testbed)["device"]
+    assert dev["errors"] == 0 and not dev["needs_reset"]
+
+
+def test_arp_reply_fields(testbed: Testbed) -> None:
+    r = testbed.guest.run("vnetraw arp --timeout 30", timeout=60)
+    assert r.returncode == 0, f"rc={r.returncode} {r.text} {r.stderr.decode()}"
+    kv = _kv(r.text)
+    assert len(kv["host_mac"]) == 17
+
+
+def test_unknown_case_is_a_usage_error(testbed: Testbed) -> None:
+    r = testbed.guest.run("vnetraw hostile no-such-case", timeout=30)
+    assert r.returncode == 2 and b"unknown hostile case" in r.stderr
 
 
 #: The ledger refuses (counts, and never performs) a map of an address no guest memory region
