@@ -1383,6 +1383,61 @@ static void h_kick_before_driver_ok(void)
 	snprintf(obs, sizeof(obs), "used_before_driver_ok=%u used_after=%u", before, used_idx(q));
 }
 
+/* S_NONE cases that set up both queues, then bend one thing before enabling them. */
+static void live_from(void (*bend)(void))
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	bend();
+	enable_queue(&D.q[0]);
+	w16(D.common + C_QSEL, 1);
+	w16(D.common + C_QENABLE, 1);
+	unsigned en = r16(D.common + C_QENABLE);
+	snprintf(obs, sizeof(obs), "tx_enabled=%u", en);
+	if (!en || (status_rd() & ST_NEEDS_RESET))
+		return; /* refused at enable: the reaction to report */
+	driver_ok();
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0);
+}
+
+static void bend_unaligned(void)
+{
+	struct vq *q = &D.q[1];
+	q->desc += 8; /* the table at +8 (16 required), the used ring at +2 (4 required) */
+	q->desc_pa += 8;
+	q->used += 2;
+	q->used_pa += 2;
+	w16(D.common + C_QSEL, 1);
+	w64(D.common + C_QDESC, q->desc_pa);
+	w64(D.common + C_QUSED, q->used_pa);
+}
+
+static void bend_overlap(void)
+{
+	struct vq *q = &D.q[1];
+	q->used = q->avail; /* the used ring on top of the avail ring */
+	q->used_pa = q->avail_pa;
+	w16(D.common + C_QSEL, 1);
+	w64(D.common + C_QUSED, q->used_pa);
+}
+
+static void h_unaligned_rings(void) { live_from(bend_unaligned); }
+static void h_overlapping_rings(void) { live_from(bend_overlap); }
+
+static void h_notify_disabled_queue(void)
+{
+	init_to_features_ok(1ull << F_VERSION_1);
+	enable_queue(&D.q[0]);
+	driver_ok();
+	struct vq *q = &D.q[1];
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	tx_chain_submit(0); /* tx0 never enabled */
+	usleep(300000);
+	w16(D.common + C_QSEL, 1);
+	snprintf(obs, sizeof(obs), "tx_enabled=%u", r16(D.common + C_QENABLE));
+}
+
 static const struct hcase CASES[] = {
 	{"addr-outside-ram", "needs_reset", h_addr_outside_ram, S_LIVE},
 	{"addr-len-overflow", "needs_reset", h_addr_len_overflow, S_LIVE},
@@ -1428,6 +1483,9 @@ static const struct hcase CASES[] = {
 	{"device-cfg-write", "ignore", h_device_cfg_write, S_LIVE},
 	{"feature-dword-2", "refuse_features", h_feature_dword_2, S_NONE},
 	{"kick-before-driver-ok", "no_use_before_driver_ok", h_kick_before_driver_ok, S_NONE},
+	{"unaligned-rings", "unspecified_survive", h_unaligned_rings, S_NONE},
+	{"overlapping-rings", "unspecified_survive", h_overlapping_rings, S_NONE},
+	{"notify-disabled-queue", "ignore", h_notify_disabled_queue, S_NONE},
 };
 #define NCASES (sizeof(CASES) / sizeof(CASES[0]))
 
