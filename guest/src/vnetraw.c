@@ -1483,7 +1483,7 @@ static const struct hcase CASES[] = {
 	{"device-cfg-write", "ignore", h_device_cfg_write, S_LIVE},
 	{"feature-dword-2", "refuse_features", h_feature_dword_2, S_NONE},
 	{"kick-before-driver-ok", "no_use_before_driver_ok", h_kick_before_driver_ok, S_NONE},
-	{"unaligned-rings", "unspecified_survive", h_unaligned_rings, S_NONE},
+	{"unaligned-rings", "needs_reset", h_unaligned_rings, S_NONE},
 	{"overlapping-rings", "unspecified_survive", h_overlapping_rings, S_NONE},
 	{"notify-disabled-queue", "ignore", h_notify_disabled_queue, S_NONE},
 };
