@@ -57,6 +57,9 @@ _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET
 # 1500-MTU frame with VLAN tag; plus the vnet header either way.
 _RX_MAX_GSO = C.NET_HDR_SIZE + 65535 + 18
 _RX_MAX_MTU = C.NET_HDR_SIZE + 1518
+# No Ethernet frame is longer than a 64 KiB GSO packet plus its headers, offloads or not: a
+# longer TX chain is completed, dropped and counted rather than handed to the backend.
+_TX_MAX = _RX_MAX_GSO
 _CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
 _U16 = struct.Struct("<H")
 
@@ -107,6 +110,7 @@ class VirtioNetDevice(VirtioPciDevice):
         self._mrg = False
         self.link_changes = 0
         self.link_drops = 0  # frames dropped, either direction, because the link was down
+        self.oversize_drops = 0  # TX frames longer than any Ethernet frame can be
         self._scratch: bytearray | None = None  # where link-down RX frames are read to die
         #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
         self.misbehave: Misbehave | None = None
@@ -257,6 +261,11 @@ class VirtioNetDevice(VirtioPciDevice):
                 if not self.link_up:
                     st.drops += 1  # no carrier: the frame never reaches the wire
                     self.link_drops += 1
+                    q.push(chain, 0)
+                    continue
+                if chain.read_len > _TX_MAX:
+                    st.drops += 1
+                    self.oversize_drops += 1
                     q.push(chain, 0)
                     continue
                 try:
@@ -439,6 +448,7 @@ class VirtioNetDevice(VirtioPciDevice):
             "link_up": self.link_up,
             "link_changes": self.link_changes,
             "link_drops": self.link_drops,
+            "oversize_drops": self.oversize_drops,
             **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),
         }
 
