@@ -46,6 +46,18 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 #: not say which region it serves, so each index needs its own C entry point.
 REGION_TRAMPOLINES = 8
 
+#: The client guard's counters, declared once for cffi's cdef ("..." lets cffi take the
+#: array length from the C source) and for the C source itself.
+WIRE_STRUCT = """typedef struct {
+    uint64_t error_replies[HARNESS_NR_COMMANDS];
+    uint64_t timeouts;
+    uint64_t refused_maps;
+    uint32_t last_cmd;
+    int32_t last_errno;
+    char last_refusal[128];
+} harness_wire_t;
+"""
+
 CDEF_TYPES = """
 typedef int... loff_t;
 struct iovec { void *iov_base; size_t iov_len; ...; };
@@ -79,15 +91,7 @@ typedef int (vfu_reset_cb_t)(vfu_ctx_t *vfu_ctx, vfu_reset_type_t type);
 typedef void (vfu_dma_register_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
 typedef void (vfu_dma_unregister_cb_t)(vfu_ctx_t *vfu_ctx, vfu_dma_info_t *info);
 
-typedef struct {
-    uint64_t error_replies[16];
-    uint64_t timeouts;
-    uint64_t refused_maps;
-    uint32_t last_cmd;
-    int32_t last_errno;
-    char last_refusal[128];
-} harness_wire_t;
-"""
+""" + WIRE_STRUCT.replace("HARNESS_NR_COMMANDS", "...")
 
 CDEF_CONSTANTS = """
 #define LIB_VFIO_USER_MAJOR ...
@@ -207,15 +211,7 @@ static void harness_mb(void) { __sync_synchronize(); }
 /* The device's DMA granule (harness.dma.GuestMemory) and the page size QEMU is told. */
 #define HARNESS_DMA_GRANULE 4096
 
-typedef struct {
-    uint64_t error_replies[HARNESS_NR_COMMANDS];
-    uint64_t timeouts;
-    uint64_t refused_maps;
-    uint32_t last_cmd;
-    int32_t last_errno;
-    char last_refusal[128];
-} harness_wire_t;
-
+""" + WIRE_STRUCT + r"""
 /* Single-threaded like libvfio-user itself: VfuContext takes these after each call into it. */
 static harness_wire_t harness_wire;
 static int harness_client_timeout_ms = 5000;
