@@ -49,7 +49,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def testbed_config(request: pytest.FixtureRequest) -> Any:
     """The TestbedConfig for this test: command-line options, then the test's own params."""
-    from harness.testbed import PeerSpec, TestbedConfig
+    from harness.testbed import SHELL_CMDLINE, PeerSpec, TestbedConfig
 
     opt = request.config.getoption
     cfg = TestbedConfig(
@@ -57,7 +57,7 @@ def testbed_config(request: pytest.FixtureRequest) -> Any:
         viommu=opt("--harness-viommu"), offloads=opt("--harness-offloads"),
         smp=opt("--harness-smp"), memory_mb=opt("--harness-memory"),
         kernel=opt("--harness-kernel"), console="socket",
-        cmdline=("harness.plan=link_up", "harness.shell=1"),
+        cmdline=SHELL_CMDLINE,
         peers=PeerSpec(timeout=24 * 3600.0))
     overrides = getattr(request, "param", None)  # parametrize("testbed_config", ...)
     return dataclasses.replace(cfg, **overrides) if isinstance(overrides, dict) else cfg
@@ -77,7 +77,7 @@ def testbed(request: pytest.FixtureRequest, testbed_config: Any,
         cfg = dataclasses.replace(cfg, **overrides)
     run_dir = tmp_path_factory.mktemp("testbed")
     with Testbed(cfg, run_dir) as tb:
-        tb.guest.wait_ready(GUEST_READY_TIMEOUT)
+        tb.wait_shell(GUEST_READY_TIMEOUT)
         yield tb
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from harness import paths
 from harness.guest.agent import AgentError
-from harness.testbed import Testbed, TestbedConfig
+from harness.testbed import SHELL_CMDLINE, Testbed, TestbedConfig
 
 RUN_FILE = "run.json"
 #: The run process's own requests socket (`harness hotplug` talks to it), in the run dir.
@@ -286,7 +286,7 @@ def run_session(cfg: TestbedConfig, console: str, command: str | None = None,
     when the guest powered itself off. With `command`: run it instead (run_command), quietly,
     and return its status."""
     run_dir = paths.new_run_dir(runs_root())
-    cmdline = ("harness.plan=link_up", "harness.shell=1", *cfg.cmdline)
+    cmdline = (*SHELL_CMDLINE, *cfg.cmdline)
     cfg = replace(cfg, console="socket", cmdline=cmdline, reboot=True)
     with Testbed(cfg, run_dir) as tb:
         info = run_info(tb)

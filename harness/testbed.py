@@ -46,6 +46,10 @@ from harness.vm.qemu import (
 
 log = logging.getLogger(__name__)
 
+#: The guest plan of interactive testbeds (harness run, the pytest fixtures): bring the link
+#: up, then idle in a shell on the console until powered off.
+SHELL_CMDLINE = ("harness.plan=link_up", "harness.shell=1")
+
 #: Where run directories of `harness run` live (each has a run.json while it runs).
 RUNS_DIR = "run"
 
@@ -372,6 +376,12 @@ class Testbed:
             return self.console_log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def wait_shell(self, timeout: float) -> None:
+        """For a SHELL_CMDLINE guest: its command channel answers and its link_up step ran
+        (the interface has its address), so tests can use the network at once."""
+        self.guest.wait_ready(timeout)
+        self.wait_console("# harness: done", timeout)
 
     def wait_console(self, pattern: str, timeout: float, *, start: int = 0) -> str:
         """Wait until `pattern` appears in the console log (after offset `start`); raise

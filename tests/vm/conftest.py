@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness.report import RunResult, summary
@@ -21,3 +23,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"[{label}]")
         for line in text.splitlines():
             terminalreporter.write_line(line)
+
+
+def need_root() -> None:
+    """VM tests create network namespaces and TAP devices: without root they skip, saying so."""
+    if os.geteuid() != 0:
+        pytest.skip("VM tests need root (network namespaces, TAP devices)")

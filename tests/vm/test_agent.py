@@ -17,25 +17,22 @@ from pathlib import Path
 import pytest
 
 from harness.guest.agent import Err
-from harness.testbed import Testbed, TestbedConfig
+from harness.testbed import SHELL_CMDLINE, Testbed, TestbedConfig
+
+from .conftest import need_root
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
-
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    _need_root()
-    cfg = TestbedConfig(console="socket", cmdline=("harness.plan=link_up", "harness.shell=1"),
+    need_root()
+    cfg = TestbedConfig(console="socket", cmdline=SHELL_CMDLINE,
                         peers=None)
     with Testbed(cfg, tmp_path_factory.mktemp("agent")) as tb:
-        tb.guest.wait_ready(120)
-        tb.wait_console("# harness: done", 120)  # link_up ran: the interface has its address
+        tb.wait_shell(120)
         yield tb
 
 
@@ -87,7 +84,7 @@ def test_ping_through_the_agent_uses_the_device_under_test(testbed: Testbed) -> 
 
 
 def test_harness_run_exec_exits_with_the_commands_status() -> None:
-    _need_root()
+    need_root()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "harness", "run", "--exec",
                            "echo hi; echo oops >&2; exit 7"],

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import need_root
+
 pytestmark = pytest.mark.vm
 
 
 def test_one_round_each_side_gives_numbers(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     out = subprocess.run(
         [sys.executable, "-m", "harness", "bench", "net", "--rounds", "1", "--bytes", "4M",
          "--json", "--out", str(tmp_path)],

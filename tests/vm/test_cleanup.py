@@ -20,6 +20,8 @@ from pyroute2 import netns
 
 from harness.net.netns import remove_stale
 
+from .conftest import need_root
+
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,8 +47,7 @@ def _alive(pid: int) -> bool:
 
 def _start(out: Path) -> tuple[subprocess.Popen[str], list[int], str]:
     """A vm-test whose guest is mid-plan: (process, its children, its namespace)."""
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "vm-test", "--tcp-bytes", "4G", "--out", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -6,14 +6,12 @@ check is its own pytest result, asserted on what actually happened.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from harness.report import RunResult
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 
@@ -24,8 +22,7 @@ HOST_CHECKS = ["host_verified_tcp_guest_to_host", "host_verified_udp",
 
 @pytest.fixture(scope="module")
 def run() -> RunResult:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     result = run_vm_test(VmTestConfig())
     record("direct", result)
     return result

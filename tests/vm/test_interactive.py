@@ -18,17 +18,15 @@ from pathlib import Path
 import pytest
 
 from harness.session import find_run
-from harness.testbed import PeerSpec, Testbed, TestbedConfig
+from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
 from harness.testing.console import GuestConsole
+
+from .conftest import need_root
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
 SHELL_READY = "# harness: shell on the console"
 
-
-def _need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
 
 
 class Terminal:
@@ -95,7 +93,7 @@ def harness(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_run_on_a_terminal_with_qmp_and_reset() -> None:
-    _need_root()
+    need_root()
     term = Terminal([sys.executable, "-m", "harness", "run"])
     try:
         term.expect(r"QMP +harness qmp", 120)
@@ -138,7 +136,7 @@ def test_run_on_a_terminal_with_qmp_and_reset() -> None:
 
 
 def test_exit_in_the_guest_ends_the_run() -> None:
-    _need_root()
+    need_root()
     term = Terminal([sys.executable, "-m", "harness", "run"])
     try:
         term.expect(re.escape(SHELL_READY), 120)
@@ -152,9 +150,9 @@ def test_exit_in_the_guest_ends_the_run() -> None:
 
 @pytest.fixture
 def testbed(tmp_path: Path) -> Iterator[Testbed]:
-    _need_root()
+    need_root()
     cfg = TestbedConfig(console="socket", reboot=True, hotplug_ports=1,
-                        cmdline=("harness.plan=link_up", "harness.shell=1"),
+                        cmdline=SHELL_CMDLINE,
                         peers=PeerSpec(tcp_bytes=1 << 40, timeout=600))
     with Testbed(cfg, tmp_path) as tb:
         yield tb

@@ -4,14 +4,13 @@ result per cell, with its throughput in the summary at the end of the run."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 KERNELS = {"6.1": Path("debian:6.1"), "6.12": Path("debian:6.12"), "7.3": None}
@@ -20,8 +19,7 @@ KERNELS = {"6.1": Path("debian:6.1"), "6.12": Path("debian:6.12"), "7.3": None}
 @pytest.mark.parametrize("viommu", [False, True], ids=["direct", "viommu"])
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_matrix_cell(kernel: str, viommu: bool, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     result = run_vm_test(VmTestConfig(kernel=KERNELS[kernel], viommu=viommu,
                                       tcp_bytes=16 << 20, udp_count=300, out_dir=tmp_path))
     record(f"kernel {kernel} {'viommu' if viommu else 'direct'}", result)

@@ -3,21 +3,19 @@ its own, with the console excerpt that proves it."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 
 
 def test_a_real_guest_panic_is_a_failed_case_with_its_excerpt(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     result = run_vm_test(VmTestConfig(tcp_bytes=1 << 20, udp_count=10, out_dir=tmp_path,
                                       append=("harness.plan=link_up,sysrq_crash",)))
     record("kernel verdict (sysrq crash)", result)

@@ -4,7 +4,6 @@ no traffic; carrier on, traffic again."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from harness.session import RUN_FILE, run_info
-from harness.testbed import Testbed, TestbedConfig
+from harness.testbed import SHELL_CMDLINE, Testbed, TestbedConfig
+
+from .conftest import need_root
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parents[2]
@@ -23,13 +24,11 @@ PING = "ping -c 1 -W 2 198.18.0.1"
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
-    cfg = TestbedConfig(console="socket", cmdline=("harness.plan=link_up", "harness.shell=1"),
+    need_root()
+    cfg = TestbedConfig(console="socket", cmdline=SHELL_CMDLINE,
                         peers=None)
     with Testbed(cfg, tmp_path_factory.mktemp("link")) as tb:
-        tb.guest.wait_ready(120)
-        tb.wait_console("# harness: done", 120)  # link_up ran: the interface has its address
+        tb.wait_shell(120)
         yield tb
 
 

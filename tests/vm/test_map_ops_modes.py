@@ -7,7 +7,6 @@ really have been injected: a fault run that injected nothing proves nothing.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from harness.report import RunResult
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 
@@ -44,8 +43,7 @@ MODES = [
 
 @pytest.fixture(scope="module", params=MODES, ids=lambda m: m.name)
 def run(request: pytest.FixtureRequest) -> tuple[Mode, RunResult]:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     mode: Mode = request.param
     result = run_vm_test(VmTestConfig(map_ops=mode.map_ops, viommu=mode.viommu,
                                       faults=mode.faults, tcp_bytes=mode.tcp_bytes))

@@ -4,7 +4,6 @@ pinned kernel (qemu/baselines/misbehave-<version>.json)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from harness.misbehave_run import SMALL_PLAN, case_spec, classify, load_baseline
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 
@@ -24,8 +23,7 @@ CASES = [("used-len-overflow", 60.0), ("bad-gso-type", 60.0), ("num-buffers-zero
 
 @pytest.mark.parametrize("case, timeout", CASES, ids=[c for c, _ in CASES])
 def test_reaction_matches_the_baseline(case: str, timeout: float, tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     result = run_vm_test(VmTestConfig(out_dir=tmp_path, timeout=timeout,
                                       misbehave=(case_spec(case),),
                                       tcp_bytes=SMALL_PLAN["tcp_bytes"],

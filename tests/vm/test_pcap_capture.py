@@ -3,7 +3,6 @@ the UDP payloads in it are exactly the schedule the guest sent and the host echo
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ from harness.checks import RX, TX
 from harness.net.stream import udp_payload
 from harness.runner import VmTestConfig, run_vm_test
 
-from .conftest import record
+from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 UDP_COUNT = 300
@@ -24,8 +23,7 @@ INBOUND, OUTBOUND = "0x00000001", "0x00000002"  # pcapng epb_flags: to the guest
 
 
 def test_pcap_holds_every_frame_and_the_udp_schedule(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     if which("tshark") is None:
         pytest.skip("tshark is not installed (make deps installs it)")
     cap = tmp_path / "run.pcapng"

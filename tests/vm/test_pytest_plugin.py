@@ -3,12 +3,13 @@ the `testbed`, `guest`, `device` and `qmp` fixtures, run by pytest as a separate
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import need_root
 
 pytestmark = pytest.mark.vm
 
@@ -32,8 +33,7 @@ def test_fixtures_and_parameters(testbed, guest, device, qmp):
 
 
 def test_a_user_test_file_outside_the_project(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     (tmp_path / "test_mine.py").write_text(USER_TESTS)
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           "test_mine.py"], cwd=tmp_path, capture_output=True, text=True,

@@ -10,14 +10,15 @@ run ends with a device reset, so the next starts from a clean device.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from harness.testbed import PeerSpec, Testbed, TestbedConfig
+from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
+
+from .conftest import need_root
 
 pytestmark = pytest.mark.vm
 SEED = 7
@@ -36,13 +37,11 @@ def _kv(text: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
-    cfg = TestbedConfig(console="socket", cmdline=("harness.plan=link_up", "harness.shell=1"),
+    need_root()
+    cfg = TestbedConfig(console="socket", cmdline=SHELL_CMDLINE,
                         peers=PeerSpec(udp_count=1_000_000, seed=SEED))
     with Testbed(cfg, tmp_path_factory.mktemp("rawdrv")) as tb:
-        tb.guest.wait_ready(120)
-        tb.wait_console("# harness: done", 120)
+        tb.wait_shell(120)
         yield tb
 
 

@@ -13,12 +13,13 @@ import pytest
 from harness.runner import follow_console
 from harness.testbed import PeerSpec, ServerDied, Testbed, TestbedConfig
 
+from .conftest import need_root
+
 pytestmark = pytest.mark.vm
 
 
 def test_a_killed_server_is_reported_within_5_seconds(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("VM tests need root (network namespaces, TAP devices)")
+    need_root()
     cfg = TestbedConfig(cmdline=("harness.bytes=1099511627776",),  # a plan that would take hours
                         peers=PeerSpec(tcp_bytes=1 << 40, timeout=600))
     with Testbed(cfg, tmp_path) as tb:
