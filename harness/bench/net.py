@@ -1,47 +1,50 @@
 """``harness bench net``: our vfio-user virtio-net device against QEMU's built-in virtio-net-pci.
 
-Rounds alternate (ours, builtin, ours, builtin, ...) so that a noisy host (another VM booting,
-CPU frequency) hurts both sides alike. Each round is a fresh Testbed with the same accelerator,
-vCPUs, memory, kernel, initramfs and guest plan; only the network device differs (the builtin
-side is QEMU's own virtio-net-pci on a TAP in the run's namespace, ``TestbedConfig(device=
-"builtin")``, with the same MAC, the same offloads and modern-only like ours). The guest runs
-``link_up,ping_host,tcp_guest_to_host,tcp_host_to_guest`` with ``harness.bytes=--bytes``.
+Rounds alternate sides (ours, builtin, ours with the ledger off, ours, builtin, ...) so that a
+noisy host (another VM booting, CPU frequency) hurts all alike. Each round is a fresh Testbed
+with the same accelerator, vCPUs, memory, kernel, initramfs and host peer; only the network
+device differs (the builtin side is QEMU's own virtio-net-pci on a TAP without vhost in the
+run's namespace, same MAC, same offloads, modern-only like ours). ``--config`` runs several
+configurations (plain, offloads, viommu: both devices behind the same intel-iommu) in one run.
+harness.bench.netrun runs one round; the workloads, all measured inside the guest:
 
-Workloads (medians over the rounds):
+- ``tcp_guest_to_host`` / ``tcp_host_to_guest``: hnet's TCP bulk throughput (Mbit/s), every
+  byte checked by the host peer or by hnet (``--bytes``, 16 MiB; ``--full``: 64 MiB);
+- ``udp_pps_guest_to_host``: 64-byte UDP datagrams per second that reached the host peer;
+- ``udp_pps_host_to_guest``: datagrams per second hnet received from a paced host flood
+  (``--rate`` offered, 50,000/s: a figure at the offered rate means "at least");
+- ``tcp_rr``: TCP request/response transactions per second, 1-byte (``--rr-size``);
+- ``ping_rtt``: ping's average round-trip time (20 pings, 0.1 s apart).
 
-- ``tcp_guest_to_host`` / ``tcp_host_to_guest``: the guest's hnet throughput (Mbit/s), whose
-  bytes the host peer checked (a failed test gives no number);
-- ``ping_rtt``: ping_host's rtt_avg_ms (5 pings);
-- ``qemu_cpu``: QEMU's CPU time (utime+stime from /proc) across the two TCP tests, per MiB
-  moved (both directions): vCPUs (TCG) plus, on the builtin side, QEMU's device model;
-- ``server_cpu``: our device process's CPU time across the same window per MiB (ours only).
+Around each workload the device server's and QEMU's CPU time are read from /proc, giving CPU
+per MiB (TCP) or per packet/transaction; the ledger-off side gives the checks' cost. The device
+server's DMA_MAP/UNMAP reply latency (p50/p99) comes from its stats (harness.vfu.latency).
 
-The ratio always reads "how many times better ours is": ours/builtin for throughput,
-builtin/ours for RTT and CPU time, so > 1 favours ours everywhere.
+The ratio always reads "how many times better ours is": ours/builtin for rates, builtin/ours for
+RTT, so > 1 favours ours everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harness import argtypes, paths, proc
+from harness.bench.netrun import CONFIGS, MIB, Options, Round, run_round
 from harness.progress import Progress
 
-__all__ = ["WORKLOADS", "Round", "Workload", "main", "median", "ratio", "summarize", "table"]
+__all__ = ["WORKLOADS", "Options", "Round", "Workload", "main", "median", "ratio", "summarize",
+           "table"]
 
-MIB = 1 << 20
-SIDES = ("ours", "builtin")
-PLAN = "link_up,ping_host,tcp_guest_to_host,tcp_host_to_guest"
-DONE_MARKER = "# harness: done"
+SIDES = ("ours", "builtin", "ours-noledger")
+_SHORT = {"ours": "ours", "builtin": "bi", "ours-noledger": "nl", "plain": "p",
+          "offloads": "o", "viommu": "v", "viommu+offloads": "vo"}
 
 
 @dataclass(frozen=True)
@@ -50,28 +53,17 @@ class Workload:
     label: str
     unit: str
     higher_is_better: bool
+    cpu_unit: str = ""  # what the CPU cost is given in ("" = none)
 
 
 WORKLOADS = (
-    Workload("tcp_guest_to_host", "TCP guest->host", "Mbit/s", True),
-    Workload("tcp_host_to_guest", "TCP host->guest", "Mbit/s", True),
+    Workload("tcp_guest_to_host", "TCP guest->host", "Mbit/s", True, "ms/MiB"),
+    Workload("tcp_host_to_guest", "TCP host->guest", "Mbit/s", True, "ms/MiB"),
+    Workload("udp_pps_guest_to_host", "UDP 64B g->h", "pkt/s", True, "us/pkt"),
+    Workload("udp_pps_host_to_guest", "UDP 64B h->g", "pkt/s", True, "us/pkt"),
+    Workload("tcp_rr", "TCP RR", "trans/s", True, "us/tr"),
     Workload("ping_rtt", "ping RTT (avg)", "ms", False),
-    Workload("qemu_cpu", "QEMU CPU per MiB", "ms/MiB", False),
-    Workload("server_cpu", "device server CPU/MiB", "ms/MiB", False),
 )
-
-
-@dataclass
-class Round:
-    """One boot of one side: its numbers (by workload name), or why it has none."""
-
-    side: str
-    index: int
-    run_dir: str = ""
-    values: dict[str, float] = field(default_factory=dict)
-    error: str = ""
-    #: The network device as QEMU's query-pci saw it (driver, ids): which device really ran.
-    device: dict[str, Any] = field(default_factory=dict)
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -86,144 +78,100 @@ def ratio(ours: float | None, builtin: float | None, higher_is_better: bool) -> 
     return num / den if den > 0 else None
 
 
+def _med(rounds: Sequence[Round], side: str, get: Any) -> tuple[float | None, list[float]]:
+    samples = [v for r in rounds if r.side == side for v in [get(r)] if v is not None]
+    return median(samples), samples
+
+
 def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
-    """One object per workload: medians of each side, the ratio, and the samples."""
-    out = []
-    for w in WORKLOADS:
-        samples = {side: [r.values[w.name] for r in rounds if r.side == side
-                          and w.name in r.values] for side in SIDES}
-        ours, builtin = median(samples["ours"]), median(samples["builtin"])
-        out.append({"workload": w.name, "unit": w.unit,
-                    "better": "higher" if w.higher_is_better else "lower",
-                    "ours": ours, "builtin": builtin,
-                    "ratio": ratio(ours, builtin, w.higher_is_better),
-                    "samples": samples})
+    """One object per config and workload: medians per side, the ratio, the ledger-off
+    figure, CPU costs and the samples; then per config the DMA_MAP/UNMAP latencies."""
+    out: list[dict[str, Any]] = []
+    configs = list(dict.fromkeys(r.config for r in rounds))
+    for config in configs:
+        rs = [r for r in rounds if r.config == config]
+        for w in WORKLOADS:
+            med = {s: _med(rs, s, lambda r, w=w: r.values.get(w.name)) for s in SIDES}
+            cpu = {f"{s}_{who}": _med(rs, s, lambda r, w=w, who=who:
+                                      r.cpu.get(w.name, {}).get(who))[0]
+                   for s in SIDES for who in ("server", "qemu")}
+            ours, builtin, off = med["ours"][0], med["builtin"][0], med["ours-noledger"][0]
+            out.append({
+                "config": config, "workload": w.name, "unit": w.unit,
+                "better": "higher" if w.higher_is_better else "lower",
+                "ours": ours, "builtin": builtin,
+                "ratio": ratio(ours, builtin, w.higher_is_better),
+                "ours_ledger_off": off,
+                # > 1: the ledger costs that factor (ledger-off is that much better).
+                "ledger_cost": ratio(off, ours, w.higher_is_better),
+                "cpu_unit": w.cpu_unit or None,
+                "cpu": {k: v for k, v in cpu.items() if v is not None} if w.cpu_unit else {},
+                "samples": {s: med[s][1] for s in SIDES},
+            })
+        for kind in ("map_reply", "unmap_reply", "map_callback", "unmap_callback"):
+            # Medians over the ours rounds of each round's p50, p99 and count.
+            p50, p99, count = (_med(rs, "ours", lambda r, kind=kind, q=q:
+                                    r.dma_latency.get(kind, {}).get(q))
+                               for q in ("p50_us", "p99_us", "count"))
+            if count[0]:
+                out.append({"config": config, "workload": f"dma_{kind}", "unit": "us",
+                            "better": "lower", "ours": p50[0], "p99": p99[0],
+                            "count": count[0], "builtin": None, "ratio": None,
+                            "samples": {"ours": p50[1], "ours_p99": p99[1]}})
     return out
 
 
 def _num(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{value:.0f}" if abs(value) >= 1000 else (
+        f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}")
 
 
 def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
-    """The side-by-side table (fits 80 columns)."""
+    """The side-by-side tables, one per config (fit 80 columns)."""
     labels = {w.name: w.label for w in WORKLOADS}
-    lines = [f"{'workload':<24}{'unit':<8}{'ours':>10}{'builtin':>10}{'ratio':>8}  better",
-             "-" * 68]
-    for row in summary:
-        r = row["ratio"]
-        lines.append(f"{labels.get(row['workload'], row['workload']):<24}{row['unit']:<8}"
-                     f"{_num(row['ours']):>10}{_num(row['builtin']):>10}"
-                     f"{'-' if r is None else f'{r:.2f}x':>8}  {row['better']}")
-    lines.append(f"medians of {rounds} round(s) per side; ratio > 1 favours ours "
-                 "(ours/builtin")
-    lines.append("for throughput, builtin/ours for RTT and CPU time)")
+    lines: list[str] = []
+    for config in dict.fromkeys(row["config"] for row in summary):
+        offloads, viommu = CONFIGS.get(config, (False, False))
+        lines.append(f"[{config}] offloads {'on' if offloads else 'off'}, vIOMMU "
+                     f"{'on' if viommu else 'off'}")
+        lines.append(f"{'workload':<16}{'unit':<8}{'ours':>8}{'builtin':>9}{'ratio':>7}"
+                     f"{'no-ledger':>10}  {'server CPU':>17}")
+        lines.append("-" * 77)
+        for row in summary:
+            if row["config"] != config:
+                continue
+            name = row["workload"]
+            if name.startswith("dma_"):
+                lines.append(f"{name:<24}p50 {_num(row['ours'])} us, p99 {_num(row['p99'])} "
+                             f"us, {row['count']:.0f} calls")
+                continue
+            r = row["ratio"]
+            srv = row["cpu"].get("ours_server")
+            cpu = f"{_num(srv)} {row['cpu_unit']}" if srv is not None else "-"
+            lines.append(f"{labels.get(name, name):<16}{row['unit']:<8}{_num(row['ours']):>8}"
+                         f"{_num(row['builtin']):>9}{'-' if r is None else f'{r:.2f}x':>7}"
+                         f"{_num(row['ours_ledger_off']):>10}  {cpu:>17}")
+        lines.append("")
+    lines.append(f"medians of {rounds} round(s) per side; ratio > 1 favours ours (ours/builtin")
+    lines.append("for rates, builtin/ours for RTT); no-ledger: ours with HARNESS_LEDGER=off")
     return "\n".join(lines)
-
-
-def _cpu_ticks(pid: int | None) -> int | None:
-    """utime + stime of a live process, in clock ticks (None if it is gone)."""
-    if pid is None:
-        return None
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
-
-
-def _pci_device(reply: object, qdev_id: str = "net0") -> dict[str, Any]:
-    """The query-pci entry of the network device: its ids, class and QEMU's description."""
-    for bus in reply if isinstance(reply, list) else []:
-        for dev in bus.get("devices", []):
-            if dev.get("qdev_id") == qdev_id:
-                ids = dev.get("id", {})
-                return {"qdev_id": qdev_id, "description": dev.get("class_info", {}).get("desc"),
-                        **{k: f"{v:#06x}" for k, v in ids.items() if isinstance(v, int)}}
-    return {}
-
-
-@dataclass(frozen=True)
-class Options:
-    rounds: int = 3
-    nbytes: int = 64 * MIB
-    viommu: bool = False
-    offloads: bool = False
-    accel: str = "auto"
-    timeout: float = 900.0
-    out: Path | None = None
-
-
-def _round(side: str, index: int, opts: Options, run_dir: Path, env: paths.Env,
-           accel: Any) -> Round:
-    from harness.runner import _RESULT
-    from harness.testbed import PeerSpec, Testbed, TestbedConfig
-    from harness.vm import ktap
-
-    rnd = Round(side, index, str(run_dir))
-    cfg = TestbedConfig(accel=opts.accel, viommu=opts.viommu, offloads=opts.offloads,
-                        device=side, peers=PeerSpec(tcp_bytes=opts.nbytes, udp_count=1),
-                        cmdline=(f"harness.plan={PLAN}", f"harness.bytes={opts.nbytes}"))
-    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
-    marks: dict[str, dict[str, int | None]] = {}
-    with Testbed(cfg, run_dir, env=env, accel=accel) as tb:
-        pids = {"qemu_cpu": tb.machine.pid,
-                "server_cpu": tb.device.proc.pid if side == "ours" else None}
-        rnd.device = _pci_device(tb.qmp("query-pci"))
-        rnd.device["type"] = tb.qmp("qom-get", path="/machine/peripheral/net0", property="type")
-        deadline = time.monotonic() + opts.timeout
-        while True:
-            text = tb.console_text()
-            seen = {name for _s, _n, name, _r in _RESULT.findall(text)}
-            for mark, after in (("start", "ping_host"), ("end", "tcp_host_to_guest")):
-                if after in seen and mark not in marks:
-                    marks[mark] = {k: _cpu_ticks(p) for k, p in pids.items()}
-            if DONE_MARKER in text or not tb.machine.running():
-                break
-            tb.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the guest did not finish within {opts.timeout:.0f} s")
-            time.sleep(0.1)
-        tb.machine.wait(30)
-        tb.machine.shutdown()
-        if side == "ours":
-            tb.device.wait(30)
-        text = tb.console_text()
-    report = ktap.parse(text)
-    results = report.by_name()
-    failed = []
-    for name in ("tcp_guest_to_host", "tcp_host_to_guest", "ping_host"):
-        test = results.get(name)
-        if test is None or test.status is not ktap.Status.PASS:
-            failed.append(f"{name}: {test.reason if test else 'no result'}")
-            continue
-        metrics = report.metrics.get(name, {})
-        key = "rtt_avg_ms" if name == "ping_host" else "mbps"
-        value = metrics.get(key)
-        if isinstance(value, (int, float)):
-            rnd.values["ping_rtt" if name == "ping_host" else name] = float(value)
-    moved_mib = 2 * opts.nbytes / MIB
-    if not failed and "start" in marks and "end" in marks:
-        for key in ("qemu_cpu", "server_cpu"):
-            a, b = marks["start"][key], marks["end"][key]
-            if a is not None and b is not None:
-                rnd.values[key] = (b - a) * tick_ms / moved_mib
-    rnd.error = "; ".join(failed)
-    return rnd
 
 
 def _describe(rnd: Round) -> str:
     v = rnd.values
+    head = f"{rnd.config} {rnd.side} #{rnd.index}: "
     if rnd.error and not v:
-        return f"{rnd.side} #{rnd.index}: FAILED {rnd.error}"
-    parts = [f"{short} {v[k]:.0f} Mbit/s" for k, short in
-             (("tcp_guest_to_host", "g->h"), ("tcp_host_to_guest", "h->g")) if k in v]
+        return head + f"FAILED {rnd.error}"
+    parts = [f"{short} {v[k]:.0f}" for k, short in
+             (("tcp_guest_to_host", "g->h Mbit/s"), ("tcp_host_to_guest", "h->g Mbit/s"),
+              ("udp_pps_guest_to_host", "udp g->h pps"), ("udp_pps_host_to_guest",
+                                                          "udp h->g pps"),
+              ("tcp_rr", "rr/s")) if k in v]
     if "ping_rtt" in v:
         parts.append(f"rtt {v['ping_rtt']:.2f} ms")
-    return f"{rnd.side} #{rnd.index}: " + ", ".join(parts) + (" (errors)" if rnd.error else "")
+    return head + ", ".join(parts) + (" (errors)" if rnd.error else "")
 
 
 def run(opts: Options, progress: Progress) -> list[Round]:
@@ -234,42 +182,75 @@ def run(opts: Options, progress: Progress) -> list[Round]:
     accel = select_accel(opts.accel, env)
     base = paths.new_run_dir(opts.out or paths.build_dir() / "bench-net")
     progress.note(f"accelerator {accel.name}; runs in {base}")
+    sides = SIDES if opts.ledger_side else SIDES[:2]
     rounds = []
-    for i in range(1, opts.rounds + 1):
-        for side in SIDES:
-            run_dir = base / f"{i:02d}-{side}"
-            run_dir.mkdir()
-            try:
-                rnd = _round(side, i, opts, run_dir, env, accel)
-            except (MachineError, RuntimeError, TimeoutError, OSError) as exc:
-                rnd = Round(side, i, str(run_dir), error=str(exc).splitlines()[0])
-            rounds.append(rnd)
-            progress.step(_describe(rnd))
+    for config in opts.configs:
+        for i in range(1, opts.rounds + 1):
+            for side in sides:
+                # Short: the sockets in it must fit AF_UNIX's 108 bytes under deep --out.
+                run_dir = base / f"{i:02d}{_SHORT[config]}-{_SHORT[side]}"
+                run_dir.mkdir()
+                try:
+                    rnd = run_round(side, i, config, opts, run_dir, env, accel)
+                except (MachineError, RuntimeError, TimeoutError, OSError) as exc:
+                    rnd = Round(side, i, config, str(run_dir),
+                                error=(str(exc).splitlines() or [repr(exc)])[0])
+                rounds.append(rnd)
+                progress.step(_describe(rnd))
     (base / "rounds.json").write_text(json.dumps([r.__dict__ for r in rounds], indent=2) + "\n")
     return rounds
+
+
+def _configs(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown config {', '.join(bad) or '(none)'} (known: {', '.join(CONFIGS)})")
+    return names
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="harness bench net", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=argtypes.positive_int, default=3,
-                   help="boots per side, alternating (default 3)")
-    p.add_argument("--bytes", type=argtypes.size, default=64 * MIB, metavar="SIZE",
-                   help="TCP stream length each way (default 64M)")
+                   help="boots per side and config, alternating (default 3)")
+    p.add_argument("--bytes", type=argtypes.size, default=None, metavar="SIZE",
+                   help="TCP stream length each way (default 16M; 64M with --full)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="length of each UDP and RR workload (default 2; 5 with --full)")
+    p.add_argument("--full", action="store_true", help="64 MiB TCP, 5 s per rate workload")
+    p.add_argument("--rr-size", type=argtypes.positive_int, default=1, metavar="BYTES",
+                   help="request and response size of tcp_rr (default 1)")
+    p.add_argument("--rate", type=argtypes.positive_int, default=50_000,
+                   help="offered host->guest UDP datagrams per second (default 50000)")
+    p.add_argument("--config", type=_configs, default=None, metavar="LIST",
+                   help=f"comma-separated, from {', '.join(CONFIGS)} (default plain, or what "
+                        "--viommu/--offloads say)")
     p.add_argument("--viommu", action="store_true", help="both devices behind an intel-iommu")
     p.add_argument("--offloads", action="store_true",
                    help="both devices offer checksum and TSO offloads")
+    p.add_argument("--no-ledger-side", action="store_true",
+                   help="skip the ledger-off boots (no ledger cost figures)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                    help="per round (default 900)")
     p.add_argument("--out", type=Path, help="parent directory for the runs (default "
-                                            "build/bench-net)")
+                                                  "build/bench-net)")
     p.add_argument("--json", action="store_true", help="one JSON object per workload")
     args = p.parse_args(argv)
-    opts = Options(rounds=args.rounds, nbytes=args.bytes, viommu=args.viommu,
-                   offloads=args.offloads, accel=args.accel, timeout=args.timeout,
-                   out=args.out)
+    if args.seconds is not None and not 0 < args.seconds <= 60:
+        p.error("--seconds must be in (0, 60]")
+    configs = args.config or (("viommu+offloads" if args.offloads else "viommu",)
+                              if args.viommu else ("offloads",) if args.offloads
+                              else ("plain",))
+    opts = Options(rounds=args.rounds, configs=configs, rr_size=args.rr_size, rate=args.rate,
+                   ledger_side=not args.no_ledger_side, accel=args.accel,
+                   timeout=args.timeout, out=args.out)
+    opts = replace(opts, nbytes=args.bytes or (64 * MIB if args.full else opts.nbytes),
+                   seconds=args.seconds or (5.0 if args.full else opts.seconds))
+    total = len(configs) * opts.rounds * (3 if opts.ledger_side else 2)
     try:
-        with proc.interrupts(), Progress("bench net", total=2 * opts.rounds) as progress:
+        with proc.interrupts(), Progress("bench net", total=total) as progress:
             rounds = run(opts, progress)
     except (paths.EnvError, ValueError) as exc:
         print(f"harness bench net: {exc}", file=sys.stderr)
@@ -285,5 +266,5 @@ def main(argv: list[str]) -> int:
         print(table(summary, opts.rounds))
     for r in rounds:
         if r.error:
-            print(f"{r.side} #{r.index}: {r.error} ({r.run_dir})", file=sys.stderr)
+            print(f"{r.config} {r.side} #{r.index}: {r.error} ({r.run_dir})", file=sys.stderr)
     return 1 if any(r.error for r in rounds) else 0

@@ -8,6 +8,7 @@ fault is injected and sees injected failures as (transient) failed maps.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from harness.dma.bounce import DEFAULT_WINDOW, BounceMapOps
@@ -19,6 +20,9 @@ from harness.dma.memory import GuestMemory
 log = logging.getLogger(__name__)
 
 MAPOPS_KINDS = ("direct", "bounce")
+#: HARNESS_LEDGER=off in the device server's environment makes the ledger a pass-through, to
+#: measure what its checks cost (harness bench net). Never for a run whose results count.
+LEDGER_ENV = "HARNESS_LEDGER"
 
 
 def build_mapops(
@@ -59,5 +63,9 @@ def build_mapops(
         ops = FaultInjectingMapOps(ops, spec, injector=injector)
     if not ledger:
         return ops, None
-    audit = DmaLedger(ops, memory, bus_master=bus_master)
+    checks = os.environ.get(LEDGER_ENV, "on") != "off"
+    if not checks:
+        log.warning("%s=off: the DMA ledger checks nothing (a benchmark's ledger-off side)",
+                    LEDGER_ENV)
+    audit = DmaLedger(ops, memory, bus_master=bus_master, checks=checks)
     return audit, audit

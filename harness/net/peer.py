@@ -8,6 +8,12 @@ enters the named network namespace, then serves in one selector loop:
   guest's KTAP result reflects the host's byte-exact check.
 * TCP source (port 5002, tcp_host_to_guest): sends N stream bytes, then EOF.
 * UDP echo   (port 5003, udp_mixed): checks each datagram against the schedule, echoes it.
+* UDP perf   (port 5004, hnet udp-tx/udp-rx): counts tagged datagrams and answers queries;
+  on a start request floods the guest at a paced rate (see :class:`UdpPerf`).
+* TCP echo   (port 5005, hnet tcp-rr): echoes every byte at once (TCP_NODELAY), for
+  request/response transactions per second.
+
+The perf ports measure, they do not verify streams, and have no entry in the results.
 
 The results JSON (schema in :func:`Peer.snapshot`) is written atomically when the sockets are
 listening (so its existence means "ready"), after each completed test, and on exit.
@@ -16,6 +22,7 @@ listening (so its existence means "ready"), after each completed test, and on ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import json
@@ -24,6 +31,7 @@ import os
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,6 +47,11 @@ log = logging.getLogger(__name__)
 PORT_SINK = 5001
 PORT_SOURCE = 5002
 PORT_ECHO = 5003
+PORT_UDP_PERF = 5004  # port base + 3
+PORT_RR = 5005  # port base + 4
+#: Longest host->guest flood a guest may ask for, and the highest rate (bounds the peer's CPU).
+MAX_FLOOD_SECONDS = 60.0
+MAX_FLOOD_RATE = 500_000
 DEFAULT_BIND = "198.18.0.1"
 DEFAULT_SEED = 1  # guest/init's default harness.seed
 CHUNK = 1 << 20  # verify/generate in 1 MiB blocks: numpy call overhead stays negligible
@@ -115,6 +128,81 @@ class _Source:
     finished_sending: bool = False
 
 
+class UdpPerf:
+    """The host end of hnet's udp-tx and udp-rx (the datagram layout is in guest/src/hnet.c).
+
+    Every datagram is kind byte + 8-byte tag (+ little-endian u64 fields): ``D`` data, counted
+    per tag with first and last arrival; ``Q`` query, answered ``R tag count first_ns last_ns``;
+    ``S tag size ms rate`` floods the sender with ``size``-byte ``D`` datagrams at ``rate``
+    per second for ``ms`` milliseconds, then sends ``E tag sent`` a few times.
+    """
+
+    def __init__(self, sock: socket.socket, clock: Any = time.monotonic_ns) -> None:
+        self.sock = sock
+        self.clock = clock
+        #: tag -> [count, first ns, last ns]; only the newest few tags are kept.
+        self.counts: dict[int, list[int]] = {}
+
+    def on_datagram(self, data: bytes, addr: Any) -> None:
+        if len(data) < 9:
+            return
+        kind, tag = data[0], int.from_bytes(data[1:9], "little")
+        if kind == ord("D"):
+            entry = self.counts.get(tag)
+            now = self.clock()
+            if entry is None:
+                if len(self.counts) >= 16:
+                    self.counts.pop(next(iter(self.counts)))
+                self.counts[tag] = [1, now, now]
+            else:
+                entry[0] += 1
+                entry[2] = now
+        elif kind == ord("Q"):
+            count, first, last = self.counts.get(tag, [0, 0, 0])
+            self.sock.sendto(b"R" + struct.pack("<4Q", tag, count, first, last), addr)
+        elif kind == ord("S") and len(data) >= 33:
+            size, ms, rate = struct.unpack_from("<3Q", data, 9)
+            self.flood(tag, addr, size, ms / 1000.0, rate)
+
+    def flood(self, tag: int, addr: Any, size: int, seconds: float, rate: int) -> int:
+        """Send ``size``-byte data datagrams at ``rate``/s for ``seconds``; returns how many.
+
+        Paced, not as fast as possible: an unpaced Python loop would take a whole host core
+        from the two that QEMU and the device server share, and the TAP drops the excess
+        anyway. Blocks the peer's loop meanwhile (nothing else runs during a benchmark)."""
+        size = min(max(size, 17), 1472)
+        seconds = min(max(seconds, 0.0), MAX_FLOOD_SECONDS)
+        rate = min(max(rate, 1), MAX_FLOOD_RATE)
+        payload = bytearray(size)
+        payload[0] = ord("D")
+        payload[1:9] = tag.to_bytes(8, "little")
+        sent = 0
+        t0 = time.monotonic()
+        end = t0 + seconds
+        burst = max(1, min(64, rate // 1000))
+        while True:
+            now = time.monotonic()
+            if now >= end:
+                break
+            ahead = t0 + sent / rate - now
+            if ahead > 0:
+                time.sleep(ahead)
+                continue
+            for _ in range(burst):
+                payload[9:17] = sent.to_bytes(8, "little")
+                try:  # noqa: SIM105 (the hot loop: no context manager per datagram)
+                    self.sock.sendto(payload, addr)
+                except OSError:
+                    pass  # ENOBUFS: dropped on the host, counted as sent (offered load)
+                sent += 1
+        end_msg = b"E" + struct.pack("<2Q", tag, sent)
+        for _ in range(5):  # the end marker may be dropped like any datagram
+            time.sleep(0.02)
+            with contextlib.suppress(OSError):
+                self.sock.sendto(end_msg, addr)
+        return sent
+
+
 class Peer:
     """The three servers and their results; drive with :meth:`run`."""
 
@@ -127,6 +215,7 @@ class Peer:
         seed: int = DEFAULT_SEED,
         udp_count: int = 1000,
         ports: tuple[int, int, int] = (PORT_SINK, PORT_SOURCE, PORT_ECHO),
+        perf_ports: tuple[int, int] | None = None,
         timeout: float = 900.0,
         linger: float = 2.0,
         expect: tuple[str, ...] = TESTS,
@@ -141,6 +230,9 @@ class Peer:
         self.seed = seed
         self.udp_count = udp_count
         self.ports = ports
+        #: (UDP perf, TCP echo); default: the three test ports' base + 3 and + 4.
+        self.perf_ports = perf_ports if perf_ports is not None else (ports[0] + 3, ports[0] + 4)
+        self.perf: UdpPerf | None = None
         self.timeout = timeout
         self.linger = linger
         self.status = "starting"
@@ -210,6 +302,12 @@ class Peer:
         self._sel.register(sink, selectors.EVENT_READ, partial(self._accept_sink, sink))
         self._sel.register(source, selectors.EVENT_READ, partial(self._accept_source, source))
         self._sel.register(echo, selectors.EVENT_READ, partial(self._on_udp, echo))
+        perf = self._listen(self.perf_ports[0], socket.SOCK_DGRAM)
+        perf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.perf = UdpPerf(perf)
+        self._sel.register(perf, selectors.EVENT_READ, self._on_perf)
+        rr = self._listen(self.perf_ports[1], socket.SOCK_STREAM)
+        self._sel.register(rr, selectors.EVENT_READ, partial(self._accept_rr, rr))
         self.status = "listening"
         self.write_results()
         log.info("listening on %s ports %s", self.bind, self.ports)
@@ -350,6 +448,41 @@ class Peer:
         except OSError as e:
             self._finish_source(st, f"send: {e}")
 
+    # ---- perf ports (hnet udp-tx, udp-rx, tcp-rr) ---------------------------------------
+
+    def _on_perf(self) -> None:
+        assert self.perf is not None
+        for _ in range(256):  # bounded batch, as for the UDP echo
+            try:
+                data, addr = self.perf.sock.recvfrom(2048)
+            except BlockingIOError:
+                return
+            self.perf.on_datagram(data, addr)
+
+    def _accept_rr(self, lsock: socket.socket) -> None:
+        conn, addr = lsock.accept()
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("rr: connection from %s", addr)
+        self._sel.register(conn, selectors.EVENT_READ, partial(self._on_rr, conn))
+
+    def _on_rr(self, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(65536)
+            if data:
+                # Requests are small and the guest waits for each answer: the send buffer
+                # cannot fill, so a blocking sendall never stalls the loop for long.
+                conn.setblocking(True)
+                conn.sendall(data)
+                conn.setblocking(False)
+                return
+        except BlockingIOError:
+            return
+        except OSError as e:
+            log.info("rr: %s", e)
+        self._sel.unregister(conn)
+        conn.close()
+
     # ---- UDP echo -----------------------------------------------------------------------
 
     def _payload(self, index: int) -> bytes:
@@ -442,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", type=int, default=64 << 20, help="TCP stream length each way")
     p.add_argument("--seed", type=lambda s: int(s, 0), default=DEFAULT_SEED)
     p.add_argument("--udp-count", type=int, default=1000)
-    p.add_argument("--port-base", type=int, default=PORT_SINK, help="sink; source +1, echo +2")
+    p.add_argument("--port-base", type=int, default=PORT_SINK,
+                   help="sink; source +1, echo +2, UDP perf +3, TCP echo (RR) +4")
     p.add_argument("--timeout", type=float, default=900.0, help="give up after this many s")
     p.add_argument("--linger", type=float, default=2.0, help="keep serving after all done")
     p.add_argument(
@@ -466,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         udp_count=args.udp_count,
         ports=(base, base + 1, base + 2),
+        perf_ports=(base + 3, base + 4),
         timeout=args.timeout,
         linger=args.linger,
         expect=tuple(t for t in args.expect.split(",") if t),

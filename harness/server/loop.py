@@ -38,6 +38,8 @@ IDLE_TIMEOUT = 1.0
 #: Pause after a failed attach before the next (a failure that repeats, e.g. out of fds while a
 #: connection waits in the backlog, must not spin the loop); control requests are still served.
 ATTACH_FAILURE_PAUSE = 0.05
+#: A select() that took longer than this slept, so what woke it had just arrived.
+BLOCKED_SELECT = 0.0002
 
 EventHandler = Callable[[int], None]
 
@@ -132,6 +134,8 @@ class DeviceLoop:
         self._endpoint_fd = -1
         self._backend_polled = False
         self._next_sample = 0.0
+        self._origin = 0.0
+        self._last_wake = 0.0
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
         # driver's new queue set-up can arrive in one batch of vfio-user messages, and a check
         # after both would take the new rings for leaks and reclaim them under the device.
@@ -205,7 +209,16 @@ class DeviceLoop:
 
     def dispatch(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and call the handler of every ready registration."""
-        for key, mask in self.selector.select(timeout=timeout):
+        entered = self.clock()
+        events = self.selector.select(timeout=timeout)
+        woke = self.clock()
+        # When did the requests about to be handled arrive, at the earliest? A select that
+        # slept was woken by them; one that returned at once may have found them queued since
+        # the previous wake-up (they came in during the ring work in between). The endpoint
+        # times its DMA replies from there (harness.vfu.latency).
+        self._origin = woke if woke - entered > BLOCKED_SELECT else self._last_wake
+        self._last_wake = woke
+        for key, mask in events:
             key.data(mask)
             if self.stop:
                 break
@@ -233,6 +246,8 @@ class DeviceLoop:
     # -- event handlers ----------------------------------------------------------------------
 
     def _on_endpoint(self, _mask: int) -> None:
+        if hasattr(self.endpoint, "message_origin"):
+            self.endpoint.message_origin = self._origin
         try:
             self.endpoint.run()
         except ClientDropped as exc:

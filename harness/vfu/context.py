@@ -34,6 +34,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -41,6 +42,7 @@ from typing import Any, NamedTuple
 from harness.vfu import callbacks
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.errors import ClientDropped, Disconnected, VfuError, error_from_errno
+from harness.vfu.latency import LatencyRecorder
 from harness.vfu.model import PROT_WRITE, DmaRegion, ResetType
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,12 @@ class VfuContext:
         self._on_reset: Callable[[ResetType], None] | None = None
         self._deferred: BaseException | None = None
         self._config: memoryview | None = None
+        #: The earliest monotonic time the requests run() is about to handle can have arrived;
+        #: the server loop sets it before each run() (harness.vfu.latency explains why).
+        self.message_origin = 0.0
+        #: DMA_MAP and DMA_UNMAP reply latency (origin -> end of callback) and callback time.
+        self.dma_latency = {key: LatencyRecorder() for key in
+                            ("map_reply", "unmap_reply", "map_callback", "unmap_callback")}
         self._config_size = lib.PCI_CFG_SPACE_EXP_SIZE if pci_express else lib.PCI_CFG_SPACE_SIZE
         self._unlink_stale_socket()
         # The handle is how trampolines find this object; it must outlive the C context.
@@ -537,8 +545,17 @@ class VfuContext:
                         "connection shut down", self.socket_path, self.client_timeout)
 
     def stats(self) -> dict[str, object]:
-        """Refusal counters (WireCounters) and whether a client is attached."""
-        return {"attached": self._attached, **self.counters.as_dict()}
+        """Refusal counters (WireCounters), whether a client is attached, DMA latencies."""
+        return {"attached": self._attached, **self.counters.as_dict(),
+                "dma_latency": {k: r.summary() for k, r in self.dma_latency.items()}}
+
+    def _timed(self, kind: str, start: float) -> None:
+        end = time.monotonic()
+        lat = self.dma_latency
+        lat[f"{kind}_callback"].add(end - start)
+        origin = self.message_origin
+        if 0 < origin <= start:
+            lat[f"{kind}_reply"].add(end - origin)
 
     def irq_trigger(self, vector: int) -> bool:
         """Signal MSI-X vector; False if the client has not given an eventfd for it yet."""
@@ -630,6 +647,13 @@ class VfuContext:
             self._on_reset(ResetType(kind))
 
     def _cb_dma_register(self, info: Any) -> None:
+        start = time.monotonic()
+        try:
+            self._dma_register(info)
+        finally:
+            self._timed("map", start)
+
+    def _dma_register(self, info: Any) -> None:
         iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
         size = int(info.iova.iov_len)
         prot = int(info.prot)
@@ -654,6 +678,13 @@ class VfuContext:
             self._on_map(region)
 
     def _cb_dma_unregister(self, info: Any) -> None:
+        start = time.monotonic()
+        try:
+            self._dma_unregister(info)
+        finally:
+            self._timed("unmap", start)
+
+    def _dma_unregister(self, info: Any) -> None:
         iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
         size = int(info.iova.iov_len)
         region = self._dma_regions.pop((iova, size), None)

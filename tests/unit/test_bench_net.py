@@ -1,13 +1,18 @@
-"""harness bench net: medians, ratios that always favour ours above 1, the 80-column table."""
+"""harness bench net: medians, ratios that always favour ours above 1, CPU per unit, the
+parsers of the guest's output, the tables, the host perf peer and DMA latency percentiles."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
 
-from harness.bench import net
+from harness.bench import net, netrun
 from harness.bench.net import Round, median, ratio, summarize, table
+from harness.net.peer import UdpPerf
+from harness.vfu.latency import LatencyRecorder, percentile
 
 
 def test_median_and_ratio_direction() -> None:
@@ -15,36 +20,45 @@ def test_median_and_ratio_direction() -> None:
     assert median([3.0, 1.0, 2.0]) == 2.0
     assert median([1.0, 2.0, 3.0, 10.0]) == 2.5
     assert ratio(200.0, 100.0, True) == 2.0      # throughput: ours/builtin
-    assert ratio(2.0, 4.0, False) == 2.0         # RTT/CPU: builtin/ours, ours twice as fast
+    assert ratio(2.0, 4.0, False) == 2.0         # RTT: builtin/ours, ours twice as fast
     assert ratio(None, 1.0, True) is None and ratio(1.0, None, False) is None
     assert ratio(1.0, 0.0, True) is None and ratio(0.0, 1.0, False) is None
 
 
 def _rounds() -> list[Round]:
+    lat = {"map_reply": {"count": 10, "p50_us": 100.0, "p99_us": 900.0}}
     return [
-        Round("ours", 1, values={"tcp_guest_to_host": 100.0, "ping_rtt": 4.0,
-                                 "server_cpu": 9.0}),
-        Round("builtin", 1, values={"tcp_guest_to_host": 300.0, "ping_rtt": 2.0}),
-        Round("ours", 2, values={"tcp_guest_to_host": 120.0, "ping_rtt": 6.0,
-                                 "server_cpu": 11.0}),
+        Round("ours", 1, values={"tcp_guest_to_host": 100.0, "ping_rtt": 4.0},
+              cpu={"tcp_guest_to_host": {"server": 9.0, "qemu": 20.0}}, dma_latency=lat),
+        Round("builtin", 1, values={"tcp_guest_to_host": 300.0, "ping_rtt": 2.0},
+              cpu={"tcp_guest_to_host": {"qemu": 30.0}}),
+        Round("ours-noledger", 1, values={"tcp_guest_to_host": 150.0}),
+        Round("ours", 2, values={"tcp_guest_to_host": 120.0, "ping_rtt": 6.0},
+              cpu={"tcp_guest_to_host": {"server": 11.0, "qemu": 22.0}}, dma_latency=lat),
         Round("builtin", 2, values={"tcp_guest_to_host": 200.0, "ping_rtt": 3.0}),
         Round("ours", 3, error="tcp_guest_to_host: timed out"),
+        Round("ours", 1, config="viommu", values={"tcp_guest_to_host": 10.0}),
     ]
 
 
-def test_summarize_medians_per_side_and_workload() -> None:
-    rows = {r["workload"]: r for r in summarize(_rounds())}
-    assert [w.name for w in net.WORKLOADS] == list(rows)
-    g2h = rows["tcp_guest_to_host"]
+def test_summarize_medians_per_config_side_and_workload() -> None:
+    rows = {(r["config"], r["workload"]): r for r in summarize(_rounds())}
+    plain = [w for c, w in rows if c == "plain"]
+    assert plain == [w.name for w in net.WORKLOADS] + ["dma_map_reply"]
+    g2h = rows["plain", "tcp_guest_to_host"]
     assert (g2h["ours"], g2h["builtin"], g2h["better"]) == (110.0, 250.0, "higher")
     assert g2h["ratio"] == pytest.approx(110 / 250)
-    assert g2h["samples"] == {"ours": [100.0, 120.0], "builtin": [300.0, 200.0]}
-    rtt = rows["ping_rtt"]
+    assert g2h["ours_ledger_off"] == 150.0 and g2h["ledger_cost"] == pytest.approx(150 / 110)
+    assert g2h["cpu"] == {"ours_server": 10.0, "ours_qemu": 21.0, "builtin_qemu": 30.0}
+    assert g2h["samples"]["ours"] == [100.0, 120.0]
+    rtt = rows["plain", "ping_rtt"]
     assert (rtt["ours"], rtt["builtin"], rtt["better"]) == (5.0, 2.5, "lower")
-    assert rtt["ratio"] == pytest.approx(0.5)
-    srv = rows["server_cpu"]
-    assert (srv["ours"], srv["builtin"], srv["ratio"]) == (10.0, None, None)
-    assert rows["tcp_host_to_guest"]["ours"] is None
+    assert rtt["ratio"] == pytest.approx(0.5) and rtt["cpu"] == {}
+    dma = rows["plain", "dma_map_reply"]
+    assert (dma["ours"], dma["p99"], dma["count"]) == (100.0, 900.0, 10)
+    assert rows["viommu", "tcp_guest_to_host"]["ours"] == 10.0
+    assert rows["viommu", "tcp_guest_to_host"]["builtin"] is None
+    assert ("viommu", "dma_map_reply") not in rows
     json.dumps(list(rows.values()))  # the --json output is plain JSON
 
 
@@ -52,14 +66,46 @@ def test_table_fits_80_columns_and_says_which_way() -> None:
     text = table(summarize(_rounds()), 2)
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
-    assert lines[0].split() == ["workload", "unit", "ours", "builtin", "ratio", "better"]
+    assert lines[0] == "[plain] offloads off, vIOMMU off"
+    assert lines[1].split() == ["workload", "unit", "ours", "builtin", "ratio", "no-ledger",
+                                "server", "CPU"]
     g2h = next(line for line in lines if line.startswith("TCP guest->host"))
-    assert g2h.split()[-4:] == ["110.0", "250.0", "0.44x", "higher"]
+    assert g2h.split()[-6:] == ["110.0", "250.0", "0.44x", "150.0", "10", "ms/MiB"]
     rtt = next(line for line in lines if line.startswith("ping RTT"))
-    assert rtt.split()[-4:] == ["5", "2.5", "0.50x", "lower"]
-    srv = next(line for line in lines if line.startswith("device server"))
-    assert srv.split()[-4:] == ["10", "-", "-", "lower"]
+    assert rtt.split()[-5:] == ["5", "2.5", "0.50x", "-", "-"]
+    assert any(line.startswith("dma_map_reply") and "p99 900.0 us" in line for line in lines)
+    assert "[viommu] offloads off, vIOMMU on" in lines
     assert "ratio > 1 favours ours" in text and "medians of 2 round(s)" in text
+
+
+def test_guest_output_parsers() -> None:
+    m = netrun.parse_metrics("sent=10 received=9 pps=1234 tx_pps=nan? seconds=1.5\n")
+    assert m == {"sent": 10.0, "received": 9.0, "pps": 1234.0, "seconds": 1.5}
+    ping = ("20 packets transmitted, 20 packets received, 0% packet loss\n"
+            "round-trip min/avg/max = 0.512/1.234/4.000 ms\n")
+    assert netrun.parse_ping(ping) == 1.234
+    assert netrun.parse_ping("ping: sendto: Network is unreachable\n") is None
+
+
+def test_cpu_per_unit_and_ticks() -> None:
+    # 50 ticks of 10 ms over 16 MiB = 31.25 ms/MiB; over 10,000 packets = 50 us/packet.
+    assert netrun.per_unit(50, 16, 1.0, 10.0) == pytest.approx(31.25)
+    assert netrun.per_unit(50, 10_000, 1000.0, 10.0) == pytest.approx(50.0)
+    assert netrun.per_unit(50, 0, 1.0, 10.0) is None
+    ticks = netrun.cpu_ticks(os.getpid())
+    assert ticks is not None and ticks >= 0
+    assert netrun.cpu_ticks(None) is None
+    assert netrun.cpu_ticks(2**22 + 12345) is None  # no such process
+
+
+def test_workload_commands_use_the_options() -> None:
+    o = netrun.Options(nbytes=4 << 20, seconds=1.5, rr_size=64, rate=1000)
+    cmds = {name: c.build(o) for name, c in netrun.COMMANDS.items()}
+    assert cmds["tcp_guest_to_host"].startswith("hnet tcp-send --host 198.18.0.1 --port 5001")
+    assert "--bytes 4194304" in cmds["tcp_host_to_guest"]
+    assert "--size 64 --seconds 1.5" in cmds["tcp_rr"]
+    assert "--rate 1000" in cmds["udp_pps_host_to_guest"]
+    assert list(cmds) == [w.name for w in net.WORKLOADS]
 
 
 def test_pci_device_is_found_by_qdev_id() -> None:
@@ -67,17 +113,9 @@ def test_pci_device_is_found_by_qdev_id() -> None:
         {"qdev_id": "", "id": {"vendor": 0x8086, "device": 0x29c0}},
         {"qdev_id": "net0", "class_info": {"desc": "Ethernet controller"},
          "id": {"vendor": 0x1AF4, "device": 0x1041, "subsystem": 0x1100}}]}]
-    dev = net._pci_device(reply)
+    dev = netrun._pci_device(reply)
     assert dev["device"] == "0x1041" and dev["subsystem"] == "0x1100"
-    assert net._pci_device([]) == {}
-
-
-def test_cpu_ticks_of_this_process_and_of_none() -> None:
-    import os
-
-    ticks = net._cpu_ticks(os.getpid())
-    assert ticks is not None and ticks >= 0
-    assert net._cpu_ticks(None) is None
+    assert netrun._pci_device([]) == {}
 
 
 def test_bad_options_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,3 +125,73 @@ def test_bad_options_are_argparse_errors(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         net.main(["--bytes", "lots"])
     assert "not a size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        net.main(["--config", "plain,fast"])
+    assert "unknown config fast" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        net.main(["--seconds", "0"])
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0 and percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(values, 0)
+
+
+def test_latency_recorder_summary_in_microseconds_and_bounded() -> None:
+    rec = LatencyRecorder(capacity=100)
+    assert rec.summary() == {"count": 0, "p50_us": None, "p99_us": None, "max_us": None,
+                             "mean_us": None}
+    for i in range(1, 201):  # the ring keeps the newest 100: 101..200 us
+        rec.add(i * 1e-6)
+    s = rec.summary()
+    assert s["count"] == 200 and s["p50_us"] == 150.0 and s["p99_us"] == 199.0
+    assert s["max_us"] == 200.0 and s["mean_us"] == pytest.approx(100.5)
+
+
+def test_udp_perf_counts_tagged_datagrams_and_answers_queries() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.settimeout(2)
+    clock = iter([1000, 1500, 2500, 9999])
+    perf = UdpPerf(server, clock=lambda: next(clock))
+    tag = (42).to_bytes(8, "little")
+    for seq in range(3):
+        perf.on_datagram(b"D" + tag + seq.to_bytes(8, "little") + bytes(47), None)
+    perf.on_datagram(b"D" + (7).to_bytes(8, "little") + bytes(55), None)  # another run
+    perf.on_datagram(b"short", None)
+    perf.on_datagram(b"Q" + tag, client.getsockname())
+    reply = client.recv(64)
+    assert reply[:1] == b"R" and reply[1:9] == tag
+    assert [int.from_bytes(reply[i:i + 8], "little") for i in (9, 17, 25)] == [3, 1000, 2500]
+    perf.on_datagram(b"Q" + (5).to_bytes(8, "little"), client.getsockname())  # unknown run
+    assert client.recv(64)[9:17] == bytes(8)
+    server.close()
+    client.close()
+
+
+def test_udp_perf_flood_is_paced_and_ends_with_a_marker() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.settimeout(2)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    perf = UdpPerf(tx)
+    sent = perf.flood(9, rx.getsockname(), 64, 0.1, 1000)
+    assert 90 <= sent <= 110  # 0.1 s at 1000/s
+    kinds = []
+    while True:
+        try:
+            data = rx.recv(2048)
+        except TimeoutError:
+            break
+        kinds.append(data[:1])
+        if data[:1] == b"E":
+            assert int.from_bytes(data[9:17], "little") == sent
+            break
+    assert kinds.count(b"D") == sent and kinds[-1] == b"E"
+    rx.close()
+    tx.close()

@@ -1,0 +1,96 @@
+"""The measurement switches of the performance work: the ledger-off pass-through
+(HARNESS_LEDGER=off) and the server loop's arrival estimate for DMA reply latency."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+from typing import Any
+
+import pytest
+
+from harness.dma import Direction, GuestMemory, build_mapops
+from harness.dma.factory import LEDGER_ENV
+from harness.server.loop import BLOCKED_SELECT, DeviceLoop
+
+P = 0x1000
+RW = 0x100000
+
+
+def _memory() -> GuestMemory:
+    mem = GuestMemory()
+    mem.add_region(RW, memoryview(bytearray(4 * P)), writable=True)
+    return mem
+
+
+def test_ledger_off_checks_and_counts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LEDGER_ENV, "off")
+    _ops, ledger = build_mapops("direct", _memory(), bus_master=lambda: False)
+    assert ledger is not None and ledger.checks is False
+    # Bus Master Enable clear would refuse the map with checks on; off, it goes straight down.
+    h = ledger.map_page(RW, 64, Direction.FROM_DEVICE, 0, ("rx0", 0, 0))
+    assert h.error is None
+    ledger.unmap_page(h, Direction.FROM_DEVICE)
+    ledger.unmap_page(h, Direction.FROM_DEVICE)  # a double unmap is not even noticed
+    s = ledger.stats()
+    assert s["maps"] == 0 and s["violations_total"] == 0 and s["checks"] is False
+
+
+def test_ledger_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LEDGER_ENV, raising=False)
+    _ops, ledger = build_mapops("direct", _memory(), bus_master=lambda: False)
+    assert ledger is not None and ledger.checks is True
+    h = ledger.map_page(RW, 64, Direction.FROM_DEVICE, 0, ("rx0", 0, 0))
+    assert h.error is not None and ledger.stats()["violations_total"] == 1
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self.message_origin = 0.0
+        self.origins: list[float] = []
+
+    def attach(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 0
+
+    def run(self) -> int:
+        self.origins.append(self.message_origin)
+        return 0
+
+
+class _Selector(selectors.DefaultSelector):
+    """select() that returns the endpoint ready; the fake clock says whether it slept."""
+
+    def __init__(self, clock: list[float], sleeps: list[float]) -> None:
+        super().__init__()
+        self.clock, self.sleeps = clock, sleeps
+
+    def select(self, timeout: float | None = None) -> list[tuple[Any, int]]:
+        self.clock[0] += self.sleeps.pop(0)
+        return [(key, selectors.EVENT_READ) for key in self.get_map().values()]
+
+
+def test_arrival_is_the_wake_up_of_a_sleeping_select_else_the_previous_one() -> None:
+    clock = [100.0]
+    sel = _Selector(clock, [0.5, 0.0, 0.0])
+    ep = _Endpoint()
+
+    class _Dev:
+        after_reset: Any = None
+
+    a, b = socket.socketpair()
+    loop = DeviceLoop(ep, _Dev(), None, a, selector=sel,  # type: ignore[arg-type]
+                      clock=lambda: clock[0])
+    sel.register(b, selectors.EVENT_READ, loop._on_endpoint)
+    loop.dispatch(1.0)           # slept 0.5 s: the request woke it at 100.5
+    clock[0] += 0.02             # 20 ms of ring work, during which a request arrives
+    loop.dispatch(0.0)           # returns at once at 100.52: it may have waited since 100.5
+    clock[0] += 0.001
+    loop.dispatch(0.0)
+    assert ep.origins == [pytest.approx(100.5), pytest.approx(100.5), pytest.approx(100.52)]
+    assert BLOCKED_SELECT < 0.5
+    sel.close()
+    a.close()
+    b.close()
