@@ -17,6 +17,9 @@
  *   reset                        reset the device (status 0) and wait for it.
  *   hostile CASE                 initialise, do one malformed thing, report the device's
  *                                reaction (status, used.idx), reset. `hostile list` lists them.
+ *   fuzz --seed S --iterations N [--first I]
+ *                                seeded random rings, descriptors and register writes, a reset
+ *                                after each iteration (guest/src/vnetfuzz.h).
  * Options: --bdf DDDD:BB:DD.F (default: the first 1af4:1041), --timeout SEC (default 30),
  *          --host A.B.C.D (198.18.0.1), --addr A.B.C.D (198.18.0.2), --port P (5003),
  *          --queue-size N (16), --rto-ms MS (200), --max-retries K (20).
@@ -1578,6 +1581,8 @@ static void usage(void)
 			"[--queue-size N] [--rto-ms MS] [--max-retries K]");
 }
 
+#include "vnetfuzz.h"
+
 int main(int argc, char **argv)
 {
 	O.timeout = 30;
@@ -1592,6 +1597,8 @@ int main(int argc, char **argv)
 	if (argc < 2)
 		usage();
 	const char *cmd = argv[1];
+	if (!strcmp(cmd, "fuzz"))
+		return cmd_fuzz(argc, argv);
 	const char *arg = NULL;
 	int i = 2;
 	if (!strcmp(cmd, "hostile")) {
