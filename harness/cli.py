@@ -3,7 +3,8 @@
 Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
 here), `qmp` (a QMP shell on the running VM), `stats` and `dump-queue` (the running device's
 counters and rings), `link` (set its link up or down), `serve` (the device server alone),
-`accel` (which accelerator auto would pick, and why), `bench iova`, `bench net`. Bad input
+`accel` (which accelerator auto would pick, and why), `bench iova`, `bench net`, `fuzz`
+(seeded in-guest fuzzing, harness.fuzz). Bad input
 is an argparse error (exit 2) with a one-line message, never a traceback.
 """
 
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["iova", "net"])
     sub.add_parser("misbehave", help="run the misbehaving-device catalogue against a guest "
                    "kernel (see `harness misbehave --help`)", add_help=False)
+    sub.add_parser("fuzz", help="seeded in-guest fuzzing of the device through the raw "
+                   "driver (see `harness fuzz --help`)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "misbehave":
         from harness.misbehave_run import main as misbehave_main
@@ -273,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format="%(levelname)s %(name)s: %(message)s")
         return misbehave_main(argv[1:])
+    if argv and argv[0] == "fuzz":
+        from harness.fuzz import main as fuzz_main
+
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        return fuzz_main(argv[1:])
     # serve and bench pass their own options through to their own parsers.
     if argv and argv[0] == "serve":
         from harness.server import main as serve_main
