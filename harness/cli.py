@@ -30,7 +30,13 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                         "iova-alloc=0.05,max-mapping-size=4096,seed=7")
     p.add_argument("--viommu", action="store_true", help="put the device behind an intel-iommu")
     p.add_argument("--offloads", action="store_true",
-                   help="offer checksum and TSO offloads (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6)")
+                   help="offer checksum and TSO offloads (CSUM, GUEST_CSUM, HOST/GUEST_TSO4/6; "
+                        "on by default now: the same as --features offloads=on)")
+    p.add_argument("--features", type=_features_spec, default="", metavar="NAME=on|off,...",
+                   help="device feature switches over the defaults, like QEMU device "
+                        "properties: csum, guest_csum, host_tso4/6, guest_tso4/6, mrg_rxbuf, "
+                        "event_idx, indirect, status, mac, offloads (all on by default), "
+                        "mtu=N (off by default)")
     p.add_argument("--smp", type=argtypes.positive_int, default=2)
     p.add_argument("--memory", type=argtypes.memory_mb, default=512, metavar="MB")
     p.add_argument("--pcap", type=Path, metavar="FILE",
@@ -43,6 +49,16 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                    help="extra guest kernel command-line words")
     p.add_argument("--initrd-add", type=Path, metavar="DIR",
                    help="add DIR's files to the initramfs at the same relative paths")
+
+
+def _features_spec(text: str) -> str:
+    from harness.virtio.features import parse
+
+    try:
+        parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _misbehave_spec(text: str) -> str:
@@ -110,8 +126,9 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
     from harness.testbed import TestbedError
 
     cfg = VmTestConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
-                       faults=args.faults, offloads=args.offloads,
-                       smp=args.smp, memory_mb=args.memory, tcp_bytes=args.tcp_bytes,
+                       faults=args.faults, offloads=args.offloads or None,
+                       features=args.features, smp=args.smp, memory_mb=args.memory,
+                       tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
                        append=tuple(args.append.split()), initrd_add=args.initrd_add,
@@ -139,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.testbed import PeerSpec, TestbedConfig, TestbedError
 
     cfg = TestbedConfig(accel=args.accel, map_ops=args.map_ops, viommu=args.viommu,
-                        faults=args.faults, offloads=args.offloads, smp=args.smp,
+                        faults=args.faults, offloads=args.offloads or None,
+                        features=args.features, smp=args.smp,
                         memory_mb=args.memory, pcap=args.pcap,
                         hotplug_ports=args.hotplug_ports, kernel=args.kernel,
                         append=tuple(args.append.split()), initrd_add=args.initrd_add,

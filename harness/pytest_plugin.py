@@ -40,7 +40,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "or debian:6.1 / debian:6.12 (default: the pinned kernel)")
     g.addoption("--harness-map-ops", choices=["direct", "bounce"], default="direct")
     g.addoption("--harness-viommu", action="store_true", help="device behind an intel-iommu")
-    g.addoption("--harness-offloads", action="store_true", help="offer CSUM/TSO offloads")
+    g.addoption("--harness-offloads", action="store_true", help="offer CSUM/TSO offloads "
+                "(on by default now)")
+    g.addoption("--harness-features", default="", metavar="NAME=on|off,...",
+                help="device feature switches (harness.virtio.features), e.g. mtu=9000")
     g.addoption("--harness-accel", choices=["auto", "kvm", "tcg"], default="auto")
     g.addoption("--harness-smp", type=int, default=2)
     g.addoption("--harness-memory", type=int, default=512, metavar="MB")
@@ -54,7 +57,8 @@ def testbed_config(request: pytest.FixtureRequest) -> Any:
     opt = request.config.getoption
     cfg = TestbedConfig(
         accel=opt("--harness-accel"), map_ops=opt("--harness-map-ops"),
-        viommu=opt("--harness-viommu"), offloads=opt("--harness-offloads"),
+        viommu=opt("--harness-viommu"), offloads=opt("--harness-offloads") or None,
+        features=opt("--harness-features"),
         smp=opt("--harness-smp"), memory_mb=opt("--harness-memory"),
         kernel=opt("--harness-kernel"), console="socket",
         cmdline=SHELL_CMDLINE,

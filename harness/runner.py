@@ -42,8 +42,10 @@ class VmTestConfig:
     viommu: bool = False
     #: Fault-injection spec for the device's map ops, e.g. "mapping-error=0.01,seed=7".
     faults: str | None = None
-    #: Offer checksum/TSO offloads to the guest.
-    offloads: bool = False
+    #: All checksum/TSO offloads on (True) or off (False); None: as ``features`` says.
+    offloads: bool | None = None
+    #: Device feature switches (harness.virtio.features), e.g. "mrg_rxbuf=off,mtu=9000".
+    features: str = ""
     smp: int = 2
     memory_mb: int = 512
     tcp_bytes: int = 64 * MIB
@@ -65,7 +67,7 @@ class VmTestConfig:
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
             accel=self.accel, map_ops=self.map_ops, viommu=self.viommu, faults=self.faults,
-            offloads=self.offloads, smp=self.smp, memory_mb=self.memory_mb,
+            offloads=self.offloads, features=self.features, smp=self.smp, memory_mb=self.memory_mb,
             cmdline=guest_cmdline(self), pcap=self.pcap, kernel=self.kernel,
             append=self.append, initrd_add=self.initrd_add, misbehave=self.misbehave,
             peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))

@@ -34,6 +34,7 @@ from harness.guest.build import build_initramfs
 from harness.net.hosttap import open_in_netns
 from harness.net.netns import private_netns
 from harness.proc import managed, tail
+from harness.virtio import features as features_mod
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine
 from harness.vm.qemu import (
@@ -100,7 +101,12 @@ class TestbedConfig:
     faults: str | None = None
     #: Misbehaviour specs for the first device (harness.virtio.misbehave), validated.
     misbehave: tuple[str, ...] = ()
-    offloads: bool = False
+    #: True/False: every checksum/TSO offload feature on/off (the older switch, which the
+    #: bench's plain/offloads configs use for both devices); None: as ``features`` says.
+    offloads: bool | None = None
+    #: Feature switches over the device's defaults (harness.virtio.features), e.g.
+    #: "mrg_rxbuf=off,mtu=9000"; applied after ``offloads``.
+    features: str = ""
     smp: int = 2
     memory_mb: int = 512
     #: Extra kernel command-line words (the guest plan's parameters).
@@ -218,6 +224,11 @@ class Testbed:
             raise TestbedError(f"device must be one of {', '.join(DEVICES)}, not {cfg.device!r}")
         if cfg.device == "builtin" and cfg.hotplug_ports:
             raise TestbedError("hot-plug needs our device servers (device='ours')")
+        try:
+            #: The device features of this run (every device server gets the same).
+            self.features = features_mod.resolve(cfg.features, cfg.offloads)
+        except ValueError as exc:
+            raise TestbedError(f"features: {exc}") from None
         self.cfg = cfg
         self.run_dir = run_dir
         self.env = env or paths.load_env()
@@ -325,7 +336,7 @@ class Testbed:
                 "--stats", str(dev.stats_path),
                 *(["--access-platform"] if cfg.viommu else []),
                 *(["--faults", cfg.faults] if cfg.faults else []),
-                *(["--offloads"] if cfg.offloads else []),
+                *(["--features", fspec] if (fspec := self.features.spec()) else []),
                 *(["--pcap", str(cfg.pcap)] if cfg.pcap and not self.devices else []),
                 *[a for m in (cfg.misbehave if not self.devices else ())
                   for a in ("--misbehave", m)]]
@@ -360,7 +371,7 @@ class Testbed:
                               user_qmp_socket=self.user_qmp_socket,
                               agent_socket=self.agent_socket)
         device = None if self._tap_fd is None else builtin_net_args(
-            self._tap_fd, DeviceSpec().mac, viommu=cfg.viommu, offloads=cfg.offloads)
+            self._tap_fd, DeviceSpec().mac, viommu=cfg.viommu, offloads=self.features.offloads)
         argv = full_args(list(self.env.qemu), profile, mpaths, device)
         (self.run_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
         machine = Machine(argv, qmp_socket=self.qmp_socket, log_path=self.run_dir / "qemu.log",

@@ -17,6 +17,8 @@ from typing import Any
 
 from pyroute2 import IPRoute, NetlinkError
 
+from harness.virtio import constants as C
+
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
@@ -32,6 +34,20 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
+
+
+def offload_for(features: int) -> int:
+    """TUNSETOFFLOAD bits for a driver that negotiated ``features``: the kernel may then hand
+    us partial checksums (GUEST_CSUM) and TSO frames (GUEST_TSO4/6, which need GUEST_CSUM)
+    only if the driver can take them (virtio 1.3 5.1.6.4.1)."""
+    if not features >> C.NET_F_GUEST_CSUM & 1:
+        return 0
+    flags = TUN_F_CSUM
+    if features >> C.NET_F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if features >> C.NET_F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    return flags
 
 
 def create(ifname: str) -> None:
@@ -71,8 +87,15 @@ class Tap:
         except OSError:
             os.close(self.fd)
             raise
+        self.offload = offload
         self.read_errors = 0
         self.write_errors = 0
+
+    def set_offload(self, flags: int) -> None:
+        """TUNSETOFFLOAD: from now on the kernel hands us only these offloads."""
+        if flags != self.offload:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+            self.offload = flags
 
     # PacketBackend -------------------------------------------------------------------
 
@@ -107,11 +130,13 @@ class Tap:
             self.fd = -1
 
 
-def configure(ifname: str, address: str, prefixlen: int) -> None:
-    """Give the TAP its host-side address and bring it up (in this namespace)."""
+def configure(ifname: str, address: str, prefixlen: int, mtu: int | None = None) -> None:
+    """Give the TAP its host-side address (and MTU) and bring it up (in this namespace)."""
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)[0]
         ipr.addr("add", index=idx, address=address, prefixlen=prefixlen)
+        if mtu is not None:
+            ipr.link("set", index=idx, mtu=mtu)
         ipr.link("set", index=idx, state="up")
 
 

@@ -20,12 +20,13 @@ from harness.dma import FaultSpec, GuestMemory, build_mapops
 from harness.dma.observer import GuestIovaObserver
 from harness.net import tap as tap_mod
 from harness.net.pcap import CapturingBackend, PcapngWriter
-from harness.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, Tap, configure, link_stats
+from harness.net.tap import Tap, configure, link_stats, offload_for
 from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
+from harness.virtio import features as features_mod
 from harness.virtio.constants import F_ACCESS_PLATFORM
 from harness.virtio.misbehave import parse_list
-from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
+from harness.virtio.net import VirtioNetDevice
 from harness.virtio.protocols import PacketBackend
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class ServerConfig:
     #: Offer VIRTIO_F_ACCESS_PLATFORM: the guest then maps every buffer through its DMA API,
     #: so behind a vIOMMU the device sees IOVAs and one DMA_MAP per guest mapping.
     access_platform: bool = False
-    #: Offer checksum and TSO offloads (the vnet header passes through to the TAP unchanged).
+    #: Turn all checksum/TSO offload features on (the older spelling; they are on by default
+    #: now, see ``features``).
     offloads: bool = False
+    #: Feature switches over the defaults (harness.virtio.features), e.g. "csum=off,mtu=9000".
+    features: str = ""
     #: Write every frame between guest and TAP to this pcapng file (harness.net.pcap).
     pcap: Path | None = None
     #: Keep serving vfio-user clients after one leaves (otherwise the first one's departure
@@ -97,11 +101,11 @@ class DeviceServer:
             raise
 
     def _build(self, cfg: ServerConfig) -> None:
-        # What the kernel may hand us unsegmented and without checksums: only what the guest
-        # can take (GUEST_CSUM/GUEST_TSO*), and only when offloads are offered at all.
-        self.tap = Tap(cfg.tap, offload=(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
-                       if cfg.offloads else 0)
-        configure(cfg.tap, cfg.host_address, cfg.prefixlen)
+        feats = features_mod.resolve(cfg.features, True if cfg.offloads else None)
+        # What the kernel may hand us unsegmented and without checksums: nothing until the
+        # driver has negotiated what it can take (the device sets it at DRIVER_OK).
+        self.tap = Tap(cfg.tap, offload=0)
+        configure(cfg.tap, cfg.host_address, cfg.prefixlen, mtu=feats.mtu)
         # The device and the loop move frames through ``backend``: the TAP itself, or a capture
         # around it. ``tap`` stays the bare TAP (its counters, close, and the drain at exit,
         # whose frames never reach the guest and so are not captured).
@@ -120,14 +124,13 @@ class DeviceServer:
         self.ledger = ledger
         # libvfio-user's view of the regions (iova -> size), to check the domain against.
         self.vfu_regions: dict[int, int] = {}
-        features = DEFAULT_FEATURES
+        features = feats.bits
         if cfg.access_platform:
             features |= 1 << F_ACCESS_PLATFORM
-        if cfg.offloads:
-            features |= OFFLOAD_FEATURES
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
-            features=features, bus_master=self._bus_master, barrier=memory_barrier)
+            features=features, bus_master=self._bus_master, barrier=memory_barrier,
+            mtu=feats.mtu, on_offloads=self._set_offloads)
         for text in cfg.misbehave:
             for spec in parse_list(text):
                 self.device.add_misbehaviour(spec)
@@ -157,6 +160,13 @@ class DeviceServer:
         ctx.setup_dma(self._on_dma_map, self._on_dma_unmap)
         ctx.setup_reset(self._on_reset)
         ctx.realize()
+
+    def _set_offloads(self, negotiated: int) -> None:
+        """The device's DRIVER_OK/reset hook: the TAP hands over only what the driver took."""
+        try:
+            self.tap.set_offload(offload_for(negotiated))
+        except OSError as exc:  # the TAP stays as it was: the device filters headers anyway
+            log.warning("TUNSETOFFLOAD failed: %s", exc)
 
     def _bus_master(self) -> bool:
         cfg = self.ctx.config_space()

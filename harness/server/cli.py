@@ -29,6 +29,7 @@ from harness.server.assembly import DeviceServer, ServerConfig
 from harness.server.control import ControlServer, device_commands
 from harness.server.loop import DeviceLoop
 from harness.vfu import VfuError
+from harness.virtio import features as features_mod
 from harness.virtio.misbehave import spec_list
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,15 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
 
 
+def argtypes_features(text: str) -> str:
+    """A --features value, checked now (harness.virtio.features) so a typo is a usage line."""
+    try:
+        features_mod.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
     """Options -> (config, log level); a bad value exits 2 with a usage line."""
     p = argparse.ArgumentParser(prog="harness-server",
@@ -76,7 +86,12 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
     p.add_argument("--access-platform", action="store_true",
                    help="offer VIRTIO_F_ACCESS_PLATFORM (for a guest behind a vIOMMU)")
     p.add_argument("--offloads", action="store_true",
-                   help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (vnet header passthrough)")
+                   help="offer CSUM/GUEST_CSUM and TSO4/6 both ways (on by default now; the "
+                   "same as --features offloads=on)")
+    p.add_argument("--features", type=argtypes_features, default="", metavar="NAME=on|off,...",
+                   help="feature switches over the defaults, like QEMU device properties: "
+                   "csum, guest_csum, host_tso4/6, guest_tso4/6, mrg_rxbuf, event_idx, "
+                   "indirect, status, mac, offloads (all on by default), mtu=N (default off)")
     p.add_argument("--control", type=Path, help="control socket path (JSON lines)")
     p.add_argument("--stats", type=Path, help="write final counters here at exit")
     p.add_argument("--pcap", type=Path, help="capture every frame between guest and TAP to "
@@ -104,7 +119,8 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
                        prefixlen=a.prefixlen, mac=a.mac, queue_size=a.queue_size,
                        map_ops=a.map_ops, control=a.control, stats=a.stats,
                        access_platform=a.access_platform, faults=a.faults,
-                       offloads=a.offloads, pcap=a.pcap, serve_forever=a.serve_forever,
+                       offloads=a.offloads, features=a.features, pcap=a.pcap,
+                       serve_forever=a.serve_forever,
                        client_timeout=a.client_timeout, misbehave=tuple(a.misbehave))
     return cfg, a.log_level
 

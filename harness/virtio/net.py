@@ -25,6 +25,7 @@ from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
+from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
@@ -50,7 +51,7 @@ OFFLOAD_FEATURES = (
     | (1 << C.NET_F_GUEST_TSO4)
     | (1 << C.NET_F_GUEST_TSO6)
 )
-SUPPORTED_FEATURES = DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES
+SUPPORTED_FEATURES = DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES | (1 << C.NET_F_MTU)
 
 _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
 # Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
@@ -61,7 +62,18 @@ _RX_MAX_MTU = C.NET_HDR_SIZE + 1518
 # longer TX chain is completed, dropped and counted rather than handed to the backend.
 _TX_MAX = _RX_MAX_GSO
 _CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
+#: With VIRTIO_NET_F_MTU: ... + max_virtqueue_pairs (1: no MQ) + mtu (offset 10).
+_CONFIG_LEN_MTU = 12
 _U16 = struct.Struct("<H")
+
+# virtio_net_hdr flags and gso_type (5.1.6).
+HDR_F_NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_TCPV6 = 4
+GSO_ECN = 0x80
+#: gso_type -> the feature the driver must have negotiated to be handed it.
+_GSO_FEATURE = {GSO_TCPV4: C.NET_F_GUEST_TSO4, GSO_TCPV6: C.NET_F_GUEST_TSO6}
 
 
 class VirtioNetDevice(VirtioPciDevice):
@@ -84,29 +96,46 @@ class VirtioNetDevice(VirtioPciDevice):
         bus_master: Callable[[], bool],
         barrier: Barrier = no_barrier,
         batch: int = 256,
+        mtu: int | None = None,
+        on_offloads: Callable[[int], None] | None = None,
     ) -> None:
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         feats = DEFAULT_FEATURES if features is None else features
         if feats & ~SUPPORTED_FEATURES:
             raise ValueError(f"unsupported features {feats & ~SUPPORTED_FEATURES:#x}")
+        check_bits(feats)
+        if (mtu is not None) != bool(feats >> C.NET_F_MTU & 1):
+            raise ValueError("an mtu goes with VIRTIO_NET_F_MTU and only with it")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu {mtu} out of range 68..65535")
         super().__init__(
             mapops, irq,
             queue_names=["rx0", "tx0"],
             queue_size=queue_size,
             device_features=feats,
-            device_config_len=_CONFIG_LEN,
+            device_config_len=_CONFIG_LEN if mtu is None else _CONFIG_LEN_MTU,
             bus_master=bus_master,
             barrier=barrier,
         )  # fmt: skip
         self.backend = backend
         self.mac = bytes(mac)
+        self.mtu = mtu
+        #: Told the negotiated features at DRIVER_OK and 0 at reset: the backend then hands
+        #: us only headers the driver negotiated (the server sets TUNSETOFFLOAD from them).
+        self.on_offloads = on_offloads
+        #: RX frames whose vnet header the driver could not take (a gso_type it did not
+        #: negotiate, a partial checksum that cannot be finished): dropped, never delivered.
+        self.header_drops = 0
+        #: RX partial checksums finished here for a driver without GUEST_CSUM.
+        self.csum_completed = 0
         self.link_up = True
         self.batch = batch
         self.rx = self.queues[RX_QUEUE]
         self.tx = self.queues[TX_QUEUE]
         self._rx_starved = False
         self._rx_max = _RX_MAX_MTU
+        self._rx_frame_max = 1518
         self._mrg = False
         self.link_changes = 0
         self.link_drops = 0  # frames dropped, either direction, because the link was down
@@ -133,12 +162,20 @@ class VirtioNetDevice(VirtioPciDevice):
             log.warning("misbehave tx-stall: TX is no longer consumed")
         return mb.tx_stalled
 
-    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int) -> None:
+    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int, got: int) -> None:
         s = mb.due("rx-header", "rx0")
         if s is None:
             return
         case = s.case
-        if case == "num-buffers-zero":
+        if case == "data-valid-bad-csum":
+            end = min(got, first.write_len) - 1  # inside the frame and the first chain
+            if got >= 128:
+                last = _read_at([h.view for h in first.writable], end, 1)
+                _write_header(first, 0, b"\x02")  # DATA_VALID
+                _write_header(first, end, bytes([last[0] ^ 0xFF]))
+        elif case == "rx-header-reserved-flags":
+            _write_header(first, 0, b"\xf8")
+        elif case == "num-buffers-zero":
             _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
         elif case == "num-buffers-too-large":
             _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
@@ -163,26 +200,52 @@ class VirtioNetDevice(VirtioPciDevice):
         elif s.case == "link-flap":
             self.set_link(False)
             self.set_link(True)
-        elif s.case == "config-change-no-interrupt":
+        elif s.case in ("config-change-no-interrupt", "mac-change-after-negotiation",
+                        "config-generation-stale"):
             self.mac = self.mac[:5] + bytes([self.mac[5] ^ 1])
-            log.warning("misbehave: MAC now %s, no generation bump, no interrupt",
-                        self.mac.hex(":"))
+            log.warning("misbehave %s: MAC now %s", s.case, self.mac.hex(":"))
+            if s.case == "mac-change-after-negotiation":
+                self.config_changed()
+            elif s.case == "config-generation-stale":
+                self._config_irq(1)
+        elif s.case == "config-interrupt-storm":
+            self._config_irq(64)
+        elif s.case == "needs-reset-no-interrupt":
+            self.status |= C.STATUS_NEEDS_RESET
         else:  # needs-reset-midtraffic
             self.device_error("misbehave needs-reset-midtraffic (no real error)")
+
+    def _config_irq(self, n: int) -> None:
+        """``n`` config interrupts without a generation bump (misbehaviours only)."""
+        self.isr |= C.ISR_CONFIG
+        for _ in range(n):
+            if self.msix_config != C.NO_VECTOR:
+                self.irq.trigger(self.msix_config)
 
     # ---- transport hooks ---------------------------------------------------------------------
 
     def _device_config(self) -> bytes:
         status = C.NET_S_LINK_UP if self.link_up else 0
-        return self.mac + _U16.pack(status)
+        config = self.mac + _U16.pack(status)
+        if self.mtu is not None:
+            config += _U16.pack(1) + _U16.pack(self.mtu)  # max_virtqueue_pairs, mtu
+        return config
 
     def _on_driver_ok(self) -> None:
         self._mrg = self.has_feature(C.NET_F_MRG_RXBUF)
-        self._rx_max = _RX_MAX_GSO if self.negotiated & _GUEST_GSO else _RX_MAX_MTU
+        # Without MTU negotiated the driver sized its buffers for 1500 (5.1.6.3.1).
+        mtu = self.mtu if self.mtu is not None and self.has_feature(C.NET_F_MTU) else 1500
+        self._rx_frame_max = mtu + 18  # Ethernet header + VLAN tag
+        self._rx_max = (_RX_MAX_GSO if self.negotiated & _GUEST_GSO
+                        else C.NET_HDR_SIZE + self._rx_frame_max)
         self._rx_starved = False
+        if self.on_offloads is not None:
+            self.on_offloads(self.negotiated)
 
     def _on_reset(self) -> None:
         self._rx_starved = False
+        if self.on_offloads is not None:
+            self.on_offloads(0)
 
     def set_link(self, up: bool) -> bool:
         """Set the link state; True when it changed.
@@ -325,6 +388,9 @@ class VirtioNetDevice(VirtioPciDevice):
                 if got < C.NET_HDR_SIZE:
                     st.drops += 1  # a runt without a whole vnet header: nothing to deliver
                     continue
+                if not self._rx_header_ok(views, got):
+                    st.drops += 1  # the chains stay in the pool for the next frame
+                    continue
                 used = 0
                 left = got
                 for c in pool:
@@ -334,7 +400,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     used += 1
                 _set_num_buffers(pool[0], used)
                 if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool[0], used)
+                    self._misbehave_rx_header(self.misbehave, pool[0], used, got)
                 left = got
                 for c in pool[:used]:
                     n = min(left, c.write_len)
@@ -355,6 +421,38 @@ class VirtioNetDevice(VirtioPciDevice):
             self._queue_interrupt(q)
         if self.misbehave is not None:
             self._misbehave_device(self.misbehave)
+
+    def _rx_header_ok(self, views: list[memoryview], got: int) -> bool:
+        """Make the received header one the driver negotiated (5.1.6.4.1), or say to drop.
+
+        The backend is told the negotiated offloads at DRIVER_OK, so this is the rare path:
+        a gso_type the driver did not negotiate is dropped (it cannot be segmented here); a
+        partial checksum for a driver without GUEST_CSUM is finished here and the flags
+        cleared (the spec's SHOULD: a fully checksummed packet); DATA_VALID and any other flag
+        without GUEST_CSUM are cleared. A frame over the MTU without GSO is dropped too.
+        """
+        head = _read_at(views, 0, C.NET_HDR_SIZE)
+        flags, gso = head[0], head[1]
+        feats = self.negotiated
+        if gso != GSO_NONE:
+            base = gso & ~GSO_ECN
+            need = _GSO_FEATURE.get(base)
+            # ECN needs GUEST_ECN, which this device does not offer.
+            if need is None or gso & GSO_ECN or not feats >> need & 1:
+                self.header_drops += 1
+                return False
+        elif got - C.NET_HDR_SIZE > self._rx_frame_max:
+            self.oversize_drops += 1
+            return False
+        if flags and not feats >> C.NET_F_GUEST_CSUM & 1:
+            if flags & HDR_F_NEEDS_CSUM:
+                start, offset = struct.unpack_from("<HH", head, 6)
+                if not _finish_csum(views, got, start, offset):
+                    self.header_drops += 1
+                    return False
+                self.csum_completed += 1
+            _write_at(views, 0, b"\0")
+        return True
 
     def _rx_discard(self) -> None:
         """Link down: read up to a batch of frames from the backend and drop them."""
@@ -449,6 +547,8 @@ class VirtioNetDevice(VirtioPciDevice):
             "link_changes": self.link_changes,
             "link_drops": self.link_drops,
             "oversize_drops": self.oversize_drops,
+            "header_drops": self.header_drops,
+            "csum_completed": self.csum_completed,
             **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),
         }
 
@@ -488,3 +588,48 @@ def _write_header(chain: Chain, off: int, data: bytes) -> None:
             off = 0
         else:
             off -= len(view)
+
+
+def _read_at(views: list[memoryview], off: int, n: int) -> bytes:
+    """``n`` bytes at offset ``off`` of the frame scattered over ``views`` (fewer at its end)."""
+    out = bytearray()
+    for view in views:
+        if off < len(view):
+            out += view[off : off + n - len(out)]
+            if len(out) == n:
+                break
+            off = 0
+        else:
+            off -= len(view)
+    return bytes(out)
+
+
+def _write_at(views: list[memoryview], off: int, data: bytes) -> None:
+    """Write ``data`` at offset ``off`` of the frame scattered over ``views``."""
+    for view in views:
+        if off < len(view):
+            take = min(len(data), len(view) - off)
+            view[off : off + take] = data[:take]
+            data = data[take:]
+            if not data:
+                return
+            off = 0
+        else:
+            off -= len(view)
+
+
+def _finish_csum(views: list[memoryview], got: int, start: int, offset: int) -> bool:
+    """Finish a partial checksum (NEEDS_CSUM): the Internet checksum of the frame from
+    ``start`` on, folded into the pseudo-header sum the stack left at ``start + offset``.
+    False when the offsets do not fit the frame (then nothing is written)."""
+    frame_len = got - C.NET_HDR_SIZE
+    if start + offset + 2 > frame_len or offset % 2:
+        return False
+    data = _read_at(views, C.NET_HDR_SIZE + start, frame_len - start)
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(memoryview(data).cast("H"))  # native (little-endian) order, folded below
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    _write_at(views, C.NET_HDR_SIZE + start + offset, _U16.pack(~total & 0xFFFF))
+    return True

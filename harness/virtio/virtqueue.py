@@ -397,8 +397,9 @@ class SplitVirtqueue:
             raise _ChainError("nested INDIRECT descriptor", i, addr)
         if flags & DESC_F_NEXT:
             raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
-        if chain.readable or chain.writable:
-            raise _ChainError("INDIRECT descriptor not alone in its chain", i, addr)
+        # Direct descriptors before it are fine: "the device MUST handle the case of zero or
+        # more normal chained descriptors followed by a single descriptor with
+        # flags&VIRTQ_DESC_F_INDIRECT" (virtio 1.3 2.7.5.3.2); NEXT on it is refused above.
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
             raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
         # Copy: the guest could rewrite the table under us; we validate one snapshot. Mapping
@@ -480,14 +481,15 @@ class SplitVirtqueue:
         if used32 is None:  # rings dropped while the chain was out: nothing to publish into
             return
         head = chain.head
-        if self.misbehave is not None:
-            head, length, twice = self.misbehave.on_push(self.name, head, length,
-                                                         chain.write_len, self.size)
-            if twice:  # used-id-duplicate: the same element once more, inside the used ring
+        if self.misbehave is not None:  # its elements, written inside the used ring only
+            for head, length in self.misbehave.on_push(self.name, head, length, chain.write_len,
+                                                       chain.read_len, self.size):
                 slot = self._used_idx & (self.size - 1)
                 used32[1 + 2 * slot] = head
                 used32[2 + 2 * slot] = length
                 self._used_idx = (self._used_idx + 1) & 0xFFFF
+            self.stats.chains += 1
+            return
         slot = self._used_idx & (self.size - 1)
         used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = length
@@ -739,8 +741,6 @@ class SplitVirtqueue:
             raise _ChainError("nested INDIRECT descriptor", i, addr)
         if flags & DESC_F_NEXT:
             raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
-        if chain.read_len or chain.write_len:
-            raise _ChainError("INDIRECT descriptor not alone in its chain", i, addr)
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
             raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
         if not may_map:

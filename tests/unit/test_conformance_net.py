@@ -147,7 +147,6 @@ def test_5_1_6_4_1_all_buffers_of_a_packet_used_together() -> None:
     assert set(published) <= bounds and published[-1] == total
 
 
-@pytest.mark.xfail(strict=True, reason="net.py passes the backend's vnet header flags through")
 @pytest.mark.parametrize("flags", [HDR_F_NEEDS_CSUM, HDR_F_DATA_VALID])
 def test_5_1_6_4_1_flags_zero_without_guest_csum(flags: int) -> None:
     no_guest_offloads = ALL & ~(
@@ -161,7 +160,6 @@ def test_5_1_6_4_1_flags_zero_without_guest_csum(flags: int) -> None:
     assert h[0] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="net.py passes the backend's gso_type through")
 @pytest.mark.parametrize(
     "gso", [GSO_TCPV4, GSO_TCPV6, GSO_UDP, GSO_UDP_L4], ids=["tcpv4", "tcpv6", "udp", "udp_l4"]
 )

@@ -234,3 +234,135 @@ def test_rx_no_notify_flag_without_event_idx() -> None:
     r.device.process()
     r.device.on_backend_readable()
     assert len(receive(r)) == 5 and not r.backend.rx
+
+
+# ---- RX headers the driver negotiated, offloads handed to the backend, MTU -----------------
+
+GUEST_CSUM = 1 << C.NET_F_GUEST_CSUM
+GUEST_TSO4 = 1 << C.NET_F_GUEST_TSO4
+GUEST_TSO6 = 1 << C.NET_F_GUEST_TSO6
+ALL = DEFAULT_FEATURES | OFFLOAD_FEATURES
+
+
+def inet_csum(data: bytes) -> int:
+    """RFC 1071, computed the textbook way (big-endian words), to check the device's."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def test_negotiated_features_reach_the_backend_at_driver_ok_and_reset_clears_them() -> None:
+    r = net_rig(features=ALL, driver_features=DEFAULT_FEATURES | GUEST_CSUM | GUEST_TSO4,
+                init=False)
+    seen: list[int] = []
+    r.device.on_offloads = seen.append
+    r.driver.init(DEFAULT_FEATURES | GUEST_CSUM | GUEST_TSO4)
+    assert seen[-1] == r.device.negotiated and seen[-1] & GUEST_TSO6 == 0
+    r.driver.reset()
+    assert seen[-1] == 0
+
+
+@pytest.mark.parametrize(("negotiated", "gso"), [
+    (DEFAULT_FEATURES, 1),  # TCPV4 without GUEST_TSO4
+    (DEFAULT_FEATURES | GUEST_CSUM | GUEST_TSO4, 4),  # TCPV6 with only TSO4
+    (ALL, 3),  # UDP (UFO): never offered
+    (ALL, 5),  # UDP_L4 (USO): never offered
+    (ALL, 0x81),  # TCPV4 | ECN: GUEST_ECN never offered
+])  # fmt: skip
+def test_rx_gso_type_not_negotiated_is_dropped_and_counted(negotiated: int, gso: int) -> None:
+    r = net_rig(features=ALL, driver_features=negotiated)
+    post_rx(r, 40, 2048)  # room for a 64 KiB frame: the device waits for that much with GSO
+    r.backend.rx.extend([hdr(flags=1, gso=gso) + frame(100), hdr() + frame(60, 1)])
+    r.device.on_backend_readable()
+    # The bad frame is gone; the next one uses the buffers it would have taken.
+    [(num, data)] = receive(r)
+    assert num == 1 and data[12:] == frame(60, 1)
+    assert r.device.header_drops == 1 and qstat(r, "rx0", "drops") == 1
+    assert not r.device.status & C.STATUS_NEEDS_RESET
+
+
+def test_rx_partial_checksum_is_finished_for_a_driver_without_guest_csum() -> None:
+    # A UDP/IPv4 frame as the stack leaves it with CHECKSUM_PARTIAL: the pseudo-header sum
+    # (not complemented) in the checksum field, csum_start at the UDP header.
+    payload = bytes(range(256)) * 3 + b"odd"
+    src, dst = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])
+    udp_len = 8 + len(payload)
+    pseudo = src + dst + bytes([0, 17]) + udp_len.to_bytes(2, "big")
+    partial = (~inet_csum(pseudo)) & 0xFFFF
+    udp = (7).to_bytes(2, "big") + (9).to_bytes(2, "big") + udp_len.to_bytes(2, "big")
+    udp += partial.to_bytes(2, "big") + payload
+    eth = bytes(12) + b"\x08\x00" + bytes(20)  # addresses do not matter for the sum's check
+    pkt = eth + udp
+    h = struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0)
+    r = net_rig(features=ALL, driver_features=DEFAULT_FEATURES)
+    post_rx(r, 4, 2048)
+    r.backend.rx.append(h + pkt)
+    r.device.on_backend_readable()
+    [(_, data)] = receive(r)
+    assert data[0] == 0 and data[1] == 0  # flags cleared, gso NONE
+    got_udp = data[12 + 34 :]
+    assert inet_csum(pseudo + got_udp) == 0  # the checksum now verifies
+    assert got_udp[8:] == payload and r.device.csum_completed == 1
+
+
+@pytest.mark.parametrize(("start", "offset"), [(95, 6), (0xFFF0, 16), (34, 7)])
+def test_rx_partial_checksum_outside_the_frame_is_dropped(start: int, offset: int) -> None:
+    r = net_rig(features=ALL, driver_features=DEFAULT_FEATURES)
+    post_rx(r, 4, 2048)
+    r.backend.rx.append(struct.pack("<BBHHHHH", 1, 0, 0, 0, start, offset, 0) + frame(100))
+    r.device.on_backend_readable()
+    assert receive(r) == [] and r.device.header_drops == 1
+
+
+def test_rx_flags_pass_through_with_guest_csum() -> None:
+    r = net_rig(features=ALL, driver_features=DEFAULT_FEATURES | GUEST_CSUM)
+    post_rx(r, 4, 2048)
+    r.backend.rx.extend([hdr(flags=1) + frame(100), hdr(flags=2) + frame(100)])
+    r.device.on_backend_readable()
+    assert [d[0] for _, d in receive(r)] == [1, 2]
+
+
+def mtu_rig(mtu: int, features: int, driver_features: int | None = None) -> NetRig:
+    r = net_rig(features=features, init=False, mem_size=8 << 20)
+    dev = VirtioNetDevice(r.device.mapops, r.irq, r.backend, mac=r.device.mac,
+                          features=features | (1 << C.NET_F_MTU), mtu=mtu,
+                          bus_master=lambda: True)
+    r2 = NetRig(dev, type(r.driver)(dev, r.driver.mem), r.backend, r.irq, r.bus_master)
+    r2.driver.init(driver_features)
+    return r2
+
+
+def test_mtu_config_field_and_rx_sizing() -> None:
+    r = mtu_rig(9000, DEFAULT_FEATURES)
+    assert r.device.negotiated >> C.NET_F_MTU & 1
+    assert r.driver.read(C.DEVICE_OFFSET + 10, 2) == 9000
+    assert r.driver.read(C.DEVICE_OFFSET + 8, 2) == 1  # max_virtqueue_pairs
+    post_rx(r, 16, 1500)
+    jumbo = frame(9018, 3)
+    r.backend.rx.extend([hdr() + jumbo, hdr() + frame(9019)])  # the second is over the MTU
+    r.device.on_backend_readable()
+    [(num, data)] = receive(r)
+    assert num == 7 and data[12:] == jumbo  # byte for byte over 7 mergeable buffers
+    assert r.device.oversize_drops == 1
+
+
+def test_mtu_without_mrg_rxbuf_needs_one_chain_for_a_jumbo_frame() -> None:
+    r = mtu_rig(9000, NO_MRG)
+    post_rx(r, 2, 9000 + 18 + 12)
+    r.backend.rx.append(hdr() + frame(9018))
+    r.device.on_backend_readable()
+    [(num, data)] = receive(r)
+    assert num == 1 and data[12:] == frame(9018)
+
+
+def test_mtu_needs_its_feature_bit() -> None:
+    dev = net_rig(init=False).device
+    with pytest.raises(ValueError):
+        VirtioNetDevice(dev.mapops, dev.irq, dev.backend, mac=dev.mac, mtu=9000,
+                        bus_master=lambda: True)
+    with pytest.raises(ValueError):
+        VirtioNetDevice(dev.mapops, dev.irq, dev.backend, mac=dev.mac, mtu=60,
+                        features=DEFAULT_FEATURES | (1 << C.NET_F_MTU), bus_master=lambda: True)

@@ -458,3 +458,51 @@ def test_fuzzed_rings_never_raise(
     assert isinstance(s["errors"], int)
     if s["errors"]:
         assert r.device.status & C.STATUS_NEEDS_RESET
+
+
+# ---- direct descriptors followed by one indirect (virtio 1.3 2.7.5.3.2) ---------------------
+
+
+def _direct_then_indirect(r: NetRig, direct: list[tuple[int, int, int]],
+                          table: list[tuple[int, int, int, int]], flags: int = 0) -> None:
+    """Descriptors 0..k-1 direct (NEXT-linked), then descriptor k pointing at ``table``."""
+    mem = r.driver.mem
+    t = mem.alloc(16 * max(len(table), 1))
+    for k, e in enumerate(table):
+        mem.write(t + 16 * k, struct.pack("<QIHH", *e))
+    for k, (addr, length, f) in enumerate(direct):
+        r.tx.write_desc(k, addr, length, f | C.DESC_F_NEXT, k + 1)
+    r.tx.write_desc(len(direct), t, 16 * len(table), C.DESC_F_INDIRECT | flags, 0)
+    r.tx.publish(0)
+    r.tx.kick()
+    r.device.process()
+
+
+def test_direct_descriptors_then_indirect_table_in_one_chain() -> None:
+    r = net_rig(features=INDIRECT)
+    mem = r.driver.mem
+    a, b, c = mem.alloc(12), mem.alloc(3), mem.alloc(5)
+    mem.write(a, HDR)
+    mem.write(b, b"abc")
+    mem.write(c, b"defgh")
+    _direct_then_indirect(r, [(a, 12, 0), (b, 3, 0)], [(c, 5, 0, 0)])
+    assert r.backend.tx == [HDR + b"abcdefgh"]
+    assert not r.device.status & C.STATUS_NEEDS_RESET
+
+
+@pytest.mark.parametrize("case", ["readable_after_writable", "indirect_with_next",
+                                  "indirect_in_the_middle", "nested"])
+def test_bad_direct_then_indirect(case: str) -> None:
+    r = net_rig(features=INDIRECT)
+    buf = r.driver.mem.alloc(64)
+    if case == "readable_after_writable":  # WRITE direct, then a readable one in the table
+        _direct_then_indirect(r, [(buf, 12, 0), (buf, 8, C.DESC_F_WRITE)], [(buf, 4, 0, 0)])
+    elif case == "indirect_with_next":
+        _direct_then_indirect(r, [(buf, 12, 0)], [(buf, 4, 0, 0)], flags=C.DESC_F_NEXT)
+    elif case == "indirect_in_the_middle":  # the indirect one NEXT-links to a direct one
+        _direct_then_indirect(r, [(buf, 12, 0)], [(buf, 4, 0, 0)], flags=C.DESC_F_NEXT)
+        r.tx.write_desc(2, buf, 4, 0, 0)
+    else:
+        _direct_then_indirect(r, [(buf, 12, 0)], [(buf, 16, C.DESC_F_INDIRECT, 0)])
+    assert r.backend.tx == []
+    assert_needs_reset(r)

@@ -1,0 +1,145 @@
+"""Per-run virtio-net feature switches, spelled like QEMU's device properties.
+
+``parse("csum=off,mrg_rxbuf=off,mtu=9000")`` starts from ``DEFAULTS`` (what users run: checksum
+and TSO offloads both ways, MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, STATUS, MAC) and applies each
+switch in order; the result is checked against the feature dependencies of virtio 1.3
+5.1.3.1 (a device must not offer HOST_TSO4 without CSUM, GUEST_TSO4 without GUEST_CSUM, ...).
+Every problem is a ``ValueError`` whose message is one line naming the switch, so the CLIs can
+print it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.virtio import constants as C
+
+#: switch name -> feature bit.
+SWITCHES: dict[str, int] = {
+    "csum": C.NET_F_CSUM,
+    "guest_csum": C.NET_F_GUEST_CSUM,
+    "host_tso4": C.NET_F_HOST_TSO4,
+    "host_tso6": C.NET_F_HOST_TSO6,
+    "guest_tso4": C.NET_F_GUEST_TSO4,
+    "guest_tso6": C.NET_F_GUEST_TSO6,
+    "mrg_rxbuf": C.NET_F_MRG_RXBUF,
+    "status": C.NET_F_STATUS,
+    "mac": C.NET_F_MAC,
+    "event_idx": C.F_EVENT_IDX,
+    "indirect": C.F_INDIRECT_DESC,
+}
+#: The switches ``--offloads`` (and TestbedConfig.offloads) turn on or off together.
+OFFLOAD_SWITCHES = ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6")
+#: Feature -> the feature it needs (virtio 1.3 5.1.3.1), by switch name.
+REQUIRES = {
+    "host_tso4": "csum",
+    "host_tso6": "csum",
+    "guest_tso4": "guest_csum",
+    "guest_tso6": "guest_csum",
+}
+
+_ON = {"on", "true", "yes", "1"}
+_OFF = {"off", "false", "no", "0"}
+#: 68: the smallest IPv4 MTU (RFC 791), and what Linux's virtio_net refuses below; 65535: the
+#: config field is 16 bits.
+MTU_MIN, MTU_MAX = 68, 65535
+
+DEFAULT_ON = frozenset(SWITCHES)
+
+
+@dataclass(frozen=True)
+class NetFeatures:
+    """The device features of one run: the switches that are on and the MTU (None: no
+    VIRTIO_NET_F_MTU offered)."""
+
+    on: frozenset[str] = DEFAULT_ON
+    mtu: int | None = None
+
+    @property
+    def bits(self) -> int:
+        """The virtio-net and ring feature bits (VERSION_1 included; transport bits such as
+        ACCESS_PLATFORM are the server's to add)."""
+        bits = 1 << C.F_VERSION_1
+        for name in self.on:
+            bits |= 1 << SWITCHES[name]
+        if self.mtu is not None:
+            bits |= 1 << C.NET_F_MTU
+        return bits
+
+    @property
+    def offloads(self) -> bool:
+        """Whether any checksum/TSO offload is on (QEMU's built-in reference gets the same)."""
+        return any(n in self.on for n in OFFLOAD_SWITCHES)
+
+    def spec(self) -> str:
+        """The switches that differ from DEFAULTS, as ``parse`` reads them back ("" if none)."""
+        words = [f"{n}={'on' if n in self.on else 'off'}" for n in SWITCHES
+                 if (n in self.on) != (n in DEFAULT_ON)]
+        if self.mtu is not None:
+            words.append(f"mtu={self.mtu}")
+        return ",".join(words)
+
+
+DEFAULTS = NetFeatures()
+
+
+def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
+    """Apply ``name=value`` switches (comma separated, later ones win) to ``base``, then check
+    the combination; ValueError with a one-line reason for anything wrong."""
+    on = set(base.on)
+    mtu = base.mtu
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        name, eq, value = word.partition("=")
+        name, value = name.strip().lower(), value.strip().lower()
+        if not eq or not value:
+            raise ValueError(f"feature switch {word!r} has no value (name=on|off, mtu=N)")
+        if name == "mtu":
+            if value in _OFF:
+                mtu = None
+                continue
+            if not value.isdigit() or not MTU_MIN <= int(value) <= MTU_MAX:
+                raise ValueError(f"mtu={value}: not a number from {MTU_MIN} to {MTU_MAX} "
+                                 "(or off)")
+            mtu = int(value)
+            continue
+        if name == "offloads":  # the --offloads switch, spelled as a feature
+            names: tuple[str, ...] = OFFLOAD_SWITCHES
+        elif name in SWITCHES:
+            names = (name,)
+        else:
+            raise ValueError(f"unknown feature {name!r} (known: {', '.join(SWITCHES)}, "
+                             "offloads, mtu)")
+        if value in _ON:
+            on.update(names)
+        elif value in _OFF:
+            on.difference_update(names)
+        else:
+            raise ValueError(f"{name}={value}: the value must be on or off")
+    result = NetFeatures(frozenset(on), mtu)
+    check(result)
+    return result
+
+
+def check(f: NetFeatures) -> None:
+    """ValueError (one line) when ``f`` breaks a feature dependency of 5.1.3.1."""
+    for name, needed in REQUIRES.items():
+        if name in f.on and needed not in f.on:
+            raise ValueError(f"{name}=on needs {needed}=on (virtio 1.3 5.1.3.1)")
+
+
+def check_bits(bits: int) -> None:
+    """The dependency check on raw feature bits (for devices built from a bit mask)."""
+    for name, needed in REQUIRES.items():
+        if bits >> SWITCHES[name] & 1 and not bits >> SWITCHES[needed] & 1:
+            raise ValueError(f"{name} offered without {needed} (virtio 1.3 5.1.3.1)")
+
+
+def resolve(text: str = "", offloads: bool | None = None) -> NetFeatures:
+    """A run's features: DEFAULTS, then ``offloads`` (None: leave as they are; True/False:
+    all offload switches on/off, the older ``--offloads`` spelling), then ``text``."""
+    base = DEFAULTS
+    if offloads is not None:
+        base = parse(f"offloads={'on' if offloads else 'off'}")
+    return parse(text, base=base)
