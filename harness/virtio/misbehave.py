@@ -14,126 +14,29 @@ element's id and len, used.idx, the RX vnet header of a buffer the chain maps, t
 space values, and interrupts and NEEDS_RESET. The ledger stays on: a misbehaviour never makes
 the device touch memory outside a mapping.
 
-Clause numbers are those of virtio 1.3 (csd01) as the author remembers them, checked against
-the 1.2 text where the numbering is the same; section titles are given so they can be found.
+The catalogue itself (clauses, bug classes) is harness.virtio.misbehave_catalogue.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 
-QUEUES = ("rx0", "tx0", "any")
+from harness.virtio.misbehave_catalogue import CASES, POINTS, QUEUES, Case
 
-#: Where a case acts: "used" (push: a used element's id/len), "publish" (flush: used.idx),
-#: "rx-header" (the RX vnet header), "tx" (TX processing), "device" (after a batch: config,
-#: status, interrupts).
-POINTS = ("used", "publish", "rx-header", "tx", "device")
+__all__ = ["CASES", "POINTS", "QUEUES", "Case", "Misbehave", "Misbehaviour", "parse_list",
+           "spec_list"]
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    point: str
-    #: Queues the case can act on (its spec's ``queue`` must be one of them or "any").
-    queues: tuple[str, ...]
-    clause: str
-    bug_class: str
-    what: str
-
-
-CASES: dict[str, Case] = {c.name: c for c in (
-    Case("used-len-overflow", "used", ("rx0",),
-         "2.7.8.2 (Device Requirements: The Virtqueue Used Ring): the device MUST NOT set "
-         "len larger than the total writable length of the buffer (from memory)",
-         "RX length trusted by the driver: CVE-2021-47352 class, 2025 virtio-net 'fix "
-         "received length check in big packets'",
-         "RX used.len = the chain's writable length + 4096"),
-    Case("used-len-zero", "used", ("rx0",),
-         "2.7.8.2: len is the number of bytes written into the buffer; the device MUST set "
-         "it to at least the bytes written (a frame with header was written)",
-         "driver accepts a runt / zero-length completion (underflow of len - hdr_len)",
-         "RX used.len = 0 for a chain the device filled"),
-    Case("used-id-out-of-range", "used", ("rx0", "tx0"),
-         "2.7.8 (The Virtqueue Used Ring): id indexes the start of the used descriptor "
-         "chain; a descriptor index is < Queue Size (2.7.5)",
-         "driver indexes its per-descriptor state with a device-supplied id (OOB read/write)",
-         "used.id = queue size + head"),
-    Case("used-id-duplicate", "used", ("rx0", "tx0"),
-         "2.7.8 / 2.7.13: a descriptor chain is returned once per time it was made available "
-         "(from memory: no explicit MUST, implied by the ownership transfer)",
-         "double completion: use-after-free / double free of the driver's buffer token",
-         "the completed chain's used element is written twice (two used entries)"),
-    Case("used-idx-jump", "publish", ("rx0", "tx0"),
-         "2.7.8.2: the device MUST NOT make more buffers used than were made available; "
-         "used.idx - last seen idx can then never exceed Queue Size",
-         "driver walks stale used entries when the index runs ahead (virtqueue_get_buf on "
-         "garbage)",
-         "used.idx published as the right value + queue size + 1 (once), then corrected"),
-    Case("used-idx-backwards", "publish", ("rx0", "tx0"),
-         "2.7.8 (The Virtqueue Used Ring): idx indicates where the device would put the next "
-         "descriptor entry; it only ever increments (modulo 2^16) (from memory)",
-         "driver computes the number of new entries as used.idx - last_used (u16 underflow)",
-         "used.idx published as one less than the last value published (once), then corrected"),
-    Case("num-buffers-too-large", "rx-header", ("rx0",),
-         "5.1.6.4.1: the device MUST set num_buffers to the number of descriptors (chains) "
-         "used for the packet",
-         "driver takes the next packet's buffer as the rest of this one (merged frame from "
-         "two packets) or waits for buffers that never come",
-         "RX header num_buffers = the real count + 1"),
-    Case("gso-size-zero", "rx-header", ("rx0",),
-         "5.1.6.4.1: with a GSO type set the device MUST set gso_size to the MSS (> 0), and "
-         "only use GSO types the driver negotiated (GUEST_TSO4 is not, by default)",
-         "gso_size 0 reaching skb_shinfo(skb)->gso_size: divide-by-zero / endless "
-         "segmentation class (virtio_net_hdr_to_skb hardening, 2021-2024)",
-         "RX header gso_type = TCPV4, gso_size = 0"),
-    Case("csum-start-beyond-frame", "rx-header", ("rx0",),
-         "5.1.6.4.1: with NEEDS_CSUM, csum_start and csum_offset MUST point inside the "
-         "packet (from memory: the checksum is to be written at csum_start + csum_offset)",
-         "unchecked checksum offsets: out-of-bounds checksum write in the stack "
-         "(skb_partial_csum_set class)",
-         "RX header flags = NEEDS_CSUM, csum_start = 0xfff0, csum_offset = 16"),
-    Case("num-buffers-zero", "rx-header", ("rx0",),
-         "5.1.6.4 (Processing of Incoming Packets), 5.1.6.4.1: the device MUST set "
-         "num_buffers to the number of descriptors (chains) used for the packet (>= 1)",
-         "num_buffers trusted as a loop count (--num_buf underflow in receive_mergeable)",
-         "RX header num_buffers = 0"),
-    Case("bad-gso-type", "rx-header", ("rx0",),
-         "5.1.6.4.1: the device MUST set gso_type to one of VIRTIO_NET_HDR_GSO_* (and only "
-         "a GSO type the driver negotiated)",
-         "unchecked vnet header fields reaching the stack (virtio_net_hdr_to_skb class, "
-         "syzkaller GSO bugs)",
-         "RX header gso_type = 0x7f"),
-    Case("tx-stall", "tx", ("tx0",),
-         "2.7.13 / 2.9 (Device Operation): buffers made available are eventually used; the "
-         "device processes the queue after a notification (no MUST: liveness)",
-         "TX timeout / watchdog path of the driver (virtnet_tx_timeout, netdev watchdog)",
-         "TX chains are no longer consumed (kicks ignored) from then on"),
-    Case("interrupt-storm", "device", ("rx0", "tx0"),
-         "2.7.14 / 4.1.5.4 (used buffer notification): the device sends a used buffer "
-         "notification after making buffers used (from memory: spurious ones are allowed "
-         "but not expected in bulk)",
-         "spurious interrupts: IRQ_NONE accounting, 'nobody cared' disabling the vector",
-         "64 extra used-buffer interrupts with nothing new used, after every batch"),
-    Case("link-flap", "device", ("rx0", "tx0"),
-         "none broken: 5.1.4 (status: VIRTIO_NET_S_LINK_UP) and 4.1.4.3.1 (generation, "
-         "config interrupt) are followed for each change; a legal but hostile sequence",
-         "carrier handling races: link down/up work racing with NAPI and TX (netif_carrier "
-         "flapping, stale queue state after carrier on)",
-         "link down then up at once: two generation bumps, two config interrupts"),
-    Case("config-change-no-interrupt", "device", ("rx0", "tx0"),
-         "2.5.1 / 4.1.4.3.1: the device MUST change config_generation and (4.1.5.3) send a "
-         "configuration change notification when device configuration changes",
-         "driver caches config and never re-reads it (stale MAC/link, torn config reads)",
-         "the MAC changes (last byte ^ 1) without a generation bump or config interrupt"),
-    Case("needs-reset-midtraffic", "device", ("rx0", "tx0"),
-         "2.1.2 (Device Status Field: DEVICE_NEEDS_RESET): the device sets it when it has "
-         "experienced an error from which it can't recover; here with no error at all",
-         "driver ignores or mishandles DEVICE_NEEDS_RESET (Linux has no handler in "
-         "virtio_net)",
-         "DEVICE_NEEDS_RESET + config interrupt; the device then stops serving queues"),
-)}
-
+#: reset-never-completes: status reads that still show the old value after a reset. Linux polls
+#: with msleep(1) between reads, so this is a few seconds at most: bounded, the device recovers.
+STUCK_RESET_READS = 2000
+#: slow-completions: how long each used-buffer notification is held back.
+SLOW_SECONDS = 0.020
+_FEATURES_OK = 0x08
+_NEEDS_RESET = 0x40
+_GUEST_CSUM = 1
+_GUEST_TSO4 = 7
 
 def _parse_count(value: str, text: str) -> int:
     try:
@@ -218,6 +121,10 @@ class Misbehave:
     fired: dict[str, int] = field(default_factory=dict)
     tx_stalled: bool = False
     _spent: set[int] = field(default_factory=set)  # indexes of specs that fired once
+    _held: dict[str, tuple[int, int]] = field(default_factory=dict)  # used-out-of-order
+    _reset_reads: int = 0  # reset-never-completes: stuck reads left
+    _stuck_status: int = 0
+    _forbidden: bool = False  # forbidden-feature-combo fired: keep offering the combination
 
     def add(self, spec: Misbehaviour) -> None:
         self.specs.append(spec)
@@ -227,12 +134,12 @@ class Misbehave:
             return sum(self.completions.values())
         return self.completions.get(queue, 0)
 
-    def due(self, point: str, queue: str | None) -> Misbehaviour | None:
-        """The first spec acting at ``point`` on ``queue`` (None: any) that is due now; it is
-        recorded as fired."""
+    def due(self, point: str, queue: str | None, only: str | None = None) -> Misbehaviour | None:
+        """The first spec acting at ``point`` on ``queue`` (None: any) that is due now (and is
+        case ``only``, if given); it is recorded as fired."""
         for i, s in enumerate(self.specs):
             case = CASES[s.case]
-            if case.point != point or i in self._spent:
+            if case.point != point or i in self._spent or only not in (None, s.case):
                 continue
             if queue is not None and queue not in case.queues:
                 continue
@@ -246,22 +153,86 @@ class Misbehave:
             return s
         return None
 
-    def on_push(self, queue: str, head: int, length: int, write_len: int,
-                size: int) -> tuple[int, int, bool]:
-        """A completion on ``queue``: (head, len, write twice) to publish; then counted (so
-        ``after=N`` leaves the first N completions alone)."""
+    def on_push(self, queue: str, head: int, length: int, write_len: int, read_len: int,
+                size: int) -> list[tuple[int, int]]:
+        """A completion on ``queue``: the used elements (id, len) to write for it, in order
+        (none: held back or dropped; two: a duplicate or a held-back one released); then
+        counted (so ``after=N`` leaves the first N completions alone)."""
         s = self.due("used", queue)
         self.completions[queue] = self.completions.get(queue, 0) + 1
+        held = self._held.pop(queue, None)
+        out = self._push(s, head, length, write_len, read_len, size, queue)
+        return out if held is None else [*out, held]  # the held one after its successor
+
+    def _push(self, s: Misbehaviour | None, head: int, length: int, write_len: int,
+              read_len: int, size: int, queue: str) -> list[tuple[int, int]]:
         if s is None:
-            return head, length, False
+            return [(head, length)]
         case = s.case
         if case == "used-len-overflow":
-            return head, write_len + 4096, False
+            return [(head, write_len + 4096)]
         if case == "used-len-zero":
-            return head, 0, False
+            return [(head, 0)]
         if case == "used-id-out-of-range":
-            return size + head, length, False
-        return head, length, True  # used-id-duplicate
+            return [(size + head, length)]
+        if case == "tx-used-len-nonzero":
+            return [(head, read_len)]
+        if case == "rx-len-below-header":
+            return [(head, 5)]
+        if case == "tx-completion-wrong-id":
+            return [((head ^ 1) & (size - 1), length)]
+        if case == "used-out-of-order":
+            self._held[queue] = (head, length)
+            return []
+        if case == "used-never-returned":
+            return []
+        return [(head, length), (head, length)]  # used-id-duplicate
+
+    def on_interrupt(self, queue: str, vector: int, vectors: list[int]) -> int:
+        """A used-buffer notification of ``queue`` about to go on ``vector`` (``vectors``: every
+        queue's): the vector to send it on, or -1 to send none."""
+        s = self.due("interrupt", queue)
+        if s is None:
+            return vector
+        if s.case == "lost-interrupt":
+            return -1
+        if s.case == "interrupt-wrong-vector":
+            return next((v for v in vectors if v != vector), vector)
+        time.sleep(SLOW_SECONDS)  # slow-completions: the whole device waits, as a slow one would
+        return vector
+
+    def on_status_write(self, old: int, value: int) -> int:
+        """The driver writes ``value`` to the status (``old``): what the device keeps."""
+        if value == 0:
+            self._reset_reads = 0
+            self._held.clear()  # a held-back element belongs to the rings the reset dropped
+            s = self.due("status", None, only="reset-never-completes")
+            if s is not None:
+                self._reset_reads = STUCK_RESET_READS
+                self._stuck_status = old
+            return 0
+        if value & _FEATURES_OK and not old & _FEATURES_OK:
+            s = self.due("status", None, only="features-ok-refused")
+            if s is not None:
+                return value & ~_FEATURES_OK
+            s = self.due("status", None, only="needs-reset-during-probe")
+            if s is not None:
+                return value | _NEEDS_RESET
+        return value
+
+    def on_status_read(self, status: int) -> int:
+        """The status the driver reads (reset-never-completes: the old one for a while)."""
+        if self._reset_reads > 0:
+            self._reset_reads -= 1
+            return self._stuck_status or 1
+        return status
+
+    def on_features(self, features: int) -> int:
+        """The features offered when the driver reads them."""
+        if self._forbidden or self.due("features", None) is not None:
+            self._forbidden = True
+            return (features | 1 << _GUEST_TSO4) & ~(1 << _GUEST_CSUM)
+        return features
 
     def state(self) -> dict[str, object]:
         return {"specs": [str(s) for s in self.specs], "completions": dict(self.completions),

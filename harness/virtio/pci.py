@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
+from harness.virtio.misbehave import Misbehave
 from harness.virtio.protocols import Barrier, InterruptSink, no_barrier
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -90,6 +91,8 @@ class VirtioPciDevice:
         self.device_errors = 0
         self.config_generation = 0
         self._pending = 0
+        #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
+        self.misbehave: Misbehave | None = None
         self._reset_transport()
 
     # ---- state -------------------------------------------------------------------------------
@@ -157,9 +160,13 @@ class VirtioPciDevice:
 
     def _queue_interrupt(self, q: SplitVirtqueue) -> None:
         self.isr |= C.ISR_QUEUE
-        if q.msix_vector != C.NO_VECTOR:
+        vector = q.msix_vector
+        if self.misbehave is not None:  # lost, wrong vector or late
+            vector = self.misbehave.on_interrupt(q.name, vector,
+                                                 [x.msix_vector for x in self.queues])
+        if vector not in (C.NO_VECTOR, -1):
             q.stats.interrupts += 1
-            self.irq.trigger(q.msix_vector)
+            self.irq.trigger(vector)
 
     def config_changed(self) -> None:
         """Bump config_generation and raise the config interrupt."""
@@ -236,7 +243,10 @@ class VirtioPciDevice:
             return self.device_feature_select
         if off == C.COMMON_DF:
             sel = self.device_feature_select
-            return self.device_features >> (32 * sel) & _MASK32 if sel < 2 else 0
+            feats = self.device_features
+            if self.misbehave is not None:  # forbidden-feature-combo
+                feats = self.device_features = self.misbehave.on_features(feats)
+            return feats >> (32 * sel) & _MASK32 if sel < 2 else 0
         if off == C.COMMON_GFSELECT:
             return self.driver_feature_select
         if off == C.COMMON_GF:
@@ -247,6 +257,8 @@ class VirtioPciDevice:
         if off == C.COMMON_NUMQ:
             return self.num_queues
         if off == C.COMMON_STATUS:
+            if self.misbehave is not None:  # reset-never-completes
+                return self.misbehave.on_status_read(self.status)
             return self.status
         if off == C.COMMON_CFGGENERATION:
             return self.config_generation
@@ -314,6 +326,8 @@ class VirtioPciDevice:
         self.driver_features = (self.driver_features & ~(_MASK32 << shift)) | (v << shift)
 
     def _write_status(self, v: int) -> None:
+        if self.misbehave is not None:  # FEATURES_OK refused, NEEDS_RESET in probe, stuck reset
+            v = self.misbehave.on_status_write(self.status, v)
         if v == 0:
             self.reset()
             return

@@ -481,14 +481,15 @@ class SplitVirtqueue:
         if used32 is None:  # rings dropped while the chain was out: nothing to publish into
             return
         head = chain.head
-        if self.misbehave is not None:
-            head, length, twice = self.misbehave.on_push(self.name, head, length,
-                                                         chain.write_len, self.size)
-            if twice:  # used-id-duplicate: the same element once more, inside the used ring
+        if self.misbehave is not None:  # its elements, written inside the used ring only
+            for uid, ulen in self.misbehave.on_push(self.name, head, length, chain.write_len,
+                                                    chain.read_len, self.size):
                 slot = self._used_idx & (self.size - 1)
-                used32[1 + 2 * slot] = head
-                used32[2 + 2 * slot] = length
+                used32[1 + 2 * slot] = uid
+                used32[2 + 2 * slot] = ulen
                 self._used_idx = (self._used_idx + 1) & 0xFFFF
+            self.stats.chains += 1
+            return
         slot = self._used_idx & (self.size - 1)
         used32[1 + 2 * slot] = head
         used32[2 + 2 * slot] = length
