@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from harness import argtypes, paths, proc
-from harness.bench.netrun import CONFIGS, MIB, Options, Round, run_round
+from harness.bench.netrun import CONFIGS, MIB, Options, Round, py_spy, run_round
 from harness.progress import Progress
 
 __all__ = ["WORKLOADS", "Options", "Round", "Workload", "main", "median", "ratio", "summarize",
            "table"]
 
-SIDES = ("ours", "builtin", "ours-noledger")
-_SHORT = {"ours": "ours", "builtin": "bi", "ours-noledger": "nl", "plain": "p",
+SIDES = ("ours", "builtin", "ours-noledger", "ours-ab")
+_SHORT = {"ours": "ours", "builtin": "bi", "ours-noledger": "nl", "ours-ab": "ab", "plain": "p",
           "offloads": "o", "viommu": "v", "viommu+offloads": "vo"}
 
 
@@ -96,6 +96,7 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
                                       r.cpu.get(w.name, {}).get(who))[0]
                    for s in SIDES for who in ("server", "qemu")}
             ours, builtin, off = med["ours"][0], med["builtin"][0], med["ours-noledger"][0]
+            ab = med["ours-ab"][0]
             out.append({
                 "config": config, "workload": w.name, "unit": w.unit,
                 "better": "higher" if w.higher_is_better else "lower",
@@ -104,11 +105,14 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
                 "ours_ledger_off": off,
                 # > 1: the ledger costs that factor (ledger-off is that much better).
                 "ledger_cost": ratio(off, ours, w.higher_is_better),
+                # --ab: B (ours-ab) against A (ours), > 1: B is better.
+                "ours_ab": ab, "ab_ratio": ratio(ab, ours, w.higher_is_better),
                 "cpu_unit": w.cpu_unit or None,
                 "cpu": {k: v for k, v in cpu.items() if v is not None} if w.cpu_unit else {},
                 "samples": {s: med[s][1] for s in SIDES},
             })
-        for kind in ("map_reply", "unmap_reply", "map_callback", "unmap_callback"):
+        for kind in ("map_reply", "unmap_reply", "map_callback", "unmap_callback",
+                     "map_queue", "unmap_queue", "map_library", "unmap_library"):
             # Medians over the ours rounds of each round's p50, p99 and count.
             p50, p99, count = (_med(rs, "ours", lambda r, kind=kind, q=q:
                                     r.dma_latency.get(kind, {}).get(q))
@@ -153,6 +157,13 @@ def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
             lines.append(f"{labels.get(name, name):<16}{row['unit']:<8}{_num(row['ours']):>8}"
                          f"{_num(row['builtin']):>9}{'-' if r is None else f'{r:.2f}x':>7}"
                          f"{_num(row['ours_ledger_off']):>10}  {cpu:>17}")
+        ab = [row for row in summary if row["config"] == config and row.get("ab_ratio")]
+        if ab:
+            lines.append(f"{'A/B':<24}{'A (ours)':>10}{'B (--ab)':>10}{'B/A':>7}")
+            for row in ab:
+                lines.append(f"{labels.get(row['workload'], row['workload']):<24}"
+                             f"{_num(row['ours']):>10}{_num(row['ours_ab']):>10}"
+                             f"{row['ab_ratio']:>6.2f}x")
         lines.append("")
     lines.append(f"medians of {rounds} round(s) per side; ratio > 1 favours ours (ours/builtin")
     lines.append("for rates, builtin/ours for RTT); no-ledger: ours with HARNESS_LEDGER=off")
@@ -182,7 +193,8 @@ def run(opts: Options, progress: Progress) -> list[Round]:
     accel = select_accel(opts.accel, env)
     base = paths.new_run_dir(opts.out or paths.build_dir() / "bench-net")
     progress.note(f"accelerator {accel.name}; runs in {base}")
-    sides = SIDES if opts.ledger_side else SIDES[:2]
+    sides = [s for s in SIDES if (s != "ours-noledger" or opts.ledger_side)
+             and (s != "ours-ab" or opts.ab_env)]
     rounds = []
     for config in opts.configs:
         for i in range(1, opts.rounds + 1):
@@ -210,6 +222,16 @@ def _configs(text: str) -> tuple[str, ...]:
     return names
 
 
+def _env_list(text: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        if not eq or not key.startswith("HARNESS_") or not key.replace("_", "").isalnum():
+            raise argparse.ArgumentTypeError(f"not HARNESS_NAME=VALUE: {item.strip()!r}")
+        pairs.append((key, value))
+    return tuple(pairs)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="harness bench net", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=argtypes.positive_int, default=3,
@@ -231,13 +253,21 @@ def main(argv: list[str]) -> int:
                    help="both devices offer checksum and TSO offloads")
     p.add_argument("--no-ledger-side", action="store_true",
                    help="skip the ledger-off boots (no ledger cost figures)")
+    p.add_argument("--ab", type=_env_list, default=(), metavar="KEY=VALUE[,...]",
+                   help="also boot ours with these environment variables (a paired A/B of "
+                        "a device server knob, e.g. HARNESS_LOOP_POLL_US=100)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                    help="per round (default 900)")
     p.add_argument("--out", type=Path, help="parent directory for the runs (default "
                                                   "build/bench-net)")
     p.add_argument("--json", action="store_true", help="one JSON object per workload")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="sample our device server with py-spy during each workload (ours "
+                        "side), collapsed stacks into DIR (see docs/PERFORMANCE.md)")
     args = p.parse_args(argv)
+    if args.profile is not None and py_spy() is None:
+        p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")
     if args.seconds is not None and not 0 < args.seconds <= 60:
         p.error("--seconds must be in (0, 60]")
     configs = args.config or (("viommu+offloads" if args.offloads else "viommu",)
@@ -245,10 +275,11 @@ def main(argv: list[str]) -> int:
                               else ("plain",))
     opts = Options(rounds=args.rounds, configs=configs, rr_size=args.rr_size, rate=args.rate,
                    ledger_side=not args.no_ledger_side, accel=args.accel,
-                   timeout=args.timeout, out=args.out)
+                   timeout=args.timeout, out=args.out, profile=args.profile,
+                   ab_env=args.ab)
     opts = replace(opts, nbytes=args.bytes or (64 * MIB if args.full else opts.nbytes),
                    seconds=args.seconds or (5.0 if args.full else opts.seconds))
-    total = len(configs) * opts.rounds * (3 if opts.ledger_side else 2)
+    total = len(configs) * opts.rounds * (2 + opts.ledger_side + bool(opts.ab_env))
     try:
         with proc.interrupts(), Progress("bench net", total=total) as progress:
             rounds = run(opts, progress)

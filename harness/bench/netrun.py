@@ -1,8 +1,9 @@
 """One round of ``harness bench net``: boot one side, run every workload in the guest, measure.
 
 A side is ``ours`` (our device server), ``ours-noledger`` (the same with the DMA ledger a
-pass-through, HARNESS_LEDGER=off, to price the checks) or ``builtin`` (QEMU's own
-virtio-net-pci on a TAP without vhost). The guest boots to a shell (no plan); each workload is
+pass-through, HARNESS_LEDGER=off, to price the checks), ``ours-ab`` (ours with ``--ab``'s
+environment: the B of a paired A/B) or ``builtin`` (QEMU's own virtio-net-pci on a TAP
+without vhost). The guest boots to a shell (no plan); each workload is
 one ``hnet``/``ping`` command run through the guest command channel, which does not depend on
 the device under test. Around each command the device server's and QEMU's CPU time are read
 from /proc/<pid>/stat, so every workload gets its own CPU cost per packet or per MiB.
@@ -13,13 +14,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import paths
+from harness import paths, proc
 
 __all__ = ["COMMANDS", "Options", "Round", "cpu_ticks", "parse_metrics", "parse_ping",
            "per_unit", "run_round"]
@@ -44,6 +49,10 @@ class Options:
     accel: str = "auto"
     timeout: float = 900.0
     out: Path | None = None
+    #: Record the ours side's device server with py-spy per workload (collapsed stacks here).
+    profile: Path | None = None
+    #: Environment of the ``ours-ab`` side's device server (a paired A/B of a server knob).
+    ab_env: tuple[tuple[str, str], ...] = ()
 
 
 #: config name -> (offloads, viommu)
@@ -151,14 +160,50 @@ def _pci_device(reply: object, qdev_id: str = "net0") -> dict[str, Any]:
     return {}
 
 
+def py_spy() -> str | None:
+    """The py-spy next to this Python (the venv's), else on PATH; None if not installed."""
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else shutil.which("py-spy")
+
+
+def _profiler(pid: int | None, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling ``pid`` into ``out`` (collapsed stacks) until SIGINT; None without it."""
+    exe = py_spy()
+    if exe is None or pid is None:
+        return None
+    # --nonblocking: the device is not paused per sample (the figures stay comparable).
+    return proc.popen([exe, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                       "--format", "raw", "--output", str(out)],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is None:
+        return
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
 def _measure(tb: Any, name: str, cmd: Command, opts: Options, pids: dict[str, int | None],
              rnd: Round) -> str | None:
     """Run one workload in the guest; record its result and CPU costs; the failure, if any."""
     tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
     line = cmd.build(opts)
+    spy = None
+    if opts.profile is not None and rnd.side == "ours":
+        opts.profile.mkdir(parents=True, exist_ok=True)
+        spy = _profiler(pids.get("server"), opts.profile / f"{rnd.config}-{rnd.index:02d}-"
+                                                          f"{name}.txt")
     before = {k: cpu_ticks(p) for k, p in pids.items()}
-    res = tb.guest.run(line, timeout=opts.seconds + 120 + opts.nbytes / MIB)
-    after = {k: cpu_ticks(p) for k, p in pids.items()}
+    try:
+        res = tb.guest.run(line, timeout=opts.seconds + 120 + opts.nbytes / MIB)
+    finally:
+        after = {k: cpu_ticks(p) for k, p in pids.items()}
+        _stop_profiler(spy)
     if name == "ping_rtt":
         rtt = parse_ping(res.stdout.decode(errors="replace"))
         if rtt is None:
@@ -195,9 +240,13 @@ def run_round(side: str, index: int, config: str, opts: Options, run_dir: Path,
                         peers=PeerSpec(tcp_bytes=opts.nbytes, udp_count=1),
                         cmdline=SHELL_CMDLINE)
     failed: list[str] = []
-    saved = os.environ.get(LEDGER_ENV)
-    # The device server inherits the environment: only the ledger-off side turns it off.
-    os.environ[LEDGER_ENV] = "off" if side == "ours-noledger" else "on"
+    # The device server inherits the environment: only the ledger-off side turns the ledger
+    # off, only the A/B side gets the knobs under test.
+    env_vars = {LEDGER_ENV: "off" if side == "ours-noledger" else "on"}
+    if side == "ours-ab":
+        env_vars.update(opts.ab_env)
+    saved = {k: os.environ.get(k) for k in env_vars}
+    os.environ.update(env_vars)
     try:
         with Testbed(cfg, run_dir, env=env, accel=accel) as tb:
             ours = side != "builtin"
@@ -219,10 +268,11 @@ def run_round(side: str, index: int, config: str, opts: Options, run_dir: Path,
                 tb.check_alive()
             stats_path = tb.device.stats_path if ours else None
     finally:
-        if saved is None:
-            os.environ.pop(LEDGER_ENV, None)
-        else:
-            os.environ[LEDGER_ENV] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if stats_path is not None:
         try:
             stats = json.loads(stats_path.read_text())

@@ -20,6 +20,8 @@ process, which then writes its final counters), unless ``serve_forever`` is set.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import selectors
 import time
 from collections.abc import Callable
@@ -40,6 +42,13 @@ IDLE_TIMEOUT = 1.0
 ATTACH_FAILURE_PAUSE = 0.05
 #: A select() that took longer than this slept, so what woke it had just arrived.
 BLOCKED_SELECT = 0.0002
+#: Before ring work, while the guest maps through a vIOMMU (DMA_MAP/UNMAP seen in the last
+#: turn), keep answering the vfio-user socket for this long: the guest's vCPU waits for each
+#: reply, and the map that follows a kick would otherwise wait for the whole TX batch.
+#: HARNESS_LOOP_POLL_US overrides it (0: off), for A/Bs in harness bench net.
+DMA_POLL = float(os.environ.get("HARNESS_LOOP_POLL_US", "100")) / 1e6
+#: Answer the vfio-user socket before the other ready registrations of the same round.
+ANSWER_FIRST = os.environ.get("HARNESS_LOOP_ANSWER_FIRST", "0") == "1"
 
 EventHandler = Callable[[int], None]
 
@@ -136,6 +145,10 @@ class DeviceLoop:
         self._next_sample = 0.0
         self._origin = 0.0
         self._last_wake = 0.0
+        self.dma_poll = DMA_POLL
+        self.answer_first = ANSWER_FIRST
+        self._dma_seen = 0
+        self._poll: select.poll | None = None
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
         # driver's new queue set-up can arrive in one batch of vfio-user messages, and a check
         # after both would take the new rings for leaks and reclaim them under the device.
@@ -165,6 +178,8 @@ class DeviceLoop:
             log.info("vfio-user client connected")
             self._endpoint_fd = self.endpoint.fileno()
             self.selector.register(self._endpoint_fd, selectors.EVENT_READ, self._on_endpoint)
+            self._poll = select.poll()
+            self._poll.register(self._endpoint_fd, select.POLLIN)
             while not self.stop and self._attached:
                 self.run_once()
             if not self.serve_forever:
@@ -218,6 +233,9 @@ class DeviceLoop:
         # times its DMA replies from there (harness.vfu.latency).
         self._origin = woke if woke - entered > BLOCKED_SELECT else self._last_wake
         self._last_wake = woke
+        if self.answer_first and len(events) > 1:
+            # The client may be waiting for a reply (DMA_MAP): before RX and control work.
+            events.sort(key=lambda ev: ev[0].data != self._on_endpoint)
         for key, mask in events:
             key.data(mask)
             if self.stop:
@@ -226,6 +244,8 @@ class DeviceLoop:
     def turn(self) -> None:
         """The work after each round of events: queues, deferred erases, checks, RX polling."""
         self.turns += 1
+        if self.dma_poll > 0 and self._poll is not None:
+            self._answer_dma_first()
         self.device.process()
         self.ledger.housekeeping()
         now = self.clock()
@@ -242,6 +262,26 @@ class DeviceLoop:
             else:
                 self.selector.unregister(self.backend.fileno())
             self._backend_polled = want
+
+    def _answer_dma_first(self) -> None:
+        """While the guest is mapping (DMA messages since the last turn), spin on the
+        vfio-user socket for up to ``dma_poll`` seconds and answer what comes."""
+        seen = getattr(self.endpoint, "dma_events", 0)
+        if seen == self._dma_seen:
+            return
+        poll = self._poll
+        assert poll is not None
+        clock = self.clock
+        now = clock()
+        deadline, limit = now + self.dma_poll, now + 4 * self.dma_poll
+        while self._attached and not self.stop and now < deadline:
+            if poll.poll(0):
+                self._origin = now
+                self._on_endpoint(0)
+                # The guest is active: give its next request the same chance (bounded).
+                deadline = min(limit, clock() + self.dma_poll)
+            now = clock()
+        self._dma_seen = getattr(self.endpoint, "dma_events", 0)
 
     # -- event handlers ----------------------------------------------------------------------
 
@@ -266,6 +306,7 @@ class DeviceLoop:
         # now, before the number can be reused by the next connection.
         self.selector.unregister(self._endpoint_fd)
         self._endpoint_fd = -1
+        self._poll = None
         if self._backend_polled:
             self.selector.unregister(self.backend.fileno())
             self._backend_polled = False

@@ -208,8 +208,13 @@ class VfuContext:
         #: the server loop sets it before each run() (harness.vfu.latency explains why).
         self.message_origin = 0.0
         #: DMA_MAP and DMA_UNMAP reply latency (origin -> end of callback) and callback time.
-        self.dma_latency = {key: LatencyRecorder() for key in
-                            ("map_reply", "unmap_reply", "map_callback", "unmap_callback")}
+        #: ``*_queue``: origin -> the vfu_run_ctx call that handled it; ``*_library``: that
+        #: call's entry -> our callback (reading the message, mmap of its fd).
+        self.dma_latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
+                            for part in ("reply", "callback", "queue", "library")}
+        self._run_entry = 0.0
+        #: DMA_MAP/UNMAP callbacks so far (the loop polls harder while this moves).
+        self.dma_events = 0
         self._config_size = lib.PCI_CFG_SPACE_EXP_SIZE if pci_express else lib.PCI_CFG_SPACE_SIZE
         self._unlink_stale_socket()
         # The handle is how trampolines find this object; it must outlive the C context.
@@ -482,6 +487,7 @@ class VfuContext:
         return total
 
     def _run_once(self, ctx: Any) -> int:
+        self._run_entry = time.monotonic()
         rc = lib.vfu_run_ctx(ctx)
         err = ffi.errno
         self._take_wire()
@@ -551,11 +557,15 @@ class VfuContext:
 
     def _timed(self, kind: str, start: float) -> None:
         end = time.monotonic()
+        self.dma_events += 1
         lat = self.dma_latency
         lat[f"{kind}_callback"].add(end - start)
+        entry = self._run_entry
+        lat[f"{kind}_library"].add(start - entry)
         origin = self.message_origin
-        if 0 < origin <= start:
+        if 0 < origin <= entry:
             lat[f"{kind}_reply"].add(end - origin)
+            lat[f"{kind}_queue"].add(entry - origin)
 
     def irq_trigger(self, vector: int) -> bool:
         """Signal MSI-X vector; False if the client has not given an eventfd for it yet."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
-from harness.bench import net, netrun
+from harness.bench import net, netrun, profile
 from harness.bench.net import Round, median, ratio, summarize, table
 from harness.net.peer import UdpPerf
 from harness.vfu.latency import LatencyRecorder, percentile
@@ -195,3 +196,27 @@ def test_udp_perf_flood_is_paced_and_ends_with_a_marker() -> None:
     assert kinds.count(b"D") == sent and kinds[-1] == b"E"
     rx.close()
     tx.close()
+
+
+def test_profile_self_and_inclusive_time_from_collapsed_stacks(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    stacks = [
+        "process 12:\"python -m harness.server\";serve (harness/server/loop.py:170);"
+        "turn (harness/server/loop.py:250);writev (harness/net/tap.py:90) 6",
+        "process 12:\"python -m harness.server\";serve (harness/server/loop.py:170);"
+        "turn (harness/server/loop.py:251) 2",
+        "serve (harness/server/loop.py:171);select (/usr/lib/python3.11/selectors.py:468) 2",
+        "garbage line",
+    ]
+    prof = profile.parse(stacks)
+    assert prof.total == 10
+    assert prof.top("self", 2) == [("tap.py:writev", 60.0), ("loop.py:turn", 20.0)]
+    assert dict(prof.top("inclusive", 5))["loop.py:turn"] == 80.0
+    assert dict(prof.top("inclusive", 5))["loop.py:serve"] == 100.0
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(stacks) + "\n")
+    assert profile.main([str(f), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("10 samples in 1 file(s)") and "60.0%  tap.py:writev" in out
+    assert profile.main([str(tmp_path / "missing.txt")]) == 2

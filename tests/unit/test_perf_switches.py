@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import select
 import selectors
 import socket
 from typing import Any
@@ -94,3 +95,70 @@ def test_arrival_is_the_wake_up_of_a_sleeping_select_else_the_previous_one() -> 
     sel.close()
     a.close()
     b.close()
+
+
+class _MappingEndpoint:
+    """A vfio-user endpoint over a socket: each byte is one DMA_MAP it answers."""
+
+    def __init__(self, sock: socket.socket, order: list[str]) -> None:
+        self.sock, self.order = sock, order
+        self.message_origin = 0.0
+        self.dma_events = 0
+
+    def attach(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def run(self) -> int:
+        try:
+            n = len(self.sock.recv(4096))
+        except BlockingIOError:
+            return 0
+        self.dma_events += n
+        self.order.append(f"answer {n}")
+        return n
+
+
+def _mapping_loop(poll_us: float) -> tuple[DeviceLoop, socket.socket, list[str], Any]:
+    order: list[str] = []
+    ours, guest = socket.socketpair()
+    ours.setblocking(False)
+    ep = _MappingEndpoint(ours, order)
+
+    class _Dev:
+        after_reset: Any = None
+
+        def process(self) -> None:
+            order.append("ring work")
+
+        def rx_wanted(self) -> bool:
+            return False
+
+    class _Ledger:
+        def housekeeping(self) -> None: ...
+
+    loop = DeviceLoop(ep, _Dev(), _Ledger(), ours)  # type: ignore[arg-type]
+    loop.dma_poll = poll_us / 1e6
+    loop._attached = True
+    loop._poll = select.poll()
+    loop._poll.register(ours.fileno(), select.POLLIN)
+    return loop, guest, order, ours
+
+
+def test_dma_maps_are_answered_before_ring_work_while_the_guest_maps() -> None:
+    loop, guest, order, ours = _mapping_loop(50_000)  # 50 ms: robust on a loaded host
+    guest.send(b"m")
+    loop.turn()                 # no DMA seen yet: ring work at once, nothing answered
+    assert order == ["ring work"]
+    loop._on_endpoint(0)        # the guest maps (e.g. after its kick)
+    guest.send(b"m")            # ... and maps again while the device has ring work
+    loop.turn()
+    assert order == ["ring work", "answer 1", "answer 1", "ring work"]
+    order.clear()
+    loop.turn()                 # no new DMA: no waiting before ring work
+    assert order == ["ring work"]
+    guest.close()
+    ours.close()
+    loop.close()
