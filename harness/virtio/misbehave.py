@@ -33,7 +33,11 @@ __all__ = ["CASES", "POINTS", "QUEUES", "Case", "Misbehave", "Misbehaviour", "pa
 STUCK_RESET_READS = 2000
 #: slow-completions: how long each used-buffer notification is held back.
 SLOW_SECONDS = 0.020
+#: A completion this long after the firing belongs to a later round of traffic (a guest round
+#: trip under TCG takes longer; completions of the same batch come microseconds apart).
+RESUME_GAP = 0.005
 _FEATURES_OK = 0x08
+_FAILED = 0x80
 _NEEDS_RESET = 0x40
 _GUEST_CSUM = 1
 _GUEST_TSO4 = 7
@@ -125,6 +129,11 @@ class Misbehave:
     _reset_reads: int = 0  # reset-never-completes: stuck reads left
     _stuck_status: int = 0
     _forbidden: bool = False  # forbidden-feature-combo fired: keep offering the combination
+    #: Time to recover: when a case first acted, when each queue next completed a chain in a
+    #: later round (RESUME_GAP after it), when the driver reset or failed the device.
+    fired_at: float | None = None
+    _resumed: dict[str, float] = field(default_factory=dict)
+    _disabled_at: float | None = None
 
     def add(self, spec: Misbehaviour) -> None:
         self.specs.append(spec)
@@ -149,6 +158,8 @@ class Misbehave:
                 continue
             if not s.always:
                 self._spent.add(i)
+            if self.fired_at is None:
+                self.fired_at = time.monotonic()
             self.fired[s.case] = self.fired.get(s.case, 0) + 1
             return s
         return None
@@ -160,6 +171,10 @@ class Misbehave:
         counted (so ``after=N`` leaves the first N completions alone)."""
         s = self.due("used", queue)
         self.completions[queue] = self.completions.get(queue, 0) + 1
+        if self.fired_at is not None and queue not in self._resumed:
+            now = time.monotonic()
+            if now - self.fired_at >= RESUME_GAP:
+                self._resumed[queue] = now
         held = self._held.pop(queue, None)
         out = self._push(s, head, length, write_len, read_len, size, queue)
         return out if held is None else [*out, held]  # the held one after its successor
@@ -203,6 +218,9 @@ class Misbehave:
 
     def on_status_write(self, old: int, value: int) -> int:
         """The driver writes ``value`` to the status (``old``): what the device keeps."""
+        if self.fired_at is not None and self._disabled_at is None and (
+                value == 0 or value & _FAILED):
+            self._disabled_at = time.monotonic()
         if value == 0:
             self._reset_reads = 0
             self._held.clear()  # a held-back element belongs to the rings the reset dropped
@@ -234,6 +252,20 @@ class Misbehave:
             return (features | 1 << _GUEST_TSO4) & ~(1 << _GUEST_CSUM)
         return features
 
+    def recover_seconds(self) -> float | None:
+        """Seconds from the first firing until traffic resumed on both queues, else until the
+        driver reset or failed the device (cleanly disabled); None: neither (yet)."""
+        if self.fired_at is None:
+            return None
+        if len(self._resumed) == 2:
+            return round(max(self._resumed.values()) - self.fired_at, 3)
+        if self._disabled_at is not None:
+            return round(self._disabled_at - self.fired_at, 3)
+        return None
+
     def state(self) -> dict[str, object]:
         return {"specs": [str(s) for s in self.specs], "completions": dict(self.completions),
-                "fired": dict(self.fired), "tx_stalled": self.tx_stalled}
+                "fired": dict(self.fired), "tx_stalled": self.tx_stalled,
+                "recover_s": self.recover_seconds(),
+                "recovered_by": ("traffic" if len(self._resumed) == 2 else
+                                 "reset" if self._disabled_at is not None else None)}

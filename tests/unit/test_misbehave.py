@@ -545,5 +545,29 @@ def test_compare_and_table() -> None:
         "a: was graceful, now oops", "b: hang (no baseline)"]
     out = table([Outcome("config-change-no-interrupt", "corruption",
                          ["host_verified_udp: host saw 90 good, 3 bad of 100"], 61.5, "/x",
-                         "7.3.4")])
-    assert all(len(line) <= 80 for line in out.splitlines())
+                         "7.3.4", 2.5),
+                 Outcome("tx-stall", "hang", [], 30.0, "/y", "7.3.4")])
+    assert all(len(line) <= 88 for line in out.splitlines())
+    assert out.splitlines()[1].split()[-2:] == ["2.50", "62"]  # recover, run seconds
+    assert out.splitlines()[2].split()[-2:] == ["-", "30"]  # no recovery: '-'
+
+
+def test_recover_seconds_traffic_then_reset() -> None:
+    r, _ = rig("tx-completion-wrong-id")
+    mb = r.device.misbehave
+    assert mb is not None and mb.recover_seconds() is None  # nothing fired yet
+    tx_one(r)
+    assert mb.fired_at is not None and mb.recover_seconds() is None  # same round: no
+    time.sleep(0.01)
+    tx_one(r)
+    assert mb.recover_seconds() is None  # TX resumed, RX not yet
+    rx_one(r)
+    rec = mb.recover_seconds()
+    assert rec is not None and rec >= 0.01
+    assert r.device.stats()["misbehave"]["recovered_by"] == "traffic"  # type: ignore[index]
+    r2, _ = rig("tx-stall")
+    tx_one(r2)
+    time.sleep(0.01)
+    r2.driver.reset()  # the driver gives up on the device: cleanly disabled
+    rec2 = r2.device.stats()["misbehave"]["recover_s"]  # type: ignore[index]
+    assert isinstance(rec2, float) and rec2 >= 0.01
