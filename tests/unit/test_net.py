@@ -366,3 +366,24 @@ def test_mtu_needs_its_feature_bit() -> None:
     with pytest.raises(ValueError):
         VirtioNetDevice(dev.mapops, dev.irq, dev.backend, mac=dev.mac, mtu=60,
                         features=DEFAULT_FEATURES | (1 << C.NET_F_MTU), bus_master=lambda: True)
+
+
+@pytest.mark.parametrize("flags", [4, 0x80, 1 | 4, 2 | 0xF8])
+def test_rx_rsc_info_and_undefined_flags_never_reach_the_driver(flags: int) -> None:
+    # RSC_EXT is never offered (5.1.6.4.1: without it, no RSC_INFO); undefined bits neither.
+    r = net_rig(features=ALL, driver_features=DEFAULT_FEATURES | GUEST_CSUM)
+    post_rx(r, 4, 2048)
+    r.backend.rx.append(hdr(flags=flags) + frame(100))
+    r.device.on_backend_readable()
+    [(_, data)] = receive(r)
+    assert data[0] == flags & 3
+
+
+def test_mtu_never_changes() -> None:
+    r = mtu_rig(9000, DEFAULT_FEATURES)
+    reads = [r.driver.read(C.DEVICE_OFFSET + 10, 2)]
+    r.device.set_link(False)
+    r.driver.reset()
+    r.driver.init()
+    reads.append(r.driver.read(C.DEVICE_OFFSET + 10, 2))
+    assert reads == [9000, 9000]
