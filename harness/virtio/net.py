@@ -166,12 +166,23 @@ class VirtioNetDevice(VirtioPciDevice):
             log.warning("misbehave tx-stall: TX is no longer consumed")
         return mb.tx_stalled
 
-    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int) -> None:
+    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int, got: int) -> None:
         s = mb.due("rx-header", "rx0")
         if s is None:
             return
         case = s.case
-        if case == "num-buffers-zero":
+        if case == "data-valid-bad-csum":
+            end = min(got, first.write_len) - 1  # inside the frame and the first chain
+            if got >= 128:
+                _write_header(first, 0, b"\x02")  # DATA_VALID
+                for h in first.writable:  # flip the frame's byte at ``end``
+                    if end < len(h.view):
+                        h.view[end] ^= 0xFF
+                        break
+                    end -= len(h.view)
+        elif case == "rx-header-reserved-flags":
+            _write_header(first, 0, b"\xf8")
+        elif case == "num-buffers-zero":
             _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
         elif case == "num-buffers-too-large":
             _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
@@ -196,12 +207,27 @@ class VirtioNetDevice(VirtioPciDevice):
         elif s.case == "link-flap":
             self.set_link(False)
             self.set_link(True)
-        elif s.case == "config-change-no-interrupt":
+        elif s.case in ("config-change-no-interrupt", "mac-change-after-negotiation",
+                        "config-generation-stale"):
             self.mac = self.mac[:5] + bytes([self.mac[5] ^ 1])
-            log.warning("misbehave: MAC now %s, no generation bump, no interrupt",
-                        self.mac.hex(":"))
+            log.warning("misbehave %s: MAC now %s", s.case, self.mac.hex(":"))
+            if s.case == "mac-change-after-negotiation":
+                self.config_changed()
+            elif s.case == "config-generation-stale":
+                self._config_irq(1)
+        elif s.case == "config-interrupt-storm":
+            self._config_irq(64)
+        elif s.case == "needs-reset-no-interrupt":
+            self.status |= C.STATUS_NEEDS_RESET
         else:  # needs-reset-midtraffic
             self.device_error("misbehave needs-reset-midtraffic (no real error)")
+
+    def _config_irq(self, n: int) -> None:
+        """``n`` config interrupts without a generation bump (misbehaviours only)."""
+        self.isr |= C.ISR_CONFIG
+        for _ in range(n):
+            if self.msix_config != C.NO_VECTOR:
+                self.irq.trigger(self.msix_config)
 
     # ---- transport hooks ---------------------------------------------------------------------
 
@@ -384,7 +410,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     used += 1
                 _set_num_buffers(pool[0], used)
                 if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool[0], used)
+                    self._misbehave_rx_header(self.misbehave, pool[0], used, got)
                 left = got
                 for c in pool[:used]:
                     n = min(left, c.write_len)
