@@ -47,8 +47,6 @@ BLOCKED_SELECT = 0.0002
 #: reply, and the map that follows a kick would otherwise wait for the whole TX batch.
 #: HARNESS_LOOP_POLL_US overrides it (0: off), for A/Bs in harness bench net.
 DMA_POLL = float(os.environ.get("HARNESS_LOOP_POLL_US", "100")) / 1e6
-#: Answer the vfio-user socket before the other ready registrations of the same round.
-ANSWER_FIRST = os.environ.get("HARNESS_LOOP_ANSWER_FIRST", "0") == "1"
 
 EventHandler = Callable[[int], None]
 
@@ -146,7 +144,6 @@ class DeviceLoop:
         self._origin = 0.0
         self._last_wake = 0.0
         self.dma_poll = DMA_POLL
-        self.answer_first = ANSWER_FIRST
         self._dma_seen = 0
         self._poll: select.poll | None = None
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
@@ -233,9 +230,6 @@ class DeviceLoop:
         # times its DMA replies from there (harness.vfu.latency).
         self._origin = woke if woke - entered > BLOCKED_SELECT else self._last_wake
         self._last_wake = woke
-        if self.answer_first and len(events) > 1:
-            # The client may be waiting for a reply (DMA_MAP): before RX and control work.
-            events.sort(key=lambda ev: ev[0].data != self._on_endpoint)
         for key, mask in events:
             key.data(mask)
             if self.stop:
