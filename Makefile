@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 VMTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: all deps vm-test run test unit lint bench clean help
+.PHONY: all deps vm-test run test unit lint bench misbehave clean help
 
 all: help
 
@@ -17,6 +17,7 @@ help:
 	@echo "make test      lint + unit tests + VM tests (installs dependencies first)"
 	@echo "make unit      fast tests only"
 	@echo "make bench     benchmarks (side-by-side tables)"
+	@echo "make misbehave the misbehaving-device catalogue on kernels 7.3.4, 6.12 and 6.1"
 	@echo "make deps      install/verify dependencies (pinned, cached in ~/.cache/harness)"
 
 deps:
@@ -44,6 +45,11 @@ test: lint
 bench: deps
 	$(PY) -m harness bench iova
 	$(PY) -m harness bench net
+
+# Every kernel even when one differs from its baseline; fails if any did.
+misbehave: deps
+	rc=0; for k in "" debian:6.12 debian:6.1; do \
+	  $(PY) -m harness misbehave --all $${k:+--kernel $$k} || rc=1; done; exit $$rc
 
 clean:
 	rm -rf build
