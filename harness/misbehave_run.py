@@ -41,7 +41,7 @@ BASELINE_DIR = Path(__file__).resolve().parents[1] / "qemu" / "baselines"
 SMALL_PLAN = {"tcp_bytes": 4 << 20, "udp_count": 100}
 #: Per-case timeout for cases the baseline records as a hang (measured: a run with the small
 #: plan takes about TODO s when nothing goes wrong).
-HANG_TIMEOUT = 30.0
+HANG_TIMEOUT = 25.0
 
 
 def _head(c: Case) -> str:
@@ -188,7 +188,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="list the cases with clause and bug class")
     p.add_argument("--kernel", type=Path, metavar="PATH", help="the guest kernel under test")
     p.add_argument("--out", type=Path, help="parent directory for run logs")
-    p.add_argument("--timeout", type=float, default=90.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="per case (a case that runs out is a hang)")
     p.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT, metavar="SECONDS",
                    help="per case the kernel's baseline says hangs (default %(default)s)")
