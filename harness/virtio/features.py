@@ -73,8 +73,13 @@ class NetFeatures:
 
     def spec(self) -> str:
         """The switches that differ from DEFAULTS, as ``parse`` reads them back ("" if none)."""
-        words = [f"{n}={'on' if n in self.on else 'off'}" for n in SWITCHES
-                 if (n in self.on) != (n in DEFAULT_ON)]
+        words: list[str] = []
+        names = list(SWITCHES)
+        if not any(n in self.on for n in OFFLOAD_SWITCHES):  # the six as one switch
+            words.append("offloads=off")
+            names = [n for n in names if n not in OFFLOAD_SWITCHES]
+        words += [f"{n}={'on' if n in self.on else 'off'}" for n in names
+                  if (n in self.on) != (n in DEFAULT_ON)]
         if self.mtu is not None:
             words.append(f"mtu={self.mtu}")
         return ",".join(words)
