@@ -77,3 +77,22 @@ def test_tap_offload_bits_follow_the_negotiated_guest_features() -> None:
     assert offload_for(NetFeatures().bits) == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
     # Host-side offloads (CSUM, HOST_TSO*) are the TX direction: they never open the RX side.
     assert offload_for((1 << C.NET_F_CSUM) | (1 << C.NET_F_HOST_TSO4)) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["vm-test", "--features", "bogus=on"],
+    ["run", "--features", "mtu=9"],
+    ["vm-test", "--features", "guest_tso4=on,guest_csum=off"],
+    ["serve", "--socket", "/tmp/x.sock", "--features", "indirect=maybe"],
+])  # fmt: skip
+def test_harness_cli_features_errors_are_one_line(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].split("error: ")[-1].startswith("argument --features")
