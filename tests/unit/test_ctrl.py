@@ -1,0 +1,88 @@
+"""The control queue's commands (harness.virtio.ctrl): each command, and hostile ones answered
+with ERR without reading past the bytes given."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from harness.virtio import ctrl
+from harness.virtio.ctrl import ERR, OK, ControlState
+
+MAC = bytes.fromhex("525400123456")
+ALL = sum(1 << b for b in (ctrl.NET_F_CTRL_VQ, ctrl.NET_F_CTRL_RX, ctrl.NET_F_CTRL_RX_EXTRA,
+                           ctrl.NET_F_GUEST_ANNOUNCE, ctrl.NET_F_MQ, ctrl.NET_F_CTRL_MAC_ADDR))
+OTHER = bytes.fromhex("525400aaaaaa")
+MCAST = bytes.fromhex("01005e000001")
+
+
+def table(uni: list[bytes], multi: list[bytes]) -> bytes:
+    return (struct.pack("<I", len(uni)) + b"".join(uni)
+            + struct.pack("<I", len(multi)) + b"".join(multi))
+
+
+def test_rx_modes_and_the_filter() -> None:
+    s = ControlState(MAC)
+    assert s.accepts(OTHER)  # promiscuous until the driver says otherwise
+    assert s.handle(bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0]), ALL) == OK
+    assert s.accepts(MAC) and not s.accepts(OTHER) and s.accepts(b"\xff" * 6)
+    assert not s.accepts(MCAST)
+    assert s.handle(bytes([ctrl.CLASS_RX, ctrl.RX_ALLMULTI, 1]), ALL) == OK
+    assert s.accepts(MCAST)
+    assert s.handle(bytes([ctrl.CLASS_RX, ctrl.RX_NOBCAST, 1]), ALL) == OK
+    assert not s.accepts(b"\xff" * 6)
+    assert s.handle(bytes([ctrl.CLASS_RX, ctrl.RX_NOUNI, 1]), ALL) == OK
+    assert not s.accepts(MAC)
+
+
+def test_mac_table_and_address() -> None:
+    s = ControlState(MAC)
+    s.handle(bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0]), ALL)
+    assert s.handle(bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + table([OTHER], [MCAST]),
+                    ALL) == OK
+    assert s.accepts(OTHER) and s.accepts(MCAST) and not s.accepts(bytes.fromhex("01005e000002"))
+    assert s.handle(bytes([ctrl.CLASS_MAC, ctrl.MAC_ADDR_SET]) + OTHER[::-1], ALL) == OK
+    assert s.mac == OTHER[::-1] and s.accepts(OTHER[::-1])
+    big = [bytes([2, 0, 0, 0, k >> 8, k & 0xFF]) for k in range(65)]
+    assert s.handle(bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + table(big, []), ALL) == OK
+    assert s.uni_overflow and s.accepts(bytes.fromhex("02000000ffff"))
+
+
+def test_mq_pairs_and_announce() -> None:
+    s = ControlState(MAC, max_pairs=4)
+    assert s.handle(bytes([ctrl.CLASS_MQ, ctrl.MQ_VQ_PAIRS_SET]) + struct.pack("<H", 3), ALL) == OK
+    assert s.pairs == 3
+    assert s.handle(bytes([ctrl.CLASS_ANNOUNCE, ctrl.ANNOUNCE_ACK]), ALL) == OK
+    assert s.announce_acks == 1
+
+
+@pytest.mark.parametrize(("command", "feats", "why"), [
+    (bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0]), 0, "CTRL_VQ not negotiated"),
+    (bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0]), 1 << ctrl.NET_F_CTRL_VQ, "CTRL_RX not"),
+    (bytes([ctrl.CLASS_RX, ctrl.RX_NOUNI, 1]),
+     (1 << ctrl.NET_F_CTRL_VQ) | (1 << ctrl.NET_F_CTRL_RX), "CTRL_RX_EXTRA not"),
+    (b"", ALL, "no class"),
+    (b"\x00", ALL, "no class"),
+    (bytes([ctrl.CLASS_RX, 9, 1]), ALL, "unknown"),
+    (bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC]), ALL, "0 bytes of data"),
+    (bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 1, 1]), ALL, "2 bytes of data"),
+    (bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + struct.pack("<I", 0xFFFFFFFF), ALL,
+     "unicast table of 4294967295 entries in 0 bytes"),
+    (bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + struct.pack("<I", 0), ALL,
+     "multicast table has no entry count"),
+    (bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + table([], []) + b"x", ALL, "1 bytes after"),
+    (bytes([ctrl.CLASS_MAC, ctrl.MAC_ADDR_SET]) + MAC[:5], ALL, "MAC_ADDR_SET with 5 bytes"),
+    (bytes([ctrl.CLASS_MQ, ctrl.MQ_VQ_PAIRS_SET]) + struct.pack("<H", 0), ALL, "outside 1..1"),
+    (bytes([ctrl.CLASS_MQ, ctrl.MQ_VQ_PAIRS_SET]) + struct.pack("<H", 2), ALL, "outside 1..1"),
+    (bytes([ctrl.CLASS_MQ, ctrl.MQ_VQ_PAIRS_SET, 1]), ALL, "1 bytes of data"),
+    (bytes([ctrl.CLASS_VLAN, 0, 1, 0]), ALL, "not supported"),
+])  # fmt: skip
+def test_bad_commands_are_refused(command: bytes, feats: int, why: str) -> None:
+    s = ControlState(MAC)
+    before = s.as_dict()
+    assert s.handle(command, feats) == ERR
+    assert why in s.last_error and s.errors == 1
+    after = s.as_dict()
+    assert {k: v for k, v in after.items() if k not in ("errors", "last_error")} == \
+        {k: v for k, v in before.items() if k not in ("errors", "last_error")}
