@@ -25,6 +25,7 @@ from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
+from harness.virtio import rxhdr
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
@@ -66,17 +67,6 @@ _CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past th
 _CONFIG_LEN_MTU = 12
 _U16 = struct.Struct("<H")
 
-# virtio_net_hdr flags and gso_type (5.1.6).
-HDR_F_NEEDS_CSUM = 1
-HDR_F_DATA_VALID = 2
-#: The flags a driver with GUEST_CSUM may be handed (5.1.6.4.1).
-_HDR_F_GUEST_CSUM = HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID
-GSO_NONE = 0
-GSO_TCPV4 = 1
-GSO_TCPV6 = 4
-GSO_ECN = 0x80
-#: gso_type -> the feature the driver must have negotiated to be handed it.
-_GSO_FEATURE = {GSO_TCPV4: C.NET_F_GUEST_TSO4, GSO_TCPV6: C.NET_F_GUEST_TSO6}
 
 
 class VirtioNetDevice(VirtioPciDevice):
@@ -433,39 +423,19 @@ class VirtioNetDevice(VirtioPciDevice):
             self._misbehave_device(self.misbehave)
 
     def _rx_header_ok(self, views: list[memoryview], got: int) -> bool:
-        """Make the received header one the driver negotiated (5.1.6.4.1), or say to drop.
-
-        The backend is told the negotiated offloads at DRIVER_OK, so this is the rare path:
-        a gso_type the driver did not negotiate is dropped (it cannot be segmented here); a
-        partial checksum for a driver without GUEST_CSUM is finished here and the flags
-        cleared (the spec's SHOULD: a fully checksummed packet); DATA_VALID and any other flag
-        without GUEST_CSUM are cleared. A frame over the MTU without GSO is dropped too.
-        """
-        head = _read_at(views, 0, C.NET_HDR_SIZE)
-        flags, gso = head[0], head[1]
-        feats = self.negotiated
-        if gso != GSO_NONE:
-            base = gso & ~GSO_ECN
-            need = _GSO_FEATURE.get(base)
-            # ECN needs GUEST_ECN, which this device does not offer.
-            if need is None or gso & GSO_ECN or not feats >> need & 1:
-                self.header_drops += 1
-                return False
-        elif got - C.NET_HDR_SIZE > self._rx_frame_max:
+        """The frame's header made one the driver negotiated (harness.virtio.rxhdr), or
+        False: drop it (counted)."""
+        verdict = rxhdr.check(views, got, self.negotiated, self._rx_frame_max)
+        if verdict is rxhdr.Verdict.OK:
+            return True
+        if verdict is rxhdr.Verdict.CSUM_DONE:
+            self.csum_completed += 1
+            return True
+        if verdict is rxhdr.Verdict.DROP_OVERSIZE:
             self.oversize_drops += 1
-            return False
-        if flags and not feats >> C.NET_F_GUEST_CSUM & 1:
-            if flags & HDR_F_NEEDS_CSUM:
-                start, offset = struct.unpack_from("<HH", head, 6)
-                if not _finish_csum(views, got, start, offset):
-                    self.header_drops += 1
-                    return False
-                self.csum_completed += 1
-            _write_at(views, 0, b"\0")
-        elif flags & ~_HDR_F_GUEST_CSUM:
-            # RSC_INFO (RSC_EXT is never offered) and undefined bits: the driver gets none.
-            _write_at(views, 0, bytes([flags & _HDR_F_GUEST_CSUM]))
-        return True
+        else:
+            self.header_drops += 1
+        return False
 
     def _rx_discard(self) -> None:
         """Link down: read up to a batch of frames from the backend and drop them."""
@@ -603,47 +573,3 @@ def _write_header(chain: Chain, off: int, data: bytes) -> None:
         else:
             off -= len(view)
 
-
-def _read_at(views: list[memoryview], off: int, n: int) -> bytes:
-    """``n`` bytes at offset ``off`` of the frame scattered over ``views`` (fewer at its end)."""
-    out = bytearray()
-    for view in views:
-        if off < len(view):
-            out += view[off : off + n - len(out)]
-            if len(out) == n:
-                break
-            off = 0
-        else:
-            off -= len(view)
-    return bytes(out)
-
-
-def _write_at(views: list[memoryview], off: int, data: bytes) -> None:
-    """Write ``data`` at offset ``off`` of the frame scattered over ``views``."""
-    for view in views:
-        if off < len(view):
-            take = min(len(data), len(view) - off)
-            view[off : off + take] = data[:take]
-            data = data[take:]
-            if not data:
-                return
-            off = 0
-        else:
-            off -= len(view)
-
-
-def _finish_csum(views: list[memoryview], got: int, start: int, offset: int) -> bool:
-    """Finish a partial checksum (NEEDS_CSUM): the Internet checksum of the frame from
-    ``start`` on, folded into the pseudo-header sum the stack left at ``start + offset``.
-    False when the offsets do not fit the frame (then nothing is written)."""
-    frame_len = got - C.NET_HDR_SIZE
-    if start + offset + 2 > frame_len or offset % 2:
-        return False
-    data = _read_at(views, C.NET_HDR_SIZE + start, frame_len - start)
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(memoryview(data).cast("H"))  # native (little-endian) order, folded below
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    _write_at(views, C.NET_HDR_SIZE + start + offset, _U16.pack(~total & 0xFFFF))
-    return True
