@@ -8,13 +8,18 @@ filter that state implies. Everything in a command is guest-controlled: lengths 
 against the bytes actually given before anything is read, table sizes are bounded, and a
 command the driver did not negotiate is refused with ERR (never an exception).
 
-Not wired to a queue yet: the device does not offer CTRL_VQ (issue 11, second half).
+``serve_queue`` runs the control virtqueue: each chain is the command (device-readable) and
+room for the ack (device-writable); the device offers CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA and
+CTRL_MAC_ADDR only when the run switches them on (harness.virtio.features); MQ and
+GUEST_ANNOUNCE are decoded here but not offered yet.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+
+from harness.virtio.virtqueue import SplitVirtqueue
 
 # Feature bits (5.1.3).
 NET_F_CTRL_VQ = 17
@@ -48,6 +53,9 @@ _RX_NAMES = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _BROADCAST = b"\xff" * 6
+#: Longest command copied out of the guest (a MAC table of thousands of entries fits); a longer
+#: one is answered ERR without being read.
+COMMAND_MAX = 64 << 10
 
 
 @dataclass
@@ -165,6 +173,32 @@ class ControlState:
                 "uni_overflow": self.uni_overflow, "multi_overflow": self.multi_overflow,
                 "pairs": self.pairs, "announce_acks": self.announce_acks,
                 "errors": self.errors, "last_error": self.last_error}
+
+
+def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: int = 64) -> bool:
+    """Answer the control commands waiting in ``q``; True when the driver wants an interrupt.
+
+    A chain without a 2-byte command or without a writable byte for the ack is malformed
+    (the queue breaks: NEEDS_RESET); anything wrong inside a command is an ERR ack.
+    """
+    for _ in range(batch):
+        chain = q.pop()
+        if chain is None:
+            break
+        if chain.read_len < 2 or chain.write_len < 1:
+            what = "no command" if chain.read_len < 2 else "no room for the ack"
+            q.discard(chain)
+            q.fail(f"control chain with {what}", chain.head)
+            break
+        if chain.read_len > COMMAND_MAX:
+            state.errors += 1
+            state.last_error = f"command of {chain.read_len} bytes (over {COMMAND_MAX})"
+            ack = ERR
+        else:
+            ack = state.handle(b"".join([h.view for h in chain.readable]), negotiated)
+        chain.writable[0].view[0] = ack
+        q.push(chain, 1)
+    return q.flush()
 
 
 class _Refused(Exception):

@@ -27,6 +27,10 @@ SWITCHES: dict[str, int] = {
     "mac": C.NET_F_MAC,
     "event_idx": C.F_EVENT_IDX,
     "indirect": C.F_INDIRECT_DESC,
+    "ctrl_vq": C.NET_F_CTRL_VQ,
+    "ctrl_rx": C.NET_F_CTRL_RX,
+    "ctrl_rx_extra": C.NET_F_CTRL_RX_EXTRA,
+    "ctrl_mac_addr": C.NET_F_CTRL_MAC_ADDR,
 }
 #: The switches ``--offloads`` (and TestbedConfig.offloads) turn on or off together.
 OFFLOAD_SWITCHES = ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6")
@@ -36,6 +40,9 @@ REQUIRES = {
     "host_tso6": "csum",
     "guest_tso4": "guest_csum",
     "guest_tso6": "guest_csum",
+    "ctrl_rx": "ctrl_vq",
+    "ctrl_rx_extra": "ctrl_rx",
+    "ctrl_mac_addr": "ctrl_vq",
 }
 
 _ON = {"on", "true", "yes", "1"}
@@ -44,7 +51,9 @@ _OFF = {"off", "false", "no", "0"}
 #: config field is 16 bits.
 MTU_MIN, MTU_MAX = 68, 65535
 
-DEFAULT_ON = frozenset(SWITCHES)
+#: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults).
+DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr"})
+DEFAULT_ON = frozenset(SWITCHES) - DEFAULT_OFF
 
 
 @dataclass(frozen=True)

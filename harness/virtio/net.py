@@ -26,6 +26,7 @@ from typing import Any
 from harness.dma import MapOps
 from harness.virtio import constants as C
 from harness.virtio import rxhdr
+from harness.virtio.ctrl import ControlState, serve_queue
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RX_QUEUE = 0
 TX_QUEUE = 1
+CTRL_QUEUE = 2  # with CTRL_VQ offered: after the one queue pair (5.1.2)
 
 DEFAULT_FEATURES = (
     (1 << C.F_VERSION_1)
@@ -52,7 +54,14 @@ OFFLOAD_FEATURES = (
     | (1 << C.NET_F_GUEST_TSO4)
     | (1 << C.NET_F_GUEST_TSO6)
 )
-SUPPORTED_FEATURES = DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES | (1 << C.NET_F_MTU)
+CTRL_FEATURES = (
+    (1 << C.NET_F_CTRL_VQ)
+    | (1 << C.NET_F_CTRL_RX)
+    | (1 << C.NET_F_CTRL_RX_EXTRA)
+    | (1 << C.NET_F_CTRL_MAC_ADDR)
+)
+SUPPORTED_FEATURES = (DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES | CTRL_FEATURES
+                      | (1 << C.NET_F_MTU))
 
 _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
 # Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
@@ -104,7 +113,7 @@ class VirtioNetDevice(VirtioPciDevice):
             raise ValueError(f"mtu {mtu} out of range 68..65535")
         super().__init__(
             mapops, irq,
-            queue_names=["rx0", "tx0"],
+            queue_names=["rx0", "tx0", *(["ctrl"] if feats >> C.NET_F_CTRL_VQ & 1 else [])],
             queue_size=queue_size,
             device_features=feats,
             device_config_len=_CONFIG_LEN if mtu is None else _CONFIG_LEN_MTU,
@@ -127,6 +136,10 @@ class VirtioNetDevice(VirtioPciDevice):
         self.batch = batch
         self.rx = self.queues[RX_QUEUE]
         self.tx = self.queues[TX_QUEUE]
+        #: The control queue's state (RX modes, MAC filter); a fresh one at every reset.
+        self.control = ControlState(self.mac)
+        self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
+        self.filtered = 0  # RX frames the driver's RX mode / MAC filter turned away
         self._rx_starved = False
         self._rx_max = _RX_MAX_MTU
         self._rx_frame_max = 1518
@@ -239,11 +252,14 @@ class VirtioNetDevice(VirtioPciDevice):
         #: The features of the last DRIVER_OK (kept across resets: what the guest ran with).
         self.driver_ok_features = self.negotiated
         log.info("DRIVER_OK: features %#x", self.negotiated)
+        self._rx_filter = self.has_feature(C.NET_F_CTRL_RX)
         if self.on_offloads is not None:
             self.on_offloads(self.negotiated)
 
     def _on_reset(self) -> None:
         self._rx_starved = False
+        self.control = ControlState(self.mac)
+        self._rx_filter = False
         if self.on_offloads is not None:
             self.on_offloads(0)
 
@@ -298,6 +314,10 @@ class VirtioNetDevice(VirtioPciDevice):
             self._rx_starved = False
         if pending & (1 << TX_QUEUE):
             self._tx_flush()
+        if pending & (1 << CTRL_QUEUE) and self.num_queues > CTRL_QUEUE:
+            q = self.queues[CTRL_QUEUE]
+            if serve_queue(q, self.control, self.negotiated):
+                self._queue_interrupt(q)
 
     # ---- TX ----------------------------------------------------------------------------------
 
@@ -390,6 +410,11 @@ class VirtioNetDevice(VirtioPciDevice):
                     continue
                 if not self._rx_header_ok(views, got):
                     st.drops += 1  # the chains stay in the pool for the next frame
+                    continue
+                if self._rx_filter and not self.control.accepts(
+                        rxhdr.read_at(views, C.NET_HDR_SIZE, 6)):
+                    st.drops += 1  # not for this driver's MAC filter / RX mode
+                    self.filtered += 1
                     continue
                 used = 0
                 left = got
@@ -531,6 +556,8 @@ class VirtioNetDevice(VirtioPciDevice):
             "link_drops": self.link_drops,
             "oversize_drops": self.oversize_drops,
             "header_drops": self.header_drops,
+            "filtered": self.filtered,
+            **({"ctrl": self.control.as_dict()} if self.num_queues > CTRL_QUEUE else {}),
             "driver_ok_features": self.driver_ok_features,
             "csum_completed": self.csum_completed,
             **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),

@@ -7,8 +7,11 @@ import struct
 
 import pytest
 
+from harness.testing.mockdriver import NetRig, net_rig
+from harness.virtio import constants as C
 from harness.virtio import ctrl
 from harness.virtio.ctrl import ERR, OK, ControlState
+from harness.virtio.net import CTRL_FEATURES, DEFAULT_FEATURES
 
 MAC = bytes.fromhex("525400123456")
 ALL = sum(1 << b for b in (ctrl.NET_F_CTRL_VQ, ctrl.NET_F_CTRL_RX, ctrl.NET_F_CTRL_RX_EXTRA,
@@ -86,3 +89,68 @@ def test_bad_commands_are_refused(command: bytes, feats: int, why: str) -> None:
     after = s.as_dict()
     assert {k: v for k, v in after.items() if k not in ("errors", "last_error")} == \
         {k: v for k, v in before.items() if k not in ("errors", "last_error")}
+
+
+# ---- the control virtqueue in the device (driver-side mock) ---------------------------------
+
+HDR = bytes(12)
+
+
+def ctrl_rig() -> NetRig:
+    return net_rig(features=DEFAULT_FEATURES | CTRL_FEATURES)
+
+
+def command(r: NetRig, cmd: bytes) -> int:
+    q = r.driver.queues[2]
+    head = q.add([cmd[:2], cmd[2:]] if len(cmd) > 2 else [cmd], in_=[1])
+    q.kick()
+    r.device.process()
+    [(h, n)] = q.get_used()
+    assert h == head and n == 1
+    return q.written(head, 1)[0]
+
+
+def rx_frames(r: NetRig, dsts: list[bytes]) -> list[bytes]:
+    for _ in range(len(dsts)):
+        r.rx.add(in_=[2048])
+    r.rx.kick()
+    r.device.process()
+    r.backend.rx.extend(HDR + d + MAC + b"\x08\x00" + bytes(50) for d in dsts)
+    r.device.on_backend_readable()
+    return [r.rx.written(h, n)[12:18] for h, n in r.rx.get_used()]
+
+
+def test_the_device_has_a_control_queue_only_when_it_offers_ctrl_vq() -> None:
+    assert ctrl_rig().device.num_queues == 3
+    assert net_rig().device.num_queues == 2
+
+
+def test_commands_through_the_queue_set_the_receive_filter() -> None:
+    r = ctrl_rig()
+    irqs = len(r.irq.vectors)
+    assert command(r, bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0])) == OK
+    assert len(r.irq.vectors) > irqs  # the ack is signalled
+    assert command(r, bytes([ctrl.CLASS_MAC, ctrl.MAC_TABLE_SET]) + table([], [MCAST])) == OK
+    assert command(r, bytes([ctrl.CLASS_VLAN, 0, 0, 0])) == ERR
+    got = rx_frames(r, [MAC, OTHER, MCAST, b"\xff" * 6, bytes.fromhex("01005e000009")])
+    assert got == [MAC, MCAST, b"\xff" * 6]
+    assert r.device.filtered == 2 and not r.device.status & C.STATUS_NEEDS_RESET
+    stats = r.device.stats()["ctrl"]
+    assert isinstance(stats, dict) and stats["errors"] == 1
+    r.driver.reset()  # back to promiscuous
+    r.driver.init()
+    assert rx_frames(r, [OTHER]) == [OTHER]
+
+
+@pytest.mark.parametrize("case", ["no_ack_room", "one_byte_command"])
+def test_malformed_control_chains_need_reset(case: str) -> None:
+    r = ctrl_rig()
+    q = r.driver.queues[2]
+    if case == "no_ack_room":
+        q.add([bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC, 0])])
+    else:
+        q.add([b"\x00"], in_=[1])
+    q.kick()
+    r.device.process()
+    assert r.device.status & C.STATUS_NEEDS_RESET
+    assert q.get_used() == []
