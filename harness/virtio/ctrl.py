@@ -60,7 +60,8 @@ COMMAND_MAX = 64 << 10
 
 @dataclass
 class ControlState:
-    """What the driver configured through the control queue (reset: back to these defaults)."""
+    """What the driver configured through the control queue; ``reset()`` goes back to the
+    defaults and keeps the counters (commands, errors)."""
 
     mac: bytes
     max_pairs: int = 1
@@ -73,12 +74,25 @@ class ControlState:
     multi_overflow: bool = False
     pairs: int = 1
     announce_acks: int = 0
-    #: Commands refused (ERR) and why, last one: for the stats.
+    #: Commands answered, commands refused (ERR) and why, last one: for the stats.
+    commands: int = 0
     errors: int = 0
     last_error: str = ""
 
+    def __post_init__(self) -> None:
+        self.default_mac = self.mac
+
+    def reset(self) -> None:
+        """Device reset: the driver's settings go, the counters stay."""
+        self.mac = self.default_mac
+        self.rx = dict.fromkeys(_RX_NAMES, False) | {"promisc": True}
+        self.uni, self.multi = [], []
+        self.uni_overflow = self.multi_overflow = False
+        self.pairs = 1
+
     def handle(self, command: bytes, negotiated: int) -> int:
         """Apply one command (class, command, data); OK or ERR."""
+        self.commands += 1
         try:
             self._apply(command, negotiated)
         except _Refused as exc:
@@ -172,7 +186,7 @@ class ControlState:
                 "uni": [m.hex(":") for m in self.uni], "multi": [m.hex(":") for m in self.multi],
                 "uni_overflow": self.uni_overflow, "multi_overflow": self.multi_overflow,
                 "pairs": self.pairs, "announce_acks": self.announce_acks,
-                "errors": self.errors, "last_error": self.last_error}
+                "commands": self.commands, "errors": self.errors, "last_error": self.last_error}
 
 
 def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: int = 64) -> bool:
@@ -191,6 +205,7 @@ def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: 
             q.fail(f"control chain with {what}", chain.head)
             break
         if chain.read_len > COMMAND_MAX:
+            state.commands += 1
             state.errors += 1
             state.last_error = f"command of {chain.read_len} bytes (over {COMMAND_MAX})"
             ack = ERR

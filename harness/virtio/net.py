@@ -258,7 +258,7 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def _on_reset(self) -> None:
         self._rx_starved = False
-        self.control = ControlState(self.mac)
+        self.control.reset()
         self._rx_filter = False
         if self.on_offloads is not None:
             self.on_offloads(0)

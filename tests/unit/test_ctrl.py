@@ -87,8 +87,9 @@ def test_bad_commands_are_refused(command: bytes, feats: int, why: str) -> None:
     assert s.handle(command, feats) == ERR
     assert why in s.last_error and s.errors == 1
     after = s.as_dict()
-    assert {k: v for k, v in after.items() if k not in ("errors", "last_error")} == \
-        {k: v for k, v in before.items() if k not in ("errors", "last_error")}
+    counters = ("commands", "errors", "last_error")
+    assert {k: v for k, v in after.items() if k not in counters} == \
+        {k: v for k, v in before.items() if k not in counters}
 
 
 # ---- the control virtqueue in the device (driver-side mock) ---------------------------------
@@ -137,9 +138,10 @@ def test_commands_through_the_queue_set_the_receive_filter() -> None:
     assert r.device.filtered == 2 and not r.device.status & C.STATUS_NEEDS_RESET
     stats = r.device.stats()["ctrl"]
     assert isinstance(stats, dict) and stats["errors"] == 1
-    r.driver.reset()  # back to promiscuous
+    r.driver.reset()  # back to promiscuous; the counters stay
     r.driver.init()
     assert rx_frames(r, [OTHER]) == [OTHER]
+    assert r.device.control.commands == 3 and r.device.control.rx["promisc"]
 
 
 @pytest.mark.parametrize("case", ["no_ack_room", "one_byte_command"])

@@ -1,6 +1,6 @@
 """The feature-matrix sweep: the guest's traffic plan under 8 device feature configurations.
 
-The configurations cover every pair of values of mrg_rxbuf, the checksum/TSO offloads,
+The first 8 configurations cover every pair of values of mrg_rxbuf, the checksum/TSO offloads,
 event_idx, indirect and mtu=9000 (pairwise: each two of these five switches take all four
 on/off combinations in some configuration), with map-ops bounce and a vIOMMU in some of them.
 Each is its own pytest item: one guest boot running TCP both ways (verified by the receiving
@@ -37,7 +37,8 @@ CHECKED_BITS = (
     (1 << C.NET_F_CSUM) | (1 << C.NET_F_GUEST_CSUM) | (1 << C.NET_F_HOST_TSO4)
     | (1 << C.NET_F_HOST_TSO6) | (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6)
     | (1 << C.NET_F_MRG_RXBUF) | (1 << C.F_EVENT_IDX) | (1 << C.F_INDIRECT_DESC)
-    | (1 << C.NET_F_MTU)
+    | (1 << C.NET_F_MTU) | (1 << C.NET_F_CTRL_VQ) | (1 << C.NET_F_CTRL_RX)
+    | (1 << C.NET_F_CTRL_RX_EXTRA) | (1 << C.NET_F_CTRL_MAC_ADDR)
 )
 
 
@@ -59,6 +60,8 @@ CELLS = [
     Cell("nooffl-noind-viommu", "offloads=off,indirect=off", viommu=True),
     Cell("nomrg-nooffl-jumbo-bounce", "mrg_rxbuf=off,offloads=off,mtu=9000", map_ops="bounce"),
     Cell("noevt-noind-jumbo-viommu", "event_idx=off,indirect=off,mtu=9000", viommu=True),
+    # The control queue (off by default): Linux programs RX modes and its MAC table through it.
+    Cell("ctrl-rx", "ctrl_vq=on,ctrl_rx=on,ctrl_rx_extra=on,ctrl_mac_addr=on"),
 ]
 ROWS: list[str] = []
 
@@ -103,6 +106,8 @@ def test_feature_cell(cell: Cell,
     assert dev["driver_ok_features"] & CHECKED_BITS == feats.bits & CHECKED_BITS, \
         f"{dev['driver_ok_features']:#x} vs offered {feats.bits:#x}"
     assert dev["header_drops"] == 0 and dev["oversize_drops"] == 0, dev
+    if "ctrl" in dev:  # the driver used the control queue (RX mode, MAC table), no refusals
+        assert dev["ctrl"]["commands"] > 0 and dev["ctrl"]["errors"] == 0, dev["ctrl"]
     if feats.mtu is not None:
         link = result.case("link_up")
         assert link is not None and int(link.metrics.get("mtu", 0)) == feats.mtu
