@@ -22,7 +22,6 @@ listening (so its existence means "ready"), after each completed test, and on ex
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import errno
 import json
@@ -31,7 +30,6 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.net.perfpeer import UdpPerf, register_echo
 from harness.net.stream import first_mismatch, stream_bytes, udp_payload
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,6 @@ PORT_SOURCE = 5002
 PORT_ECHO = 5003
 PORT_UDP_PERF = 5004  # port base + 3
 PORT_RR = 5005  # port base + 4
-#: Longest host->guest flood a guest may ask for, and the highest rate (bounds the peer's CPU).
-MAX_FLOOD_SECONDS = 60.0
-MAX_FLOOD_RATE = 500_000
 DEFAULT_BIND = "198.18.0.1"
 DEFAULT_SEED = 1  # guest/init's default harness.seed
 CHUNK = 1 << 20  # verify/generate in 1 MiB blocks: numpy call overhead stays negligible
@@ -127,80 +123,6 @@ class _Source:
     pending: memoryview = field(default_factory=lambda: memoryview(b""))
     finished_sending: bool = False
 
-
-class UdpPerf:
-    """The host end of hnet's udp-tx and udp-rx (the datagram layout is in guest/src/hnet.c).
-
-    Every datagram is kind byte + 8-byte tag (+ little-endian u64 fields): ``D`` data, counted
-    per tag with first and last arrival; ``Q`` query, answered ``R tag count first_ns last_ns``;
-    ``S tag size ms rate`` floods the sender with ``size``-byte ``D`` datagrams at ``rate``
-    per second for ``ms`` milliseconds, then sends ``E tag sent`` a few times.
-    """
-
-    def __init__(self, sock: socket.socket, clock: Any = time.monotonic_ns) -> None:
-        self.sock = sock
-        self.clock = clock
-        #: tag -> [count, first ns, last ns]; only the newest few tags are kept.
-        self.counts: dict[int, list[int]] = {}
-
-    def on_datagram(self, data: bytes, addr: Any) -> None:
-        if len(data) < 9:
-            return
-        kind, tag = data[0], int.from_bytes(data[1:9], "little")
-        if kind == ord("D"):
-            entry = self.counts.get(tag)
-            now = self.clock()
-            if entry is None:
-                if len(self.counts) >= 16:
-                    self.counts.pop(next(iter(self.counts)))
-                self.counts[tag] = [1, now, now]
-            else:
-                entry[0] += 1
-                entry[2] = now
-        elif kind == ord("Q"):
-            count, first, last = self.counts.get(tag, [0, 0, 0])
-            self.sock.sendto(b"R" + struct.pack("<4Q", tag, count, first, last), addr)
-        elif kind == ord("S") and len(data) >= 33:
-            size, ms, rate = struct.unpack_from("<3Q", data, 9)
-            self.flood(tag, addr, size, ms / 1000.0, rate)
-
-    def flood(self, tag: int, addr: Any, size: int, seconds: float, rate: int) -> int:
-        """Send ``size``-byte data datagrams at ``rate``/s for ``seconds``; returns how many.
-
-        Paced, not as fast as possible: an unpaced Python loop would take a whole host core
-        from the two that QEMU and the device server share, and the TAP drops the excess
-        anyway. Blocks the peer's loop meanwhile (nothing else runs during a benchmark)."""
-        size = min(max(size, 17), 1472)
-        seconds = min(max(seconds, 0.0), MAX_FLOOD_SECONDS)
-        rate = min(max(rate, 1), MAX_FLOOD_RATE)
-        payload = bytearray(size)
-        payload[0] = ord("D")
-        payload[1:9] = tag.to_bytes(8, "little")
-        sent = 0
-        t0 = time.monotonic()
-        end = t0 + seconds
-        burst = max(1, min(64, rate // 1000))
-        while True:
-            now = time.monotonic()
-            if now >= end:
-                break
-            ahead = t0 + sent / rate - now
-            if ahead > 0:
-                time.sleep(ahead)
-                continue
-            for _ in range(burst):
-                payload[9:17] = sent.to_bytes(8, "little")
-                try:  # noqa: SIM105 (the hot loop: no context manager per datagram)
-                    self.sock.sendto(payload, addr)
-                except OSError:
-                    pass  # ENOBUFS: dropped on the host, counted as sent (offered load)
-                sent += 1
-        end_msg = b"E" + struct.pack("<2Q", tag, sent)
-        for _ in range(5):  # the end marker may be dropped like any datagram
-            time.sleep(0.02)
-            with contextlib.suppress(OSError):
-                self.sock.sendto(end_msg, addr)
-        return sent
 
 
 class Peer:
@@ -303,11 +225,9 @@ class Peer:
         self._sel.register(source, selectors.EVENT_READ, partial(self._accept_source, source))
         self._sel.register(echo, selectors.EVENT_READ, partial(self._on_udp, echo))
         perf = self._listen(self.perf_ports[0], socket.SOCK_DGRAM)
-        perf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.perf = UdpPerf(perf)
-        self._sel.register(perf, selectors.EVENT_READ, self._on_perf)
-        rr = self._listen(self.perf_ports[1], socket.SOCK_STREAM)
-        self._sel.register(rr, selectors.EVENT_READ, partial(self._accept_rr, rr))
+        self.perf.register(self._sel)
+        register_echo(self._sel, self._listen(self.perf_ports[1], socket.SOCK_STREAM))
         self.status = "listening"
         self.write_results()
         log.info("listening on %s ports %s", self.bind, self.ports)
@@ -447,41 +367,6 @@ class Peer:
             return
         except OSError as e:
             self._finish_source(st, f"send: {e}")
-
-    # ---- perf ports (hnet udp-tx, udp-rx, tcp-rr) ---------------------------------------
-
-    def _on_perf(self) -> None:
-        assert self.perf is not None
-        for _ in range(256):  # bounded batch, as for the UDP echo
-            try:
-                data, addr = self.perf.sock.recvfrom(2048)
-            except BlockingIOError:
-                return
-            self.perf.on_datagram(data, addr)
-
-    def _accept_rr(self, lsock: socket.socket) -> None:
-        conn, addr = lsock.accept()
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        log.info("rr: connection from %s", addr)
-        self._sel.register(conn, selectors.EVENT_READ, partial(self._on_rr, conn))
-
-    def _on_rr(self, conn: socket.socket) -> None:
-        try:
-            data = conn.recv(65536)
-            if data:
-                # Requests are small and the guest waits for each answer: the send buffer
-                # cannot fill, so a blocking sendall never stalls the loop for long.
-                conn.setblocking(True)
-                conn.sendall(data)
-                conn.setblocking(False)
-                return
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.info("rr: %s", e)
-        self._sel.unregister(conn)
-        conn.close()
 
     # ---- UDP echo -----------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import pytest
 
 from harness.bench import net, netrun, profile
 from harness.bench.net import Round, median, ratio, summarize, table
-from harness.net.peer import UdpPerf
+from harness.net.perfpeer import UdpPerf
 from harness.vfu.latency import LatencyRecorder, percentile
 
 
