@@ -1,10 +1,16 @@
-/* vnetraw: a raw userspace virtio-net driver (modern virtio-pci, split rings, polling, no IOMMU).
+/* vnetraw: a raw userspace virtio-net driver (modern virtio-pci, split rings, polling).
  *
- * It takes the virtio-net device (1af4:1041) away from the kernel (unbind from virtio-pci),
- * enables memory space and bus mastering in its config space, maps BAR0 through sysfs
- * resource0 (register offsets from the vendor capabilities), and drives rx0/tx0 itself with
- * rings and buffers in locked pages whose guest-physical addresses come from /proc/self/pagemap.
- * Every byte the device reads was written here.
+ * It takes the virtio-net device (1af4:1041) away from the kernel, enables memory space and
+ * bus mastering in its config space, maps BAR0 (register offsets from the vendor
+ * capabilities), and drives rx0/tx0 itself with rings and buffers in locked pages. Every byte
+ * the device reads was written here. Two hardware-access backends (struct hw below):
+ *   sysfs (no IOMMU): unbind, config space and resource0 through sysfs, device addresses =
+ *         guest-physical addresses from /proc/self/pagemap;
+ *   vfio  (--vfio, or automatic when the device is bound to vfio-pci; behind a vIOMMU): bind
+ *         to vfio-pci (driver_override), type1v2 container on /dev/vfio/<group>, config space
+ *         and BAR0 as device-fd regions, one VFIO_IOMMU_MAP_DMA per page at IOVAs chosen here
+ *         (IOVA_BASE, nowhere near guest RAM), so a device address that skipped the guest's
+ *         IOMMU faults. Needs the vfio, vfio_iommu_type1, vfio-pci modules loaded.
  *
  * Usage: vnetraw <command> [--option value]...
  *   udp-echo --count N --seed S [--first I]
@@ -17,12 +23,14 @@
  *   reset                        reset the device (status 0) and wait for it.
  *   hostile CASE                 initialise, do one malformed thing, report the device's
  *                                reaction (status, used.idx), reset. `hostile list` lists them.
+ *                                unmap-held-buffer needs the vfio backend (exit 5 without).
  *   fuzz --seed S --iterations N [--first I]
  *                                seeded random rings, descriptors and register writes, a reset
  *                                after each iteration (guest/src/vnetfuzz.h).
  * Options: --bdf DDDD:BB:DD.F (default: the first 1af4:1041), --timeout SEC (default 30),
  *          --host A.B.C.D (198.18.0.1), --addr A.B.C.D (198.18.0.2), --port P (5003),
- *          --queue-size N (16), --rto-ms MS (200), --max-retries K (20).
+ *          --queue-size N (16), --rto-ms MS (200), --max-retries K (20),
+ *          --vfio (flag: the vfio backend).
  *
  * Output: one stdout line of key=value results; on failure one stderr line with the reason.
  * Exit: 0 ok, 1 verification failed, 2 usage, 3 device/setup failure, 4 timeout,
@@ -40,9 +48,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <linux/vfio.h>
 
 #include "stream.h"
 
@@ -102,6 +113,7 @@ struct opts {
 	uint64_t count;
 	uint64_t first;
 	uint64_t seed;
+	int vfio;
 };
 
 struct vq {
@@ -109,14 +121,17 @@ struct vq {
 	volatile uint8_t *desc, *avail, *used;
 	uint64_t desc_pa, avail_pa, used_pa;
 	uint8_t *buf[MAXQ];
-	uint64_t buf_pa[MAXQ];
+	uint64_t buf_pa[MAXQ]; /* *_pa: device addresses (guest-physical, or IOVA with vfio) */
 	uint16_t avail_idx, last_used;
 	volatile uint16_t *notify;
 };
 
 struct dev {
 	char bdf[256];
-	int cfg_fd;
+	int cfg_fd;      /* sysfs config file, or the vfio device fd */
+	off_t cfg_base;  /* where config space starts in cfg_fd (the vfio config region) */
+	int vfio;        /* the vfio backend is in use */
+	int container, group;
 	volatile uint8_t *bar0;
 	size_t bar0_len;
 	uint32_t common, isr, device, notify, notify_mult;
@@ -124,7 +139,7 @@ struct dev {
 	uint8_t mac[6];
 	struct vq q[2]; /* rx0, tx0 */
 	uint8_t *mem;
-	uint64_t pa[NPAGES];
+	uint64_t pa[NPAGES]; /* device address of each page */
 	unsigned next_page;
 	int inited;
 };
@@ -276,7 +291,7 @@ static void unbind(void)
 static uint8_t cfg8(unsigned off)
 {
 	uint8_t v = 0;
-	if (pread(D.cfg_fd, &v, 1, off) != 1)
+	if (pread(D.cfg_fd, &v, 1, D.cfg_base + off) != 1)
 		die(EXIT_SETUP, "config read at %#x: %s", off, strerror(errno));
 	return v;
 }
@@ -284,7 +299,7 @@ static uint8_t cfg8(unsigned off)
 static uint32_t cfg32(unsigned off)
 {
 	uint32_t v = 0;
-	if (pread(D.cfg_fd, &v, 4, off) != 4)
+	if (pread(D.cfg_fd, &v, 4, D.cfg_base + off) != 4)
 		die(EXIT_SETUP, "config read at %#x: %s", off, strerror(errno));
 	return v;
 }
@@ -292,13 +307,14 @@ static uint32_t cfg32(unsigned off)
 static uint16_t cfg16(unsigned off)
 {
 	uint16_t v = 0;
-	if (pread(D.cfg_fd, &v, 2, off) != 2)
+	if (pread(D.cfg_fd, &v, 2, D.cfg_base + off) != 2)
 		die(EXIT_SETUP, "config read at %#x: %s", off, strerror(errno));
 	return v;
 }
 
-static void open_config(void)
+static void sysfs_claim(void)
 {
+	unbind();
 	char path[512];
 	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/config", D.bdf);
 	D.cfg_fd = open(path, O_RDWR);
@@ -309,7 +325,7 @@ static void open_config(void)
 static void set_command(uint16_t set, uint16_t clear)
 {
 	uint16_t cmd = (uint16_t)((cfg16(4) | set) & ~clear);
-	if (pwrite(D.cfg_fd, &cmd, 2, 4) != 2)
+	if (pwrite(D.cfg_fd, &cmd, 2, D.cfg_base + 4) != 2)
 		die(EXIT_SETUP, "config write (command) failed: %s", strerror(errno));
 }
 
@@ -346,7 +362,7 @@ static void walk_caps(void)
 			die(EXIT_SETUP, "%s: virtio vendor capability type %d (BAR0) missing", D.bdf, t);
 }
 
-static void map_bar0(void)
+static void sysfs_map_bar0(void)
 {
 	char path[512];
 	struct stat st;
@@ -362,14 +378,11 @@ static void map_bar0(void)
 		die(EXIT_SETUP, "mmap %s: %s", path, strerror(errno));
 	close(fd);
 	D.bar0 = p;
-	if (D.common + 64 > D.bar0_len || D.notify >= D.bar0_len || D.isr >= D.bar0_len ||
-	    D.device + 6 > D.bar0_len)
-		die(EXIT_SETUP, "capability offsets outside BAR0 (%zu bytes)", D.bar0_len);
 }
 
 /* ---- DMA memory ----------------------------------------------------------------------------- */
 
-static void alloc_dma(void)
+static void sysfs_alloc_dma(void)
 {
 	size_t len = (size_t)NPAGES * PAGE;
 	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE,
@@ -396,6 +409,151 @@ static void alloc_dma(void)
 	}
 	close(fd);
 }
+
+/* ---- vfio backend: the device behind the guest's IOMMU ------------------------------------ */
+
+/* Far from guest RAM (512 MiB .. a few GiB) and below a 39-bit IOMMU address width: a ring or
+ * buffer address the device gets without going through the IOMMU cannot alias one of ours. */
+#define IOVA_BASE 0x1234500000ull
+
+static void vfio_bind(void)
+{
+	char path[512], link[512];
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver", D.bdf);
+	ssize_t n = readlink(path, link, sizeof(link) - 1);
+	if (n >= 0) {
+		link[n] = 0;
+		const char *drv = strrchr(link, '/');
+		if (!strcmp(drv ? drv + 1 : link, "vfio-pci"))
+			return;
+		unbind();
+	}
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver_override", D.bdf);
+	if (write_file(path, "vfio-pci"))
+		die(EXIT_SETUP, "%s: %s", path, strerror(errno));
+	/* The probe fails quietly when vfio-pci is not loaded: the readlink below says so. */
+	write_file("/sys/bus/pci/drivers_probe", D.bdf);
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver", D.bdf);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n < 0 || (link[n] = 0, !strstr(link, "/vfio-pci")))
+		die(EXIT_SETUP, "%s did not bind to vfio-pci (modules vfio, vfio_iommu_type1, "
+			"vfio-pci loaded? an IOMMU group?)", D.bdf);
+}
+
+static int vfio_ioctl(int fd, unsigned long req, void *arg, const char *what)
+{
+	int r = ioctl(fd, req, arg);
+	if (r < 0)
+		die(EXIT_SETUP, "vfio %s: %s", what, strerror(errno));
+	return r;
+}
+
+static void vfio_region(unsigned index, struct vfio_region_info *ri)
+{
+	memset(ri, 0, sizeof(*ri));
+	ri->argsz = sizeof(*ri);
+	ri->index = index;
+	vfio_ioctl(D.cfg_fd, VFIO_DEVICE_GET_REGION_INFO, ri, "DEVICE_GET_REGION_INFO");
+}
+
+static void vfio_claim(void)
+{
+	char path[512], link[512];
+	vfio_bind();
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/iommu_group", D.bdf);
+	ssize_t n = readlink(path, link, sizeof(link) - 1);
+	if (n < 0)
+		die(EXIT_SETUP, "%s: no IOMMU group (guest booted without intel_iommu=on?)", D.bdf);
+	link[n] = 0;
+	const char *grp = strrchr(link, '/');
+	D.container = open("/dev/vfio/vfio", O_RDWR);
+	if (D.container < 0)
+		die(EXIT_SETUP, "open /dev/vfio/vfio: %s", strerror(errno));
+	if (ioctl(D.container, VFIO_GET_API_VERSION) != VFIO_API_VERSION ||
+	    ioctl(D.container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1)
+		die(EXIT_SETUP, "vfio: no API version %d with type1v2", VFIO_API_VERSION);
+	char gpath[600];
+	snprintf(gpath, sizeof(gpath), "/dev/vfio/%s", grp ? grp + 1 : link);
+	D.group = open(gpath, O_RDWR);
+	if (D.group < 0)
+		die(EXIT_SETUP, "open %s: %s", gpath, strerror(errno));
+	struct vfio_group_status gs = {.argsz = sizeof(gs)};
+	vfio_ioctl(D.group, VFIO_GROUP_GET_STATUS, &gs, "GROUP_GET_STATUS");
+	if (!(gs.flags & VFIO_GROUP_FLAGS_VIABLE))
+		die(EXIT_SETUP, "%s not viable: another device of the group has a driver", gpath);
+	vfio_ioctl(D.group, VFIO_GROUP_SET_CONTAINER, &D.container, "GROUP_SET_CONTAINER");
+	if (ioctl(D.container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU) < 0)
+		die(EXIT_SETUP, "vfio SET_IOMMU type1v2: %s", strerror(errno));
+	D.cfg_fd = vfio_ioctl(D.group, VFIO_GROUP_GET_DEVICE_FD, D.bdf, "GROUP_GET_DEVICE_FD");
+	struct vfio_region_info ri;
+	vfio_region(VFIO_PCI_CONFIG_REGION_INDEX, &ri);
+	D.cfg_base = (off_t)ri.offset;
+	D.vfio = 1;
+}
+
+static void vfio_map_bar0(void)
+{
+	struct vfio_region_info ri;
+	vfio_region(VFIO_PCI_BAR0_REGION_INDEX, &ri);
+	if (!(ri.flags & VFIO_REGION_INFO_FLAG_MMAP) || !ri.size)
+		die(EXIT_SETUP, "vfio: BAR0 is not mmappable (flags %#x, %llu bytes)", ri.flags,
+		    (unsigned long long)ri.size);
+	D.bar0_len = (size_t)ri.size;
+	void *p = mmap(NULL, D.bar0_len, PROT_READ | PROT_WRITE, MAP_SHARED, D.cfg_fd,
+		       (off_t)ri.offset);
+	if (p == MAP_FAILED)
+		die(EXIT_SETUP, "mmap vfio BAR0: %s", strerror(errno));
+	D.bar0 = p;
+}
+
+/* One mapping per page, so a single page can be unmapped later (type1v2 refuses to split). */
+static void vfio_alloc_dma(void)
+{
+	size_t len = (size_t)NPAGES * PAGE;
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		die(EXIT_SETUP, "mmap DMA memory: %s", strerror(errno));
+	memset(p, 0, len);
+	D.mem = p;
+	for (unsigned i = 0; i < NPAGES; i++) {
+		struct vfio_iommu_type1_dma_map m = {
+			.argsz = sizeof(m),
+			.flags = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+			.vaddr = (uintptr_t)D.mem + (uintptr_t)i * PAGE,
+			.iova = IOVA_BASE + (uint64_t)i * PAGE,
+			.size = PAGE,
+		};
+		vfio_ioctl(D.container, VFIO_IOMMU_MAP_DMA, &m, "IOMMU_MAP_DMA"); /* pins the page */
+		D.pa[i] = m.iova;
+	}
+}
+
+static int vfio_unmap_page(uint64_t iova)
+{
+	struct vfio_iommu_type1_dma_unmap u = {.argsz = sizeof(u), .iova = iova, .size = PAGE};
+	return ioctl(D.container, VFIO_IOMMU_UNMAP_DMA, &u);
+}
+
+/* ---- hardware access: the only place the two backends differ ------------------------------ */
+
+struct hw {
+	void (*claim)(void);     /* take the device from its driver; config space readable */
+	void (*map_bar0)(void);  /* D.bar0, D.bar0_len */
+	void (*alloc_dma)(void); /* D.mem and D.pa[]: NPAGES pages and their device addresses */
+};
+static const struct hw HW_SYSFS = {sysfs_claim, sysfs_map_bar0, sysfs_alloc_dma};
+static const struct hw HW_VFIO = {vfio_claim, vfio_map_bar0, vfio_alloc_dma};
+static const struct hw *hw = &HW_SYSFS;
+
+static int bound_to_vfio(void)
+{
+	char path[512], link[512];
+	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver", D.bdf);
+	ssize_t n = readlink(path, link, sizeof(link) - 1);
+	return n > 0 && (link[n] = 0, strstr(link, "/vfio-pci") != NULL);
+}
+
+static void alloc_dma(void) { hw->alloc_dma(); }
 
 static uint8_t *page(uint64_t *pa)
 {
@@ -478,11 +636,15 @@ static void dev_reset_quiet(void)
 static void open_device(void)
 {
 	find_device();
-	unbind();
-	open_config();
+	if (O.vfio || bound_to_vfio())
+		hw = &HW_VFIO;
+	hw->claim();
 	walk_caps();
 	set_command(0x6, 0); /* memory space + bus master */
-	map_bar0();
+	hw->map_bar0();
+	if (D.common + 64 > D.bar0_len || D.notify >= D.bar0_len || D.isr >= D.bar0_len ||
+	    D.device + 6 > D.bar0_len)
+		die(EXIT_SETUP, "capability offsets outside BAR0 (%zu bytes)", D.bar0_len);
 }
 
 static void setup_queue(struct vq *q, unsigned index)
@@ -882,11 +1044,12 @@ static int cmd_udp_echo(void)
 		usleep(100);
 	}
 	uint8_t st = status_rd();
-	out("mode=udp-echo bdf=%s features=%#" PRIx64 " queue_size=%u host_mac=%02x:%02x:%02x:%02x:%02x:%02x"
+	out("mode=udp-echo backend=%s rx0_desc=%#" PRIx64 " bdf=%s features=%#" PRIx64
+	    " queue_size=%u host_mac=%02x:%02x:%02x:%02x:%02x:%02x"
 	    " arp_tries=%u sent=%" PRIu64 " echoes_ok=%" PRIu64 " echoes_bad=%" PRIu64
 	    " retransmits=%" PRIu64 " bytes=%" PRIu64 " tx_frames=%" PRIu64 " rx_frames=%" PRIu64
 	    " rx_other=%" PRIu64 " arp_replies_sent=%" PRIu64 " status=%#x seconds=%.3f",
-	    D.bdf, D.features, D.q[0].size, host_mac[0], host_mac[1], host_mac[2], host_mac[3],
+	    D.vfio ? "vfio" : "sysfs", D.q[0].desc_pa, D.bdf, D.features, D.q[0].size, host_mac[0], host_mac[1], host_mac[2], host_mac[3],
 	    host_mac[4], host_mac[5], arp_tries, O.count, ok, c.bad, retrans, bytes, tx_frames,
 	    rx_frames, rx_other, arp_replies_sent, st, now() - t0);
 	dev_reset_quiet();
@@ -1441,6 +1604,23 @@ static void h_notify_disabled_queue(void)
 	snprintf(obs, sizeof(obs), "tx_enabled=%u", r16(D.common + C_QENABLE));
 }
 
+/* Behind the vIOMMU: the guest's IOMMU unmaps a buffer the device holds (it is in the avail
+ * ring), then the kick. The device must not reach the page (the IOVA is no longer in its
+ * domain: refused and counted, NEEDS_RESET) and must survive. */
+static void h_unmap_held_buffer(void)
+{
+	struct vq *q = &D.q[1];
+	if (!D.vfio)
+		die(EXIT_NA, "not applicable: needs the vfio backend (--vfio behind a vIOMMU)");
+	desc_set(q, 0, q->buf_pa[0], arp_in_buf(q, 0), 0, 0);
+	avail_put(q, 0);
+	int r = vfio_unmap_page(q->buf_pa[0]);
+	int e = errno;
+	kick(q);
+	snprintf(obs, sizeof(obs), "unmapped=%d iova=%#" PRIx64 "%s%s", r == 0, q->buf_pa[0],
+		 r ? " unmap_error=" : "", r ? strerror(e) : "");
+}
+
 static const struct hcase CASES[] = {
 	{"addr-outside-ram", "needs_reset", h_addr_outside_ram, S_LIVE},
 	{"addr-len-overflow", "needs_reset", h_addr_len_overflow, S_LIVE},
@@ -1489,6 +1669,7 @@ static const struct hcase CASES[] = {
 	{"unaligned-rings", "needs_reset", h_unaligned_rings, S_NONE},
 	{"overlapping-rings", "unspecified_survive", h_overlapping_rings, S_NONE},
 	{"notify-disabled-queue", "ignore", h_notify_disabled_queue, S_NONE},
+	{"unmap-held-buffer", "needs_reset", h_unmap_held_buffer, S_LIVE},
 };
 #define NCASES (sizeof(CASES) / sizeof(CASES[0]))
 
@@ -1578,7 +1759,7 @@ static void usage(void)
 {
 	die(EXIT_USAGE, "usage: vnetraw udp-echo|arp|status|reset|hostile CASE [--count N] "
 			"[--first I] [--seed S] [--bdf BDF] [--timeout SEC] [--host IP] [--addr IP] [--port P] "
-			"[--queue-size N] [--rto-ms MS] [--max-retries K]");
+			"[--queue-size N] [--rto-ms MS] [--max-retries K] [--vfio]");
 }
 
 #include "vnetfuzz.h"
@@ -1610,6 +1791,11 @@ int main(int argc, char **argv)
 	for (; i < argc; i += 2) {
 		const char *k = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
 		char *end = NULL;
+		if (!strcmp(k, "--vfio")) { /* the one flag without a value */
+			O.vfio = 1;
+			i--;
+			continue;
+		}
 		if (!v)
 			usage();
 		if (!strcmp(k, "--count"))
@@ -1653,8 +1839,8 @@ int main(int argc, char **argv)
 			if (wait_status_zero(5.0))
 				die(EXIT_SETUP, "status stuck at %#x after reset", status_rd());
 		}
-		out("bdf=%s status=%#x common=%#x notify=%#x mult=%u isr=%#x device=%#x bar0_len=%zu",
-		    D.bdf, status_rd(), D.common, D.notify, D.notify_mult, D.isr, D.device,
+		out("backend=%s bdf=%s status=%#x common=%#x notify=%#x mult=%u isr=%#x device=%#x bar0_len=%zu",
+		    D.vfio ? "vfio" : "sysfs", D.bdf, status_rd(), D.common, D.notify, D.notify_mult, D.isr, D.device,
 		    D.bar0_len);
 		return 0;
 	}
