@@ -186,6 +186,7 @@ def _describe(rnd: Round) -> str:
 
 
 def run(opts: Options, progress: Progress) -> list[Round]:
+    from harness.guest.agent import AgentError
     from harness.testbed import select_accel
     from harness.vm.machine import MachineError
 
@@ -204,7 +205,7 @@ def run(opts: Options, progress: Progress) -> list[Round]:
                 run_dir.mkdir()
                 try:
                     rnd = run_round(side, i, config, opts, run_dir, env, accel)
-                except (MachineError, RuntimeError, TimeoutError, OSError) as exc:
+                except (MachineError, AgentError, RuntimeError, TimeoutError, OSError) as exc:
                     rnd = Round(side, i, config, str(run_dir),
                                 error=(str(exc).splitlines() or [repr(exc)])[0])
                 rounds.append(rnd)
