@@ -33,7 +33,10 @@ CLASSES = ("graceful", "warning", "corruption", "hang", "oops")
 _OOPS = {"kernel_oops", "kernel_bug", "kernel_panic", "kernel_kasan", "kernel_kfence",
          "kernel_ubsan"}
 _HANG = {"kernel_soft_lockup", "kernel_hard_lockup", "kernel_hung_task", "kernel_rcu_stall"}
-_CORRUPT = re.compile(r"first mismatch at \d|[1-9]\d* bad|corrupt", re.I)
+#: Wrong bytes seen by the host peers or by the guest's own checks (its receive side compares
+#: every byte: "mismatch at offset", "bad echo").
+_CORRUPT = re.compile(r"first mismatch at \d|mismatch at offset \d|bad echo|[1-9]\d* bad|corrupt",
+                      re.I)
 #: Console lines worth quoting as evidence of how the driver reacted.
 _DRIVER_LINE = re.compile(r"virtio|eth0|NETDEV WATCHDOG|nobody cared|irq \d+:", re.I)
 BASELINE_DIR = Path(__file__).resolve().parents[1] / "qemu" / "baselines"
@@ -104,6 +107,8 @@ class Outcome:
     #: Seconds from the first firing until traffic resumed on both queues, else until the
     #: driver reset or failed the device; None (shown '-'): neither before the run ended.
     recover_s: float | None = None
+    #: "traffic" or "reset" (the driver reset or failed the device: shown with an "r").
+    recovered_by: str | None = None
 
 
 def case_spec(case: str) -> str:
@@ -120,6 +125,12 @@ def recover_seconds(result: RunResult) -> float | None:
     mb = result.device_stats.get("device", {}).get("misbehave", {})
     value = mb.get("recover_s") if isinstance(mb, dict) else None
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def recovered_by(result: RunResult) -> str | None:
+    mb = result.device_stats.get("device", {}).get("misbehave", {})
+    value = mb.get("recovered_by") if isinstance(mb, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def run_case(case: str, kernel: Path | None, out: Path | None, timeout: float) -> Outcome:
@@ -139,7 +150,8 @@ def run_case(case: str, kernel: Path | None, out: Path | None, timeout: float) -
     # Traffic that resumed in a run that hung is not a recovery.
     recover = None if cls == "hang" else recover_seconds(result)
     return Outcome(case, cls, evidence, time.monotonic() - started, result.run_dir,
-                   result.kernel_version, recover)
+                   result.kernel_version, recover,
+                   None if recover is None else recovered_by(result))
 
 
 def baseline_path(kernel_version: str) -> Path:
@@ -178,6 +190,7 @@ def table(outcomes: list[Outcome]) -> str:
         if len(ev) > 33:
             ev = ev[:32] + "~"
         rec = "-" if o.recover_s is None else f"{o.recover_s:.2f}"
+        rec += "r" if o.recovered_by == "reset" else ""
         lines.append(f"{o.case:<28} {o.cls:<10} {ev:<33} {rec:>7} {o.seconds:>5.0f}")
     return "\n".join(lines)
 

@@ -514,6 +514,10 @@ OK = Case("tcp_guest_to_host", True, "4 MiB")
     ((Case("host_verified_tcp_guest_to_host", False, "host received 5/9 bytes: first "
                                                      "mismatch at 17"),), None, "corruption"),
     ((Case("guest_plan_complete", False, "planned 5, reported 2"),), None, "hang"),
+    ((Case("tcp_host_to_guest", False, "mismatch at offset 2481: got 0xb5 expected 0x4a"),),
+     None, "corruption"),
+    ((Case("udp_mixed", False, "datagram 0: bad echo (483 bytes, expected 483)"),), None,
+     "corruption"),
     ((), "the guest did not finish its plan within 60 s", "hang"),
     ((Case("kernel_rcu_stall", False, "rcu: INFO"), Case("kernel_warning", False, "")), None,
      "hang"),
