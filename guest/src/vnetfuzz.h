@@ -9,7 +9,7 @@
  * features, queue sizes and ring placement); 1-24 random actions (descriptor chains with
  * addresses inside and outside RAM, zero/huge/overflowing lengths, NEXT/WRITE/INDIRECT and
  * unknown flags, next loops, avail.idx jumps, random heads, TX frames with random virtio-net
- * headers, RX buffers, kicks of any queue, common-config writes of every field, status and
+ * headers, ARP requests whose replies land in the RX buffers posted, RX buffers, kicks of any queue, common-config writes of every field, status and
  * feature values, MSI-X vectors, stray BAR0 reads and writes, resets mid-way); then the
  * device must still answer sanely (status read; num_queues and the offered features read as
  * at the start) and a reset must complete.
@@ -394,6 +394,27 @@ static void fz_chain(unsigned q)
 		fz_kick(q);
 }
 
+/* A well-formed ARP request for the host: its reply exercises the RX path into whatever
+ * buffers the fuzzer posted (the wait lets it land before the reset; how long is drawn). */
+static void fz_arp(unsigned q)
+{
+	struct fzq *z = &FZ.q[q];
+	unsigned size = z->size, head = (unsigned)fz_below(size);
+	useconds_t wait = (useconds_t)fz_below(4000);
+	uint8_t *slot = fz_table_slot(q, head);
+	if (!slot || !size)
+		return;
+	static const uint8_t zero[6];
+	uint64_t pa;
+	uint8_t *b = fz_page(FZ_PAGE0_BUF + (unsigned)fz_below(FZ_BUF_PAGES), &pa);
+	memset(b, 0, HDR_LEN);
+	uint32_t n = (uint32_t)arp_build(b + HDR_LEN, 1, BCAST, zero, O.host_ip);
+	fz_put_desc(slot, pa, HDR_LEN + n, 0, 0);
+	fz_avail_put(q, (uint16_t)head);
+	fz_kick(q);
+	usleep(wait);
+}
+
 /* A TX frame with a random virtio-net header: 1 to 3 descriptors into buffer pages. */
 static void fz_tx(unsigned q)
 {
@@ -615,10 +636,12 @@ static void fz_action(void)
 	FZ.actions++;
 	if (q >= FZ_MAXQ)
 		q = 0;
-	if (r < 22) {
+	if (r < 20) {
 		fz_chain(q);
-	} else if (r < 38) {
+	} else if (r < 33) {
 		fz_tx(fz_pct(85) ? 1 : q);
+	} else if (r < 38) {
+		fz_arp(fz_pct(90) ? 1 : q);
 	} else if (r < 45) {
 		fz_post_rx(fz_pct(85) ? 0 : q, 1 + (unsigned)fz_below(4));
 	} else if (r < 52) { /* avail.idx jumps: past the queue size, backwards, anywhere */
@@ -740,6 +763,12 @@ static void fz_probe(void)
 		FZ.maxsize[q] = q < FZ.numq ? r16(D.common + C_QSIZE) : 0;
 		FZ.q[q].noff = q < FZ.numq ? r16(D.common + C_QNOFF) : (uint16_t)q;
 	}
+	/* The MAC our frames come from (the ARP replies go to it). */
+	static const uint8_t dflt[6] = {0x52, 0x54, 0x00, 0x12, 0x34, 0x56};
+	memcpy(D.mac, dflt, 6);
+	if (FZ.offered >> F_MAC & 1)
+		for (int i = 0; i < 6; i++)
+			D.mac[i] = r8(D.device + (uint32_t)i);
 	if (FZ.numq < 2 || FZ.maxsize[0] == 0 || FZ.maxsize[1] == 0)
 		die(EXIT_SETUP, "device has %u queues (rx0 size %u, tx0 size %u): need rx0 and tx0",
 		    FZ.numq, FZ.maxsize[0], FZ.maxsize[1]);
