@@ -209,18 +209,21 @@ def fuzz_on(tb: Any, cfg: FuzzConfig, note: Callable[[str], None] = lambda _s: N
         result.done += int(kv.get("iterations", 0))
         result.needs_reset += int(kv.get("needs_reset", 0))
         result.unsafe_enables += int(kv.get("unsafe_enables", 0))
+        # The iteration vnetraw stopped at (the device stopped answering), else the batch.
+        failed_it = kv.get("failed_iteration", "-")
+        where = (int(failed_it), 1) if failed_it.isdigit() else (first, count)
         try:
             tb.check_alive()
             now = tb.device.stats()
         except ServerDied as exc:
             result.crashes += 1
             result.failure = str(exc)
-            result.failed_range = (first, count)
+            result.failed_range = where
             break
         except (OSError, ValueError, RuntimeError) as exc:
             result.crashes += 1
             result.failure = f"device server does not answer: {exc}"
-            result.failed_range = (first, count)
+            result.failed_range = where
             break
         refused, bad = split_violations(violation_delta(last, now))
         _add(result.refused, refused)
@@ -229,7 +232,6 @@ def fuzz_on(tb: Any, cfg: FuzzConfig, note: Callable[[str], None] = lambda _s: N
         tracebacks = _traceback_count(tb.device.log, log_at)
         log_at = tb.device.log.stat().st_size
         result.server_tracebacks += tracebacks
-        failed_it = kv.get("failed_iteration", "-")
         if rc != 0 or bad or tracebacks:
             why = [f"vnetraw exit {rc}: {err}"] if rc != 0 else []
             if bad:
@@ -237,12 +239,12 @@ def fuzz_on(tb: Any, cfg: FuzzConfig, note: Callable[[str], None] = lambda _s: N
             if tracebacks:
                 why.append(f"{tracebacks} traceback(s) in {tb.device.log}")
             result.failure = "; ".join(why)
-            result.failed_range = ((int(failed_it), 1) if failed_it.isdigit()
-                                   else (first, count))
+            result.failed_range = where
             break
         result.elapsed = time.monotonic() - started
-        note(f"{result.done}/{cfg.iterations} iterations, {result.rate:.0f}/s, "
-             f"refused {sum(result.refused.values())}, out-of-mapping 0, server alive")
+        # Short enough for an 80-column line with the elapsed time appended.
+        note(f"{result.done}/{cfg.iterations} it, {result.rate:.0f}/s, server alive, "
+             f"out-of-mapping 0, refused {sum(result.refused.values())}")
     result.elapsed = time.monotonic() - started
     if result.failure is None:
         result.traffic = _traffic(tb, cfg.echoes)
