@@ -195,10 +195,18 @@ def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: 
     A chain without a 2-byte command or without a writable byte for the ack is malformed
     (the queue breaks: NEEDS_RESET); anything wrong inside a command is an ERR ack.
     """
-    for _ in range(batch):
+    done = 0
+    q.disable_notify()
+    while done < batch:
         chain = q.pop()
         if chain is None:
-            break
+            # Ask for the next kick (with EVENT_IDX: avail_event), then look once more: a
+            # command made available in between would otherwise wait forever (Linux spins).
+            if q.broken or not q.ready or not q.enable_notify():
+                break
+            q.disable_notify()
+            continue
+        done += 1
         if chain.read_len < 2 or chain.write_len < 1:
             what = "no command" if chain.read_len < 2 else "no room for the ack"
             q.discard(chain)
@@ -213,6 +221,8 @@ def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: 
             ack = state.handle(b"".join([h.view for h in chain.readable]), negotiated)
         chain.writable[0].view[0] = ack
         q.push(chain, 1)
+    else:
+        q.enable_notify()  # the batch ran out: the next kick (or this one's leftovers) resumes
     return q.flush()
 
 

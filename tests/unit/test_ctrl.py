@@ -156,3 +156,19 @@ def test_malformed_control_chains_need_reset(case: str) -> None:
     r.device.process()
     assert r.device.status & C.STATUS_NEEDS_RESET
     assert q.get_used() == []
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_every_command_gets_its_kick_and_answer(event_idx: bool) -> None:
+    # The driver kicks only when the device asked (avail_event / NO_NOTIFY): after each answer
+    # the device must ask again, or the second command is never seen (Linux spins on it).
+    feats = DEFAULT_FEATURES | CTRL_FEATURES
+    if not event_idx:
+        feats &= ~(1 << C.F_EVENT_IDX)
+    r = net_rig(features=feats)
+    q = r.driver.queues[2]
+    for k in range(3):
+        head = q.add([bytes([ctrl.CLASS_RX, ctrl.RX_PROMISC]), bytes([k & 1])], in_=[1])
+        assert q.kick_if_needed(), f"command {k}: the device did not ask for a kick"
+        r.device.process()
+        assert q.get_used() == [(head, 1)] and q.written(head, 1) == bytes([OK])
