@@ -49,6 +49,10 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                    help="extra guest kernel command-line words")
     p.add_argument("--initrd-add", type=Path, metavar="DIR",
                    help="add DIR's files to the initramfs at the same relative paths")
+    p.add_argument("--misbehave", type=_misbehave_spec, action="append", default=[],
+                   metavar="CASE[:after=N][:queue=Q][:always]",
+                   help="make the device break the virtio spec in this named way (repeatable "
+                        "or a comma list; `harness misbehave --list` names the cases)")
 
 
 def _features_spec(text: str) -> str:
@@ -79,10 +83,6 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--allow-warnings", action="store_true",
                    help="kernel WARNINGs on the console pass (their excerpt is kept)")
-    p.add_argument("--misbehave", type=_misbehave_spec, action="append", default=[],
-                   metavar="CASE[:after=N][:queue=Q][:always]",
-                   help="make the device break the virtio spec in this named way (repeatable "
-                        "or a comma list; `harness misbehave --list` names the cases)")
 
 
 def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -161,6 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         memory_mb=args.memory, pcap=args.pcap,
                         hotplug_ports=args.hotplug_ports, kernel=args.kernel,
                         append=tuple(args.append.split()), initrd_add=args.initrd_add,
+                        misbehave=tuple(args.misbehave),
                         # The peers serve the guest's own hnet tests for as long as it runs.
                         peers=PeerSpec(timeout=30 * 24 * 3600.0))
     try:

@@ -44,9 +44,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 "(on by default now)")
     g.addoption("--harness-features", default="", metavar="NAME=on|off,...",
                 help="device feature switches (harness.virtio.features), e.g. mtu=9000")
+    g.addoption("--harness-misbehave", action="append", default=[], type=_misbehave_spec,
+                metavar="CASE[:after=N][:queue=Q][:always]",
+                help="the device breaks the virtio spec in this named way (repeatable)")
     g.addoption("--harness-accel", choices=["auto", "kvm", "tcg"], default="auto")
     g.addoption("--harness-smp", type=int, default=2)
     g.addoption("--harness-memory", type=int, default=512, metavar="MB")
+
+
+def _misbehave_spec(text: str) -> str:
+    """argparse type of --harness-misbehave: the same validation as `harness vm-test`."""
+    from harness.virtio.misbehave import spec_list
+
+    return spec_list(text)
 
 
 @pytest.fixture
@@ -59,6 +69,7 @@ def testbed_config(request: pytest.FixtureRequest) -> Any:
         accel=opt("--harness-accel"), map_ops=opt("--harness-map-ops"),
         viommu=opt("--harness-viommu"), offloads=opt("--harness-offloads") or None,
         features=opt("--harness-features"),
+        misbehave=tuple(opt("--harness-misbehave")),
         smp=opt("--harness-smp"), memory_mb=opt("--harness-memory"),
         kernel=opt("--harness-kernel"), console="socket",
         cmdline=SHELL_CMDLINE,

@@ -26,6 +26,8 @@ def test_parse_size(text: str, value: int) -> None:
     ["vm-test", "--faults", "gremlins=1"],
     ["serve", "--socket", "/tmp/x.sock", "--mac", "52:54:00"],
     ["serve", "--socket", "/tmp/x.sock", "--queue-size", "100"],
+        ["vm-test", "--misbehave", "no-such-case"],
+        ["run", "--misbehave", "used-len-zero:after=x"],
         ["bogus"],
     ],
 )
@@ -37,3 +39,19 @@ def test_bad_input_exits_2_with_message(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "Traceback" not in err
+
+
+def test_run_passes_misbehave_to_the_testbed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`harness run --misbehave` reaches the TestbedConfig, normalised (as vm-test's does)."""
+    import harness.session
+
+    seen: list[object] = []
+
+    def fake_session(cfg: object, *args: object) -> int:
+        seen.append(cfg)
+        return 0
+
+    monkeypatch.setattr(harness.session, "run_session", fake_session)
+    assert main(["run", "--misbehave", "used-len-zero", "--misbehave", "tx-stall:after=3"]) == 0
+    (cfg,) = seen
+    assert cfg.misbehave == ("used-len-zero", "tx-stall:after=3")  # type: ignore[attr-defined]
