@@ -21,6 +21,9 @@ from harness.virtio.virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
+#: Bad BAR accesses logged one by one before the log thins out to every 1000th.
+BAD_ACCESS_LOG_FIRST = 20
+
 # ACCESS_PLATFORM changes nothing on our side (every access already goes through MapOps);
 # it tells the guest to use its DMA API, so a vIOMMU translates what we are given.
 TRANSPORT_FEATURES = (
@@ -189,7 +192,13 @@ class VirtioPciDevice:
 
     def _bad(self, what: str, offset: int, count: int) -> None:
         self.bad_accesses += 1
-        log.warning("bad BAR0 %s at %#x size %d", what, offset, count)
+        n = self.bad_accesses
+        # A hostile driver can make millions of these (a fuzz run makes ~3 per iteration): the
+        # counter has them all, the log the first few and then every 1000th, so it stays small.
+        if n <= BAD_ACCESS_LOG_FIRST or n % 1000 == 0:
+            log.warning("bad BAR0 %s at %#x size %d (%d so far%s)", what, offset, count, n,
+                        "; from now on every 1000th is logged" if n == BAD_ACCESS_LOG_FIRST
+                        else "")
 
     # ---- BAR0 --------------------------------------------------------------------------------
 
