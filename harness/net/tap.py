@@ -3,6 +3,10 @@
 The TAP is opened with IFF_VNET_HDR and a 12-byte header (TUNSETVNETHDRSZ), which is exactly
 `virtio_net_hdr_v1`: a guest's header passes through unchanged on TX, and on RX the kernel's
 header lands straight in the guest's buffer, so offloads need no translation.
+
+With multiqueue (IFF_MULTI_QUEUE) the device keeps one ``Tap`` per queue pair on the same
+device; the kernel spreads flows over the attached queues by their hash, and ``set_queue``
+attaches and detaches a queue (TUNSETQUEUE) as the driver enables pairs, as QEMU does.
 """
 
 from __future__ import annotations
@@ -24,9 +28,14 @@ log = logging.getLogger(__name__)
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNSETQUEUE = 0x400454D9
+TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 VNET_HDR_LEN = 12
 
 #: TUNSETOFFLOAD bits: what the kernel may hand us unsegmented / without checksum.
@@ -50,12 +59,16 @@ def offload_for(features: int) -> int:
     return flags
 
 
-def create(ifname: str) -> None:
+def create(ifname: str, *, multi_queue: bool = False) -> None:
     """Create a TAP device (vnet header, no packet info) with pyroute2 in this namespace.
 
     It is persistent until `destroy`: the device exists before any fd attaches, so the host
     side can be configured first, and the counters survive the fd (they are read at exit).
+    ``multi_queue``: the device takes several fds (one per queue pair), each a queue.
     """
+    if multi_queue:
+        _create_multi_queue(ifname)
+        return
     with IPRoute() as ipr:
         try:
             ipr.link("add", ifname=ifname, kind="tuntap", mode="tap", vnet_hdr=True, no_pi=True)
@@ -63,6 +76,21 @@ def create(ifname: str) -> None:
             if exc.code == errno.EEXIST:
                 raise FileExistsError(f"a link named {ifname} already exists here") from None
             raise
+
+
+def _create_multi_queue(ifname: str) -> None:
+    """``create`` for a multi-queue TAP, by the ioctls (pyroute2's tuntap request drops the
+    multi_queue flag): TUNSETIFF with IFF_MULTI_QUEUE, then TUNSETPERSIST."""
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=ifname):
+            raise FileExistsError(f"a link named {ifname} already exists here")
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), flags))
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
+    finally:
+        os.close(fd)
 
 
 def destroy(ifname: str) -> None:
@@ -76,11 +104,12 @@ def destroy(ifname: str) -> None:
 class Tap:
     """An open fd on a TAP device in the calling process's network namespace."""
 
-    def __init__(self, ifname: str, *, offload: int = 0) -> None:
+    def __init__(self, ifname: str, *, offload: int = 0, multi_queue: bool = False) -> None:
         self.ifname = ifname
         self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if multi_queue else 0)
         try:
-            ifr = struct.pack("16sH", ifname.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            ifr = struct.pack("16sH", ifname.encode(), flags)
             fcntl.ioctl(self.fd, TUNSETIFF, ifr)
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, offload)
@@ -88,6 +117,7 @@ class Tap:
             os.close(self.fd)
             raise
         self.offload = offload
+        self.attached = True
         self.read_errors = 0
         self.write_errors = 0
 
@@ -96,6 +126,14 @@ class Tap:
         if flags != self.offload:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
             self.offload = flags
+
+    def set_queue(self, attached: bool) -> None:
+        """TUNSETQUEUE: attach this fd's queue (the kernel may steer frames to it) or detach
+        it (its queued frames are dropped by the kernel; it neither reads nor writes)."""
+        if attached != self.attached:
+            ifr = struct.pack("16sH", b"", IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE)
+            fcntl.ioctl(self.fd, TUNSETQUEUE, ifr)
+            self.attached = attached
 
     # PacketBackend -------------------------------------------------------------------
 

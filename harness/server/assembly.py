@@ -91,7 +91,11 @@ class DeviceServer:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        tap_mod.create(cfg.tap)
+        # Parsed here too: a multi-queue TAP is made so from the start.
+        mq = features_mod.resolve(cfg.features, True if cfg.offloads else None).mq
+        if mq is not None and cfg.pcap is not None:
+            raise ValueError(f"mq={mq} with a pcap capture is not supported (one queue only)")
+        tap_mod.create(cfg.tap, multi_queue=mq is not None)
         try:
             self._build(cfg)
         except BaseException:
@@ -104,7 +108,21 @@ class DeviceServer:
         feats = features_mod.resolve(cfg.features, True if cfg.offloads else None)
         # What the kernel may hand us unsegmented and without checksums: nothing until the
         # driver has negotiated what it can take (the device sets it at DRIVER_OK).
-        self.tap = Tap(cfg.tap, offload=0)
+        mq = feats.mq is not None
+        self.tap = Tap(cfg.tap, offload=0, multi_queue=mq)
+        #: With mq=N: the TAP's queues for pairs 1..N-1, detached until the driver enables
+        #: their pairs (VQ_PAIRS_SET), so the kernel steers frames only to pairs in use.
+        self.extra_taps: list[Tap] = []
+        try:
+            for _ in range(feats.pairs - 1):
+                self.extra_taps.append(Tap(cfg.tap, offload=0, multi_queue=True))
+                self.extra_taps[-1].set_queue(False)
+        except OSError:
+            for t in self.extra_taps:
+                t.close()
+            self.tap.close()
+            raise
+        self.extra_backends: list[PacketBackend] = list(self.extra_taps)
         configure(cfg.tap, cfg.host_address, cfg.prefixlen, mtu=feats.mtu)
         # The device and the loop move frames through ``backend``: the TAP itself, or a capture
         # around it. ``tap`` stays the bare TAP (its counters, close, and the drain at exit,
@@ -130,7 +148,8 @@ class DeviceServer:
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier,
-            mtu=feats.mtu, on_offloads=self._set_offloads)
+            mtu=feats.mtu, on_offloads=self._set_offloads, max_pairs=feats.pairs,
+            extra_backends=self.extra_backends, on_pairs=self._set_pairs)
         for text in cfg.misbehave:
             for spec in parse_list(text):
                 self.device.add_misbehaviour(spec)
@@ -167,6 +186,14 @@ class DeviceServer:
             self.tap.set_offload(offload_for(negotiated))
         except OSError as exc:  # the TAP stays as it was: the device filters headers anyway
             log.warning("TUNSETOFFLOAD failed: %s", exc)
+
+    def _set_pairs(self, pairs: int) -> None:
+        """The device's VQ_PAIRS_SET/reset hook: TAP queues attached for the pairs in use."""
+        for i, t in enumerate(self.extra_taps, start=1):
+            try:
+                t.set_queue(i < pairs)
+            except OSError as exc:  # the pair then gets no RX; TX falls back to pair 0
+                log.warning("TUNSETQUEUE on queue %d failed: %s", i, exc)
 
     def _bus_master(self) -> bool:
         cfg = self.ctx.config_space()
@@ -230,8 +257,9 @@ class DeviceServer:
         """Read and count frames still queued on the TAP (nobody will deliver them now)."""
         scratch = memoryview(bytearray(65536 + 64))
         n = 0
-        while self.tap.readv([scratch]) >= 0:
-            n += 1
+        for t in (self.tap, *self.extra_taps):
+            while t.attached and t.readv([scratch]) >= 0:
+                n += 1
         return n
 
     def stats(self) -> dict[str, Any]:
@@ -252,8 +280,10 @@ class DeviceServer:
             # Behind a vIOMMU: the guest's own IOVA allocator, checked from outside.
             "guest_iova": self.guest_iova.report(),
             "resets": dict(self.resets),
-            "tap_backend": {"read_errors": self.tap.read_errors,
-                            "write_errors": self.tap.write_errors},
+            "tap_backend": {"read_errors": sum(t.read_errors
+                                               for t in (self.tap, *self.extra_taps)),
+                            "write_errors": sum(t.write_errors
+                                                for t in (self.tap, *self.extra_taps))},
         }
         if self.capture is not None:
             result["pcap"] = self.capture.stats()
@@ -278,4 +308,6 @@ class DeviceServer:
         if self.capture is not None:
             self.capture.close()
         self.tap.close()
+        for t in self.extra_taps:
+            t.close()
         tap_mod.destroy(self.cfg.tap)

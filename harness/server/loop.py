@@ -1,9 +1,10 @@
 """The device process's event loop: one thread, one selector, and the device's work once per turn.
 
 The selector watches libvfio-user's socket (config space, BAR accesses, doorbells, DMA
-map/unmap, reset), the packet backend (frames for the guest; watched only while the guest has
-posted receive buffers) and the control server's sockets. Every registration's ``data`` is a
-callable taking the ready event mask, so the loop dispatches without knowing who registered.
+map/unmap, reset), the packet backend (frames for the guest; one per queue pair with
+multiqueue; each watched only while the guest has posted receive buffers) and the control
+server's sockets. Every registration's ``data`` is a callable taking the ready event mask, so
+the loop dispatches without knowing who registered.
 Doorbells only mark queues; the queue work runs in :meth:`DeviceLoop.turn`, after every pending
 event has been handled, so it is batched.
 
@@ -24,7 +25,7 @@ import os
 import select
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -118,11 +119,16 @@ class DeviceLoop:
         clock: Callable[[], float] = time.monotonic,
         serve_forever: bool = False,
         clients: ClientCounters | None = None,
+        extra_backends: Sequence[Pollable] = (),
     ) -> None:
         self.endpoint = endpoint
         self.device = device
         self.ledger = ledger
         self.backend = backend
+        #: Multiqueue: backend i+1 feeds queue pair i+1 (device.rx_wanted(i+1) and
+        #: device.on_backend_readable(i+1)); polled by the same rule as ``backend``.
+        self.extra_backends = list(extra_backends)
+        self._extra_polled = [False] * len(self.extra_backends)
         #: May be set after construction, before serve() (its commands may need this loop).
         self.control = control
         self.on_attached = on_attached
@@ -256,6 +262,17 @@ class DeviceLoop:
             else:
                 self.selector.unregister(self.backend.fileno())
             self._backend_polled = want
+        for i, b in enumerate(self.extra_backends):
+            pair = i + 1
+            want = self.device.rx_wanted(pair)  # type: ignore[call-arg]
+            if want != self._extra_polled[i]:
+                if want:
+                    self.selector.register(b.fileno(), selectors.EVENT_READ,
+                                           lambda _m, p=pair: self._on_extra(p))
+                    self.device.on_backend_readable(pair)  # type: ignore[call-arg]
+                else:
+                    self.selector.unregister(b.fileno())
+                self._extra_polled[i] = want
 
     def _answer_dma_first(self) -> None:
         """While the guest is mapping (DMA messages since the last turn), spin on the
@@ -304,6 +321,10 @@ class DeviceLoop:
         if self._backend_polled:
             self.selector.unregister(self.backend.fileno())
             self._backend_polled = False
+        for i, b in enumerate(self.extra_backends):
+            if self._extra_polled[i]:
+                self.selector.unregister(b.fileno())
+                self._extra_polled[i] = False
         self.on_detached()
         if not self.serve_forever:
             self.stop = True
@@ -312,6 +333,10 @@ class DeviceLoop:
         # A detach earlier in the same round of events may have stopped polling it.
         if self._backend_polled:
             self.device.on_backend_readable()
+
+    def _on_extra(self, pair: int) -> None:
+        if self._extra_polled[pair - 1]:
+            self.device.on_backend_readable(pair)  # type: ignore[call-arg]
 
     def close(self) -> None:
         """Release the selector (the fds in it belong to their owners)."""

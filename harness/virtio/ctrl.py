@@ -10,8 +10,8 @@ command the driver did not negotiate is refused with ERR (never an exception).
 
 ``serve_queue`` runs the control virtqueue: each chain is the command (device-readable) and
 room for the ack (device-writable); the device offers CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA and
-CTRL_MAC_ADDR only when the run switches them on (harness.virtio.features); MQ and
-GUEST_ANNOUNCE are decoded here but not offered yet.
+CTRL_MAC_ADDR (and MQ, with ``mq=N``) only when the run switches them on
+(harness.virtio.features); GUEST_ANNOUNCE is decoded here but not offered yet.
 """
 
 from __future__ import annotations

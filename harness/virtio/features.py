@@ -1,11 +1,13 @@
 """Per-run virtio-net feature switches, spelled like QEMU's device properties.
 
-``parse("csum=off,mrg_rxbuf=off,mtu=9000")`` starts from ``DEFAULTS`` (what users run: checksum
+``parse("csum=off,mtu=9000,mq=4")`` starts from ``DEFAULTS`` (what users run: checksum
 and TSO offloads both ways, MRG_RXBUF, EVENT_IDX, INDIRECT_DESC, STATUS, MAC) and applies each
 switch in order; the result is checked against the feature dependencies of virtio 1.3
 5.1.3.1 (a device must not offer HOST_TSO4 without CSUM, GUEST_TSO4 without GUEST_CSUM, ...).
-Every problem is a ``ValueError`` whose message is one line naming the switch, so the CLIs can
-print it as it is.
+``mq=N`` (N in 1..4) offers VIRTIO_NET_F_MQ with N queue pairs; MQ needs CTRL_VQ (5.1.3.1), so
+``mq=N`` switches ctrl_vq on, and ``ctrl_vq=off`` given with it is an error; ``mq=off`` (the
+default) is one queue pair without MQ. Every problem is a ``ValueError`` whose message is one
+line naming the switch, so the CLIs can print it as it is.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ _OFF = {"off", "false", "no", "0"}
 #: 68: the smallest IPv4 MTU (RFC 791), and what Linux's virtio_net refuses below; 65535: the
 #: config field is 16 bits.
 MTU_MIN, MTU_MAX = 68, 65535
+#: Queue pairs ``mq=N`` may offer (the device keeps one TAP fd per pair).
+MQ_MAX = 4
 
 #: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults).
 DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr"})
@@ -63,6 +67,8 @@ class NetFeatures:
 
     on: frozenset[str] = DEFAULT_ON
     mtu: int | None = None
+    #: Queue pairs with VIRTIO_NET_F_MQ offered (None: MQ not offered, one pair).
+    mq: int | None = None
 
     @property
     def bits(self) -> int:
@@ -73,7 +79,14 @@ class NetFeatures:
             bits |= 1 << SWITCHES[name]
         if self.mtu is not None:
             bits |= 1 << C.NET_F_MTU
+        if self.mq is not None:
+            bits |= 1 << C.NET_F_MQ
         return bits
+
+    @property
+    def pairs(self) -> int:
+        """Queue pairs the device has (max_virtqueue_pairs)."""
+        return self.mq if self.mq is not None else 1
 
     @property
     def offloads(self) -> bool:
@@ -91,6 +104,8 @@ class NetFeatures:
                   if (n in self.on) != (n in DEFAULT_ON)]
         if self.mtu is not None:
             words.append(f"mtu={self.mtu}")
+        if self.mq is not None:
+            words.append(f"mq={self.mq}")
         return ",".join(words)
 
 
@@ -102,6 +117,8 @@ def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
     the combination; ValueError with a one-line reason for anything wrong."""
     on = set(base.on)
     mtu = base.mtu
+    mq = base.mq
+    ctrl_vq_off = False  # ctrl_vq=off said in this text: mq=N must not switch it back on
     for word in (w.strip() for w in text.split(",")):
         if not word:
             continue
@@ -118,20 +135,35 @@ def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
                                  "(or off)")
             mtu = int(value)
             continue
+        if name == "mq":
+            if value in _OFF:
+                mq = None
+                continue
+            if not value.isdigit() or not 1 <= int(value) <= MQ_MAX:
+                raise ValueError(f"mq={value}: not a number of queue pairs from 1 to {MQ_MAX} "
+                                 "(or off)")
+            mq = int(value)
+            continue
         if name == "offloads":  # the --offloads switch, spelled as a feature
             names: tuple[str, ...] = OFFLOAD_SWITCHES
         elif name in SWITCHES:
             names = (name,)
         else:
             raise ValueError(f"unknown feature {name!r} (known: {', '.join(SWITCHES)}, "
-                             "offloads, mtu)")
+                             "offloads, mtu, mq)")
         if value in _ON:
             on.update(names)
+            ctrl_vq_off = ctrl_vq_off and "ctrl_vq" not in names
         elif value in _OFF:
             on.difference_update(names)
+            ctrl_vq_off = ctrl_vq_off or "ctrl_vq" in names
         else:
             raise ValueError(f"{name}={value}: the value must be on or off")
-    result = NetFeatures(frozenset(on), mtu)
+    if mq is not None:
+        if ctrl_vq_off:
+            raise ValueError(f"mq={mq} needs ctrl_vq=on (virtio 1.3 5.1.3.1)")
+        on.add("ctrl_vq")
+    result = NetFeatures(frozenset(on), mtu, mq)
     check(result)
     return result
 
@@ -141,6 +173,8 @@ def check(f: NetFeatures) -> None:
     for name, needed in REQUIRES.items():
         if name in f.on and needed not in f.on:
             raise ValueError(f"{name}=on needs {needed}=on (virtio 1.3 5.1.3.1)")
+    if f.mq is not None and "ctrl_vq" not in f.on:
+        raise ValueError(f"mq={f.mq} needs ctrl_vq=on (virtio 1.3 5.1.3.1)")
 
 
 def check_bits(bits: int) -> None:
@@ -148,6 +182,8 @@ def check_bits(bits: int) -> None:
     for name, needed in REQUIRES.items():
         if bits >> SWITCHES[name] & 1 and not bits >> SWITCHES[needed] & 1:
             raise ValueError(f"{name} offered without {needed} (virtio 1.3 5.1.3.1)")
+    if bits >> C.NET_F_MQ & 1 and not bits >> C.NET_F_CTRL_VQ & 1:
+        raise ValueError("mq offered without ctrl_vq (virtio 1.3 5.1.3.1)")
 
 
 def resolve(text: str = "", offloads: bool | None = None) -> NetFeatures:

@@ -1,4 +1,5 @@
-"""VirtioNetDevice: virtio-net (one queue pair) moving frames between its rings and a backend.
+"""VirtioNetDevice: virtio-net (one queue pair, or up to 4 with MQ) moving frames between its
+rings and a backend per pair.
 
 Frames travel with their 12-byte virtio_net_hdr_v1 straight to and from the backend (a TAP
 opened with IFF_VNET_HDR and TUNSETVNETHDRSZ=12), so checksum/TSO offloads need no work here;
@@ -14,13 +15,20 @@ are still consumed and completed (a real NIC does not hang its TX ring either; t
 see a TX timeout), their frames dropped and counted (tx0 ``drops``, ``link_drops``); frames the
 backend holds are read and discarded (rx0 ``drops``, ``link_drops``) rather than left to pile up
 and arrive stale when the link comes back.
+
+Multiqueue (VIRTIO_NET_F_MQ, ``max_pairs`` > 1): queues rx0 tx0 rx1 tx1 ... ctrl (5.1.2), pair
+i moving frames through backend i (one fd of a multi-queue TAP). Only pairs below the driver's
+VQ_PAIRS_SET value (1 until it sends one, and again after a reset) carry traffic (5.1.6.5.5):
+``rx_wanted(i)`` is False for the others and ``on_pairs`` tells the owner, which detaches their
+TAP queues so the kernel steers nothing there. TX on an inactive pair (a driver breaking the
+rule) is still served, through backend 0, rather than left to hang.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from harness.dma import MapOps
@@ -31,13 +39,13 @@ from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
-from harness.virtio.virtqueue import Chain, QueueStats
+from harness.virtio.virtqueue import Chain, QueueStats, SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
 RX_QUEUE = 0
 TX_QUEUE = 1
-CTRL_QUEUE = 2  # with CTRL_VQ offered: after the one queue pair (5.1.2)
+CTRL_QUEUE = 2  # with CTRL_VQ offered: after the queue pairs (5.1.2); 2 * max_pairs with MQ
 
 DEFAULT_FEATURES = (
     (1 << C.F_VERSION_1)
@@ -62,6 +70,9 @@ CTRL_FEATURES = (
 )
 SUPPORTED_FEATURES = (DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES | CTRL_FEATURES
                       | (1 << C.NET_F_MTU))
+#: Multiqueue: accepted on top of SUPPORTED_FEATURES (with ``max_pairs``), kept apart so the
+#: default device's offer and its conformance checks stay exactly as they were.
+MQ_FEATURES = 1 << C.NET_F_MQ
 
 _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
 # Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
@@ -74,6 +85,10 @@ _TX_MAX = _RX_MAX_GSO
 _CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
 #: With VIRTIO_NET_F_MTU: ... + max_virtqueue_pairs (1: no MQ) + mtu (offset 10).
 _CONFIG_LEN_MTU = 12
+#: With VIRTIO_NET_F_MQ but no MTU: mac, status, max_virtqueue_pairs.
+_CONFIG_LEN_MQ = 10
+#: Queue pairs this device can have (one TAP fd each).
+MAX_PAIRS = 4
 _U16 = struct.Struct("<H")
 
 
@@ -100,27 +115,43 @@ class VirtioNetDevice(VirtioPciDevice):
         batch: int = 256,
         mtu: int | None = None,
         on_offloads: Callable[[int], None] | None = None,
+        max_pairs: int = 1,
+        extra_backends: Sequence[PacketBackend] = (),
+        on_pairs: Callable[[int], None] | None = None,
     ) -> None:
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         feats = DEFAULT_FEATURES if features is None else features
-        if feats & ~SUPPORTED_FEATURES:
+        if feats & ~(SUPPORTED_FEATURES | MQ_FEATURES):
             raise ValueError(f"unsupported features {feats & ~SUPPORTED_FEATURES:#x}")
         check_bits(feats)
         if (mtu is not None) != bool(feats >> C.NET_F_MTU & 1):
             raise ValueError("an mtu goes with VIRTIO_NET_F_MTU and only with it")
         if mtu is not None and not 68 <= mtu <= 65535:
             raise ValueError(f"mtu {mtu} out of range 68..65535")
+        mq = bool(feats >> C.NET_F_MQ & 1)
+        if max_pairs > 1 and not mq:
+            raise ValueError("max_pairs > 1 goes with VIRTIO_NET_F_MQ")
+        if not 1 <= max_pairs <= MAX_PAIRS or len(extra_backends) != max_pairs - 1:
+            raise ValueError(f"max_pairs {max_pairs}: 1..{MAX_PAIRS}, one backend per pair")
+        pair_names = [f"{d}{i}" for i in range(max_pairs) for d in ("rx", "tx")]
         super().__init__(
             mapops, irq,
-            queue_names=["rx0", "tx0", *(["ctrl"] if feats >> C.NET_F_CTRL_VQ & 1 else [])],
+            queue_names=[*pair_names, *(["ctrl"] if feats >> C.NET_F_CTRL_VQ & 1 else [])],
             queue_size=queue_size,
             device_features=feats,
-            device_config_len=_CONFIG_LEN if mtu is None else _CONFIG_LEN_MTU,
+            device_config_len=(_CONFIG_LEN_MTU if mtu is not None
+                               else _CONFIG_LEN_MQ if mq else _CONFIG_LEN),
             bus_master=bus_master,
             barrier=barrier,
         )  # fmt: skip
         self.backend = backend
+        self.max_pairs = max_pairs
+        #: Pairs 1.. (pair 0 is ``backend``, which tests and the capture may replace).
+        self.extra_backends: list[PacketBackend] = list(extra_backends)
+        #: Told the number of active pairs at VQ_PAIRS_SET and reset (1).
+        self.on_pairs = on_pairs
+        self._ctrl_index = 2 * max_pairs
         self.mac = bytes(mac)
         self.mtu = mtu
         #: Told the negotiated features at DRIVER_OK and 0 at reset: the backend then hands
@@ -137,10 +168,10 @@ class VirtioNetDevice(VirtioPciDevice):
         self.rx = self.queues[RX_QUEUE]
         self.tx = self.queues[TX_QUEUE]
         #: The control queue's state (RX modes, MAC filter); a fresh one at every reset.
-        self.control = ControlState(self.mac)
+        self.control = ControlState(self.mac, max_pairs=max_pairs)
         self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
         self.filtered = 0  # RX frames the driver's RX mode / MAC filter turned away
-        self._rx_starved = False
+        self._rx_starved = [False] * max_pairs  # per pair: waiting for the driver's RX kick
         self._rx_max = _RX_MAX_MTU
         self._rx_frame_max = 1518
         self._mrg = False
@@ -237,8 +268,10 @@ class VirtioNetDevice(VirtioPciDevice):
     def _device_config(self) -> bytes:
         status = C.NET_S_LINK_UP if self.link_up else 0
         config = self.mac + _U16.pack(status)
+        if self.mtu is not None or self.device_features >> C.NET_F_MQ & 1:
+            config += _U16.pack(self.max_pairs)  # max_virtqueue_pairs
         if self.mtu is not None:
-            config += _U16.pack(1) + _U16.pack(self.mtu)  # max_virtqueue_pairs, mtu
+            config += _U16.pack(self.mtu)
         return config
 
     def _on_driver_ok(self) -> None:
@@ -248,7 +281,7 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_frame_max = mtu + 18  # Ethernet header + VLAN tag
         self._rx_max = (_RX_MAX_GSO if self.negotiated & _GUEST_GSO
                         else C.NET_HDR_SIZE + self._rx_frame_max)
-        self._rx_starved = False
+        self._rx_starved = [False] * self.max_pairs
         #: The features of the last DRIVER_OK (kept across resets: what the guest ran with).
         self.driver_ok_features = self.negotiated
         log.info("DRIVER_OK: features %#x", self.negotiated)
@@ -257,8 +290,11 @@ class VirtioNetDevice(VirtioPciDevice):
             self.on_offloads(self.negotiated)
 
     def _on_reset(self) -> None:
-        self._rx_starved = False
+        self._rx_starved = [False] * self.max_pairs
+        pairs = self.control.pairs
         self.control.reset()
+        if pairs != 1 and self.on_pairs is not None:
+            self.on_pairs(1)
         self._rx_filter = False
         if self.on_offloads is not None:
             self.on_offloads(0)
@@ -288,18 +324,23 @@ class VirtioNetDevice(VirtioPciDevice):
     def _usable(self) -> bool:
         return self.driver_ok and self.bus_master()
 
+    def pair_backend(self, pair: int) -> PacketBackend:
+        """The backend queue pair ``pair`` moves frames through."""
+        return self.backend if pair == 0 else self.extra_backends[pair - 1]
+
     def has_work(self) -> bool:
         """Kicks are waiting for process() (and the device may act on them now)."""
         return bool(self._pending) and self._usable()
 
-    def rx_wanted(self) -> bool:
-        """RX has (or may have) buffers, or the link is down and the backend is to be drained:
-        the backend should be polled for readability."""
-        if not self._usable():
+    def rx_wanted(self, pair: int = 0) -> bool:
+        """RX of ``pair`` has (or may have) buffers, or the link is down and its backend is to
+        be drained: backend ``pair`` should be polled for readability."""
+        if not self._usable() or pair >= self.control.pairs:
             return False
         if not self.link_up:
             return True
-        return not self._rx_starved and self.rx.enabled and not self.rx.broken
+        q = self.queues[2 * pair]
+        return not self._rx_starved[pair] and q.enabled and not q.broken
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
@@ -310,23 +351,31 @@ class VirtioNetDevice(VirtioPciDevice):
             return  # keep the kicks: they are served once the guest allows DMA again
         pending = self._pending
         self._pending = 0
-        if pending & (1 << RX_QUEUE):
-            self._rx_starved = False
-        if pending & (1 << TX_QUEUE):
-            self._tx_flush()
-        if pending & (1 << CTRL_QUEUE) and self.num_queues > CTRL_QUEUE:
-            q = self.queues[CTRL_QUEUE]
+        for pair in range(self.max_pairs):
+            if pending & (1 << 2 * pair):
+                self._rx_starved[pair] = False
+            if pending & (2 << 2 * pair):
+                self._tx_flush(pair)
+        ctrl = self._ctrl_index
+        if pending & (1 << ctrl) and self.num_queues > ctrl:
+            q = self.queues[ctrl]
+            pairs = self.control.pairs
             if serve_queue(q, self.control, self.negotiated):
                 self._queue_interrupt(q)
+            if self.control.pairs != pairs:
+                log.info("queue pairs: %d -> %d", pairs, self.control.pairs)
+                if self.on_pairs is not None:
+                    self.on_pairs(self.control.pairs)
 
     # ---- TX ----------------------------------------------------------------------------------
 
-    def _tx_flush(self) -> None:
+    def _tx_flush(self, pair: int = 0) -> None:
         if self.misbehave is not None and self._misbehave_tx(self.misbehave):
             return
-        q = self.tx
+        q = self.queues[2 * pair + 1]
         st = q.stats
-        backend = self.backend
+        # An inactive pair's TAP queue is detached: its frames go out through pair 0's.
+        backend = self.pair_backend(pair if pair < self.control.pairs else 0)
         done = 0
         map_errors = st.map_errors
         q.disable_notify()
@@ -355,7 +404,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     backend.writev([h.view for h in chain.readable])
                 except OSError as e:
                     st.drops += 1
-                    log.debug("tx0: backend write failed: %s", e)
+                    log.debug("%s: backend write failed: %s", q.name, e)
                 else:
                     st.packets += 1
                     st.bytes += chain.read_len - C.NET_HDR_SIZE
@@ -363,13 +412,13 @@ class VirtioNetDevice(VirtioPciDevice):
             if q.broken or not q.ready:
                 break
             if done >= self.batch:
-                self._pending |= 1 << TX_QUEUE  # fairness: the loop comes back via has_work()
+                self._pending |= 1 << q.index  # fairness: the loop comes back via has_work()
                 break
             if not q.enable_notify():
                 break
             q.disable_notify()
         if st.map_errors != map_errors:
-            self._pending |= 1 << TX_QUEUE  # a transient map failure: retry, do not wait
+            self._pending |= 1 << q.index  # a transient map failure: retry, do not wait
         if q.flush():
             self._queue_interrupt(q)
         if self.misbehave is not None:
@@ -377,31 +426,31 @@ class VirtioNetDevice(VirtioPciDevice):
 
     # ---- RX ----------------------------------------------------------------------------------
 
-    def on_backend_readable(self) -> None:
+    def on_backend_readable(self, pair: int = 0) -> None:
         """Move frames backend -> RX ring until the backend is empty, buffers or batch run out.
 
         Chains gathered for one frame but not used by it stay mapped in ``pool`` for the next
         frame: with guest GSO a frame needs room for 64 KiB (dozens of mergeable buffers), and
         re-mapping all of them for every 66-byte ACK would dominate the cost of receiving.
         """
-        if not self.rx_wanted():
+        if not self.rx_wanted(pair):
             return
         if not self.link_up:
-            self._rx_discard()
+            self._rx_discard(pair)
             return
-        q = self.rx
+        q = self.queues[2 * pair]
         st = q.stats
-        backend = self.backend
+        backend = self.pair_backend(pair)
         pool: list[Chain] = []  # popped and mapped, in ring order
         try:
             for _ in range(self.batch):
-                if not self._rx_gather(pool):
+                if not self._rx_gather(q, pool):
                     break
                 views = [h.view for c in pool for h in c.writable]
                 try:
                     got = backend.readv(views)
                 except OSError as e:
-                    log.debug("rx0: backend read failed: %s", e)
+                    log.debug("%s: backend read failed: %s", q.name, e)
                     got = -1
                 if got <= 0:
                     break
@@ -462,15 +511,15 @@ class VirtioNetDevice(VirtioPciDevice):
             self.header_drops += 1
         return False
 
-    def _rx_discard(self) -> None:
+    def _rx_discard(self, pair: int = 0) -> None:
         """Link down: read up to a batch of frames from the backend and drop them."""
         if self._scratch is None:
             self._scratch = bytearray(_RX_MAX_GSO)
         views = [memoryview(self._scratch)]
-        st = self.rx.stats
+        st = self.queues[2 * pair].stats
         for _ in range(self.batch):
             try:
-                got = self.backend.readv(views)
+                got = self.pair_backend(pair).readv(views)
             except OSError as e:
                 log.debug("rx0: backend read failed: %s", e)
                 return
@@ -479,13 +528,12 @@ class VirtioNetDevice(VirtioPciDevice):
             st.drops += 1
             self.link_drops += 1
 
-    def _rx_gather(self, pool: list[Chain]) -> bool:
+    def _rx_gather(self, q: SplitVirtqueue, pool: list[Chain]) -> bool:
         """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
 
         False when that is not possible now: then ``pool`` is empty again (everything given
         back to the ring) and the device waits for the driver's kick.
         """
-        q = self.rx
         if pool and not self._mrg:
             return True
         cap = sum(c.write_len for c in pool)
@@ -525,7 +573,7 @@ class VirtioNetDevice(VirtioPciDevice):
                 break
         if not q.broken:
             q.stats.no_buffers += 1
-            self._rx_starved = True
+            self._rx_starved[q.index // 2] = True
         return False
 
     # ---- stats -------------------------------------------------------------------------------
@@ -550,14 +598,17 @@ class VirtioNetDevice(VirtioPciDevice):
             "status": self.status,
             "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
             "features": self.negotiated,
-            "rx_starved": self._rx_starved,
+            "rx_starved": self._rx_starved[0],
+            **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
+                          "rx_starved": list(self._rx_starved)}}
+               if self.device_features >> C.NET_F_MQ & 1 else {}),
             "link_up": self.link_up,
             "link_changes": self.link_changes,
             "link_drops": self.link_drops,
             "oversize_drops": self.oversize_drops,
             "header_drops": self.header_drops,
             "filtered": self.filtered,
-            **({"ctrl": self.control.as_dict()} if self.num_queues > CTRL_QUEUE else {}),
+            **({"ctrl": self.control.as_dict()} if self.num_queues > self._ctrl_index else {}),
             "driver_ok_features": self.driver_ok_features,
             "csum_completed": self.csum_completed,
             **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),
