@@ -16,6 +16,16 @@ from harness.report import Case
 RX, TX = "rx0", "tx0"
 
 
+def _pair_sum(dev: dict[str, Any], kind: str) -> dict[str, int]:
+    """``rx``/``tx`` counters summed over every queue pair (rx0, rx1, ... with multiqueue)."""
+    total: dict[str, int] = {}
+    for name, q in dev.items():
+        if name.startswith(kind) and name[len(kind):].isdigit() and isinstance(q, dict):
+            for k in ("packets", "bytes", "drops"):
+                total[k] = total.get(k, 0) + int(q.get(k) or 0)
+    return total
+
+
 def _get(d: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(d, dict):
@@ -56,7 +66,7 @@ def counters_check(stats: dict[str, Any]) -> Case:
     dev, tap = stats.get("device"), stats.get("tap")
     if not isinstance(dev, dict) or not isinstance(tap, dict) or "rx_packets" not in tap:
         return Case(name, False, "device or TAP counters missing (did the server exit cleanly?)")
-    tx, rx = dev.get(TX, {}), dev.get(RX, {})
+    tx, rx = _pair_sum(dev, "tx"), _pair_sum(dev, "rx")
     write_errors = int(_get(stats, "tap_backend", "write_errors") or 0)
     undelivered = int(stats.get("tap_undelivered_at_exit") or 0)
     facts = {
