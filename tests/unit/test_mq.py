@@ -5,11 +5,14 @@ pair other than 0, each pair through its own backend; the ``mq=N`` feature switc
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import pytest
 
-from harness.dma import DirectMapOps
+from harness.dma import DirectMapOps, build_mapops
+from harness.server.loop import DeviceLoop
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, MockQueue
+from harness.testing.serverfakes import FakeEndpoint, PolledBackend
 from harness.virtio import constants as C
 from harness.virtio import ctrl
 from harness.virtio import features as F
@@ -23,9 +26,10 @@ MQ = DEFAULT_FEATURES | CTRL_FEATURES | MQ_FEATURES
 class Rig:
     """A device with ``pairs`` queue pairs, one FakeBackend each, probed to DRIVER_OK."""
 
-    def __init__(self, pairs: int = 4, driver_features: int | None = None) -> None:
+    def __init__(self, pairs: int = 4, driver_features: int | None = None,
+                 backends: Sequence[FakeBackend] = ()) -> None:
         self.mem = MockMemory(8 << 20)
-        self.backends = [FakeBackend() for _ in range(pairs)]
+        self.backends = list(backends) or [FakeBackend() for _ in range(pairs)]
         self.told: list[int] = []
         self.device = VirtioNetDevice(
             DirectMapOps(self.mem.memory), FakeIrq(), self.backends[0], mac=MAC,
@@ -181,3 +185,38 @@ def test_mq_switch_errors_are_one_line(text: str, why: str) -> None:
     with pytest.raises(ValueError, match=why) as e:
         F.parse(text)
     assert "\n" not in str(e.value)
+
+
+def test_the_loop_polls_the_backend_of_each_enabled_pair() -> None:
+    backends = [PolledBackend() for _ in range(4)]
+    r = Rig(4, backends=backends)
+    _ops, ledger = build_mapops("direct", r.mem.memory, bus_master=lambda: True)
+    assert ledger is not None
+    endpoint = FakeEndpoint(attach_after=1)
+    loop = DeviceLoop(endpoint, r.device, ledger, backends[0], extra_backends=backends[1:],
+                      idle_timeout=0.0)
+    try:
+        def polled() -> set[int]:
+            return {k.fd for k in loop.selector.get_map().values()} & {
+                b.fileno() for b in backends}
+
+        loop.turn()
+        assert polled() == {backends[0].fileno()}
+        assert r.pairs_set(2) == ctrl.OK
+        rx1 = r.q(2)
+        rx1.add(in_=[2048])
+        rx1.kick()
+        backends[1].rx.append(HDR + frame(1))
+        loop.turn()  # polls backend 1 from now on and takes its waiting frame at once
+        # Pair 1 polled; pair 0 (no RX buffers: starved) and pairs 2, 3 (off) are not.
+        assert polled() == {backends[1].fileno()}
+        [(head, n)] = rx1.get_used()
+        assert rx1.written(head, n)[12:] == frame(1)
+        r.driver.reset()
+        loop.turn()
+        assert polled() == set()
+    finally:
+        loop.close()
+        endpoint.close()
+        for b in backends:
+            b.close()
