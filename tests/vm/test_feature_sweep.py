@@ -10,12 +10,19 @@ offered (the device's features at DRIVER_OK) and, with mtu=9000, that the guest'
 took the MTU and that jumbo frames moved (without offloads the average frame is past 1514
 bytes, so the byte-for-byte TCP check ran over 9000-byte frames). Throughput both ways goes
 into the JUnit properties and the table at the end of the pytest output.
+
+The ``mq4`` cell offers 4 queue pairs (``mq=4``) to a 2-vCPU guest: Linux's virtio_net enables
+min(CPUs, pairs) = 2 with VQ_PAIRS_SET, and the cell checks that value, that traffic moved on
+more than one pair (the host kernel steers flows over the TAP's queues, the guest picks its TX
+queue by CPU), and that nothing moved on the pairs the driver left off (5.1.6.5.5); the
+per-queue packet counts go into the table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -38,7 +45,7 @@ CHECKED_BITS = (
     | (1 << C.NET_F_HOST_TSO6) | (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6)
     | (1 << C.NET_F_MRG_RXBUF) | (1 << C.F_EVENT_IDX) | (1 << C.F_INDIRECT_DESC)
     | (1 << C.NET_F_MTU) | (1 << C.NET_F_CTRL_VQ) | (1 << C.NET_F_CTRL_RX)
-    | (1 << C.NET_F_CTRL_MAC_ADDR)
+    | (1 << C.NET_F_CTRL_MAC_ADDR) | (1 << C.NET_F_MQ)
 )  # not CTRL_RX_EXTRA: offered in the ctrl cell, Linux's virtio_net does not take it
 
 
@@ -62,7 +69,11 @@ CELLS = [
     Cell("noevt-noind-jumbo-viommu", "event_idx=off,indirect=off,mtu=9000", viommu=True),
     # The control queue (off by default): Linux programs RX modes and its MAC table through it.
     Cell("ctrl-rx", "ctrl_vq=on,ctrl_rx=on,ctrl_rx_extra=on,ctrl_mac_addr=on"),
+    # Multiqueue: 4 pairs offered, the 2-vCPU guest enables 2 (see the module docstring).
+    Cell("mq4", "mq=4"),
 ]
+#: The guest's vCPUs (harness.testbed's default -smp): Linux enables min(CPUs, max pairs).
+GUEST_CPUS = 2
 ROWS: list[str] = []
 
 
@@ -95,19 +106,27 @@ def test_feature_cell(cell: Cell,
     record_testsuite_property(f"sweep.{cell.name}.mbps_host_to_guest", h2g)
     failed = [f"{c.name}: {c.detail}" for c in result.failed]
     ok = result.error is None and not failed and {c.name for c in result.cases if c.ok} >= PLAN
+    dev = result.device_stats.get("device") or {}
+    spread = ""
+    if feats.mq is not None:  # packets per queue pair, "rx a/b/.. tx c/d/.."
+        per = {k: "/".join(str(_get_packets(dev, f"{k}{i}")) for i in range(feats.mq))
+               for k in ("rx", "tx")}
+        spread = f" [pairs {(dev.get('ctrl') or {}).get('pairs')}: rx {per['rx']} tx {per['tx']}]"
+        record_testsuite_property(f"sweep.{cell.name}.per_queue_packets", spread.strip(" []"))
     ROWS.append(f"{cell.name:27} {'pass' if ok else 'FAIL':6} {g2h:11.0f} {h2g:11.0f}  "
                 f"{feats.spec() or 'defaults'}{' bounce' if cell.map_ops == 'bounce' else ''}"
-                f"{' viommu' if cell.viommu else ''}")
+                f"{' viommu' if cell.viommu else ''}{spread}")
     assert result.error is None, result.error
     assert not failed, failed
     assert {c.name for c in result.cases if c.ok} >= PLAN
-    dev = result.device_stats["device"]
     # The guest ran with exactly the switches of this cell (the driver takes all of these).
     assert dev["driver_ok_features"] & CHECKED_BITS == feats.bits & CHECKED_BITS, \
         f"{dev['driver_ok_features']:#x} vs offered {feats.bits:#x}"
     assert dev["header_drops"] == 0 and dev["oversize_drops"] == 0, dev
     if "ctrl" in dev:  # the driver used the control queue (RX mode, MAC table), no refusals
         assert dev["ctrl"]["commands"] > 0 and dev["ctrl"]["errors"] == 0, dev["ctrl"]
+    if feats.mq is not None:
+        _check_mq(dev, feats.mq)
     if feats.mtu is not None:
         link = result.case("link_up")
         assert link is not None and int(link.metrics.get("mtu", 0)) == feats.mtu
@@ -115,3 +134,19 @@ def test_feature_cell(cell: Cell,
             for q in ("tx0", "rx0"):
                 packets, nbytes = dev[q]["packets"], dev[q]["bytes"]
                 assert nbytes / packets > 2000, (q, packets, nbytes)
+
+
+def _get_packets(dev: dict[str, Any], queue: str) -> int:
+    q = dev.get(queue)
+    return int(q.get("packets", 0)) if isinstance(q, dict) else 0
+
+
+def _check_mq(dev: dict[str, Any], max_pairs: int) -> None:
+    """The driver enabled min(CPUs, pairs) pairs, traffic used more than one of them, and
+    none moved on a pair it left off."""
+    want = min(GUEST_CPUS, max_pairs)
+    assert (dev.get("ctrl") or {}).get("pairs") == want, ("VQ_PAIRS_SET", dev.get("ctrl"))
+    used = [i for i in range(max_pairs)
+            if _get_packets(dev, f"rx{i}") + _get_packets(dev, f"tx{i}") > 0]
+    assert len(used) > 1, ("traffic on one pair only", used)
+    assert max(used) < want, ("traffic on a pair the driver did not enable", used)
