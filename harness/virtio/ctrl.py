@@ -73,6 +73,9 @@ class ControlState:
     uni_overflow: bool = False
     multi_overflow: bool = False
     pairs: int = 1
+    #: The last VQ_PAIRS_SET value accepted (0: none), kept across resets like the counters:
+    #: what the driver ran with, still readable in the stats taken after the final reset.
+    pairs_set: int = 0
     announce_acks: int = 0
     #: Commands answered, commands refused (ERR) and why, last one: for the stats.
     commands: int = 0
@@ -121,7 +124,7 @@ class ControlState:
             (pairs,) = _U16.unpack(data)
             if not MQ_VQ_PAIRS_MIN <= pairs <= min(self.max_pairs, MQ_VQ_PAIRS_MAX):
                 raise _Refused(f"VQ_PAIRS_SET {pairs} outside 1..{self.max_pairs}")
-            self.pairs = pairs
+            self.pairs = self.pairs_set = pairs
         else:
             raise _Refused(f"class {cls} command {cmd} not supported")
 
@@ -185,7 +188,8 @@ class ControlState:
         return {"rx": dict(self.rx), "mac": self.mac.hex(":"),
                 "uni": [m.hex(":") for m in self.uni], "multi": [m.hex(":") for m in self.multi],
                 "uni_overflow": self.uni_overflow, "multi_overflow": self.multi_overflow,
-                "pairs": self.pairs, "announce_acks": self.announce_acks,
+                "pairs": self.pairs, "pairs_set": self.pairs_set,
+                "announce_acks": self.announce_acks,
                 "commands": self.commands, "errors": self.errors, "last_error": self.last_error}
 
 

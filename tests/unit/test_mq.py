@@ -86,6 +86,7 @@ def test_vq_pairs_set_valid_enables_pairs_and_tells_the_owner() -> None:
     assert not r.device.rx_wanted(1)
     assert r.pairs_set(2) == ctrl.OK
     assert r.device.control.pairs == 2 and r.told == [2]
+    assert r.device.stats()["ctrl"]["pairs_set"] == 2  # type: ignore[index]
     assert r.device.rx_wanted(1) and not r.device.rx_wanted(2)
     assert r.pairs_set(4) == ctrl.OK and r.told == [2, 4]
 
@@ -148,6 +149,7 @@ def test_reset_goes_back_to_one_pair() -> None:
     assert r.pairs_set(4) == ctrl.OK
     r.driver.reset()
     assert r.device.control.pairs == 1 and r.told == [4, 1]
+    assert r.device.control.pairs_set == 4  # what the driver ran with, for the stats
     r.driver.init()
     assert not r.device.rx_wanted(3)
 
