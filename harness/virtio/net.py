@@ -200,7 +200,10 @@ class VirtioNetDevice(VirtioPciDevice):
             log.warning("misbehave tx-stall: TX is no longer consumed")
         return mb.tx_stalled
 
-    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, used: int, got: int) -> None:
+    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, views: list[memoryview],
+                             used: int, got: int) -> None:
+        """One rx-header case on the frame just received into ``views`` (the pool's buffers,
+        ``first``'s first: every chain holds a whole vnet header, so header offsets stay in it)."""
         s = mb.due("rx-header", "rx0")
         if s is None:
             return
@@ -208,26 +211,23 @@ class VirtioNetDevice(VirtioPciDevice):
         if case == "data-valid-bad-csum":
             end = min(got, first.write_len) - 1  # inside the frame and the first chain
             if got >= 128:
-                _write_header(first, 0, b"\x02")  # DATA_VALID
-                for h in first.writable:  # flip the frame's byte at ``end``
-                    if end < len(h.view):
-                        h.view[end] ^= 0xFF
-                        break
-                    end -= len(h.view)
+                rxhdr.write_at(views, 0, b"\x02")  # DATA_VALID
+                # flip the frame's byte at ``end``
+                rxhdr.write_at(views, end, bytes([rxhdr.read_at(views, end, 1)[0] ^ 0xFF]))
         elif case == "rx-header-reserved-flags":
-            _write_header(first, 0, b"\xf8")
+            rxhdr.write_at(views, 0, b"\xf8")
         elif case == "num-buffers-zero":
-            _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
+            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
         elif case == "num-buffers-too-large":
-            _write_header(first, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
+            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used))
         elif case == "gso-size-zero":  # gso_type TCPV4, gso_size (bytes 4..5) 0
-            _write_header(first, 1, b"\x01")
-            _write_header(first, 4, b"\0\0")
+            rxhdr.write_at(views, 1, b"\x01")
+            rxhdr.write_at(views, 4, b"\0\0")
         elif case == "csum-start-beyond-frame":  # NEEDS_CSUM, csum_start, csum_offset
-            _write_header(first, 0, b"\x01")
-            _write_header(first, 6, struct.pack("<HH", 0xFFF0, 16))
+            rxhdr.write_at(views, 0, b"\x01")
+            rxhdr.write_at(views, 6, struct.pack("<HH", 0xFFF0, 16))
         else:  # bad-gso-type
-            _write_header(first, 1, b"\x7f")
+            rxhdr.write_at(views, 1, b"\x7f")
 
     def _misbehave_device(self, mb: Misbehave) -> None:
         s = mb.due("device", None)
@@ -472,9 +472,11 @@ class VirtioNetDevice(VirtioPciDevice):
                         break
                     left -= c.write_len
                     used += 1
-                _set_num_buffers(pool[0], used)
+                # num_buffers into the first chain's header (plain byte writes are fine: the
+                # guest cannot look before used.idx is published).
+                rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used))
                 if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool[0], used, got)
+                    self._misbehave_rx_header(self.misbehave, pool[0], views, used, got)
                 left = got
                 for c in pool[:used]:
                     n = min(left, c.write_len)
@@ -627,27 +629,3 @@ class VirtioNetDevice(VirtioPciDevice):
         if not q.enabled:
             raise LookupError(f"queue {index} ({q.name}) is not enabled")
         return q.dump(may_map=self.bus_master())
-
-
-def _set_num_buffers(chain: Chain, n: int) -> None:
-    """Write num_buffers (header bytes 10..11) into the first chain's buffers, wherever they are.
-
-    Plain byte writes are fine here: the guest cannot look before used.idx is published.
-    """
-    _write_header(chain, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(n))
-
-
-def _write_header(chain: Chain, off: int, data: bytes) -> None:
-    """Write ``data`` at vnet header offset ``off`` into the chain's mapped buffers."""
-    for h in chain.writable:
-        view = h.view
-        if off < len(view):
-            take = min(len(data), len(view) - off)
-            view[off : off + take] = data[:take]
-            data = data[take:]
-            if not data:
-                return
-            off = 0
-        else:
-            off -= len(view)
-
