@@ -125,7 +125,11 @@ class Misbehave:
     fired: dict[str, int] = field(default_factory=dict)
     tx_stalled: bool = False
     _spent: set[int] = field(default_factory=set)  # indexes of specs that fired once
-    _held: dict[str, tuple[int, int]] = field(default_factory=dict)  # used-out-of-order
+    #: used-out-of-order: the held-back frame's used elements per queue, the queues whose held
+    #: frame is still being collected, and the queues in the middle of a (merged) frame.
+    _held: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    _holding: set[str] = field(default_factory=set)
+    _mid: set[str] = field(default_factory=set)
     _reset_reads: int = 0  # reset-never-completes: stuck reads left
     _stuck_status: int = 0
     _forbidden: bool = False  # forbidden-feature-combo fired: keep offering the combination
@@ -143,12 +147,14 @@ class Misbehave:
             return sum(self.completions.values())
         return self.completions.get(queue, 0)
 
-    def due(self, point: str, queue: str | None, only: str | None = None) -> Misbehaviour | None:
+    def due(self, point: str, queue: str | None, only: str | None = None,
+            skip: tuple[str, ...] = ()) -> Misbehaviour | None:
         """The first spec acting at ``point`` on ``queue`` (None: any) that is due now (and is
-        case ``only``, if given); it is recorded as fired."""
+        case ``only``, if given, and none of ``skip``); it is recorded as fired."""
         for i, s in enumerate(self.specs):
             case = CASES[s.case]
-            if case.point != point or i in self._spent or only not in (None, s.case):
+            if case.point != point or i in self._spent or only not in (None, s.case) or (
+                    s.case in skip):
                 continue
             if queue is not None and queue not in case.queues:
                 continue
@@ -165,22 +171,37 @@ class Misbehave:
         return None
 
     def on_push(self, queue: str, head: int, length: int, write_len: int, read_len: int,
-                size: int) -> list[tuple[int, int]]:
+                size: int, more: bool = False) -> list[tuple[int, int]]:
         """A completion on ``queue``: the used elements (id, len) to write for it, in order
-        (none: held back or dropped; two: a duplicate or a held-back one released); then
-        counted (so ``after=N`` leaves the first N completions alone)."""
-        s = self.due("used", queue)
+        (none: held back or dropped; more: a duplicate or a held-back frame released); then
+        counted (so ``after=N`` leaves the first N completions alone). ``more``: the next
+        completion is the same frame's (MRG_RXBUF): a frame is held back and released whole,
+        so a reordering never splits one (5.1.6.4: its buffers are used together)."""
+        starting = queue not in self._mid
+        if more:
+            self._mid.add(queue)
+        else:
+            self._mid.discard(queue)
+        if queue in self._holding:  # the rest of the frame being held back joins it
+            self._held[queue].append((head, length))
+            if not more:
+                self._holding.discard(queue)
+            self.completions[queue] = self.completions.get(queue, 0) + 1
+            return []
+        reorder_ok = starting and queue not in self._held
+        s = self.due("used", queue, skip=() if reorder_ok else ("used-out-of-order",))
         self.completions[queue] = self.completions.get(queue, 0) + 1
         if self.fired_at is not None and queue not in self._resumed:
             now = time.monotonic()
             if now - self.fired_at >= RESUME_GAP:
                 self._resumed[queue] = now
-        held = self._held.pop(queue, None)
-        out = self._push(s, head, length, write_len, read_len, size, queue)
-        return out if held is None else [*out, held]  # the held one after its successor
+        # The held frame goes after the whole of its successor frame.
+        held = None if more else self._held.pop(queue, None)
+        out = self._push(s, head, length, write_len, read_len, size, queue, more)
+        return out if held is None else [*out, *held]
 
     def _push(self, s: Misbehaviour | None, head: int, length: int, write_len: int,
-              read_len: int, size: int, queue: str) -> list[tuple[int, int]]:
+              read_len: int, size: int, queue: str, more: bool) -> list[tuple[int, int]]:
         if s is None:
             return [(head, length)]
         case = s.case
@@ -197,7 +218,9 @@ class Misbehave:
         if case == "tx-completion-wrong-id":
             return [((head ^ 1) & (size - 1), length)]
         if case == "used-out-of-order":
-            self._held[queue] = (head, length)
+            self._held[queue] = [(head, length)]
+            if more:
+                self._holding.add(queue)
             return []
         if case == "used-never-returned":
             return []
@@ -223,7 +246,10 @@ class Misbehave:
             self._disabled_at = time.monotonic()
         if value == 0:
             self._reset_reads = 0
-            self._held.clear()  # a held-back element belongs to the rings the reset dropped
+            # a held-back frame belongs to the rings the reset dropped
+            self._held.clear()
+            self._holding.clear()
+            self._mid.clear()
             s = self.due("status", None, only="reset-never-completes")
             if s is not None:
                 self._reset_reads = STUCK_RESET_READS

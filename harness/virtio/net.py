@@ -219,7 +219,7 @@ class VirtioNetDevice(VirtioPciDevice):
         elif case == "num-buffers-zero":
             rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
         elif case == "num-buffers-too-large":
-            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used))
+            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
         elif case == "gso-size-zero":  # gso_type TCPV4, gso_size (bytes 4..5) 0
             rxhdr.write_at(views, 1, b"\x01")
             rxhdr.write_at(views, 4, b"\0\0")
@@ -478,9 +478,9 @@ class VirtioNetDevice(VirtioPciDevice):
                 if self.misbehave is not None:
                     self._misbehave_rx_header(self.misbehave, pool[0], views, used, got)
                 left = got
-                for c in pool[:used]:
+                for i, c in enumerate(pool[:used]):
                     n = min(left, c.write_len)
-                    q.push(c, n)
+                    q.push(c, n, more=i + 1 < used)  # ``more``: the frame goes on (MRG_RXBUF)
                     left -= n
                 del pool[:used]
                 st.packets += 1

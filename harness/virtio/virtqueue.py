@@ -473,8 +473,11 @@ class SplitVirtqueue:
         self._unmap(chain)
         self._outstanding -= 1
 
-    def push(self, chain: Chain, length: int) -> None:
-        """Complete ``chain`` with ``length`` bytes written; visible to the guest on flush()."""
+    def push(self, chain: Chain, length: int, more: bool = False) -> None:
+        """Complete ``chain`` with ``length`` bytes written; visible to the guest on flush().
+
+        ``more``: the next push belongs to the same frame (a merged RX frame's buffers are used
+        together, 5.1.6.4); only misbehaviours that reorder completions need to know."""
         self._unmap(chain)
         self._outstanding -= 1
         used32 = self._used32
@@ -483,7 +486,7 @@ class SplitVirtqueue:
         head = chain.head
         if self.misbehave is not None:  # its elements, written inside the used ring only
             for uid, ulen in self.misbehave.on_push(self.name, head, length, chain.write_len,
-                                                    chain.read_len, self.size):
+                                                    chain.read_len, self.size, more):
                 slot = self._used_idx & (self.size - 1)
                 used32[1 + 2 * slot] = uid
                 used32[2 + 2 * slot] = ulen

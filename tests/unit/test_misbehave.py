@@ -323,6 +323,23 @@ def test_used_out_of_order() -> None:
     clean(ledger)
 
 
+def test_used_out_of_order_keeps_a_merged_frame_together() -> None:
+    """With MRG_RXBUF a frame spans several buffers, used together (5.1.6.4): the held-back
+    frame is released whole after the whole next frame, never split. Fired on the second
+    buffer of a frame, the case waits for the next frame's start."""
+    r, ledger = rig("used-out-of-order:queue=rx0:after=1")
+    for _ in range(14):  # a whole 1514-byte frame left each time, as the device wants to read
+        r.rx.add(in_=[200])
+    r.rx.kick()
+    r.device.process()
+    for payload in (300, 300, 100):  # 2 + 2 + 1 buffers of 200 bytes
+        r.backend.rx.append(HDR + bytes(payload))
+    r.device.on_backend_readable()
+    heads = [h for h, _n in r.rx.get_used()]
+    assert heads == [0, 1, 4, 2, 3], heads  # frame 2 (heads 2, 3) held until frame 3 ended
+    clean(ledger)
+
+
 def test_used_never_returned() -> None:
     r, ledger = rig("used-never-returned:queue=tx0")
     tx_one(r)
