@@ -152,7 +152,8 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "2.7.8 / 5.1.6 without VIRTIO_F_IN_ORDER: out of order is legal; with IN_ORDER "
          "(2.7.10, not offered here) it would break 'used in the order made available'",
          "driver assuming in-order completion (the IN_ORDER class; batched TX reclaim)",
-         "one completion is held back and written after the next one (swapped pair)"),
+         "one completion (with MRG_RXBUF a whole RX frame, never split: 5.1.6.4) is held back "
+         "and written after the next one (swapped pair)"),
     Case("used-never-returned", "used", ("rx0", "tx0"),
          "2.7.13 / 2.9: buffers made available are eventually used (liveness, no MUST); "
          "here one chain is unmapped and never appears in the used ring",
