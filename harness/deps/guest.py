@@ -88,7 +88,7 @@ def check_modules(mods: dict[str, bytes], builtin: set[str], kver: str) -> None:
         raise DepsError(f"kernel {kver} does not build in {', '.join(missing)}")
 
 
-def _members(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
+def deb_members(deb: Path, wanted: dict[str, str]) -> dict[str, bytes]:
     """Read selected members (path suffix -> key) from a .deb's data tarball, nothing else."""
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -206,14 +206,14 @@ def ensure(ctx: Context) -> tuple[StepResult, Guest]:
 
     log(f"extracting kernel {kver}, {', '.join(MODULES)} and busybox")
     kdir = f"/lib/modules/{kver}/"
-    base = _members(
+    base = deb_members(
         deb("linux-base-"), {kdir + "modules.builtin": "builtin", kdir + "config": "config"}
     )
-    binary = _members(deb("linux-binary-"), {kdir + "vmlinuz": "vmlinuz"})
-    mods_xz = _members(deb("linux-modules-"), {f"/{m}.ko.xz": m for m in MODULES})
+    binary = deb_members(deb("linux-binary-"), {kdir + "vmlinuz": "vmlinuz"})
+    mods_xz = deb_members(deb("linux-modules-"), {f"/{m}.ko.xz": m for m in MODULES})
     bb_deb = find_deb(debs, bb_pin)
     assert bb_deb is not None
-    bb = _members(bb_deb, {"./bin/busybox": "busybox"})
+    bb = deb_members(bb_deb, {"./bin/busybox": "busybox"})
     mods = {m: lzma.decompress(x) for m, x in mods_xz.items()}
     builtin = {
         Path(line.strip()).name.removesuffix(".ko")

@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from harness import paths
-from harness.deps.guest import _members, modinfo
+from harness.deps.guest import deb_members, modinfo
 
 #: Dependencies first (modinfo: vfio-pci-core depends on vfio and irqbypass; vfio-pci on both).
 ORDER = ("irqbypass", "vfio", "vfio_iommu_type1", "vfio-pci-core", "vfio-pci")
@@ -54,7 +54,7 @@ def ensure(kver: str | None = None) -> Path:
         return root
     wanted = {f"/{m}.ko.xz": m for m in ORDER}
     try:
-        mods = {m: lzma.decompress(x) for m, x in _members(_deb(kver), wanted).items()}
+        mods = {m: lzma.decompress(x) for m, x in deb_members(_deb(kver), wanted).items()}
     except Exception as exc:  # DepsError, LZMAError: one message for the caller
         raise VfioModulesError(f"vfio modules of {kver}: {exc}") from None
     _check(mods, kver)
