@@ -300,6 +300,16 @@ class MockDriver:
             self.queues.append(q)
         return q
 
+    def reset_queue(self, index: int) -> int:
+        """Linux's vp_modern_set_queue_reset: select, write 1 to queue_reset, poll it (and
+        queue_enable) until 0; the value read last. Re-enable with ``setup_queue``."""
+        self.write(C.COMMON_Q_SELECT, 2, index)
+        self.write(C.COMMON_Q_RESET, 2, 1)
+        for _ in range(100):
+            if not self.read(C.COMMON_Q_RESET, 2) and not self.read(C.COMMON_Q_ENABLE, 2):
+                return 0
+        return 1
+
     def init(self, features: int | None = None, *, queue_size: int | None = None) -> int:
         """The whole probe: negotiate, config vector 0, every queue, DRIVER_OK."""
         if not self.negotiate(features):

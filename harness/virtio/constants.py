@@ -18,6 +18,7 @@ F_EVENT_IDX = 29
 F_VERSION_1 = 32
 F_ACCESS_PLATFORM = 33
 F_RING_PACKED = 34
+F_RING_RESET = 40  # per-queue reset through queue_reset (2.6.1, 4.1.4.3)
 
 # virtio-net feature bits (spec 5.1.3).
 NET_F_CSUM = 0
@@ -35,10 +36,12 @@ NET_F_STATUS = 16
 NET_F_CTRL_VQ = 17
 NET_F_CTRL_RX = 18
 NET_F_CTRL_RX_EXTRA = 20
+NET_F_GUEST_ANNOUNCE = 21
 NET_F_MQ = 22
 NET_F_CTRL_MAC_ADDR = 23
 
 NET_S_LINK_UP = 1
+NET_S_ANNOUNCE = 2
 NET_HDR_SIZE = 12  # struct virtio_net_hdr_v1 (num_buffers included with VERSION_1)
 NET_HDR_NUM_BUFFERS_OFFSET = 10
 

@@ -9,9 +9,11 @@ against the bytes actually given before anything is read, table sizes are bounde
 command the driver did not negotiate is refused with ERR (never an exception).
 
 ``serve_queue`` runs the control virtqueue: each chain is the command (device-readable) and
-room for the ack (device-writable); the device offers CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA and
-CTRL_MAC_ADDR (and MQ, with ``mq=N``) only when the run switches them on
-(harness.virtio.features); GUEST_ANNOUNCE is decoded here but not offered yet.
+room for the ack (device-writable); the device offers CTRL_VQ, CTRL_RX, CTRL_RX_EXTRA,
+CTRL_MAC_ADDR and GUEST_ANNOUNCE (and MQ, with ``mq=N``) only when the run switches them on
+(harness.virtio.features). An announcement (5.1.6.5.4) is the device's to request
+(``announce_pending``, VIRTIO_NET_S_ANNOUNCE in the config status) and the driver's ANNOUNCE_ACK
+clears it; an ack with nothing pending is an ERR, as in QEMU.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class ControlState:
     #: what the driver ran with, still readable in the stats taken after the final reset.
     pairs_set: int = 0
     announce_acks: int = 0
+    #: VIRTIO_NET_S_ANNOUNCE: an announcement requested and not yet acknowledged.
+    announce_pending: bool = False
+    #: Announcements requested (the device's side; a counter like announce_acks).
+    announces: int = 0
     #: Commands answered, commands refused (ERR) and why, last one: for the stats.
     commands: int = 0
     errors: int = 0
@@ -92,6 +98,7 @@ class ControlState:
         self.uni, self.multi = [], []
         self.uni_overflow = self.multi_overflow = False
         self.pairs = 1
+        self.announce_pending = False  # the bit is config state: gone with the reset
 
     def handle(self, command: bytes, negotiated: int) -> int:
         """Apply one command (class, command, data); OK or ERR."""
@@ -116,6 +123,11 @@ class ControlState:
             self._mac(cmd, data, feats)
         elif cls == CLASS_ANNOUNCE and cmd == ANNOUNCE_ACK:
             _need(feats, NET_F_GUEST_ANNOUNCE, "GUEST_ANNOUNCE")
+            if data:
+                raise _Refused(f"ANNOUNCE_ACK with {len(data)} bytes of data")
+            if not self.announce_pending:
+                raise _Refused("ANNOUNCE_ACK with no announcement pending")
+            self.announce_pending = False  # 5.1.6.5.4: the ack clears VIRTIO_NET_S_ANNOUNCE
             self.announce_acks += 1
         elif cls == CLASS_MQ and cmd == MQ_VQ_PAIRS_SET:
             _need(feats, NET_F_MQ, "MQ")
@@ -189,7 +201,8 @@ class ControlState:
                 "uni": [m.hex(":") for m in self.uni], "multi": [m.hex(":") for m in self.multi],
                 "uni_overflow": self.uni_overflow, "multi_overflow": self.multi_overflow,
                 "pairs": self.pairs, "pairs_set": self.pairs_set,
-                "announce_acks": self.announce_acks,
+                "announce_acks": self.announce_acks, "announces": self.announces,
+                "announce_pending": self.announce_pending,
                 "commands": self.commands, "errors": self.errors, "last_error": self.last_error}
 
 

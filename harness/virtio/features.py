@@ -6,7 +6,10 @@ switch in order; the result is checked against the feature dependencies of virti
 5.1.3.1 (a device must not offer HOST_TSO4 without CSUM, GUEST_TSO4 without GUEST_CSUM, ...).
 ``mq=N`` (N in 1..4) offers VIRTIO_NET_F_MQ with N queue pairs; MQ needs CTRL_VQ (5.1.3.1), so
 ``mq=N`` switches ctrl_vq on, and ``ctrl_vq=off`` given with it is an error; ``mq=off`` (the
-default) is one queue pair without MQ. Every problem is a ``ValueError`` whose message is one
+default) is one queue pair without MQ. ``guest_announce`` (VIRTIO_NET_F_GUEST_ANNOUNCE, needs
+CTRL_VQ) follows ctrl_vq unless said: switching ctrl_vq on (or mq=N) switches it on too,
+``guest_announce=off`` keeps it off. ``ring_reset`` (VIRTIO_F_RING_RESET, per-queue reset) is off
+by default. Every problem is a ``ValueError`` whose message is one
 line naming the switch, so the CLIs can print it as it is.
 """
 
@@ -33,6 +36,8 @@ SWITCHES: dict[str, int] = {
     "ctrl_rx": C.NET_F_CTRL_RX,
     "ctrl_rx_extra": C.NET_F_CTRL_RX_EXTRA,
     "ctrl_mac_addr": C.NET_F_CTRL_MAC_ADDR,
+    "guest_announce": C.NET_F_GUEST_ANNOUNCE,
+    "ring_reset": C.F_RING_RESET,
 }
 #: The switches ``--offloads`` (and TestbedConfig.offloads) turn on or off together.
 OFFLOAD_SWITCHES = ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6")
@@ -45,6 +50,7 @@ REQUIRES = {
     "ctrl_rx": "ctrl_vq",
     "ctrl_rx_extra": "ctrl_rx",
     "ctrl_mac_addr": "ctrl_vq",
+    "guest_announce": "ctrl_vq",
 }
 
 _ON = {"on", "true", "yes", "1"}
@@ -55,8 +61,11 @@ MTU_MIN, MTU_MAX = 68, 65535
 #: Queue pairs ``mq=N`` may offer (the device keeps one TAP fd per pair).
 MQ_MAX = 4
 
-#: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults).
-DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr"})
+#: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults),
+#: announcements (they follow ctrl_vq: see parse) and per-queue reset (checked with Linux's
+#: ethtool -G path by tests/vm/test_ring_reset.py only, not across the suite and kernels).
+DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr",
+                         "guest_announce", "ring_reset"})
 DEFAULT_ON = frozenset(SWITCHES) - DEFAULT_OFF
 
 
@@ -100,8 +109,10 @@ class NetFeatures:
         if not any(n in self.on for n in OFFLOAD_SWITCHES):  # the six as one switch
             words.append("offloads=off")
             names = [n for n in names if n not in OFFLOAD_SWITCHES]
+        # guest_announce's default is ctrl_vq's state (parse switches it along).
+        follows = {"guest_announce": "ctrl_vq" in self.on}
         words += [f"{n}={'on' if n in self.on else 'off'}" for n in names
-                  if (n in self.on) != (n in DEFAULT_ON)]
+                  if (n in self.on) != follows.get(n, n in DEFAULT_ON)]
         if self.mtu is not None:
             words.append(f"mtu={self.mtu}")
         if self.mq is not None:
@@ -119,6 +130,7 @@ def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
     mtu = base.mtu
     mq = base.mq
     ctrl_vq_off = False  # ctrl_vq=off said in this text: mq=N must not switch it back on
+    announce_said = False  # guest_announce said in this text: it no longer follows ctrl_vq
     for word in (w.strip() for w in text.split(",")):
         if not word:
             continue
@@ -151,6 +163,7 @@ def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
         else:
             raise ValueError(f"unknown feature {name!r} (known: {', '.join(SWITCHES)}, "
                              "offloads, mtu, mq)")
+        announce_said = announce_said or "guest_announce" in names
         if value in _ON:
             on.update(names)
             ctrl_vq_off = ctrl_vq_off and "ctrl_vq" not in names
@@ -163,6 +176,11 @@ def parse(text: str, *, base: NetFeatures = DEFAULTS) -> NetFeatures:
         if ctrl_vq_off:
             raise ValueError(f"mq={mq} needs ctrl_vq=on (virtio 1.3 5.1.3.1)")
         on.add("ctrl_vq")
+    if not announce_said:  # follows ctrl_vq when it changed here (mq=N included)
+        if "ctrl_vq" not in on:
+            on.discard("guest_announce")
+        elif "ctrl_vq" not in base.on:
+            on.add("guest_announce")
     result = NetFeatures(frozenset(on), mtu, mq)
     check(result)
     return result

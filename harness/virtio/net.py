@@ -73,6 +73,9 @@ SUPPORTED_FEATURES = (DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES |
 #: Multiqueue: accepted on top of SUPPORTED_FEATURES (with ``max_pairs``), kept apart so the
 #: default device's offer and its conformance checks stay exactly as they were.
 MQ_FEATURES = 1 << C.NET_F_MQ
+#: Per-queue reset and guest announcements: accepted on top too, offered only when switched on
+#: (harness.virtio.features ring_reset, guest_announce), for the same reason.
+RESET_ANNOUNCE_FEATURES = (1 << C.F_RING_RESET) | (1 << C.NET_F_GUEST_ANNOUNCE)
 
 _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
 # Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
@@ -122,8 +125,9 @@ class VirtioNetDevice(VirtioPciDevice):
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         feats = DEFAULT_FEATURES if features is None else features
-        if feats & ~(SUPPORTED_FEATURES | MQ_FEATURES):
-            raise ValueError(f"unsupported features {feats & ~SUPPORTED_FEATURES:#x}")
+        accepted = SUPPORTED_FEATURES | MQ_FEATURES | RESET_ANNOUNCE_FEATURES
+        if feats & ~accepted:
+            raise ValueError(f"unsupported features {feats & ~accepted:#x}")
         check_bits(feats)
         if (mtu is not None) != bool(feats >> C.NET_F_MTU & 1):
             raise ValueError("an mtu goes with VIRTIO_NET_F_MTU and only with it")
@@ -267,6 +271,8 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def _device_config(self) -> bytes:
         status = C.NET_S_LINK_UP if self.link_up else 0
+        if self.control.announce_pending:
+            status |= C.NET_S_ANNOUNCE
         config = self.mac + _U16.pack(status)
         if self.mtu is not None or self.device_features >> C.NET_F_MQ & 1:
             config += _U16.pack(self.max_pairs)  # max_virtqueue_pairs
@@ -298,6 +304,36 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_filter = False
         if self.on_offloads is not None:
             self.on_offloads(0)
+
+    def _on_queue_reset(self, q: SplitVirtqueue) -> None:
+        # An RX queue reset forgets its starvation: the re-enabled ring's first kick (or the
+        # next readable event) starts it again. A TX queue has nothing of its own to forget:
+        # every chain it took was completed inside process(), before this write could arrive.
+        if q.index < self._ctrl_index and q.index % 2 == 0:
+            self._rx_starved[q.index // 2] = False
+
+    def announce(self) -> int:
+        """Ask the driver to announce itself (VIRTIO_NET_S_ANNOUNCE, 5.1.6.5.4).
+
+        Sets the status bit and raises the config interrupt; the driver sends its gratuitous
+        packets and acks with VIRTIO_NET_CTRL_ANNOUNCE_ACK, which clears the bit. ValueError
+        (one line) when the driver has not negotiated GUEST_ANNOUNCE or is not running;
+        otherwise the number of announcements requested so far.
+        """
+        if not self.device_features >> C.NET_F_GUEST_ANNOUNCE & 1:
+            raise ValueError("the device does not offer VIRTIO_NET_F_GUEST_ANNOUNCE "
+                             "(--features guest_announce=on, with ctrl_vq=on)")
+        if not self.driver_ok or not self.has_feature(C.NET_F_GUEST_ANNOUNCE):
+            raise ValueError("the driver has not negotiated VIRTIO_NET_F_GUEST_ANNOUNCE "
+                             "(or is not running)")
+        if not self.has_feature(C.NET_F_STATUS):
+            raise ValueError("the driver has not negotiated VIRTIO_NET_F_STATUS: it cannot see "
+                             "the announce bit")
+        self.control.announce_pending = True
+        self.control.announces += 1
+        log.info("announce requested")
+        self.config_changed()
+        return self.control.announces
 
     def set_link(self, up: bool) -> bool:
         """Set the link state; True when it changed.
@@ -597,6 +633,7 @@ class VirtioNetDevice(VirtioPciDevice):
             "device_errors": self.device_errors,
             "bad_accesses": self.bad_accesses,
             "resets": self.resets,
+            "queue_resets": self.queue_resets,
             "status": self.status,
             "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
             "features": self.negotiated,

@@ -89,6 +89,7 @@ class VirtioPciDevice:
         ]  # fmt: skip
         self.bad_accesses = 0
         self.resets = 0
+        self.queue_resets = 0  # per-queue resets through queue_reset (VIRTIO_F_RING_RESET)
         #: Called at the end of every reset (the server checks the ledger for leaks there).
         self.after_reset: Callable[[], None] = lambda: None
         self.device_errors = 0
@@ -157,6 +158,9 @@ class VirtioPciDevice:
         pass
 
     def _on_reset(self) -> None:
+        pass
+
+    def _on_queue_reset(self, q: SplitVirtqueue) -> None:
         pass
 
     # ---- interrupts and errors ---------------------------------------------------------------
@@ -296,7 +300,10 @@ class VirtioPciDevice:
             return q.used_addr & _MASK32
         if off == C.COMMON_Q_USEDHI:
             return q.used_addr >> 32
-        return 0  # queue_notify_data, queue_reset, admin queue: features we do not offer
+        # queue_reset reads 1 only while a reset is under way (4.1.4.3.1); ours completes
+        # inside the write, so it always reads 0 and the driver's poll loop ends at once.
+        # queue_notify_data, admin queue: features we do not offer.
+        return 0
 
     def _vector_ok(self, v: int) -> int:
         # An unusable vector reads back as NO_VECTOR, which is how the driver learns of it.
@@ -315,6 +322,8 @@ class VirtioPciDevice:
             self._write_status(v)
         elif off == C.COMMON_Q_SELECT:
             self.queue_select = v
+        elif off == C.COMMON_Q_RESET:
+            self._queue_reset(v)
         elif C.COMMON_Q_SIZE <= off <= C.COMMON_Q_USEDHI and off != C.COMMON_Q_NOFF:
             self._queue_write(off, v)
         else:
@@ -360,6 +369,32 @@ class VirtioPciDevice:
             # Buffers posted and kicked before DRIVER_OK have to be looked at now.
             self._pending = (1 << self.num_queues) - 1
             self._on_driver_ok()
+
+    def _queue_reset(self, v: int) -> None:
+        """queue_reset write (VIRTIO_F_RING_RESET, 2.6.1): 1 resets the selected queue alone.
+
+        Everything the queue holds is unmapped and forgotten (addresses, indices, vector, size
+        back to the maximum, not enabled), its pending kick dropped; the other queues and the
+        device status are untouched. The driver may then reprogram and re-enable it. Anything
+        else (feature not negotiated, no such queue, a queue not enabled, a value other than
+        1) is ignored and counted like every bad register access.
+        """
+        q = self._selected()
+        if not self.has_feature(C.F_RING_RESET):
+            self._bad("queue_reset write without VIRTIO_F_RING_RESET", C.COMMON_Q_RESET, 2)
+        elif q is None:
+            self._bad(f"queue_reset of absent queue {self.queue_select}", C.COMMON_Q_RESET, 2)
+        elif v != 1:
+            self._bad(f"queue_reset={v} (only 1 resets)", C.COMMON_Q_RESET, 2)
+        elif not q.enabled:
+            self._bad(f"queue_reset of queue {q.index}, which is not enabled",
+                      C.COMMON_Q_RESET, 2)
+        else:
+            log.info("queue %d (%s) reset by the driver", q.index, q.name)
+            self.queue_resets += 1
+            q.reset()
+            self._pending &= ~(1 << q.index)
+            self._on_queue_reset(q)
 
     def _queue_write(self, off: int, v: int) -> None:
         q = self._selected()

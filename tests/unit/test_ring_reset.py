@@ -1,0 +1,186 @@
+"""VIRTIO_F_RING_RESET: queue_reset resets one queue alone (virtio 1.3 2.6.1, 4.1.4.3).
+
+The device is driven through BAR0 only, with the steps of Linux's vp_modern_set_queue_reset
+and vp_modern_enable_vq_after_reset (MockDriver.reset_queue, then setup_queue), over a DMA
+ledger so that "unmaps everything it holds" is checked by the ledger's live count.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import pytest
+
+from harness.dma import DmaLedger
+from harness.dma.factory import build_mapops
+from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory
+from harness.virtio import constants as C
+from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
+
+RESET = DEFAULT_FEATURES | (1 << C.F_RING_RESET)
+RX, TX = 0, 1
+
+
+@dataclass
+class Rig:
+    device: VirtioNetDevice
+    driver: MockDriver
+    backend: FakeBackend
+    ledger: DmaLedger
+
+    def read_q(self, index: int, off: int, width: int = 2) -> int:
+        self.driver.write(C.COMMON_Q_SELECT, 2, index)
+        return self.driver.read(off, width)
+
+
+def rig(features: int = RESET, driver_features: int | None = None) -> Rig:
+    mem = MockMemory()
+    ops, ledger = build_mapops("direct", mem.memory, bus_master=lambda: True)
+    assert ledger is not None
+    backend = FakeBackend()
+    dev = VirtioNetDevice(ops, FakeIrq(), backend, mac=bytes(6), queue_size=256,
+                          features=features, bus_master=lambda: True)
+    driver = MockDriver(dev, mem)
+    driver.init(driver_features)
+    return Rig(dev, driver, backend, ledger)
+
+
+def hdr() -> bytes:
+    return struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 0)
+
+
+def violations(r: Rig) -> int:
+    total = r.ledger.stats()["violations_total"]
+    assert isinstance(total, int)
+    return total
+
+
+def test_ring_reset_is_offered_only_when_switched_on() -> None:
+    assert rig().driver.device_features() >> C.F_RING_RESET & 1
+    assert not rig(DEFAULT_FEATURES).driver.device_features() >> C.F_RING_RESET & 1
+
+
+def test_tx_reset_mid_traffic_unmaps_forgets_and_leaves_rx_alone() -> None:
+    r = rig()
+    d, dev = r.driver, r.device
+    tx = d.queues[TX]
+    tx.add([hdr() + b"sent"])
+    tx.kick()
+    dev.process()
+    assert r.backend.tx == [hdr() + b"sent"]
+    for i in range(3):  # made available and kicked, not yet taken by the device
+        tx.add([hdr() + b"pending%d" % i])
+    tx.kick()
+    live, resets = r.ledger.live, dev.resets
+
+    assert d.reset_queue(TX) == 0  # Linux polls queue_reset and queue_enable until 0
+    assert r.ledger.live == live - 3  # the TX rings' three mappings are gone
+    assert (r.read_q(TX, C.COMMON_Q_SIZE), r.read_q(TX, C.COMMON_Q_MSIX)) == (256, C.NO_VECTOR)
+    for off in (C.COMMON_Q_DESCLO, C.COMMON_Q_AVAILLO, C.COMMON_Q_USEDLO):
+        assert r.read_q(TX, off, 4) == 0
+    dev.process()  # the kick from before the reset: nothing of that ring is executed
+    assert r.backend.tx == [hdr() + b"sent"]
+    assert dev.queue_resets == 1 and dev.bad_accesses == 0 and dev.resets == resets
+    assert dev.status & C.STATUS_DRIVER_OK and not dev.status & C.STATUS_NEEDS_RESET
+
+    # RX was not touched: still enabled, still mapped, still receiving.
+    assert r.read_q(RX, C.COMMON_Q_ENABLE) == 1
+    d.queues[RX].add(in_=[2048])
+    d.queues[RX].kick()
+    dev.process()
+    r.backend.rx.append(hdr() + b"in")
+    dev.on_backend_readable()
+    assert [n for _, n in d.queues[RX].get_used()] == [len(hdr()) + 2]
+
+    # Re-enabled with a smaller ring (ethtool -G): indices start from 0, traffic flows.
+    tx2 = d.setup_queue(TX, 128, vector=TX + 1)
+    assert r.read_q(TX, C.COMMON_Q_ENABLE) == 1 and r.read_q(TX, C.COMMON_Q_RESET) == 0
+    tx2.add([hdr() + b"after"])
+    tx2.kick()
+    dev.process()
+    assert r.backend.tx[-1] == hdr() + b"after" and tx2.get_used() == [(0, 0)]
+    assert dev.queues[TX].size == 128
+    d.reset()
+    assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
+
+
+def test_rx_reset_drops_its_buffers_and_frames_wait_for_the_new_ring() -> None:
+    r = rig()
+    d, dev = r.driver, r.device
+    rx = d.queues[RX]
+    for _ in range(8):
+        rx.add(in_=[2048])
+    rx.kick()
+    dev.process()
+    r.backend.rx.append(hdr() + b"one")
+    dev.on_backend_readable()
+    assert len(rx.get_used()) == 1
+    live = r.ledger.live
+
+    assert d.reset_queue(RX) == 0
+    assert r.ledger.live == live - 3 and dev.queues[RX].outstanding == 0
+    r.backend.rx.append(hdr() + b"two")
+    assert not dev.rx_wanted()  # no ring: the frame stays in the backend
+    dev.on_backend_readable()
+    assert len(r.backend.rx) == 1
+
+    rx2 = d.setup_queue(RX, 128, vector=RX + 1)
+    rx2.add(in_=[2048])
+    rx2.kick()
+    dev.process()
+    assert dev.rx_wanted()
+    dev.on_backend_readable()
+    ((head, n),) = rx2.get_used()
+    assert rx2.written(head, n)[len(hdr()):] == b"two"
+    d.reset()
+    assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
+
+
+def test_a_reset_queue_is_not_executed_even_if_the_driver_kicks_it() -> None:
+    r = rig()
+    d, dev = r.driver, r.device
+    tx = d.queues[TX]
+    assert d.reset_queue(TX) == 0
+    tx.add([hdr() + b"stale ring"])  # the driver writes into the old ring and kicks anyway
+    tx.kick()
+    dev.process()
+    assert r.backend.tx == [] and tx.used_idx() == 0
+
+
+@pytest.mark.parametrize("case", ["not-negotiated", "select-out-of-range", "not-enabled",
+                                  "value-0", "value-2"])
+def test_bad_queue_reset_writes_are_ignored_and_counted(case: str) -> None:
+    r = rig(driver_features=DEFAULT_FEATURES if case == "not-negotiated" else None)
+    d, dev = r.driver, r.device
+    queue = {"select-out-of-range": 7}.get(case, TX)
+    if case == "not-enabled":
+        assert d.reset_queue(TX) == 0
+    before, live = dev.bad_accesses, r.ledger.live
+    d.write(C.COMMON_Q_SELECT, 2, queue)
+    d.write(C.COMMON_Q_RESET, 2, {"value-0": 0, "value-2": 2}.get(case, 1))
+    assert dev.bad_accesses == before + 1
+    assert d.read(C.COMMON_Q_RESET, 2) == 0
+    assert r.ledger.live == live and dev.queue_resets == (1 if case == "not-enabled" else 0)
+    if case != "not-enabled":  # the queue goes on working
+        d.queues[TX].add([hdr() + b"still"])
+        d.queues[TX].kick()
+        dev.process()
+        assert r.backend.tx == [hdr() + b"still"]
+    assert not dev.status & C.STATUS_NEEDS_RESET
+
+
+def test_queue_reset_with_a_wrong_width_is_a_bad_access() -> None:
+    r = rig()
+    r.driver.write(C.COMMON_Q_SELECT, 2, TX)
+    r.driver.write(C.COMMON_Q_RESET, 4, 1)
+    assert r.device.bad_accesses == 1 and r.read_q(TX, C.COMMON_Q_ENABLE) == 1
+
+
+def test_device_reset_after_a_queue_reset_leaves_nothing_mapped() -> None:
+    r = rig()
+    assert r.driver.reset_queue(RX) == 0
+    r.driver.reset()
+    assert r.ledger.live == 0 and violations(r) == 0
+    r.driver.init()  # and the device comes up again as new
+    assert r.read_q(RX, C.COMMON_Q_ENABLE) == 1 and r.read_q(RX, C.COMMON_Q_RESET) == 0
