@@ -2,7 +2,8 @@
 
 Subcommands: `vm-test` (the end-to-end run), `run` (boot and keep running, the guest's shell
 here), `qmp` (a QMP shell on the running VM), `stats` and `dump-queue` (the running device's
-counters and rings), `link` (set its link up or down), `serve` (the device server alone),
+counters and rings), `link` (set its link up or down), `announce` (ask the guest to announce
+itself), `serve` (the device server alone),
 `accel` (which accelerator auto would pick, and why), `bench iova`, `bench net`, `fuzz`
 (seeded in-guest fuzzing, harness.fuzz). Bad input
 is an argparse error (exit 2) with a one-line message, never a traceback.
@@ -241,6 +242,16 @@ def cmd_link(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_announce(args: argparse.Namespace) -> int:
+    from harness import inspect
+
+    try:
+        return inspect.announce(args.run_dir, args.device, as_json=args.json)
+    except inspect.InspectError as exc:
+        print(f"harness announce: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_accel(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.testbed import select_accel
@@ -278,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _add_inspect_client(sub, "link", "set the running device's link up or down (the "
                                         "guest sees carrier change)")
     p.add_argument("state", choices=["up", "down"])
+    _add_inspect_client(sub, "announce", "ask the running guest to announce itself "
+                                         "(VIRTIO_NET_F_GUEST_ANNOUNCE: gratuitous ARPs)")
     p = sub.add_parser("accel", help="say which accelerator auto picks, and why")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     sub.add_parser("serve", help="run the device server alone (see `harness serve --help`)",
@@ -334,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dump_queue(args)
     if args.command == "link":
         return cmd_link(args)
+    if args.command == "announce":
+        return cmd_announce(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

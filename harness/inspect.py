@@ -542,6 +542,18 @@ def link(run_dir: Path | None, device: str, up: bool, *, as_json: bool = False,
     return 0
 
 
+def announce(run_dir: Path | None, device: str, *, as_json: bool = False,
+             out: TextIO | None = None) -> int:
+    """`harness announce`: ask ``device``'s driver to announce itself (VIRTIO_NET_S_ANNOUNCE)."""
+    out = out if out is not None else sys.stdout
+    reply = _ok(request(find_control(run_dir, device), "announce"), "announce")
+    if as_json:
+        out.write(json.dumps(reply) + "\n")
+    else:
+        out.write(f"{device}: announce requested ({reply.get('announces')} so far)\n")
+    return 0
+
+
 def dump_queue(run_dir: Path | None, device: str, queue: int, *, as_json: bool = False,
                out: TextIO | None = None) -> int:
     """`harness dump-queue N`: queue N of ``device`` decoded (or the JSON reply)."""

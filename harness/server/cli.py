@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.control, device_commands(stats=server.stats, stop=loop.request_stop,
                                              dump_queue=server.device.dump_queue,
                                              link=server.device.set_link,
-                                             misbehave=server.device.add_misbehaviour))
+                                             misbehave=server.device.add_misbehaviour,
+                                             announce=server.device.announce))
     except OSError as exc:
         log.error("could not open the control socket: %s", exc)
         loop.close()

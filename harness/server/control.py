@@ -26,6 +26,9 @@ across writes; each gets exactly one reply line, in order::
            -> {"ok": true, "up": bool, "changed": bool}    set the link state (virtio-net
               config status LINK_UP; a change raises a config interrupt); up is the new state
               failure: "up" missing or not a boolean
+    announce -> {"ok": true, "announces": N}              ask the driver to announce itself
+              (VIRTIO_NET_S_ANNOUNCE + config interrupt; its ANNOUNCE_ACK clears the bit); N:
+              announcements requested so far; failure: GUEST_ANNOUNCE not offered/negotiated
     misbehave {"case": "<name>", "after": N?, "queue": "rx0|tx0|any"?, "always": bool?}
            -> {"ok": true, "misbehave": "<spec>"}           switch a misbehaviour on
               (harness.virtio.misbehave); failure: unknown case, bad after/queue/always
@@ -138,13 +141,16 @@ def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], N
                     dump_queue: Callable[[int], dict[str, Any]] | None = None,
                     link: Callable[[bool], bool] | None = None,
                     misbehave: Callable[[Misbehaviour], None] | None = None,
+                    announce: Callable[[], int] | None = None,
                     ) -> dict[str, Handler]:
     """The command table of the device process: name -> handler. Add new commands here.
 
     ``dump_queue(index)`` decodes one virtqueue (``VirtioNetDevice.dump_queue``) and raises
     LookupError for a queue that does not exist or is not enabled; without it there is no
     ``dump-queue`` command. ``link(up)`` sets the link state and says whether it changed
-    (``VirtioNetDevice.set_link``); without it there is no ``link`` command.
+    (``VirtioNetDevice.set_link``); without it there is no ``link`` command. ``announce()``
+    requests an announcement and returns how many so far, ValueError when it cannot
+    (``VirtioNetDevice.announce``); without it there is no ``announce`` command.
     """
 
     def ping(_server: ControlServer, _request: Request) -> Reply:
@@ -211,6 +217,16 @@ def device_commands(*, stats: Callable[[], dict[str, Any]], stop: Callable[[], N
             return {"misbehave": str(spec)}
 
         table["misbehave"] = do_misbehave
+    if announce is not None:
+        ask = announce
+
+        def do_announce(_server: ControlServer, _request: Request) -> Reply:
+            try:
+                return {"announces": ask()}
+            except ValueError as exc:
+                raise CommandError(str(exc)) from None
+
+        table["announce"] = do_announce
     return table
 
 
