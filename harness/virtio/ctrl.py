@@ -21,7 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from harness.virtio.virtqueue import SplitVirtqueue
+from harness.virtio.chain import Virtqueue
 
 # Feature bits (5.1.3).
 NET_F_CTRL_VQ = 17
@@ -206,7 +206,7 @@ class ControlState:
                 "commands": self.commands, "errors": self.errors, "last_error": self.last_error}
 
 
-def serve_queue(q: SplitVirtqueue, state: ControlState, negotiated: int, batch: int = 64) -> bool:
+def serve_queue(q: Virtqueue, state: ControlState, negotiated: int, batch: int = 64) -> bool:
     """Answer the control commands waiting in ``q``; True when the driver wants an interrupt.
 
     A chain without a 2-byte command or without a writable byte for the ack is malformed

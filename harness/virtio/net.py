@@ -34,12 +34,12 @@ from typing import Any
 from harness.dma import MapOps
 from harness.virtio import constants as C
 from harness.virtio import rxhdr
+from harness.virtio.chain import Chain, QueueStats, Virtqueue
 from harness.virtio.ctrl import ControlState, serve_queue
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
-from harness.virtio.virtqueue import Chain, QueueStats, SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class VirtioNetDevice(VirtioPciDevice):
         if self.on_offloads is not None:
             self.on_offloads(0)
 
-    def _on_queue_reset(self, q: SplitVirtqueue) -> None:
+    def _on_queue_reset(self, q: Virtqueue) -> None:
         # An RX queue reset forgets its starvation: the re-enabled ring's first kick (or the
         # next readable event) starts it again. A TX queue has nothing of its own to forget:
         # every chain it took was completed inside process(), before this write could arrive.
@@ -566,7 +566,7 @@ class VirtioNetDevice(VirtioPciDevice):
             st.drops += 1
             self.link_drops += 1
 
-    def _rx_gather(self, q: SplitVirtqueue, pool: list[Chain]) -> bool:
+    def _rx_gather(self, q: Virtqueue, pool: list[Chain]) -> bool:
         """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
 
         False when that is not possible now: then ``pool`` is empty again (everything given
@@ -654,7 +654,7 @@ class VirtioNetDevice(VirtioPciDevice):
         }
 
     def dump_queue(self, index: int) -> dict[str, Any]:
-        """Queue ``index``'s rings and in-flight chains decoded (``SplitVirtqueue.dump``).
+        """Queue ``index``'s rings and in-flight chains decoded (``Virtqueue.dump``).
 
         LookupError (its message says why) when there is no such queue or it is not enabled.
         With Bus Master Enable clear the dump reads only the ring views already held.

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
+from harness.virtio.chain import Virtqueue
 from harness.virtio.misbehave import Misbehave
 from harness.virtio.protocols import Barrier, InterruptSink, no_barrier
 from harness.virtio.virtqueue import SplitVirtqueue
@@ -160,12 +161,12 @@ class VirtioPciDevice:
     def _on_reset(self) -> None:
         pass
 
-    def _on_queue_reset(self, q: SplitVirtqueue) -> None:
+    def _on_queue_reset(self, q: Virtqueue) -> None:
         pass
 
     # ---- interrupts and errors ---------------------------------------------------------------
 
-    def _queue_interrupt(self, q: SplitVirtqueue) -> None:
+    def _queue_interrupt(self, q: Virtqueue) -> None:
         self.isr |= C.ISR_QUEUE
         vector = q.msix_vector
         if self.misbehave is not None:  # lost, wrong vector or late
@@ -191,7 +192,7 @@ class VirtioPciDevice:
         self.status |= C.STATUS_NEEDS_RESET
         self.config_changed()
 
-    def _queue_error(self, q: SplitVirtqueue, reason: str) -> None:
+    def _queue_error(self, q: Virtqueue, reason: str) -> None:
         self.device_error(f"queue {q.name}: {reason}")
 
     def _bad(self, what: str, offset: int, count: int) -> None:
@@ -247,7 +248,7 @@ class VirtioPciDevice:
 
     # ---- common configuration ----------------------------------------------------------------
 
-    def _selected(self) -> SplitVirtqueue | None:
+    def _selected(self) -> Virtqueue | None:
         sel = self.queue_select
         return self.queues[sel] if sel < self.num_queues else None
 

@@ -1,5 +1,9 @@
 """SplitVirtqueue: the device side of one split virtqueue, validating all the guest supplies.
 
+The format-independent half (Chain, QueueStats, the error path, buffer and indirect-table
+mapping and their checks) is ``harness.virtio.chain.Virtqueue``, shared with the packed ring
+(harness.virtio.packed); the names are re-exported here.
+
 Ring memory (descriptor table, avail ring, used ring) is mapped once per queue enable with
 ``map_page(..., BIDIRECTIONAL, ATTR_COHERENT)`` of the driver's ring addresses and kept until
 reset (the guest allocated it with dma_alloc_coherent: never bounced; when ``need_sync`` says so
@@ -28,95 +32,36 @@ as an ``error`` field, and nothing is counted as a queue error or breaks the que
 
 from __future__ import annotations
 
-import logging
 import struct
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from harness.dma import ATTR_COHERENT, Direction, DmaHandle, MapOps
+from harness.dma import Direction
+from harness.virtio.chain import (
+    DUMP_BUDGET_PER_DESCRIPTOR,
+    Chain,
+    ChainError,
+    DumpBudgetSpent,
+    DumpChain,
+    QueueStats,
+    TransientMapError,
+    Virtqueue,
+)
 from harness.virtio.constants import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
-    DESC_F_WRITE,
     DESC_SIZE,
     USED_F_NO_NOTIFY,
 )
-from harness.virtio.misbehave import Misbehave
-from harness.virtio.protocols import Barrier, no_barrier
 
 if sys.byteorder != "little":  # cast("H"/"I") is native order; virtio 1.x rings are LE
     raise ImportError("harness.virtio.virtqueue assumes a little-endian host")
 
-log = logging.getLogger(__name__)
+__all__ = ["DUMP_BUDGET_PER_DESCRIPTOR", "Chain", "QueueStats", "SplitVirtqueue", "Virtqueue",
+           "ring_sizes"]
 
 _DESC = struct.Struct("<QIHH")
-_U32_MAX = 0xFFFFFFFF
-#: Steps along ``next`` one dump takes in all, per descriptor of the queue: a valid ring's
-#: in-flight chains share no descriptor, so they need at most one each, plus their indirect
-#: tables (chains past the budget say so); a garbage ring may send every head into the same
-#: long loop, and must cost neither a long walk nor a huge reply.
-DUMP_BUDGET_PER_DESCRIPTOR = 4
-
-
-@dataclass(slots=True)
-class QueueStats:
-    """Per-queue counters (exported by the device's stats())."""
-
-    packets: int = 0
-    bytes: int = 0
-    kicks: int = 0
-    interrupts: int = 0
-    #: used.idx was published but the driver asked for no interrupt (EVENT_IDX used_event, or
-    #: avail.flags NO_INTERRUPT without EVENT_IDX).
-    interrupts_suppressed: int = 0
-    #: chains completed into the used ring (a mergeable RX frame may take several).
-    chains: int = 0
-    errors: int = 0
-    drops: int = 0
-    map_errors: int = 0
-    no_buffers: int = 0
-
-
-@dataclass(slots=True, eq=False)
-class Chain:
-    """One popped descriptor chain with its mapped buffers (device-readable first)."""
-
-    head: int
-    readable: list[DmaHandle]
-    writable: list[DmaHandle]
-    read_len: int
-    write_len: int
-
-
-class _ChainError(Exception):
-    """A malformed chain: internal, never leaves this module."""
-
-    def __init__(self, reason: str, desc: int, iova: int = -1) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.desc = desc
-        self.iova = iova
-
-
-class _TransientMapError(Exception):
-    """A data buffer could not be mapped for a reason that may go away."""
-
-
-class _DumpBudgetSpent(Exception):
-    """A dump decoded as many chain entries as it may: internal, never leaves this module."""
-
-
-@dataclass(slots=True)
-class _DumpChain:
-    """One in-flight chain as a dump decodes it (descriptors only: buffers are never read)."""
-
-    head: int
-    entries: list[dict[str, int | bool]] = field(default_factory=list)
-    read_len: int = 0
-    write_len: int = 0
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
@@ -124,7 +69,7 @@ def ring_sizes(size: int) -> tuple[int, int, int]:
     return DESC_SIZE * size, 6 + 2 * size, 6 + 8 * size
 
 
-class SplitVirtqueue:
+class SplitVirtqueue(Virtqueue):
     """Device side of one split virtqueue: pop chains, push used entries, decide interrupts.
 
     The transport writes ``size``, the three addresses, ``msix_vector`` and calls ``enable()``;
@@ -132,51 +77,18 @@ class SplitVirtqueue:
     which publishes used.idx and says whether the driver wants an interrupt.
     """
 
-    def __init__(
-        self,
-        index: int,
-        max_size: int,
-        mapops: MapOps,
-        *,
-        name: str,
-        on_error: Callable[[SplitVirtqueue, str], None],
-        barrier: Barrier = no_barrier,
-    ) -> None:
-        self.index = index
-        self.name = name
-        self.max_size = max_size
-        self.stats = QueueStats()
-        self._mapops = mapops
-        self._on_error = on_error
-        self._barrier = barrier
-        self._rings: list[DmaHandle] = []
-        #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
-        self.misbehave: Misbehave | None = None
-        self._reset_state()
+    _VIEWS = ("_desc", "_avail16", "_used16", "_used32")
 
     # ---- configuration (transport side) ------------------------------------------------------
 
     def _reset_state(self) -> None:
-        self.size = self.max_size
-        self.desc_addr = 0
-        self.avail_addr = 0
-        self.used_addr = 0
-        self.msix_vector = 0xFFFF
-        self.enabled = False
-        self.broken = False
-        self.event_idx = False
-        self.indirect = False
-        self._drop_rings()
+        super()._reset_state()
         self._next_avail = 0  # next avail ring slot the device will pop (free-running u16)
         self._avail_seen = 0  # last avail.idx read from the guest
         self._used_idx = 0  # used.idx including entries pushed but not yet published
         self._published = 0  # used.idx as last published to the guest
-        self._outstanding = 0  # chains popped and not yet pushed/unpopped/discarded
         self._notify_on = True  # used.flags NO_NOTIFY clear (the ring starts zeroed)
-
-    def reset(self) -> None:
-        """Device reset: unmap rings, forget everything but the counters."""
-        self._reset_state()
+        self._avail_sync = self._used_sync = self._desc_sync = False
 
     def enable(self, *, event_idx: bool, indirect: bool) -> bool:
         """queue_enable=1: validate the layout and map the rings. False when refused."""
@@ -197,26 +109,7 @@ class SplitVirtqueue:
         self._ensure_rings()
         return not self.broken
 
-    def overlaps(self, iova: int, size: int) -> bool:
-        """Whether any currently mapped ring lies (partly) in [iova, iova + size)."""
-        return any(h.iova < iova + size and iova < h.iova + h.size for h in self._rings)
-
-    def drop_rings(self) -> None:
-        """Unmap the rings (their memory is going away); they are remapped on next use."""
-        self._drop_rings()
-
     # ---- ring mapping ------------------------------------------------------------------------
-
-    def _drop_rings(self) -> None:
-        for h in self._rings:
-            self._mapops.unmap_page(h, Direction.BIDIRECTIONAL)
-        self._rings = []
-        for attr in ("_desc", "_avail16", "_used16", "_used32"):
-            old = getattr(self, attr, None)
-            if old is not None:
-                old.release()
-            setattr(self, attr, None)
-        self._avail_sync = self._used_sync = self._desc_sync = False
 
     def _ensure_rings(self) -> bool:
         """Map the rings if they are not mapped (lazily after a drop or transient failure)."""
@@ -224,29 +117,11 @@ class SplitVirtqueue:
             return True
         if not self.enabled or self.broken:
             return False
+        handles = self._map_rings(ring_sizes(self.size))
+        if handles is None:
+            return False
         ops = self._mapops
-        handles: list[DmaHandle] = []
-        ring_ctx = (self.name, -1, -1)
-        for addr, nbytes, what in zip(
-            (self.desc_addr, self.avail_addr, self.used_addr),
-            ring_sizes(self.size),
-            ("descriptor table", "avail ring", "used ring"),
-            strict=True,
-        ):
-            h = ops.map_page(addr, nbytes, Direction.BIDIRECTIONAL, ATTR_COHERENT, ring_ctx)
-            if ops.mapping_error(h):
-                for done in handles:
-                    ops.unmap_page(done, Direction.BIDIRECTIONAL)
-                err = h.error
-                if err is not None and err.transient:
-                    self.stats.map_errors += 1
-                    log.debug("%s: %s map failed transiently: %s", self.name, what, err)
-                    return False
-                self.fail(f"{what} not mappable: {err}", -1, addr)
-                return False
-            handles.append(h)
         desc, avail, used = handles
-        self._rings = handles
         self._desc = desc.view
         self._avail16 = avail.view.cast("H")
         self._used16 = used.view.cast("H")
@@ -266,25 +141,7 @@ class SplitVirtqueue:
         if self._used_sync:
             self._mapops.sync_single_for_cpu(self._rings[2], Direction.BIDIRECTIONAL)
 
-    # ---- errors ------------------------------------------------------------------------------
-
-    def fail(self, reason: str, desc: int = -1, iova: int = -1) -> None:
-        """Report malformed guest input: count, log, break the queue, tell the device (once)."""
-        self.stats.errors += 1
-        if self.broken:
-            return
-        self.broken = True
-        where = f" desc {desc}" if desc >= 0 else ""
-        at = f" iova {iova:#x}" if iova >= 0 else ""
-        log.error("virtqueue %s (%d)%s%s: %s", self.name, self.index, where, at, reason)
-        self._on_error(self, reason)
-
     # ---- availability ------------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        """Enabled, not broken, rings mapped (mapping them now if needed)."""
-        return self.enabled and not self.broken and self._ensure_rings()
 
     def _refresh_avail(self) -> bool:
         """Read avail.idx; True if it moved. A jump beyond the queue size breaks the queue."""
@@ -330,10 +187,10 @@ class SplitVirtqueue:
         head = avail16[2 + slot]
         try:
             chain = self._walk(head)
-        except _ChainError as e:
+        except ChainError as e:
             self.fail(e.reason, e.desc, e.iova)
             return None
-        except _TransientMapError:
+        except TransientMapError:
             return None
         self._next_avail = (self._next_avail + 1) & 0xFFFF
         self._outstanding += 1
@@ -342,7 +199,7 @@ class SplitVirtqueue:
     def _walk(self, head: int) -> Chain:
         size = self.size
         if head >= size:
-            raise _ChainError(f"head index {head} out of range (size {size})", head)
+            raise ChainError(f"head index {head} out of range (size {size})", head)
         table = self._desc
         assert table is not None
         chain = Chain(head, [], [], 0, 0)
@@ -365,112 +222,34 @@ class SplitVirtqueue:
             if flags & DESC_F_INDIRECT:
                 self._indirect(i, addr, length, flags, chain, top=top)
             elif length:
-                # Check the total before mapping: used.len is 32 bits, and a guest asking for
-                # more than that must not make us map it first.
-                if chain.read_len + chain.write_len + length > _U32_MAX:
-                    raise _ChainError("chain length exceeds 2^32 - 1", i, addr)
-                if flags & DESC_F_WRITE:
-                    self._map_into(
-                        chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map
-                    )
-                    chain.write_len += length
-                else:
-                    if chain.writable:
-                        raise _ChainError("device-readable descriptor after writable", i, addr)
-                    self._map_into(
-                        chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map
-                    )
-                    chain.read_len += length
+                self._add_buffer(chain, i, addr, length, flags, max_map)
             if not flags & DESC_F_NEXT:
                 return
             if nxt >= n:
-                raise _ChainError(f"next {nxt} out of range (table of {n})", i)
+                raise ChainError(f"next {nxt} out of range (table of {n})", i)
             i = nxt
-        raise _ChainError(f"descriptor loop or chain longer than {n}", first)
+        raise ChainError(f"descriptor loop or chain longer than {n}", first)
 
     def _indirect(
         self, i: int, addr: int, length: int, flags: int, chain: Chain, *, top: bool
     ) -> None:
         if not self.indirect:
-            raise _ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
+            raise ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
         if not top:
-            raise _ChainError("nested INDIRECT descriptor", i, addr)
+            raise ChainError("nested INDIRECT descriptor", i, addr)
         if flags & DESC_F_NEXT:
-            raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
+            raise ChainError("INDIRECT descriptor with NEXT", i, addr)
         # Direct descriptors before it are fine: "the device MUST handle the case of zero or
         # more normal chained descriptors followed by a single descriptor with
         # flags&VIRTQ_DESC_F_INDIRECT" (virtio 1.3 2.7.5.3.2); NEXT on it is refused above.
-        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
-            raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
-        # Copy: the guest could rewrite the table under us; we validate one snapshot. Mapping
-        # made the guest's bytes visible (no sync needed); a long table comes in pieces.
-        pieces: list[DmaHandle] = []
-        try:
-            # The device must ignore WRITE on an indirect descriptor (virtio 1.x 2.7.5.3.2).
-            self._map_into(
-                pieces,
-                addr,
-                length,
-                Direction.TO_DEVICE,
-                i,
-                flags & ~DESC_F_WRITE,
-                self._mapops.max_mapping_size(),
-            )
-            table = memoryview(b"".join([h.view for h in pieces]))
-        finally:
-            for h in pieces:
-                self._mapops.unmap_page(h, Direction.TO_DEVICE)
+        self._check_table_length(i, addr, length)
+        table = self._read_table(i, addr, length, flags)
         self._walk_table(table, 0, length // DESC_SIZE, chain, top=False)
-
-    def _map_into(
-        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int,
-        flags: int, max_map: int,
-    ) -> None:  # fmt: skip
-        """Map one descriptor's buffer into ``out``, in pieces of at most ``max_map`` bytes
-        (on failure the pieces already mapped are in ``out``, for the caller to unmap)."""
-        ops = self._mapops
-        ctx = (self.name, i, flags)
-        while True:
-            n = length if length <= max_map else max_map
-            # Under a vIOMMU a buffer crossing a page boundary spans two DMA regions.
-            c = ops.contiguous(addr, n)
-            if c < n:
-                n = c
-            h = ops.map_page(addr, n, direction, 0, ctx)
-            if ops.mapping_error(h):
-                self._map_failed(h, i)
-            out.append(h)
-            length -= n
-            if not length:
-                return
-            addr += n
-
-    def _map_failed(self, h: DmaHandle, i: int) -> None:
-        err = h.error
-        if err is not None and err.transient:
-            self.stats.map_errors += 1
-            log.debug("%s: desc %d map failed transiently: %s", self.name, i, err)
-            raise _TransientMapError
-        raise _ChainError(f"buffer not mappable: {err}", i, h.iova)
-
-    def _unmap(self, chain: Chain) -> None:
-        ops = self._mapops
-        for h in chain.readable:
-            ops.unmap_page(h, Direction.TO_DEVICE)
-        for h in chain.writable:
-            ops.unmap_page(h, Direction.FROM_DEVICE)  # implies sync_single_for_cpu
-        chain.readable = []
-        chain.writable = []
 
     def unpop(self, chain: Chain) -> None:
         """Give the most recently popped chain back to the driver, untouched (LIFO)."""
         self._unmap(chain)
         self._next_avail = (self._next_avail - 1) & 0xFFFF
-        self._outstanding -= 1
-
-    def discard(self, chain: Chain) -> None:
-        """Unmap a popped chain that will never be completed (the queue is broken)."""
-        self._unmap(chain)
         self._outstanding -= 1
 
     def push(self, chain: Chain, length: int, more: bool = False) -> None:
@@ -559,11 +338,6 @@ class SplitVirtqueue:
         return self._refresh_avail()
 
     # ---- introspection -----------------------------------------------------------------------
-
-    @property
-    def outstanding(self) -> int:
-        """Chains popped and not yet pushed, unpopped or discarded."""
-        return self._outstanding
 
     def ring_state(self) -> dict[str, int | bool]:
         """The device's side of the ring now; reads no guest memory.
@@ -674,7 +448,7 @@ class SplitVirtqueue:
 
     def _dump_chain(self, head: int, may_map: bool, budget: list[int]) -> dict[str, Any]:
         """One chain's descriptors, checked as _walk checks them, without mapping buffers."""
-        chain = _DumpChain(head)
+        chain = DumpChain(head)
         error = ""
         size = self.size
         if head >= size:
@@ -683,12 +457,12 @@ class SplitVirtqueue:
             table = self._desc
             assert table is not None
             try:
-                self._dump_table(table, head, size, chain, budget, may_map, top=True)
-            except _ChainError as e:
+                self._dump_ring_table(table, head, size, chain, budget, may_map, top=True)
+            except ChainError as e:
                 where = f"desc {e.desc}" if e.desc >= 0 else ""
                 where += f" iova {e.iova:#x}" if e.iova >= 0 else ""
                 error = f"{where.strip()}: {e.reason}" if where else e.reason
-            except _DumpBudgetSpent:
+            except DumpBudgetSpent:
                 error = ("not decoded further: the dump's budget of "
                          f"{DUMP_BUDGET_PER_DESCRIPTOR * size} steps along next is spent")
         out: dict[str, Any] = {"head": head, "descriptors": chain.entries,
@@ -697,8 +471,8 @@ class SplitVirtqueue:
             out["error"] = error
         return out
 
-    def _dump_table(
-        self, table: memoryview, first: int, n: int, chain: _DumpChain, budget: list[int],
+    def _dump_ring_table(
+        self, table: memoryview, first: int, n: int, chain: DumpChain, budget: list[int],
         may_map: bool, *, top: bool,
     ) -> None:  # fmt: skip
         """_walk_table's checks, in its order and words, recording instead of mapping."""
@@ -706,7 +480,7 @@ class SplitVirtqueue:
         seen: set[int] = set()  # a descriptor walked again is not listed again
         for _ in range(n):
             if budget[0] <= 0:
-                raise _DumpBudgetSpent
+                raise DumpBudgetSpent
             budget[0] -= 1
             addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)
             if i not in seen:
@@ -719,58 +493,24 @@ class SplitVirtqueue:
             if flags & DESC_F_INDIRECT:
                 self._dump_indirect(i, addr, length, flags, chain, budget, may_map, top=top)
             elif length:
-                if chain.read_len + chain.write_len + length > _U32_MAX:
-                    raise _ChainError("chain length exceeds 2^32 - 1", i, addr)
-                if flags & DESC_F_WRITE:
-                    chain.write_len += length
-                else:
-                    if chain.write_len:
-                        raise _ChainError("device-readable descriptor after writable", i, addr)
-                    chain.read_len += length
+                self._dump_add(chain, i, addr, length, flags)
             if not flags & DESC_F_NEXT:
                 return
             if nxt >= n:
-                raise _ChainError(f"next {nxt} out of range (table of {n})", i)
+                raise ChainError(f"next {nxt} out of range (table of {n})", i)
             i = nxt
-        raise _ChainError(f"descriptor loop or chain longer than {n}", first)
+        raise ChainError(f"descriptor loop or chain longer than {n}", first)
 
     def _dump_indirect(
-        self, i: int, addr: int, length: int, flags: int, chain: _DumpChain,
+        self, i: int, addr: int, length: int, flags: int, chain: DumpChain,
         budget: list[int], may_map: bool, *, top: bool,
     ) -> None:  # fmt: skip
         if not self.indirect:
-            raise _ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
+            raise ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
         if not top:
-            raise _ChainError("nested INDIRECT descriptor", i, addr)
+            raise ChainError("nested INDIRECT descriptor", i, addr)
         if flags & DESC_F_NEXT:
-            raise _ChainError("INDIRECT descriptor with NEXT", i, addr)
-        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > 0xFFFF + 1:
-            raise _ChainError(f"bad indirect table length {length:#x}", i, addr)
-        if not may_map:
-            raise _ChainError("indirect table not read: Bus Master Enable is clear", i, addr)
-        # Mapped and copied as _indirect does (a snapshot), under the dump's own ledger name.
-        ops = self._mapops
-        max_map = ops.max_mapping_size()
-        ctx = (f"{self.name} dump", i, flags & ~DESC_F_WRITE)
-        pieces: list[DmaHandle] = []
-        try:
-            at, left = addr, length
-            while left:
-                n = min(left, max_map)
-                c = ops.contiguous(at, n)
-                if 0 < c < n:
-                    n = c
-                h = ops.map_page(at, n, Direction.TO_DEVICE, 0, ctx)
-                if ops.mapping_error(h):
-                    err = h.error
-                    if err is not None and err.transient:
-                        raise _ChainError(f"indirect table not mapped now: {err}", i, h.iova)
-                    raise _ChainError(f"buffer not mappable: {err}", i, h.iova)
-                pieces.append(h)
-                left -= n
-                at += n
-            table = memoryview(b"".join([h.view for h in pieces]))
-        finally:
-            for h in pieces:
-                ops.unmap_page(h, Direction.TO_DEVICE)
-        self._dump_table(table, 0, length // DESC_SIZE, chain, budget, may_map, top=False)
+            raise ChainError("INDIRECT descriptor with NEXT", i, addr)
+        self._check_table_length(i, addr, length)
+        table = self._dump_table(i, addr, length, flags, may_map)
+        self._dump_ring_table(table, 0, length // DESC_SIZE, chain, budget, may_map, top=False)
