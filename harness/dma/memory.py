@@ -1,9 +1,10 @@
-"""GuestMemory: the guest's DMA regions kept in an IOVA domain, translating IOVA -> host view.
+"""GuestMemory: the guest's DMA regions in a region index, translating IOVA -> host view.
 
 Each region libvfio-user registers (page-aligned, fd-backed, mmapped; or unmappable, with no
-view) is a reserved range of an :class:`~harness.dma.iova.IovaDomain` whose ``payload`` is the
-:class:`GuestRegion`, so translation is one O(log n) ``find_iova``. Under a vIOMMU the guest
-maps one 4 KiB page per region, so thousands of regions are normal.
+view) is a :class:`GuestRegion` in a region index (:mod:`harness.dma.regionindex`: a sorted
+list by default, the IovaDomain range tree with HARNESS_GUEST_INDEX=tree), so translation is
+one O(log n) lookup. Under a vIOMMU the guest maps one 4 KiB page per region, so thousands of
+regions are normal, and each add/remove is on the guest's critical path.
 
 Mappings (DmaHandles) that point into a region are registered with it. Removing a region that
 still has mappings revokes them first: their guest-side views are released (any later use
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from harness.dma.errors import DmaFault, RegionOverlap
-from harness.dma.iova import Iova, IovaDomain
+from harness.dma.errors import DmaFault
+from harness.dma.regionindex import RegionIndex, index_kind, make_index
 
 if TYPE_CHECKING:
     from harness.dma.mapops import DmaHandle
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 GRANULE = 4096
 _4G = 1 << 32
+_MAX_IOVA = 1 << 64
 
 
 def release(view: memoryview | None) -> None:
@@ -63,17 +65,18 @@ class GuestRegion:
 
 
 class GuestMemory:
-    """Non-overlapping guest DMA regions in an IovaDomain; lookups are O(log n).
+    """Non-overlapping guest DMA regions in a region index; lookups are O(log n).
 
     A view never spans two regions, even adjacent ones: they are separate host mappings that
     may be unmapped independently. ``on_revoke`` (if set) is called for every handle revoked by
     a removal, after it was revoked.
     """
 
-    def __init__(self, *, granule: int = GRANULE) -> None:
-        self.domain = IovaDomain(granule, 0)
+    def __init__(self, *, granule: int = GRANULE, index: str | None = None) -> None:
         self.granule = granule
-        self._shift = self.domain.shift
+        #: "sorted" or "tree" (None: HARNESS_GUEST_INDEX, default sorted).
+        self.index_kind = index_kind() if index is None else index
+        self._index: RegionIndex = make_index(self.index_kind, granule)
         self.revocations = 0  # regions removed while mappings into them were live
         self.revoked_handles = 0
         self.mapped_bytes = 0
@@ -90,7 +93,7 @@ class GuestMemory:
         """Register ``view`` as the memory at [iova, iova + len(view)); overlap raises.
 
         ``view`` may be None (a region we cannot access, e.g. a ROM/MMIO window) when ``size``
-        is given: it still occupies its IOVAs so the domain mirrors libvfio-user's list.
+        is given: it still occupies its IOVAs so the index mirrors libvfio-user's list.
         """
         if view is not None:
             if view.ndim != 1 or view.format != "B":
@@ -107,54 +110,12 @@ class GuestMemory:
             raise ValueError(
                 f"region {iova:#x}+{size:#x} is not aligned to the {self.granule:#x} granule"
             )
-        lo = iova >> self._shift
-        hi = (iova + size - 1) >> self._shift
-        if hi > self.domain.max_pfn:
+        if iova + size > _MAX_IOVA:
             raise ValueError(f"region {iova:#x}+{size:#x} beyond the 64-bit IOVA space")
-        other = self._first_overlap(lo, hi)
-        if other is not None:
-            raise RegionOverlap(iova, size, other.iova, other.size)
-        entry = self.domain.reserve_iova(lo, hi)
-        # Without a node-allocation hook the reservation cannot fail, and since [lo, hi] was
-        # entirely free it is exactly one new entry.
-        if entry is None or entry.pfn_lo != lo or entry.pfn_hi != hi:
-            raise AssertionError(f"reserve_iova({lo:#x}, {hi:#x}) gave {entry!r}")
         region = GuestRegion(iova, size, view, writable)
-        entry.payload = region
+        self._index.add(region)  # RegionOverlap if it intersects a registered region
         self.mapped_bytes += size
         return region
-
-    def _first_overlap(self, lo: int, hi: int) -> GuestRegion | None:
-        """The lowest region intersecting pfns [lo, hi], in O(log n)."""
-        tree = self.domain.tree
-        path, j = tree.locate(lo)
-        entry = tree.entry_at(path, j)
-        if entry is not None and entry.pfn_hi >= lo:
-            return _region(entry)
-        _first, last = tree.gap_above(path, j)
-        if last >= hi:
-            return None
-        nxt = self.domain.find_iova(last + 1)
-        return None if nxt is None else _region(nxt)
-
-    def _regions_in(self, iova: int, size: int) -> list[GuestRegion]:
-        """Regions intersecting [iova, iova + size), in address order: O(k log n)."""
-        out: list[GuestRegion] = []
-        if size <= 0:
-            return out
-        dom = self.domain
-        tree = dom.tree
-        pfn = max(iova, 0) >> self._shift
-        last = min((iova + size - 1) >> self._shift, dom.max_pfn)
-        while pfn <= last:
-            entry = dom.find_iova(pfn)
-            if entry is not None:
-                out.append(_region(entry))
-                pfn = entry.pfn_hi + 1
-            else:
-                path, j = tree.locate(pfn)
-                pfn = tree.gap_above(path, j)[1] + 1
-        return out
 
     def remove_range(self, iova: int, size: int) -> list[tuple[int, int]]:
         """Remove every region lying fully inside [iova, iova + size), as VFIO unmap does.
@@ -166,12 +127,13 @@ class GuestMemory:
         end = iova + size
         removed: list[tuple[int, int]] = []
         self._last = None
-        for region in self._regions_in(iova, size):
-            if region.iova < iova or region.end > end:
-                continue
+        if size <= 0:
+            return removed
+        index = self._index
+        for region in index.inside(iova, end):
             if region.live:
                 self._revoke(region)
-            self.domain.free_iova(region.iova >> self._shift)
+            index.remove(region)
             self.mapped_bytes -= region.size
             release(region.view)
             region.view = None
@@ -206,11 +168,9 @@ class GuestMemory:
             return last
         if iova < 0:
             return None
-        entry = self.domain.find_iova(iova >> self._shift)
-        if entry is None:
-            return None
-        region = _region(entry)
-        self._last = region
+        region = self._index.find(iova)
+        if region is not None:
+            self._last = region
         return region
 
     def contiguous(self, iova: int, length: int) -> int:
@@ -253,15 +213,11 @@ class GuestMemory:
     # ---- listing and accounting --------------------------------------------------------------
 
     def regions(self) -> list[tuple[int, int, bool]]:
-        """(iova, size, writable) of every region, sorted by iova (read from the domain)."""
-        out = []
-        for entry in self.domain:
-            r = _region(entry)
-            out.append((r.iova, r.size, r.writable))
-        return out
+        """(iova, size, writable) of every region, sorted by iova (read from the index)."""
+        return [(r.iova, r.size, r.writable) for r in self._index]
 
     def __len__(self) -> int:
-        return len(self.domain)
+        return len(self._index)
 
     def fragmentation(self) -> dict[str, float | int]:
         """The IOVA space as the device sees it: regions, mapped bytes, and the free space
@@ -269,8 +225,7 @@ class GuestMemory:
         O(n): for summaries, not the data path."""
         largest = total = 0
         prev_end = 0
-        for entry in self.domain:
-            r = _region(entry)
+        for r in self._index:
             if prev_end >= _4G:
                 break
             gap = min(r.iova, _4G) - prev_end
@@ -283,7 +238,7 @@ class GuestMemory:
             total += gap
             largest = max(largest, gap)
         return {
-            "regions": len(self.domain),
+            "regions": len(self._index),
             "mapped_bytes": self.mapped_bytes,
             "largest_free_below_4g": largest,
             "free_below_4g": total,
@@ -291,24 +246,15 @@ class GuestMemory:
         }
 
     def check(self) -> None:
-        """Verify the domain and the regions agree (O(n); tests)."""
-        self.domain.check()
+        """Verify the index and the regions agree (O(n); tests)."""
+        self._index.check()
         total = 0
-        for entry in self.domain:
-            r = entry.payload
-            if not isinstance(r, GuestRegion):
-                raise AssertionError(f"{entry!r} has no region")
-            if (entry.pfn_lo << self._shift, (entry.pfn_hi + 1) << self._shift) != (r.iova, r.end):
-                raise AssertionError(f"{entry!r} does not match {r!r}")
+        for r in self._index:
+            if not isinstance(r, GuestRegion) or r.end != r.iova + r.size:
+                raise AssertionError(f"bad region {r!r} in the index")
             total += r.size
         if total != self.mapped_bytes:
             raise AssertionError(f"mapped_bytes {self.mapped_bytes} != {total}")
-
-
-def _region(entry: Iova) -> GuestRegion:
-    # Every entry of the domain is a reserved region whose payload is set right after
-    # reserve_iova: the cast states that invariant (check() verifies it).
-    return cast(GuestRegion, entry.payload)
 
 
 def _describe(h: DmaHandle) -> str:

@@ -14,6 +14,7 @@ from harness.dma import (
     GuestMemory,
     build_mapops,
 )
+from harness.dma.regionindex import INDEX_ENV, INDEX_KINDS
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory
 from harness.virtio import constants as C
 from harness.virtio.net import VirtioNetDevice
@@ -21,6 +22,15 @@ from harness.virtio.net import VirtioNetDevice
 P = 0x1000
 RW = 0x100000
 RO = 0x200000
+
+
+@pytest.fixture(autouse=True, params=INDEX_KINDS)
+def index_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both region indexes (HARNESS_GUEST_INDEX): the faster one must
+    keep every check of the old one."""
+    kind: str = request.param
+    monkeypatch.setenv(INDEX_ENV, kind)
+    return kind
 
 
 def _ledger(kind: str = "direct") -> tuple[DmaLedger, GuestMemory, list[bool]]:
@@ -168,3 +178,17 @@ def test_check_region_per_event() -> None:
     assert led.check_region(RO, P, present=False)
     assert not led.check_region(RW, 4 * P, present=False)  # stale
     assert led.violations == {"region_mismatch": 2}
+
+
+def test_buffer_in_an_unmapped_region_is_caught() -> None:
+    """After a DMA_UNMAP of a region, a descriptor pointing into it is refused as
+    unmapped_iova; a map past the end of guest RAM too (on both indexes)."""
+    led, mem, _ = _ledger()
+    ok = led.map_page(RO + 8, 8, Direction.TO_DEVICE, 0, ("tx0", 1, 0))
+    assert ok.error is None
+    led.unmap_page(ok, Direction.TO_DEVICE)
+    mem.remove_range(RO, P)
+    gone = led.map_page(RO, 8, Direction.TO_DEVICE, 0, ("tx0", 2, 0))
+    past = led.map_page(RW + 4 * P, 8, Direction.TO_DEVICE, 0, ("tx0", 3, 0))
+    assert led.mapping_error(gone) and led.mapping_error(past)
+    assert led.violations == {"unmapped_iova": 2}

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import mmap
+import random
 
 import pytest
 
 from harness.dma import Direction, DirectMapOps, DmaFault, DmaHandle, GuestMemory, RegionOverlap
+from harness.dma.regionindex import INDEX_ENV, INDEX_KINDS
 
 P = 0x1000
+
+
+@pytest.fixture(autouse=True, params=INDEX_KINDS)
+def index_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both region indexes (HARNESS_GUEST_INDEX): the faster one must
+    keep every check of the old one."""
+    kind: str = request.param
+    monkeypatch.setenv(INDEX_ENV, kind)
+    return kind
 
 
 def _mem() -> tuple[GuestMemory, bytearray, bytearray]:
@@ -138,3 +149,45 @@ def test_revocation_releases_every_view_of_a_real_mapping() -> None:
         h.view[0]  # loud, never a segfault
     ops.unmap_page(h, Direction.FROM_DEVICE)  # cleanup after revocation is harmless
     ops.unmap_page(r, Direction.TO_DEVICE)
+
+
+def test_index_matches_a_brute_force_model(index_kind: str) -> None:
+    """Random adds, removals and lookups against a plain list of regions: same answers, same
+    refusals (overlap, a lookup just past a region's end, in a hole, before the first)."""
+    rng = random.Random(7)
+    mem = GuestMemory()
+    assert mem.index_kind == index_kind
+    model: dict[int, int] = {}  # iova -> size
+    for _ in range(3000):
+        op = rng.random()
+        iova = rng.randrange(0, 256) * P
+        if op < 0.45:
+            size = rng.choice((P, P, 2 * P, 5 * P))
+            clash = any(s < iova + size and iova < s + n for s, n in model.items())
+            if clash:
+                with pytest.raises(RegionOverlap):
+                    mem.add_region(iova, None, writable=False, size=size)
+            else:
+                mem.add_region(iova, None, writable=False, size=size)
+                model[iova] = size
+        elif op < 0.7:
+            size = rng.randrange(1, 8) * P
+            want = sorted((s, n) for s, n in model.items() if iova <= s and s + n <= iova + size)
+            assert mem.remove_range(iova, size) == want
+            for s, _n in want:
+                del model[s]
+        else:
+            probe = iova + rng.choice((0, 1, P - 1, P, 3 * P - 1))
+            hit = [(s, n) for s, n in model.items() if s <= probe < s + n]
+            region = mem.lookup(probe)
+            assert (None if region is None else (region.iova, region.size)) == (
+                hit[0] if hit else None
+            )
+    assert mem.regions() == [(s, n, False) for s, n in sorted(model.items())]
+    mem.check()
+
+
+def test_unknown_index_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(INDEX_ENV, "btree")
+    with pytest.raises(ValueError, match="HARNESS_GUEST_INDEX"):
+        GuestMemory()
