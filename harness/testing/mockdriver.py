@@ -3,8 +3,9 @@
 ``MockDriver`` talks to a device only through ``bar0_read``/``bar0_write`` (the status dance,
 feature dwords 0..3, queue setup with lo/hi addresses, doorbells), like the real driver does;
 ``MockQueue`` writes descriptor tables and avail rings into plain memory and reads the used
-ring back, and can also write arbitrary (malformed) descriptors. ``FakeBackend`` and ``FakeIrq``
-stand in for the TAP and the MSI-X eventfds.
+ring back, and can also write arbitrary (malformed) descriptors; with VIRTIO_F_RING_PACKED
+negotiated ``setup_queue`` builds harness.testing.mockpacked's ``MockPackedQueue`` instead.
+``FakeBackend`` and ``FakeIrq`` stand in for the TAP and the MSI-X eventfds.
 """
 
 from __future__ import annotations
@@ -284,16 +285,24 @@ class MockDriver:
             raise RuntimeError(f"queue {index} absent")
         n = max_size if size is None else size
         self.write(C.COMMON_Q_SIZE, 2, n)
+        packed = bool(self.features >> C.F_RING_PACKED & 1)
         desc = self.mem.alloc(16 * n, 16)
-        avail = self.mem.alloc(6 + 2 * n, 2)
-        used = self.mem.alloc(6 + 8 * n, 4)
+        # Packed: the driver and device event suppression areas (4 bytes, 4-aligned).
+        avail = self.mem.alloc(4 if packed else 6 + 2 * n, 4 if packed else 2)
+        used = self.mem.alloc(4 if packed else 6 + 8 * n, 4)
         for off, addr in ((C.COMMON_Q_DESCLO, desc), (C.COMMON_Q_AVAILLO, avail),
                           (C.COMMON_Q_USEDLO, used)):  # fmt: skip
             self.write(off, 4, addr & 0xFFFFFFFF)
             self.write(off + 4, 4, addr >> 32)
         self.write(C.COMMON_Q_MSIX, 2, index + 1 if vector is None else vector)
         self.write(C.COMMON_Q_ENABLE, 2, 1)
-        q = MockQueue(self, index, n, desc, avail, used)
+        if packed:
+            # Imported here: mockpacked builds on MockQueue from this module.
+            from harness.testing.mockpacked import MockPackedQueue
+
+            q: MockQueue = MockPackedQueue(self, index, n, desc, avail, used)
+        else:
+            q = MockQueue(self, index, n, desc, avail, used)
         if index < len(self.queues):
             self.queues[index] = q
         else:

@@ -118,3 +118,11 @@ DESC_SIZE = 16
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 MAX_QUEUE_SIZE = 32768
+
+# Packed virtqueue (spec 2.8): the AVAIL/USED flag bits and the event suppression flags.
+DESC_F_AVAIL = 1 << 7
+DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0
+RING_EVENT_FLAGS_DISABLE = 1
+RING_EVENT_FLAGS_DESC = 2  # only with VIRTIO_F_EVENT_IDX: off_wrap names the descriptor
+EVENT_SUPPRESS_SIZE = 4  # struct pvirtq_event_suppress: le16 off_wrap, le16 flags

@@ -9,7 +9,8 @@ switch in order; the result is checked against the feature dependencies of virti
 default) is one queue pair without MQ. ``guest_announce`` (VIRTIO_NET_F_GUEST_ANNOUNCE, needs
 CTRL_VQ) follows ctrl_vq unless said: switching ctrl_vq on (or mq=N) switches it on too,
 ``guest_announce=off`` keeps it off. ``ring_reset`` (VIRTIO_F_RING_RESET, per-queue reset) is off
-by default. Every problem is a ``ValueError`` whose message is one
+by default, and so is ``packed`` (VIRTIO_F_RING_PACKED: every queue a packed ring, virtio 1.3
+2.8). Every problem is a ``ValueError`` whose message is one
 line naming the switch, so the CLIs can print it as it is.
 """
 
@@ -38,6 +39,7 @@ SWITCHES: dict[str, int] = {
     "ctrl_mac_addr": C.NET_F_CTRL_MAC_ADDR,
     "guest_announce": C.NET_F_GUEST_ANNOUNCE,
     "ring_reset": C.F_RING_RESET,
+    "packed": C.F_RING_PACKED,
 }
 #: The switches ``--offloads`` (and TestbedConfig.offloads) turn on or off together.
 OFFLOAD_SWITCHES = ("csum", "guest_csum", "host_tso4", "host_tso6", "guest_tso4", "guest_tso6")
@@ -64,8 +66,10 @@ MQ_MAX = 4
 #: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults),
 #: announcements (they follow ctrl_vq: see parse) and per-queue reset (checked with Linux's
 #: ethtool -G path by tests/vm/test_ring_reset.py only, not across the suite and kernels).
+#: The packed ring (``packed``, VIRTIO_F_RING_PACKED) is off by default like QEMU's ``packed``
+#: property: Linux uses it whenever it is offered, and the suite's baselines are split rings.
 DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr",
-                         "guest_announce", "ring_reset"})
+                         "guest_announce", "ring_reset", "packed"})
 DEFAULT_ON = frozenset(SWITCHES) - DEFAULT_OFF
 
 

@@ -76,6 +76,8 @@ MQ_FEATURES = 1 << C.NET_F_MQ
 #: Per-queue reset and guest announcements: accepted on top too, offered only when switched on
 #: (harness.virtio.features ring_reset, guest_announce), for the same reason.
 RESET_ANNOUNCE_FEATURES = (1 << C.F_RING_RESET) | (1 << C.NET_F_GUEST_ANNOUNCE)
+#: The packed ring format (harness.virtio.features ``packed``): accepted, offered when switched on.
+PACKED_FEATURES = 1 << C.F_RING_PACKED
 
 _GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
 # Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
@@ -125,7 +127,7 @@ class VirtioNetDevice(VirtioPciDevice):
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
         feats = DEFAULT_FEATURES if features is None else features
-        accepted = SUPPORTED_FEATURES | MQ_FEATURES | RESET_ANNOUNCE_FEATURES
+        accepted = SUPPORTED_FEATURES | MQ_FEATURES | RESET_ANNOUNCE_FEATURES | PACKED_FEATURES
         if feats & ~accepted:
             raise ValueError(f"unsupported features {feats & ~accepted:#x}")
         check_bits(feats)
@@ -169,8 +171,6 @@ class VirtioNetDevice(VirtioPciDevice):
         self.csum_completed = 0
         self.link_up = True
         self.batch = batch
-        self.rx = self.queues[RX_QUEUE]
-        self.tx = self.queues[TX_QUEUE]
         #: The control queue's state (RX modes, MAC filter); a fresh one at every reset.
         self.control = ControlState(self.mac, max_pairs=max_pairs)
         self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
@@ -185,6 +185,17 @@ class VirtioNetDevice(VirtioPciDevice):
         self._scratch: bytearray | None = None  # where link-down RX frames are read to die
         #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
         self.misbehave: Misbehave | None = None
+
+    @property
+    def rx(self) -> Virtqueue:
+        """Queue rx0 (looked up each time: the transport swaps the queue objects when the
+        driver negotiates the packed ring format)."""
+        return self.queues[RX_QUEUE]
+
+    @property
+    def tx(self) -> Virtqueue:
+        """Queue tx0 (looked up each time, like ``rx``)."""
+        return self.queues[TX_QUEUE]
 
     # ---- misbehaviours -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from harness.dma import MapOps
 from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
 from harness.virtio.misbehave import Misbehave
+from harness.virtio.packed import PackedVirtqueue
 from harness.virtio.protocols import Barrier, InterruptSink, no_barrier
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -72,7 +73,8 @@ class VirtioPciDevice:
         self.irq = irq
         self.device_features = device_features
         self.bus_master = bus_master
-        self.queues = [
+        self._barrier = barrier
+        self.queues: list[Virtqueue] = [
             SplitVirtqueue(i, queue_size, mapops, name=n, on_error=self._queue_error,
                            barrier=barrier)
             for i, n in enumerate(queue_names)
@@ -361,6 +363,7 @@ class VirtioPciDevice:
                 v &= ~C.STATUS_FEATURES_OK
             else:
                 self.negotiated = self.driver_features
+                self._select_ring_format()
         if v & C.STATUS_DRIVER_OK and not v & C.STATUS_FEATURES_OK:
             self._bad("DRIVER_OK without FEATURES_OK", C.COMMON_STATUS, 1)
             v &= ~C.STATUS_DRIVER_OK
@@ -370,6 +373,22 @@ class VirtioPciDevice:
             # Buffers posted and kicked before DRIVER_OK have to be looked at now.
             self._pending = (1 << self.num_queues) - 1
             self._on_driver_ok()
+
+    def _select_ring_format(self) -> None:
+        """Every queue in the negotiated format (VIRTIO_F_RING_PACKED: packed, else split),
+        chosen at FEATURES_OK, before the driver may set a queue up (3.1.1); counters and
+        misbehaviours carry over, and the format stays until the next FEATURES_OK."""
+        cls = PackedVirtqueue if self.has_feature(C.F_RING_PACKED) else SplitVirtqueue
+        for i, q in enumerate(self.queues):
+            if type(q) is cls:
+                continue
+            new = cls(q.index, q.max_size, self.mapops, name=q.name, on_error=self._queue_error,
+                      barrier=self._barrier)  # fmt: skip
+            new.stats, new.misbehave = q.stats, q.misbehave
+            new.size, new.msix_vector = q.size, q.msix_vector
+            new.desc_addr, new.avail_addr, new.used_addr = q.desc_addr, q.avail_addr, q.used_addr
+            q.reset()  # nothing is mapped before FEATURES_OK, but never leak a mapping
+            self.queues[i] = new
 
     def _queue_reset(self, v: int) -> None:
         """queue_reset write (VIRTIO_F_RING_RESET, 2.6.1): 1 resets the selected queue alone.
@@ -409,7 +428,9 @@ class VirtioPciDevice:
             self._bad(f"queue {q.index} register write while enabled", off, 2)
             return
         if off == C.COMMON_Q_SIZE:
-            if v == 0 or v & (v - 1) or v > q.max_size:
+            # Packed rings take any size up to the maximum (2.8.10.1), split ones a power of 2.
+            pow2 = not isinstance(q, PackedVirtqueue)
+            if v == 0 or (pow2 and v & (v - 1)) or v > q.max_size:
                 self._bad(f"queue {q.index} size {v}", off, 2)
                 return
             q.size = v
