@@ -265,7 +265,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per workload")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="sample our device server with py-spy during each workload (ours "
-                        "side), collapsed stacks into DIR (see docs/PERFORMANCE.md)")
+                        "and --ab sides; the latter as *-ab-*), collapsed stacks into DIR "
+                        "(see docs/PERFORMANCE.md)")
     args = p.parse_args(argv)
     if args.profile is not None and py_spy() is None:
         p.error("--profile needs py-spy (.venv/bin/pip install py-spy)")

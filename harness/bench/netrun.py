@@ -194,9 +194,11 @@ def _measure(tb: Any, name: str, cmd: Command, opts: Options, pids: dict[str, in
     tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
     line = cmd.build(opts)
     spy = None
-    if opts.profile is not None and rnd.side == "ours":
+    if opts.profile is not None and rnd.side in ("ours", "ours-ab"):
+        # Both sides of an A/B, so the profile of the old way is taken in the same run.
         opts.profile.mkdir(parents=True, exist_ok=True)
-        spy = _profiler(pids.get("server"), opts.profile / f"{rnd.config}-{rnd.index:02d}-"
+        ab = "-ab" if rnd.side == "ours-ab" else ""
+        spy = _profiler(pids.get("server"), opts.profile / f"{rnd.config}-{rnd.index:02d}{ab}-"
                                                           f"{name}.txt")
     before = {k: cpu_ticks(p) for k, p in pids.items()}
     try:
