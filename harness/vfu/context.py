@@ -159,6 +159,15 @@ def _syslog_level_for(logger: logging.Logger) -> int:
     return lib.LOG_ERR
 
 
+#: HARNESS_WIRE_TAKE=scan turns _take_wire's fast path off (the A/B's old side).
+WIRE_TAKE_ENV = "HARNESS_WIRE_TAKE"
+
+
+def wire_take_fast() -> bool:
+    """False when HARNESS_WIRE_TAKE=scan (the counters scanned after every call), else True."""
+    return os.environ.get(WIRE_TAKE_ENV, "fast") != "scan"
+
+
 def _shutdown(fd: int) -> None:
     """shutdown(fd, SHUT_RDWR) on a socket this process does not own as a Python object."""
     sock = socket.socket(fileno=os.dup(fd))
@@ -194,6 +203,10 @@ class VfuContext:
         self.client_timeout = client_timeout
         self.counters = WireCounters()
         self._wire = ffi.new("harness_wire_t *")
+        # _take_wire's fast path: one bytes comparison of the whole block against zeros.
+        self._wire_buf = ffi.buffer(self._wire)
+        self._wire_zero = bytes(len(self._wire_buf))
+        self._wire_fast = wire_take_fast()
         self._attached = False
         self._conn_fd = -1
         self._pristine_config: bytes | None = None
@@ -531,6 +544,11 @@ class VfuContext:
         belong to whichever context was inside libvfio-user, and that was this one."""
         w = self._wire
         lib.harness_wire_take(w)
+        # Nearly always nothing happened: comparing the block as one buffer (0.35 us) spares
+        # the scan of 16 counters through cffi (3.6 us) after every vfu_run_ctx, i.e. at least
+        # twice per DMA_MAP/UNMAP the guest's vCPU is waiting on (docs/PERFORMANCE.md).
+        if self._wire_fast and self._wire_buf[:] == self._wire_zero:
+            return
         c = self.counters
         for cmd in range(lib.HARNESS_NR_COMMANDS):
             n = int(w.error_replies[cmd])

@@ -162,3 +162,34 @@ def test_dma_maps_are_answered_before_ring_work_while_the_guest_maps() -> None:
     guest.close()
     ours.close()
     loop.close()
+
+
+def test_wire_take_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """HARNESS_WIRE_TAKE=scan is the old _take_wire (the A/B's other side); fast by default.
+    That the fast path still counts every error reply is test_hostile_client's job (it fails
+    with the fast path returning early unconditionally)."""
+    from harness.vfu.context import WIRE_TAKE_ENV, VfuContext
+
+    monkeypatch.delenv(WIRE_TAKE_ENV, raising=False)
+    fast = VfuContext(str(tmp_path / "a.sock"))
+    monkeypatch.setenv(WIRE_TAKE_ENV, "scan")
+    scan = VfuContext(str(tmp_path / "b.sock"))
+    try:
+        assert fast._wire_fast is True and scan._wire_fast is False
+        scan._take_wire()
+        assert scan.counters.as_dict()["error_replies"] == 0
+    finally:
+        fast.close()
+        scan.close()
+
+
+def test_dmamap_microbench_runs_both_sides(capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.bench import dmamap
+
+    rows = dmamap.run(regions=20, ops=50, seed=3)
+    assert {(r["workload"], r["variant"]) for r in rows} >= {
+        ("region", "tree"), ("region", "sorted"), ("wire", "scan"), ("wire", "fast")}
+    assert all(r["p50_ns"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        dmamap.main(["--ops", "0"])
+    assert "--ops >= 1" in capsys.readouterr().err
