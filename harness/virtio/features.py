@@ -8,9 +8,10 @@ switch in order; the result is checked against the feature dependencies of virti
 ``mq=N`` switches ctrl_vq on, and ``ctrl_vq=off`` given with it is an error; ``mq=off`` (the
 default) is one queue pair without MQ. ``guest_announce`` (VIRTIO_NET_F_GUEST_ANNOUNCE, needs
 CTRL_VQ) follows ctrl_vq unless said: switching ctrl_vq on (or mq=N) switches it on too,
-``guest_announce=off`` keeps it off. ``ring_reset`` (VIRTIO_F_RING_RESET, per-queue reset) is off
-by default, and so is ``packed`` (VIRTIO_F_RING_PACKED: every queue a packed ring, virtio 1.3
-2.8). Every problem is a ``ValueError`` whose message is one
+``guest_announce=off`` keeps it off. ``ring_reset`` (VIRTIO_F_RING_RESET, per-queue reset) is on
+by default (Linux 6.1, 6.12, 7.3 take it; it acts only when the driver resets a queue, as
+ethtool -G does). ``packed`` (VIRTIO_F_RING_PACKED: every queue a packed ring, virtio 1.3
+2.8) is off by default. Every problem is a ``ValueError`` whose message is one
 line naming the switch, so the CLIs can print it as it is.
 """
 
@@ -63,13 +64,12 @@ MTU_MIN, MTU_MAX = 68, 65535
 #: Queue pairs ``mq=N`` may offer (the device keeps one TAP fd per pair).
 MQ_MAX = 4
 
-#: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults),
-#: announcements (they follow ctrl_vq: see parse) and per-queue reset (checked with Linux's
-#: ethtool -G path by tests/vm/test_ring_reset.py only, not across the suite and kernels).
+#: Off by default: the control queue (a third queue; new, not yet in the sweep's defaults) and
+#: announcements (they follow ctrl_vq: see parse).
 #: The packed ring (``packed``, VIRTIO_F_RING_PACKED) is off by default like QEMU's ``packed``
 #: property: Linux uses it whenever it is offered, and the suite's baselines are split rings.
 DEFAULT_OFF = frozenset({"ctrl_vq", "ctrl_rx", "ctrl_rx_extra", "ctrl_mac_addr",
-                         "guest_announce", "ring_reset", "packed"})
+                         "guest_announce", "packed"})
 DEFAULT_ON = frozenset(SWITCHES) - DEFAULT_OFF
 
 

@@ -15,7 +15,8 @@ from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES
 
 
 def test_defaults_are_what_users_run() -> None:
-    assert DEFAULTS.bits == DEFAULT_FEATURES | OFFLOAD_FEATURES | (1 << C.F_INDIRECT_DESC)
+    assert DEFAULTS.bits == (DEFAULT_FEATURES | OFFLOAD_FEATURES | (1 << C.F_INDIRECT_DESC)
+                             | (1 << C.F_RING_RESET))
     assert DEFAULTS.mtu is None and DEFAULTS.offloads and DEFAULTS.spec() == ""
 
 
