@@ -328,13 +328,20 @@ class PackedVirtqueue(Virtqueue):
         self._sync_out()
 
     def enable_notify(self) -> bool:
-        """Ask for a kick on the next buffer made available; True if one arrived meanwhile."""
+        """Ask for a kick on the next buffer made available; True if a chain is available now
+        (one arrived meanwhile, or the caller left it in the ring: it decides, as RX does).
+
+        "Next" is past everything the driver has made available so far (the split ring's
+        avail_event = the avail idx seen): a chain the device left in the ring (RX waiting for
+        room for a whole frame) must not be the event, or the driver, already past it, would
+        never kick (QEMU's shadow_avail_idx the same way)."""
         if not self.ready:
             return False
         dev16 = self._dev16
         assert dev16 is not None
-        if self.event_idx:  # a kick once the driver makes the next position available
-            dev16[0] = self._next_avail | self._avail_wrap << 15
+        end, wrap = self._avail_end()
+        if self.event_idx:  # a kick once the driver makes position ``end`` available
+            dev16[0] = end | wrap << 15
             self._barrier()  # the position before the flags that make it count
             dev16[1] = RING_EVENT_FLAGS_DESC
         else:
@@ -345,6 +352,19 @@ class PackedVirtqueue(Virtqueue):
         # available in between would neither be seen now nor kicked about.
         self._barrier()
         return self._head_avail()
+
+    def _avail_end(self) -> tuple[int, int]:
+        """The first position from the next chain on that is not available (every descriptor
+        of an available chain carries the AVAIL/USED bits, so no chain needs decoding)."""
+        self._sync_in()
+        desc16 = self._desc16
+        assert desc16 is not None
+        pos, wrap = self._next_avail, self._avail_wrap
+        for _ in range(self.size):
+            if not self._is_avail(desc16[8 * pos + 7], wrap):
+                break
+            pos, wrap = self._step(pos, wrap, 1)
+        return pos, wrap
 
     # ---- introspection -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMem
 from harness.testing.mockpacked import MockPackedQueue, avail_flags
 from harness.virtio import constants as C
 from harness.virtio import features
-from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
+from harness.virtio.net import DEFAULT_FEATURES, OFFLOAD_FEATURES, VirtioNetDevice
 from harness.virtio.packed import PackedVirtqueue, need_event
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -279,6 +279,28 @@ def test_device_event_asks_for_kicks_at_the_next_position() -> None:
     n.tx.kick()
     n.device.process()
     assert n.tx.device_event()[1] == C.RING_EVENT_FLAGS_ENABLE and n.tx.kick_needed()
+
+
+def test_rx_waiting_for_room_asks_for_a_kick_past_the_buffers_it_left() -> None:
+    # The VM failure this pins: RX (MRG_RXBUF, GSO) left 4 small buffers in the ring waiting
+    # for room for a 64 KiB frame and asked for a kick at the first of them, which the driver
+    # had already passed: it never kicked again and host->guest TCP stalled.
+    r = rig(PACKED | OFFLOAD_FEATURES)
+    for _ in range(4):
+        r.rx.add(in_=[1526])
+    r.rx.kick()
+    r.device.process()
+    r.backend.rx.append(frame(1, 100))
+    r.device.on_backend_readable()
+    assert r.qstat("rx0", "no_buffers") >= 1 and r.rx.get_used() == []
+    assert r.rx.device_event() == (4 | 1 << 15, C.RING_EVENT_FLAGS_DESC)
+    r.rx.added = 0  # the 4 were kicked about
+    for _ in range(60):
+        r.rx.add(in_=[1526])
+    assert r.rx.kick_if_needed()
+    r.device.process()
+    r.device.on_backend_readable()
+    assert [n for _, n in r.rx.get_used()] == [112]
 
 
 def test_used_flags_written_after_id_and_len_first_element_last() -> None:
