@@ -22,6 +22,11 @@ VQ_PAIRS_SET value (1 until it sends one, and again after a reset) carry traffic
 ``rx_wanted(i)`` is False for the others and ``on_pairs`` tells the owner, which detaches their
 TAP queues so the kernel steers nothing there. TX on an inactive pair (a driver breaking the
 rule) is still served, through backend 0, rather than left to hang.
+
+Per-queue reset (VIRTIO_F_RING_RESET, the transport's queue_reset): while an RX queue is reset
+and not yet enabled again, its backend's frames are read and dropped (``reset_drops``, 5.1.6.5.6.2)
+rather than held to arrive stale. ``announce()`` (GUEST_ANNOUNCE) sets VIRTIO_NET_S_ANNOUNCE;
+the driver's ANNOUNCE_ACK clears it (harness.virtio.ctrl).
 """
 
 from __future__ import annotations
@@ -176,6 +181,10 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
         self.filtered = 0  # RX frames the driver's RX mode / MAC filter turned away
         self._rx_starved = [False] * max_pairs  # per pair: waiting for the driver's RX kick
+        #: Per pair: its RX queue was reset by the driver (queue_reset) and is not enabled
+        #: again yet; meanwhile its backend is drained and the frames dropped (5.1.6.5.6.2).
+        self._rx_reset = [False] * max_pairs
+        self.reset_drops = 0  # RX frames dropped because their queue was being reset
         self._rx_max = _RX_MAX_MTU
         self._rx_frame_max = 1518
         self._mrg = False
@@ -284,7 +293,9 @@ class VirtioNetDevice(VirtioPciDevice):
         status = C.NET_S_LINK_UP if self.link_up else 0
         if self.control.announce_pending:
             status |= C.NET_S_ANNOUNCE
-        config = self.mac + _U16.pack(status)
+        # MAC_ADDR_SET updates the config space mac before the command is consumed (5.1.6.5.2.1).
+        mac = self.control.mac if self.has_feature(C.NET_F_CTRL_MAC_ADDR) else self.mac
+        config = mac + _U16.pack(status)
         if self.mtu is not None or self.device_features >> C.NET_F_MQ & 1:
             config += _U16.pack(self.max_pairs)  # max_virtqueue_pairs
         if self.mtu is not None:
@@ -299,6 +310,7 @@ class VirtioNetDevice(VirtioPciDevice):
         self._rx_max = (_RX_MAX_GSO if self.negotiated & _GUEST_GSO
                         else C.NET_HDR_SIZE + self._rx_frame_max)
         self._rx_starved = [False] * self.max_pairs
+        self._rx_reset = [False] * self.max_pairs
         #: The features of the last DRIVER_OK (kept across resets: what the guest ran with).
         self.driver_ok_features = self.negotiated
         log.info("DRIVER_OK: features %#x", self.negotiated)
@@ -308,6 +320,7 @@ class VirtioNetDevice(VirtioPciDevice):
 
     def _on_reset(self) -> None:
         self._rx_starved = [False] * self.max_pairs
+        self._rx_reset = [False] * self.max_pairs
         pairs = self.control.pairs
         self.control.reset()
         if pairs != 1 and self.on_pairs is not None:
@@ -322,6 +335,7 @@ class VirtioNetDevice(VirtioPciDevice):
         # every chain it took was completed inside process(), before this write could arrive.
         if q.index < self._ctrl_index and q.index % 2 == 0:
             self._rx_starved[q.index // 2] = False
+            self._rx_reset[q.index // 2] = True
 
     def announce(self) -> int:
         """Ask the driver to announce itself (VIRTIO_NET_S_ANNOUNCE, 5.1.6.5.4).
@@ -387,6 +401,8 @@ class VirtioNetDevice(VirtioPciDevice):
         if not self.link_up:
             return True
         q = self.queues[2 * pair]
+        if self._rx_reset[pair] and not q.enabled:
+            return True  # being reset: drain the backend, drop (not hold) what it has
         return not self._rx_starved[pair] and q.enabled and not q.broken
 
     def process(self) -> None:
@@ -406,9 +422,11 @@ class VirtioNetDevice(VirtioPciDevice):
         ctrl = self._ctrl_index
         if pending & (1 << ctrl) and self.num_queues > ctrl:
             q = self.queues[ctrl]
-            pairs = self.control.pairs
+            pairs, mac = self.control.pairs, self.control.mac
             if serve_queue(q, self.control, self.negotiated):
                 self._queue_interrupt(q)
+            if self.control.mac != mac:  # the config mac changed: the next read must see
+                self.config_generation = (self.config_generation + 1) & 0xFF  # a new generation
             if self.control.pairs != pairs:
                 log.info("queue pairs: %d -> %d", pairs, self.control.pairs)
                 if self.on_pairs is not None:
@@ -486,6 +504,9 @@ class VirtioNetDevice(VirtioPciDevice):
             self._rx_discard(pair)
             return
         q = self.queues[2 * pair]
+        if not q.enabled:  # reset by the driver (rx_wanted): such frames are dropped
+            self._rx_discard(pair, link=False)
+            return
         st = q.stats
         backend = self.pair_backend(pair)
         pool: list[Chain] = []  # popped and mapped, in ring order
@@ -560,8 +581,9 @@ class VirtioNetDevice(VirtioPciDevice):
             self.header_drops += 1
         return False
 
-    def _rx_discard(self, pair: int = 0) -> None:
-        """Link down: read up to a batch of frames from the backend and drop them."""
+    def _rx_discard(self, pair: int = 0, link: bool = True) -> None:
+        """Link down (``link``) or RX queue being reset: read up to a batch of frames from the
+        backend and drop them."""
         if self._scratch is None:
             self._scratch = bytearray(_RX_MAX_GSO)
         views = [memoryview(self._scratch)]
@@ -575,7 +597,10 @@ class VirtioNetDevice(VirtioPciDevice):
             if got <= 0:
                 return
             st.drops += 1
-            self.link_drops += 1
+            if link:
+                self.link_drops += 1
+            else:
+                self.reset_drops += 1
 
     def _rx_gather(self, q: Virtqueue, pool: list[Chain]) -> bool:
         """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
@@ -655,6 +680,7 @@ class VirtioNetDevice(VirtioPciDevice):
             "link_up": self.link_up,
             "link_changes": self.link_changes,
             "link_drops": self.link_drops,
+            "reset_drops": self.reset_drops,
             "oversize_drops": self.oversize_drops,
             "header_drops": self.header_drops,
             "filtered": self.filtered,

@@ -16,7 +16,8 @@ from harness.dma import DmaLedger
 from harness.dma.factory import build_mapops
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory
 from harness.virtio import constants as C
-from harness.virtio.net import DEFAULT_FEATURES, VirtioNetDevice
+from harness.virtio import ctrl
+from harness.virtio.net import CTRL_FEATURES, DEFAULT_FEATURES, MQ_FEATURES, VirtioNetDevice
 
 RESET = DEFAULT_FEATURES | (1 << C.F_RING_RESET)
 RX, TX = 0, 1
@@ -107,7 +108,7 @@ def test_tx_reset_mid_traffic_unmaps_forgets_and_leaves_rx_alone(ring: str) -> N
     assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
 
 
-def test_rx_reset_drops_its_buffers_and_frames_wait_for_the_new_ring() -> None:
+def test_rx_reset_drops_its_buffers_and_the_frames_that_arrive_meanwhile() -> None:
     r = rig()
     d, dev = r.driver, r.device
     rx = d.queues[RX]
@@ -122,19 +123,23 @@ def test_rx_reset_drops_its_buffers_and_frames_wait_for_the_new_ring() -> None:
 
     assert d.reset_queue(RX) == 0
     assert r.ledger.live == live - 3 and dev.queues[RX].outstanding == 0
-    r.backend.rx.append(hdr() + b"two")
-    assert not dev.rx_wanted()  # no ring: the frame stays in the backend
+    r.backend.rx.extend([hdr() + b"two", hdr() + b"three"])
+    # Being reset: the frames are dropped (5.1.6.5.6.2: with every RX queue being reset the
+    # device MUST drop), not held to arrive stale in the new ring.
+    assert dev.rx_wanted()
     dev.on_backend_readable()
-    assert len(r.backend.rx) == 1
+    assert not r.backend.rx and dev.reset_drops == 2 and dev.link_drops == 0
+    assert dev.stats()["rx0"]["drops"] == 2  # type: ignore[index]
 
     rx2 = d.setup_queue(RX, 128, vector=RX + 1)
     rx2.add(in_=[2048])
     rx2.kick()
     dev.process()
+    r.backend.rx.append(hdr() + b"four")
     assert dev.rx_wanted()
     dev.on_backend_readable()
     ((head, n),) = rx2.get_used()
-    assert rx2.written(head, n)[len(hdr()):] == b"two"
+    assert rx2.written(head, n)[len(hdr()):] == b"four" and dev.reset_drops == 2
     d.reset()
     assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
 
@@ -186,3 +191,35 @@ def test_device_reset_after_a_queue_reset_leaves_nothing_mapped() -> None:
     assert r.ledger.live == 0 and violations(r) == 0
     r.driver.init()  # and the device comes up again as new
     assert r.read_q(RX, C.COMMON_Q_ENABLE) == 1 and r.read_q(RX, C.COMMON_Q_RESET) == 0
+
+
+def test_with_mq_a_reset_rx_queue_drops_its_frames_and_the_other_pair_goes_on() -> None:
+    mem = MockMemory(8 << 20)
+    ops, ledger = build_mapops("direct", mem.memory, bus_master=lambda: True)
+    backends = [FakeBackend(), FakeBackend()]
+    dev = VirtioNetDevice(ops, FakeIrq(), backends[0], mac=bytes(6), queue_size=64,
+                          features=RESET | CTRL_FEATURES | MQ_FEATURES, max_pairs=2,
+                          extra_backends=backends[1:], bus_master=lambda: True)
+    d = MockDriver(dev, mem)
+    d.init()
+    cq = d.queues[4]
+    head = cq.add([bytes([ctrl.CLASS_MQ, ctrl.MQ_VQ_PAIRS_SET]), struct.pack("<H", 2)], in_=[1])
+    cq.kick()
+    dev.process()
+    assert cq.get_used() == [(head, 1)] and dev.control.pairs == 2
+    for rxq in (d.queues[0], d.queues[2]):
+        rxq.add(in_=[2048])
+        rxq.kick()
+    dev.process()
+
+    assert d.reset_queue(2) == 0  # rx1
+    for b in backends:
+        b.rx.append(hdr() + b"x")
+    for pair in (0, 1):
+        assert dev.rx_wanted(pair)
+        dev.on_backend_readable(pair)
+    assert len(d.queues[0].get_used()) == 1  # pair 0 untouched
+    assert not backends[1].rx and dev.reset_drops == 1
+    assert d.read(C.COMMON_Q_ENABLE, 2) == 0  # rx1 still selected
+    d.reset()
+    assert ledger is not None and ledger.check_leaks("test end") == 0
