@@ -29,6 +29,7 @@ class Rig:
     driver: MockDriver
     backend: FakeBackend
     ledger: DmaLedger
+    irq: FakeIrq
 
     def read_q(self, index: int, off: int, width: int = 2) -> int:
         self.driver.write(C.COMMON_Q_SELECT, 2, index)
@@ -40,11 +41,12 @@ def rig(features: int = RESET, driver_features: int | None = None) -> Rig:
     ops, ledger = build_mapops("direct", mem.memory, bus_master=lambda: True)
     assert ledger is not None
     backend = FakeBackend()
-    dev = VirtioNetDevice(ops, FakeIrq(), backend, mac=bytes(6), queue_size=256,
+    irq = FakeIrq()
+    dev = VirtioNetDevice(ops, irq, backend, mac=bytes(6), queue_size=256,
                           features=features, bus_master=lambda: True)
     driver = MockDriver(dev, mem)
     driver.init(driver_features)
-    return Rig(dev, driver, backend, ledger)
+    return Rig(dev, driver, backend, ledger, irq)
 
 
 def hdr() -> bytes:
@@ -149,10 +151,12 @@ def test_a_reset_queue_is_not_executed_even_if_the_driver_kicks_it() -> None:
     d, dev = r.driver, r.device
     tx = d.queues[TX]
     assert d.reset_queue(TX) == 0
+    irqs = len(r.irq.vectors)
     tx.add([hdr() + b"stale ring"])  # the driver writes into the old ring and kicks anyway
     tx.kick()
     dev.process()
     assert r.backend.tx == [] and tx.used_idx() == 0
+    assert len(r.irq.vectors) == irqs  # and it is not notified for it (2.6.1.1.1)
 
 
 @pytest.mark.parametrize("case", ["not-negotiated", "select-out-of-range", "not-enabled",
