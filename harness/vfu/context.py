@@ -164,8 +164,12 @@ WIRE_TAKE_ENV = "HARNESS_WIRE_TAKE"
 
 
 def wire_take_fast() -> bool:
-    """False when HARNESS_WIRE_TAKE=scan (the counters scanned after every call), else True."""
-    return os.environ.get(WIRE_TAKE_ENV, "fast") != "scan"
+    """False when HARNESS_WIRE_TAKE=scan (the counters scanned after every call), True for
+    fast (the default); ValueError for anything else, so a mistyped A/B side fails loudly."""
+    mode = os.environ.get(WIRE_TAKE_ENV, "fast") or "fast"
+    if mode not in ("fast", "scan"):
+        raise ValueError(f"{WIRE_TAKE_ENV}={mode!r}: expected fast or scan")
+    return mode == "fast"
 
 
 def _shutdown(fd: int) -> None:

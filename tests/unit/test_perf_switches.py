@@ -181,6 +181,9 @@ def test_wire_take_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Non
     finally:
         fast.close()
         scan.close()
+    monkeypatch.setenv(WIRE_TAKE_ENV, "scna")
+    with pytest.raises(ValueError, match="HARNESS_WIRE_TAKE"):
+        VfuContext(str(tmp_path / "c.sock"))
 
 
 def test_dmamap_microbench_runs_both_sides(capsys: pytest.CaptureFixture[str]) -> None:
