@@ -4,12 +4,19 @@ BAR0 and the control virtqueue with the driver mock; the control-socket command 
 
 from __future__ import annotations
 
+import json
+import os
+import selectors
 import struct
+import threading
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from harness.cli import main
 from harness.server.control import CommandError, ControlServer, Request, device_commands
+from harness.session import RUN_FILE
 from harness.testing.mockdriver import NetRig, net_rig
 from harness.virtio import constants as C
 from harness.virtio import ctrl
@@ -111,3 +118,40 @@ def test_the_announce_control_command() -> None:
     with pytest.raises(CommandError, match="not running"):
         table["announce"](server, Request("announce", {"cmd": "announce"}))
     assert "announce" not in device_commands(stats=dict, stop=lambda: None)
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_harness_announce_cli(offered: bool, tmp_path: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    r = net_rig(features=ANNOUNCE if offered else DEFAULT_FEATURES | CTRL_FEATURES)
+    sock = tmp_path / "net0-control.sock"
+    server = ControlServer.listen(sock, device_commands(stats=dict, stop=lambda: None,
+                                                       announce=r.device.announce))
+    sel = selectors.DefaultSelector()
+    server.register(sel)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            for key, mask in sel.select(timeout=0.01):
+                key.data(mask)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    (tmp_path / RUN_FILE).write_text(json.dumps({
+        "pid": os.getpid(), "run_dir": str(tmp_path), "qmp": "", "devices": ["net0"],
+        "control": [str(sock)], "console_socket": "", "console_log": ""}))
+    try:
+        code = main(["announce", "--run-dir", str(tmp_path)])
+    finally:
+        done.set()
+        t.join(5)
+        server.close()
+        sel.close()
+    out, err = capsys.readouterr()
+    if offered:
+        assert (code, out, err) == (0, "net0: announce requested (1 so far)\n", "")
+        assert status(r) & C.NET_S_ANNOUNCE
+    else:
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith("harness announce: ") and "GUEST_ANNOUNCE" in err
