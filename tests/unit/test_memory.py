@@ -1,4 +1,4 @@
-"""GuestMemory: regions in an IOVA domain, lookup, overlap, range removal, revocation."""
+"""GuestMemory: regions in its index (both kinds), lookup, overlap, range removal, revocation."""
 
 from __future__ import annotations
 
