@@ -239,6 +239,13 @@ class Misbehave:
         time.sleep(SLOW_SECONDS)  # slow-completions: the whole device waits, as a slow one would
         return vector
 
+    def on_queue_reset(self, queue: str) -> None:
+        """The driver reset ``queue`` alone (VIRTIO_F_RING_RESET): as at a device reset, a
+        held-back frame belongs to the rings that went with it."""
+        self._held.pop(queue, None)
+        self._holding.discard(queue)
+        self._mid.discard(queue)
+
     def on_status_write(self, old: int, value: int) -> int:
         """The driver writes ``value`` to the status (``old``): what the device keeps."""
         if self.fired_at is not None and self._disabled_at is None and (

@@ -414,6 +414,8 @@ class VirtioPciDevice:
             self.queue_resets += 1
             q.reset()
             self._pending &= ~(1 << q.index)
+            if self.misbehave is not None:  # used-out-of-order: drop a frame held for it
+                self.misbehave.on_queue_reset(q.name)
             self._on_queue_reset(q)
 
     def _queue_write(self, off: int, v: int) -> None:
