@@ -196,6 +196,53 @@ def test_wrap_around_over_many_rounds(size: int) -> None:
     assert r.ledger.live == RINGS
 
 
+def test_descriptor_not_used_until_its_avail_bit_flips() -> None:
+    r = rig(size=8)
+    b = r.driver.mem.alloc(62)
+    r.driver.mem.write(b, frame(3, 50))
+    r.tx.write_desc(0, b, 62, 0, 0)  # addr, len, id in place; AVAIL/USED as zero-initialised
+    r.tx.kick()
+    r.device.process()
+    r.tx.write_desc(0, b, 62, avail_flags(0), 0)  # the other lap's bits: not available now
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [] and not r.device.status & C.STATUS_NEEDS_RESET
+    r.tx.write_desc(0, b, 62, avail_flags(1), 0)
+    r.tx.kick()
+    r.device.process()
+    assert r.backend.tx == [frame(3, 50)]
+
+
+def test_device_writes_only_used_descriptors_and_writable_buffers() -> None:
+    r = rig(size=16)
+    mem = r.driver.mem
+    for i in range(3):
+        r.tx.add([frame(i)[:12], frame(i)[12:]])
+    r.rx.add(in_=[2048])
+    r.rx.kick()
+    before = bytes(mem.buf)
+    r.tx.kick()
+    r.device.process()
+    r.backend.rx.append(frame(9, 70))
+    r.device.on_backend_readable()
+    after = bytes(mem.buf)
+    allowed = [(r.tx.desc, 16 * 16), (r.rx.desc, 16 * 16), (r.tx.used, 4), (r.rx.used, 4)]
+    allowed += [(b.iova, b.length) for bufs in r.rx.buffers.values() for b in bufs]
+    for off, (x, y) in enumerate(zip(before, after, strict=True)):
+        if x != y:
+            iova = mem.base + off
+            assert any(a <= iova < a + n for a, n in allowed), hex(iova)
+    # The used descriptors: TX's at positions 0, 2, 4 (two descriptors each), flags last.
+    used = [r.tx.read_desc(p) for p in (0, 2, 4)]
+    assert [(u[2], u[3]) for u in used] == [(i, C.DESC_F_AVAIL | C.DESC_F_USED) for i in range(3)]
+    snapshot = bytes(mem.buf[r.tx.desc - mem.base : r.tx.desc - mem.base + 16 * 6])
+    r.tx.get_used()
+    r.tx.add([frame(5)])
+    r.tx.kick()
+    r.device.process()  # a later completion leaves the used descriptors before it alone
+    assert bytes(mem.buf[r.tx.desc - mem.base : r.tx.desc - mem.base + 16 * 6]) == snapshot
+
+
 # ---- event suppression -----------------------------------------------------------------------
 
 
@@ -422,7 +469,7 @@ def writable_before_readable(r: Rig) -> None:
 
 def chain_length_overflow(r: Rig) -> None:
     b = _buf(r)
-    _raw(r, [(b, 0xFFFF_FFF0, 0, C.DESC_F_NEXT), (b, 0x20, 0, 0)])
+    _raw(r, [(b, 0x40, 0, C.DESC_F_NEXT), (b, 0xFFFF_FFF0, 0, 0)])  # refused before mapping
 
 
 def misaligned_ring(r: Rig) -> None:
@@ -437,33 +484,37 @@ def misaligned_ring(r: Rig) -> None:
     d.write(C.COMMON_Q_ENABLE, 2, 1)
 
 
-MALFORMED: dict[str, tuple[Setup, int]] = {
-    "chain-longer-than-queue": (chain_longer_than_queue, PACKED),
-    "chain-descriptor-not-available": (chain_descriptor_not_available, PACKED),
-    "buffer-id-out-of-range": (buffer_id_out_of_range, PACKED),
-    "buffer-id-reused-in-flight": (buffer_id_reused_in_flight, PACKED),
-    "indirect-not-negotiated": (indirect_not_negotiated, NO_INDIRECT),
-    "indirect-with-next": (indirect_with_next, PACKED),
-    "indirect-inside-a-chain": (indirect_inside_a_chain, PACKED),
-    "indirect-table-length": (indirect_table_length_bad, PACKED),
-    "indirect-table-outside-memory": (indirect_table_outside_memory, PACKED),
-    "address-outside-memory": (address_outside_memory, PACKED),
-    "straddles-memory-end": (straddles_memory_end, PACKED),
-    "writable-before-readable": (writable_before_readable, PACKED),
-    "chain-length-overflow": (chain_length_overflow, PACKED),
-    "misaligned-ring": (misaligned_ring, PACKED),
+#: case -> (setup, features, the words the queue's error names it with)
+MALFORMED: dict[str, tuple[Setup, int, str]] = {
+    "chain-longer-than-queue": (chain_longer_than_queue, PACKED, "chain longer than the queue"),
+    "chain-descriptor-not-available": (chain_descriptor_not_available, PACKED, "not available"),
+    "buffer-id-out-of-range": (buffer_id_out_of_range, PACKED, "buffer id 256 out of range"),
+    "buffer-id-reused-in-flight": (buffer_id_reused_in_flight, PACKED, "reused while in flight"),
+    "indirect-not-negotiated": (indirect_not_negotiated, NO_INDIRECT, "without VIRTIO_F_INDIRECT"),
+    "indirect-with-next": (indirect_with_next, PACKED, "INDIRECT descriptor with NEXT"),
+    "indirect-inside-a-chain": (indirect_inside_a_chain, PACKED, "in a chain linked by NEXT"),
+    "indirect-table-length": (indirect_table_length_bad, PACKED, "bad indirect table length"),
+    "indirect-table-outside-memory": (indirect_table_outside_memory, PACKED, "not mappable"),
+    "address-outside-memory": (address_outside_memory, PACKED, "not mappable"),
+    "straddles-memory-end": (straddles_memory_end, PACKED, "not mappable"),
+    "writable-before-readable": (writable_before_readable, PACKED, "readable descriptor after"),
+    "chain-length-overflow": (chain_length_overflow, PACKED, "exceeds 2^32 - 1"),
+    "misaligned-ring": (misaligned_ring, PACKED, "misaligned rings"),
 }
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
-def test_malformed_ring_sets_needs_reset(case: str) -> None:
-    setup, feats = MALFORMED[case]
+def test_malformed_ring_sets_needs_reset(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    setup, feats, words = MALFORMED[case]
     r = rig(feats, size=16)
     setup(r)
     r.tx.kick()
     r.device.process()  # never raises
     assert r.device.status & C.STATUS_NEEDS_RESET, case
     assert r.qstat("tx0", "errors") >= 1 and r.device.tx.broken
+    # The ring refused it, for this reason (not the net device for another one).
+    errors = [m.getMessage() for m in caplog.records if m.name == "harness.virtio.virtqueue"]
+    assert len(errors) == 1 and "virtqueue tx0" in errors[0] and words in errors[0], errors
     assert 0 in r.irq.vectors  # the config interrupt
     assert r.backend.tx == []
     # Nothing of the refused chain stays mapped: the rings (and a chain the test holds).

@@ -16,6 +16,12 @@ min(CPUs, pairs) = 2 with VQ_PAIRS_SET, and the cell checks that value, that tra
 more than one pair (the host kernel steers flows over the TAP's queues, the guest picks its TX
 queue by CPU), and that nothing moved on the pairs the driver left off (5.1.6.5.5); the
 per-queue packet counts go into the table.
+
+The two ``packed`` cells offer VIRTIO_F_RING_PACKED (``packed=on``): every queue a packed ring
+(virtio 1.3 2.8). One with everything else at its default, one with mrg_rxbuf, event_idx and
+indirect off behind a vIOMMU (big RX buffers as multi-descriptor chains in the ring, the
+ENABLE/DISABLE event flags instead of off_wrap, every buffer through the IOMMU); each checks
+that the driver took the packed ring and that the device's queues were packed.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ CHECKED_BITS = (
     | (1 << C.NET_F_HOST_TSO6) | (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6)
     | (1 << C.NET_F_MRG_RXBUF) | (1 << C.F_EVENT_IDX) | (1 << C.F_INDIRECT_DESC)
     | (1 << C.NET_F_MTU) | (1 << C.NET_F_CTRL_VQ) | (1 << C.NET_F_CTRL_RX)
-    | (1 << C.NET_F_CTRL_MAC_ADDR) | (1 << C.NET_F_MQ)
+    | (1 << C.NET_F_CTRL_MAC_ADDR) | (1 << C.NET_F_MQ) | (1 << C.F_RING_PACKED)
 )  # not CTRL_RX_EXTRA: offered in the ctrl cell, Linux's virtio_net does not take it
 
 
@@ -71,6 +77,10 @@ CELLS = [
     Cell("ctrl-rx", "ctrl_vq=on,ctrl_rx=on,ctrl_rx_extra=on,ctrl_mac_addr=on"),
     # Multiqueue: 4 pairs offered, the 2-vCPU guest enables 2 (see the module docstring).
     Cell("mq4", "mq=4"),
+    # Packed virtqueues (off by default): with the defaults, and with the ring features off.
+    Cell("packed", "packed=on"),
+    Cell("packed-nomrg-noevt-noind", "packed=on,mrg_rxbuf=off,event_idx=off,indirect=off",
+         viommu=True),
 ]
 #: The guest's vCPUs (harness.testbed's default -smp): Linux enables min(CPUs, max pairs).
 GUEST_CPUS = 2
@@ -134,6 +144,9 @@ def test_feature_cell(cell: Cell,
         assert dev["ctrl"]["commands"] > 0 and dev["ctrl"]["errors"] == 0, dev["ctrl"]
     if mq_error is not None:
         raise mq_error
+    # The ring format the queues ran in (their ring_state says "packed").
+    assert all(bool(dev[q].get("packed")) == ("packed" in feats.on) for q in ("rx0", "tx0")), \
+        {q: dev[q].get("packed") for q in ("rx0", "tx0")}
     if feats.mtu is not None:
         link = result.case("link_up")
         assert link is not None and int(link.metrics.get("mtu", 0)) == feats.mtu
