@@ -21,8 +21,8 @@ the packed ring's own: a chain longer than the queue, a chain descriptor not mad
 (with the wrap counter it must have), INDIRECT without the feature, with NEXT or inside a
 chain (2.8.19: the driver "MUST NOT write direct descriptors with VIRTQ_DESC_F_INDIRECT set
 in a scatter-gather list linked by VIRTQ_DESC_F_NEXT"), a
-buffer id out of range (ids are < queue size here: a device-chosen limit, as Linux and QEMU
-allocate them) or one already in flight. Any of them breaks the queue (``fail``:
+buffer id out of range (ids are < queue size here: this device's limit, the spec sets none;
+Linux allocates them so) or one already in flight. Any of them breaks the queue (``fail``:
 NEEDS_RESET); nothing raises. Indirect tables hold packed descriptors used in order, whose
 flags other than WRITE (and whose ids) are ignored, as 2.8 says.
 """
