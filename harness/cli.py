@@ -37,7 +37,8 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                    help="device feature switches over the defaults, like QEMU device "
                         "properties: csum, guest_csum, host_tso4/6, guest_tso4/6, mrg_rxbuf, "
                         "event_idx, indirect, status, mac, offloads (all on by default), "
-                        "mtu=N, mq=N (1..4 queue pairs; both off by default)")
+                        "mtu=N, mq=N (1..4 queue pairs), packed (packed virtqueues; "
+                        "these three off by default)")
     p.add_argument("--smp", type=argtypes.positive_int, default=2)
     p.add_argument("--memory", type=argtypes.memory_mb, default=512, metavar="MB")
     p.add_argument("--pcap", type=Path, metavar="FILE",
