@@ -36,9 +36,10 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", type=_features_spec, default="", metavar="NAME=on|off,...",
                    help="device feature switches over the defaults, like QEMU device "
                         "properties: csum, guest_csum, host_tso4/6, guest_tso4/6, mrg_rxbuf, "
-                        "event_idx, indirect, status, mac, offloads (all on by default), "
-                        "mtu=N, mq=N (1..4 queue pairs), packed (packed virtqueues; "
-                        "these three off by default)")
+                        "event_idx, indirect, status, mac, ring_reset, offloads (all on by "
+                        "default), mtu=N, mq=N (1..4 queue pairs), packed (packed "
+                        "virtqueues), ctrl_vq, ctrl_rx, ctrl_rx_extra, ctrl_mac_addr, "
+                        "guest_announce (on with ctrl_vq) (these off by default)")
     p.add_argument("--smp", type=argtypes.positive_int, default=2)
     p.add_argument("--memory", type=argtypes.memory_mb, default=512, metavar="MB")
     p.add_argument("--pcap", type=Path, metavar="FILE",
