@@ -14,23 +14,16 @@ from harness.dma import (
     GuestMemory,
     build_mapops,
 )
-from harness.dma.regionindex import INDEX_ENV, INDEX_KINDS
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory
 from harness.virtio import constants as C
 from harness.virtio.net import VirtioNetDevice
 
+#: Every test here runs on both region indexes (conftest.index_kind).
+pytestmark = pytest.mark.usefixtures("index_kind")
+
 P = 0x1000
 RW = 0x100000
 RO = 0x200000
-
-
-@pytest.fixture(autouse=True, params=INDEX_KINDS)
-def index_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both region indexes (HARNESS_GUEST_INDEX): the faster one must
-    keep every check of the old one."""
-    kind: str = request.param
-    monkeypatch.setenv(INDEX_ENV, kind)
-    return kind
 
 
 def _ledger(kind: str = "direct") -> tuple[DmaLedger, GuestMemory, list[bool]]:

@@ -8,18 +8,12 @@ import random
 import pytest
 
 from harness.dma import Direction, DirectMapOps, DmaFault, DmaHandle, GuestMemory, RegionOverlap
-from harness.dma.regionindex import INDEX_ENV, INDEX_KINDS
+from harness.dma.regionindex import INDEX_ENV
+
+#: Every test here runs on both region indexes (conftest.index_kind).
+pytestmark = pytest.mark.usefixtures("index_kind")
 
 P = 0x1000
-
-
-@pytest.fixture(autouse=True, params=INDEX_KINDS)
-def index_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs on both region indexes (HARNESS_GUEST_INDEX): the faster one must
-    keep every check of the old one."""
-    kind: str = request.param
-    monkeypatch.setenv(INDEX_ENV, kind)
-    return kind
 
 
 def _mem() -> tuple[GuestMemory, bytearray, bytearray]:
