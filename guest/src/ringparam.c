@@ -29,6 +29,18 @@ static int ring_ioctl(int fd, const char *ifname, struct ethtool_ringparam *rp)
 	return ioctl(fd, SIOCETHTOOL, &ifr);
 }
 
+/* ETHTOOL_GRINGPARAM into *rp; the error is printed here. */
+static int get_rings(int fd, const char *ifname, struct ethtool_ringparam *rp)
+{
+	memset(rp, 0, sizeof(*rp));
+	rp->cmd = ETHTOOL_GRINGPARAM;
+	if (ring_ioctl(fd, ifname, rp) < 0) {
+		fprintf(stderr, "ringparam: %s: get: %s\n", ifname, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
 static unsigned parse_size(const char *s)
 {
 	char *end;
@@ -57,12 +69,8 @@ int main(int argc, char **argv)
 		fprintf(stderr, "ringparam: socket: %s\n", strerror(errno));
 		return 1;
 	}
-	memset(&rp, 0, sizeof(rp));
-	rp.cmd = ETHTOOL_GRINGPARAM;
-	if (ring_ioctl(fd, argv[1], &rp) < 0) {
-		fprintf(stderr, "ringparam: %s: get: %s\n", argv[1], strerror(errno));
+	if (get_rings(fd, argv[1], &rp) < 0)
 		return 1;
-	}
 	if (argc > 2) {
 		for (i = 2; i < argc; i += 2) {
 			if (strcmp(argv[i], "rx") == 0) {
@@ -80,12 +88,8 @@ int main(int argc, char **argv)
 				rp.rx_pending, rp.tx_pending, strerror(errno));
 			return 1;
 		}
-		memset(&rp, 0, sizeof(rp));
-		rp.cmd = ETHTOOL_GRINGPARAM;
-		if (ring_ioctl(fd, argv[1], &rp) < 0) {
-			fprintf(stderr, "ringparam: %s: get: %s\n", argv[1], strerror(errno));
+		if (get_rings(fd, argv[1], &rp) < 0)	/* what the driver made of it */
 			return 1;
-		}
 	}
 	printf("rx=%u tx=%u rx_max=%u tx_max=%u\n", rp.rx_pending, rp.tx_pending,
 	       rp.rx_max_pending, rp.tx_max_pending);
