@@ -116,7 +116,8 @@ def case_spec(case: str) -> str:
     interface is up and traffic flowing; 0 for probe-time cases), once unless the case is one
     whose single firing shows nothing (interrupt storms, slow completions, ...)."""
     c = CASES[case]
-    return f"{case}:after={c.after}" + (":always" if c.always or case == "interrupt-storm"
+    on = "" if c.queue == "any" else f":queue={c.queue}"
+    return f"{case}:after={c.after}{on}" + (":always" if c.always or case == "interrupt-storm"
                                          else "")
 
 

@@ -232,9 +232,9 @@ class Misbehave:
         s = self.due("interrupt", queue)
         if s is None:
             return vector
-        if s.case == "lost-interrupt":
+        if s.case in ("lost-interrupt", "lost-interrupt-rx"):
             return -1
-        if s.case == "interrupt-wrong-vector":
+        if s.case in ("interrupt-wrong-vector", "interrupt-wrong-vector-rx"):
             return next((v for v in vectors if v != vector), vector)
         time.sleep(SLOW_SECONDS)  # slow-completions: the whole device waits, as a slow one would
         return vector

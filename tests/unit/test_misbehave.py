@@ -11,7 +11,7 @@ import time
 import pytest
 
 from harness.dma import DmaLedger, build_mapops
-from harness.misbehave_run import CLASSES, Outcome, classify, compare, table
+from harness.misbehave_run import CLASSES, Outcome, case_spec, classify, compare, table
 from harness.report import Case, RunResult
 from harness.server.cli import parse_args
 from harness.server.control import CommandError, Request, device_commands
@@ -381,6 +381,35 @@ def test_interrupt_wrong_vector() -> None:
     tx_one(r)
     assert r.irq.count(TX_VECTOR) == 0 and r.irq.count(RX_VECTOR) == 1
     clean(ledger)
+
+
+def rx_variant(case: str) -> tuple[int, int]:
+    """(rx0's, tx0's notifications) after one TX and one RX frame under ``case``: TX left
+    alone, rx0's notification acted on."""
+    r, ledger = rig(case)
+    tx_one(r)
+    assert r.irq.count(TX_VECTOR) == 1 and not r.device.stats()["misbehave"]["fired"]  # type: ignore[index]
+    rx_one(r)
+    assert r.device.stats()["misbehave"]["fired"] == {case: 1}  # type: ignore[index]
+    clean(ledger)
+    return r.irq.count(RX_VECTOR), r.irq.count(TX_VECTOR)
+
+
+def test_lost_interrupt_rx() -> None:
+    assert rx_variant("lost-interrupt-rx") == (0, 1)
+
+
+def test_interrupt_wrong_vector_rx() -> None:
+    assert rx_variant("interrupt-wrong-vector-rx") == (0, 2)
+
+
+def test_catalogue_pins_the_interrupt_cases_to_a_queue() -> None:
+    """The class of a lost or misrouted notification depends on its queue (RX: a stall for
+    good; TX: the driver recovers), so the catalogue never leaves it to timing."""
+    assert case_spec("lost-interrupt") == "lost-interrupt:after=100:queue=tx0"
+    assert case_spec("interrupt-wrong-vector-rx") == "interrupt-wrong-vector-rx:after=100:queue=rx0"
+    for case in CASES:
+        parse_list(case_spec(case))
 
 
 def test_slow_completions() -> None:
