@@ -6,6 +6,7 @@ from __future__ import annotations
 import select
 import selectors
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -142,6 +143,7 @@ def _mapping_loop(poll_us: float) -> tuple[DeviceLoop, socket.socket, list[str],
     loop = DeviceLoop(ep, _Dev(), _Ledger(), ours)  # type: ignore[arg-type]
     loop.dma_poll = poll_us / 1e6
     loop._attached = True
+    loop._endpoint_fd = ours.fileno()
     loop._poll = select.poll()
     loop._poll.register(ours.fileno(), select.POLLIN)
     return loop, guest, order, ours
@@ -162,6 +164,46 @@ def test_dma_maps_are_answered_before_ring_work_while_the_guest_maps() -> None:
     guest.close()
     ours.close()
     loop.close()
+
+
+@pytest.mark.parametrize("mode", ["spin", "block"])
+def test_dma_window_answers_maps_in_both_poll_modes(mode: str) -> None:
+    loop, guest, order, ours = _mapping_loop(50_000)
+    loop.poll_block = mode == "block"
+    guest.send(b"m")
+    loop._on_endpoint(0)        # the guest maps ...
+    guest.send(b"m")            # ... and maps again while the device has ring work
+    loop.turn()
+    assert order == ["answer 1", "answer 1", "ring work"]
+    guest.close()
+    ours.close()
+    loop.close()
+
+
+def test_block_poll_mode_sleeps_through_the_dma_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HARNESS_LOOP_POLL_MODE=block waits for the window in select(): a 200 ms window with no
+    request costs next to no CPU (spin would burn all of it); spin stays the default and a
+    mistyped mode is refused."""
+    from harness.server.loop import POLL_MODE_ENV, poll_mode
+
+    monkeypatch.delenv(POLL_MODE_ENV, raising=False)
+    assert poll_mode() == "spin"
+    monkeypatch.setenv(POLL_MODE_ENV, "block")
+    loop, guest, order, ours = _mapping_loop(200_000)
+    assert loop.poll_block
+    guest.send(b"m")
+    loop._on_endpoint(0)        # a DMA message: the next turn waits for more
+    cpu, wall = time.process_time(), time.monotonic()
+    loop.turn()
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert order[-1] == "ring work" and wall >= 0.2
+    assert cpu < 0.05, f"{cpu * 1e3:.0f} ms of CPU in a 200 ms blocked window"
+    guest.close()
+    ours.close()
+    loop.close()
+    monkeypatch.setenv(POLL_MODE_ENV, "blok")
+    with pytest.raises(ValueError, match=POLL_MODE_ENV):
+        poll_mode()
 
 
 def test_wire_take_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
