@@ -24,7 +24,7 @@ from harness.net.tap import Tap, configure, link_stats, offload_for
 from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
 from harness.virtio import features as features_mod
-from harness.virtio.constants import F_ACCESS_PLATFORM
+from harness.virtio.constants import F_ACCESS_PLATFORM, CapType
 from harness.virtio.misbehave import parse_list
 from harness.virtio.net import VirtioNetDevice
 from harness.virtio.protocols import PacketBackend
@@ -175,7 +175,10 @@ class DeviceServer:
         ctx.setup_region(0, dev.bar0_size, dev.bar0_read, dev.bar0_write)
         ctx.setup_msix(dev.msix_vectors, table_bar=1, pba_bar=1)
         for cap in dev.caps:
-            ctx.add_capability(cap)
+            if cap[3] == CapType.PCI_CFG:  # the driver writes it: the device keeps its bytes
+                ctx.add_capability(cap, read=dev.pci_cfg.read, write=dev.pci_cfg.write)
+            else:
+                ctx.add_capability(cap)
         ctx.setup_dma(self._on_dma_map, self._on_dma_unmap)
         ctx.setup_reset(self._on_reset)
         ctx.realize()
@@ -231,6 +234,7 @@ class DeviceServer:
         # detached()) and from vfu_destroy_ctx at close().
         if kind != ResetType.LOST_CONN:
             self.device.reset()
+            self.device.pci_cfg.reset()  # a PCI-level reset: config space registers too
 
     # -- loop hooks -------------------------------------------------------------------------
 
@@ -242,6 +246,7 @@ class DeviceServer:
         """The vfio-user client is gone (its DMA regions are unregistered, the config space is
         back to its state at start): reset the device, so the next client finds it as new."""
         self.device.reset()
+        self.device.pci_cfg.reset()
         self.ledger.check_leaks("disconnect")
         self.ledger.check_regions(self.vfu_regions.items())
 
@@ -280,6 +285,8 @@ class DeviceServer:
             # Behind a vIOMMU: the guest's own IOVA allocator, checked from outside.
             "guest_iova": self.guest_iova.report(),
             "resets": dict(self.resets),
+            # The VIRTIO_PCI_CAP_PCI_CFG window: BAR accesses made through it, and refused.
+            "pci_cfg": self.device.pci_cfg.stats(),
             "tap_backend": {"read_errors": sum(t.read_errors
                                                for t in (self.tap, *self.extra_taps)),
                             "write_errors": sum(t.write_errors

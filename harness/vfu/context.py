@@ -215,6 +215,8 @@ class VfuContext:
         self._conn_fd = -1
         self._pristine_config: bytes | None = None
         self._regions: dict[int, _Region] = {}
+        #: Capabilities served by callbacks: (config offset, size, handlers relative to the cap).
+        self._callback_caps: list[tuple[int, int, _Region]] = []
         self._dma_regions: dict[tuple[int, int], DmaRegion] = {}
         self._on_map: Callable[[DmaRegion], None] | None = None
         self._on_unmap: Callable[[DmaRegion], None] | None = None
@@ -303,18 +305,57 @@ class VfuContext:
         # This libvfio-user ignores vfu_pci_init's revision argument; the header byte is ours.
         self.config_space()[lib.PCI_REVISION_ID] = rev
 
-    def add_capability(self, data: bytes, *, readonly: bool = True) -> int:
+    def add_capability(
+        self,
+        data: bytes,
+        *,
+        readonly: bool = True,
+        read: ReadFn | None = None,
+        write: WriteFn | None = None,
+    ) -> int:
         """Append a standard PCI capability (MSI-X, PM, EXP or vendor); returns its offset.
 
         Vendor caps go after those added earlier (the first at 0x40). `readonly` refuses guest
         writes to the whole cap; otherwise libvfio-user refuses only a vendor cap's first 3 bytes.
+        With `read` and `write` (both), every client access to the cap goes to them instead
+        (VFU_CAP_FLAG_CALLBACK), with offsets relative to the cap: the device keeps its bytes.
         """
         flags = lib.VFU_CAP_FLAG_READONLY if readonly else 0
+        if (read is None) != (write is None):
+            raise ValueError("a callback capability needs both read and write")
+        if read is not None and write is not None:
+            # The library sends such a cap's accesses to the config-space region's callback.
+            self._serve_config_space()
+            flags = lib.VFU_CAP_FLAG_CALLBACK
         # libvfio-user copies the cap into config space; a private buffer keeps `data` immutable.
         buf = ffi.new("char[]", bytes(data))
-        return self._check(
+        off = self._check(
             lib.vfu_pci_add_capability(self._live(), 0, flags, buf), "vfu_pci_add_capability"
         )
+        if read is not None and write is not None:
+            self._callback_caps.append((off, len(data), _Region(read, write)))
+        return off
+
+    def _serve_config_space(self) -> None:
+        """Register the config-space region callback (once): header and library-handled caps
+        never reach it; callback caps, and config space outside any cap, do."""
+        cfg = lib.VFU_PCI_DEV_CFG_REGION_IDX
+        if cfg in self._regions:
+            return
+        rc = lib.vfu_setup_region(
+            self._live(), cfg, self._config_size, callbacks.region_trampoline(cfg),
+            lib.VFU_REGION_FLAG_RW, ffi.NULL, 0, -1, 0,
+        )  # fmt: skip
+        self._check(rc, "vfu_setup_region(config space)")
+        self._regions[cfg] = _Region(self._config_outside_read, self._config_outside_write)
+
+    def _config_outside_read(self, offset: int, count: int) -> bytes:
+        # What the library does itself without a callback: the bytes as they are.
+        return bytes(self.config_space()[offset : offset + count]).ljust(count, b"\0")
+
+    def _config_outside_write(self, offset: int, data: memoryview) -> None:
+        # Unreachable: _cb_config refuses these before (as the library does without a callback).
+        raise OSError(errno.EINVAL, f"config space write at {offset:#x} outside any register")
 
     def setup_region(self, index: int, size: int, read: ReadFn, write: WriteFn) -> None:
         """Serve region `index` (BAR0..5 = 0..5: memory BARs) through Python callbacks.
@@ -625,6 +666,7 @@ class VfuContext:
             self._unlink_stale_socket()
             # Callbacks can no longer run: drop them so their closures can be collected.
             self._regions.clear()
+            self._callback_caps.clear()
             self._dma_regions.clear()
             self._on_map = self._on_unmap = self._on_reset = None
         self._raise_deferred()
@@ -654,7 +696,37 @@ class VfuContext:
     def _cb_log(self, level: int, msg: str) -> None:
         lib_log.log(_SYSLOG_TO_LOGGING.get(level, logging.ERROR), "%s: %s", self.socket_path, msg)
 
+    def _cb_config(self, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        """Config space the library hands to us: callback caps, and bytes outside any cap."""
+        for off, size, region in self._callback_caps:
+            if off <= offset < off + size:
+                if is_write:
+                    if offset + count > off + size:
+                        break  # straddles the cap's end: refused whole, below
+                    view = memoryview(ffi.buffer(buf, count)).toreadonly()
+                    try:
+                        region.write(offset - off, view)
+                    finally:
+                        view.release()
+                    return count
+                inside = min(count, off + size - offset)
+                data = region.read(offset - off, inside)
+                rest = self._config_outside_read(offset + inside, count - inside)
+                ffi.memmove(buf, data[:inside].ljust(inside, b"\0") + rest, count)
+                return count
+        if not is_write:
+            ffi.memmove(buf, self._config_outside_read(offset, count), count)
+            return count
+        # Exactly the library's answer when it has no callback (an error reply), logged the
+        # same way and not counted as a failed callback: nothing in the device refused it.
+        lib_log.error("%s: no callback for write to config space offset %d size %d",
+                      self.socket_path, offset, count)
+        ffi.errno = errno.EINVAL
+        return -1
+
     def _cb_region(self, index: int, buf: Any, count: int, offset: int, is_write: bool) -> int:
+        if index == lib.VFU_PCI_DEV_CFG_REGION_IDX:
+            return self._cb_config(buf, count, offset, is_write)
         region = self._regions[index]
         if is_write:
             view = memoryview(ffi.buffer(buf, count)).toreadonly()

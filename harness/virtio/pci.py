@@ -4,7 +4,8 @@ BAR0 (16 KiB, like QEMU's layout): common cfg 0x0000 (64 bytes), ISR 0x1000, dev
 notify 0x3000 (one 4-byte doorbell per queue, notify_off_multiplier 4). Doorbells arrive as
 posted region writes, so a kick only marks its queue pending; the device does the ring work in
 ``process()``, batched. Every register access is validated: a bad offset, width or value is
-ignored and counted in ``bad_accesses``, never raised.
+ignored and counted in ``bad_accesses``, never raised. The VIRTIO_PCI_CAP_PCI_CFG cap's window
+(``pci_cfg``, harness.virtio.pcicfg) reaches BAR0 through the same two handlers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
 from harness.virtio.misbehave import Misbehave
 from harness.virtio.packed import PackedVirtqueue
+from harness.virtio.pcicfg import Bar, PciCfgWindow
 from harness.virtio.protocols import Barrier, InterruptSink, no_barrier
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -89,7 +91,13 @@ class VirtioPciDevice:
                        struct.pack("<I", C.NOTIFY_OFF_MULTIPLIER)),
             vendor_cap(C.CapType.ISR, C.ISR_OFFSET, C.ISR_LEN),
             vendor_cap(C.CapType.DEVICE, C.DEVICE_OFFSET, device_config_len),
+            # Last: the config-space access window (4.1.4.9), bar/offset/length set by the
+            # driver; the server backs it with ``pci_cfg`` (harness.virtio.pcicfg).
+            vendor_cap(C.CapType.PCI_CFG, 0, 0, bytes(4)),
         ]  # fmt: skip
+        #: The pci_cfg_data window: reaches BAR0 through bar0_read/bar0_write.
+        self.pci_cfg = PciCfgWindow(self.caps[-1],
+                                    {0: Bar(self.bar0_read, self.bar0_write, self.bar0_size)})
         self.bad_accesses = 0
         self.resets = 0
         self.queue_resets = 0  # per-queue resets through queue_reset (VIRTIO_F_RING_RESET)

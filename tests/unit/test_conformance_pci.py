@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.server import assembly
 from harness.testing.mockdriver import FakeIrq, NetRig, net_rig
 from harness.virtio import constants as C
+from harness.virtio import pcicfg
 from harness.virtio.net import DEFAULT_FEATURES
 
 HDR = bytes(12)
@@ -215,10 +215,40 @@ def test_4_1_4_6_1_device_cfg_offset_4_byte_aligned() -> None:
     assert dev and all(off % 4 == 0 and length >= 8 for _, _, off, length, _ in dev)
 
 
-@pytest.mark.xfail(strict=True, reason="no VIRTIO_PCI_CAP_PCI_CFG capability (pci.py caps)")
 def test_4_1_4_9_1_pci_cfg_access_capability_present() -> None:
     r = net_rig(init=False)
-    assert of_type(r, C.CapType.PCI_CFG)
+    [(_, _, _, _, data)] = of_type(r, C.CapType.PCI_CFG)
+    assert len(data) == 4  # u8 pci_cfg_data[4], inside cap_len
+
+
+def _window(r: NetRig, bar: int, offset: int, length: int) -> None:
+    """The driver's set-up of the window: cap.bar, cap.offset, cap.length (config writes)."""
+    w = r.device.pci_cfg
+    w.write(pcicfg.BAR, memoryview(bytes([bar])))
+    w.write(pcicfg.OFFSET, memoryview(offset.to_bytes(4, "little")))
+    w.write(pcicfg.LENGTH, memoryview(length.to_bytes(4, "little")))
+
+
+def test_4_1_4_9_1_write_to_pci_cfg_data_writes_the_bar_at_cap_offset() -> None:
+    r = net_rig()
+    _window(r, 0, C.COMMON_Q_SELECT, 2)
+    r.device.pci_cfg.write(pcicfg.DATA, memoryview(bytes([1, 0, 0xEE, 0xEE])))
+    assert r.driver.read(C.COMMON_Q_SELECT, 2) == 1  # the first cap.length bytes, no more
+    _window(r, 0, C.COMMON_STATUS, 1)
+    resets = r.device.resets
+    r.device.pci_cfg.write(pcicfg.DATA, memoryview(bytes(1)))
+    assert r.device.resets == resets + 1 and r.driver.status() == 0  # status 0: reset
+
+
+def test_4_1_4_9_1_read_of_pci_cfg_data_reads_the_bar_at_cap_offset() -> None:
+    r = net_rig()
+    for off, width in C.COMMON_FIELD_WIDTH.items():
+        _window(r, 0, off, width)
+        got = r.device.pci_cfg.read(pcicfg.DATA, 4)
+        assert got == r.device.bar0_read(off, width).ljust(4, b"\0"), hex(off)
+    _window(r, 0, C.DEVICE_OFFSET, 4)
+    assert r.device.pci_cfg.read(pcicfg.DATA, 4) == r.device.bar0_read(C.DEVICE_OFFSET, 4)
+    assert r.device.pci_cfg.refused == 0
 
 
 # ---- 4.1.5 PCI-specific Initialization And Device Operation -----------------------------------

@@ -26,6 +26,7 @@ def test_caps_layout() -> None:
         (C.CapType.NOTIFY, 0x3000, 8),
         (C.CapType.ISR, 0x1000, 4),
         (C.CapType.DEVICE, 0x2000, 8),
+        (C.CapType.PCI_CFG, 0, 0),  # bar/offset/length are the driver's to write
     ]
     assert struct.unpack_from("<I", dev.caps[1], 16)[0] == 4  # notify_off_multiplier
     assert dev.bar0_size == 0x4000 and dev.msix_vectors == 3
