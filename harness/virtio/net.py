@@ -32,6 +32,7 @@ the driver's ANNOUNCE_ACK clears it (harness.virtio.ctrl).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,20 @@ from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 
 log = logging.getLogger(__name__)
+
+#: HARNESS_BATCH_USED=0 publishes used.idx (and decides an interrupt) after every frame instead
+#: of once per TX flush / RX batch: the A/B's other side, to measure what batching buys.
+BATCH_USED_ENV = "HARNESS_BATCH_USED"
+
+
+def batch_used() -> bool:
+    """True (the default, ``1``): one publish per batch; False for ``0``; ValueError for
+    anything else, so a mistyped A/B side fails loudly."""
+    mode = os.environ.get(BATCH_USED_ENV, "1") or "1"
+    if mode not in ("0", "1"):
+        raise ValueError(f"{BATCH_USED_ENV}={mode!r}: expected 0 or 1")
+    return mode == "1"
+
 
 RX_QUEUE = 0
 TX_QUEUE = 1
@@ -176,6 +191,8 @@ class VirtioNetDevice(VirtioPciDevice):
         self.csum_completed = 0
         self.link_up = True
         self.batch = batch
+        #: False (HARNESS_BATCH_USED=0): publish after every frame (measurement only).
+        self.batch_used = batch_used()
         #: The control queue's state (RX modes, MAC filter); a fresh one at every reset.
         self.control = ControlState(self.mac, max_pairs=max_pairs)
         self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
@@ -474,6 +491,8 @@ class VirtioNetDevice(VirtioPciDevice):
                     st.packets += 1
                     st.bytes += chain.read_len - C.NET_HDR_SIZE
                 q.push(chain, 0)
+                if not self.batch_used:
+                    self._publish(q)
             if q.broken or not q.ready:
                 break
             if done >= self.batch:
@@ -553,6 +572,8 @@ class VirtioNetDevice(VirtioPciDevice):
                 del pool[:used]
                 st.packets += 1
                 st.bytes += got - C.NET_HDR_SIZE
+                if not self.batch_used:
+                    self._publish(q)
         finally:
             # Unpop is LIFO: the chains left are the most recently popped ones.
             if q.broken:
@@ -565,6 +586,12 @@ class VirtioNetDevice(VirtioPciDevice):
             self._queue_interrupt(q)
         if self.misbehave is not None:
             self._misbehave_device(self.misbehave)
+
+    def _publish(self, q: Virtqueue) -> None:
+        """Publish what ``q`` used so far and interrupt if the driver wants one (the same
+        EVENT_IDX / NO_INTERRUPT decision as at the end of a batch)."""
+        if q.flush():
+            self._queue_interrupt(q)
 
     def _rx_header_ok(self, views: list[memoryview], got: int) -> bool:
         """The frame's header made one the driver negotiated (harness.virtio.rxhdr), or

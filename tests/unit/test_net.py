@@ -387,3 +387,46 @@ def test_mtu_never_changes() -> None:
     r.driver.init()
     reads.append(r.driver.read(C.DEVICE_OFFSET + 10, 2))
     assert reads == [9000, 9000]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_used_idx_published_once_per_batch(monkeypatch: pytest.MonkeyPatch,
+                                           batched: bool) -> None:
+    """HARNESS_BATCH_USED=1 (the default): one used.idx publish and one interrupt per TX flush
+    and per RX batch (without EVENT_IDX, so every publish the driver does not suppress is an
+    interrupt); =0, the measurement side, one per frame, a merged RX frame still one."""
+    from harness.virtio.net import BATCH_USED_ENV
+
+    if batched:
+        monkeypatch.delenv(BATCH_USED_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BATCH_USED_ENV, "0")
+    r = net_rig(features=DEFAULT_FEATURES & ~(1 << C.F_EVENT_IDX))
+    for i in range(8):
+        r.tx.add([hdr() + frame(60, i)])
+    r.tx.kick()
+    r.device.process()
+    assert len(r.tx.get_used()) == 8
+    post_rx(r, 16, 512)
+    big = hdr() + frame(1200, 3)  # three buffers, one frame
+    r.backend.rx.extend([big, hdr() + frame(40, 9), big])
+    r.device.on_backend_readable()
+    assert [n for n, _ in receive(r)] == [3, 1, 3]
+    tx_irqs, rx_irqs = r.irq.vectors.count(2), r.irq.vectors.count(1)
+    assert (tx_irqs, rx_irqs) == ((1, 1) if batched else (8, 3))
+    # NO_INTERRUPT is honoured on either side: frames are used, nobody is interrupted.
+    r.irq.vectors.clear()
+    r.tx.set_avail_flags(C.AVAIL_F_NO_INTERRUPT)
+    for i in range(4):
+        r.tx.add([hdr() + frame(60, i)])
+    r.tx.kick()
+    r.device.process()
+    assert len(r.tx.get_used()) == 4 and r.irq.vectors == []
+
+
+def test_batch_used_switch_refuses_a_typo(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.virtio.net import BATCH_USED_ENV, batch_used
+
+    monkeypatch.setenv(BATCH_USED_ENV, "yes")
+    with pytest.raises(ValueError, match=BATCH_USED_ENV):
+        batch_used()
