@@ -49,17 +49,20 @@ BLOCKED_SELECT = 0.0002
 #: HARNESS_LOOP_POLL_US overrides it (0: off), for A/Bs in harness bench net.
 DMA_POLL = float(os.environ.get("HARNESS_LOOP_POLL_US", "100")) / 1e6
 #: How that window is waited: ``spin`` (poll(0) in a loop: lowest wake-up latency, but the CPU
-#: is taken from QEMU's vCPU threads on a 2-core host) or ``block`` (select() with the time
-#: left: the kernel wakes us when the request comes). HARNESS_LOOP_POLL_MODE picks it.
+#: is taken from QEMU's vCPU threads on a 2-core host), ``block`` (select() with the time
+#: left: the kernel wakes us when the request comes, ~100 us later here) or ``hybrid`` (spin
+#: for HYBRID_SPIN after each answer, then block). HARNESS_LOOP_POLL_MODE picks it.
 POLL_MODE_ENV = "HARNESS_LOOP_POLL_MODE"
+POLL_MODES = ("spin", "block", "hybrid")
+HYBRID_SPIN = 20e-6
 
 
 def poll_mode() -> str:
     """``spin`` (the default) or ``block`` from HARNESS_LOOP_POLL_MODE; ValueError for anything
     else, so a mistyped A/B side fails loudly instead of measuring the default twice."""
     mode = os.environ.get(POLL_MODE_ENV, "spin") or "spin"
-    if mode not in ("spin", "block"):
-        raise ValueError(f"{POLL_MODE_ENV}={mode!r}: expected spin or block")
+    if mode not in POLL_MODES:
+        raise ValueError(f"{POLL_MODE_ENV}={mode!r}: expected spin, block or hybrid")
     return mode
 
 EventHandler = Callable[[int], None]
@@ -163,7 +166,9 @@ class DeviceLoop:
         self._origin = 0.0
         self._last_wake = 0.0
         self.dma_poll = DMA_POLL
-        self.poll_block = poll_mode() == "block"
+        mode = poll_mode()
+        #: How long to spin before blocking, in each wait of the DMA window.
+        self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self._dma_seen = 0
         self._poll: select.poll | None = None
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
@@ -290,8 +295,8 @@ class DeviceLoop:
 
     def _answer_dma_first(self) -> None:
         """While the guest is mapping (DMA messages since the last turn), wait on the
-        vfio-user socket for up to ``dma_poll`` seconds (spinning, or blocked in select() with
-        ``poll_block``) and answer what comes."""
+        vfio-user socket for up to ``dma_poll`` seconds (spinning for ``poll_spin``, then
+        blocked in select()) and answer what comes."""
         seen = getattr(self.endpoint, "dma_events", 0)
         if seen == self._dma_seen:
             return
@@ -300,16 +305,18 @@ class DeviceLoop:
         clock = self.clock
         now = clock()
         deadline, limit = now + self.dma_poll, now + 4 * self.dma_poll
-        block, fd = self.poll_block, self._endpoint_fd
+        fd, spin = self._endpoint_fd, self.poll_spin
+        block_at = now + spin
         while self._attached and not self.stop and now < deadline:
             # select(), not poll(): poll's timeout is whole milliseconds, the window is 100 us.
-            ready = (select.select((fd,), (), (), deadline - now)[0] if block
-                     else poll.poll(0))
+            ready = (poll.poll(0) if now < block_at
+                     else select.select((fd,), (), (), deadline - now)[0])
             if ready:
                 self._origin = now
                 self._on_endpoint(0)
                 # The guest is active: give its next request the same chance (bounded).
-                deadline = min(limit, clock() + self.dma_poll)
+                now = clock()
+                deadline, block_at = min(limit, now + self.dma_poll), now + spin
             now = clock()
         self._dma_seen = getattr(self.endpoint, "dma_events", 0)
 

@@ -166,10 +166,10 @@ def test_dma_maps_are_answered_before_ring_work_while_the_guest_maps() -> None:
     loop.close()
 
 
-@pytest.mark.parametrize("mode", ["spin", "block"])
+@pytest.mark.parametrize("mode", ["spin", "block", "hybrid"])
 def test_dma_window_answers_maps_in_both_poll_modes(mode: str) -> None:
     loop, guest, order, ours = _mapping_loop(50_000)
-    loop.poll_block = mode == "block"
+    loop.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": 20e-6}[mode]
     guest.send(b"m")
     loop._on_endpoint(0)        # the guest maps ...
     guest.send(b"m")            # ... and maps again while the device has ring work
@@ -180,17 +180,19 @@ def test_dma_window_answers_maps_in_both_poll_modes(mode: str) -> None:
     loop.close()
 
 
-def test_block_poll_mode_sleeps_through_the_dma_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HARNESS_LOOP_POLL_MODE=block waits for the window in select(): a 200 ms window with no
-    request costs next to no CPU (spin would burn all of it); spin stays the default and a
-    mistyped mode is refused."""
+@pytest.mark.parametrize("mode", ["block", "hybrid"])
+def test_block_poll_mode_sleeps_through_the_dma_window(monkeypatch: pytest.MonkeyPatch,
+                                                       mode: str) -> None:
+    """HARNESS_LOOP_POLL_MODE=block (hybrid: after 20 us of spinning) waits for the window in
+    select(): a 200 ms window with no request costs next to no CPU (spin would burn all of it);
+    spin stays the default and a mistyped mode is refused."""
     from harness.server.loop import POLL_MODE_ENV, poll_mode
 
     monkeypatch.delenv(POLL_MODE_ENV, raising=False)
     assert poll_mode() == "spin"
-    monkeypatch.setenv(POLL_MODE_ENV, "block")
+    monkeypatch.setenv(POLL_MODE_ENV, mode)
     loop, guest, order, ours = _mapping_loop(200_000)
-    assert loop.poll_block
+    assert loop.poll_spin == (0.0 if mode == "block" else 20e-6)
     guest.send(b"m")
     loop._on_endpoint(0)        # a DMA message: the next turn waits for more
     cpu, wall = time.process_time(), time.monotonic()
