@@ -374,7 +374,7 @@ def render_dump(dump: Mapping[str, Any], device: str = "net0") -> str:
     """A `dump-queue` reply's ``dump`` for people; every line at most 80 columns."""
     lines: list[str] = []
     size_ = _int(dump, "size")
-    head = [f"size {count(size_)}",
+    head = [f"{dump.get('format', 'split')} size {count(size_)}",
             "broken" if dump.get("broken") is True else
             "enabled" if dump.get("enabled") is True else "not enabled"]
     if dump.get("event_idx") is True:
@@ -385,6 +385,10 @@ def render_dump(dump: Mapping[str, Any], device: str = "net0") -> str:
     head.append("no MSI-X vector" if vector == C.NO_VECTOR else f"MSI-X vector {count(vector)}")
     title = f"{device} queue {dump.get('index', '?')} ({dump.get('name', '?')}): "
     lines += pack(title, head)
+    if dump.get("format") == "packed":  # no index rings: flags and wrap counters instead
+        from harness.inspect_packed import render_packed  # it imports this module's helpers
+
+        return render_packed(dump, lines)
     addr = _dict(dump, "addresses")
     lines += labelled("  rings", [f"desc {_hex(_int(addr, 'desc'))}",
                                   f"avail {_hex(_int(addr, 'avail'))}",

@@ -447,8 +447,10 @@ class PackedVirtqueue(Virtqueue):
                     if not self.indirect or flags & DESC_F_NEXT or n > 1:
                         raise ChainError("INDIRECT descriptor misused", i, addr)
                     self._check_table_length(i, addr, length)
-                    for a, m, _, f in _DESC.iter_unpack(
-                            self._dump_table(i, addr, length, flags, may_map)):
+                    for k, (a, m, _, f) in enumerate(_DESC.iter_unpack(
+                            self._dump_table(i, addr, length, flags, may_map))):
+                        chain.entries.append({"desc": k, "addr": a, "len": m, "flags": f,
+                                              "indirect": True})  # fmt: skip
                         if m:
                             self._dump_add(chain, i, a, m, f & DESC_F_WRITE)
                 elif length:

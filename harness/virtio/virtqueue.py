@@ -370,6 +370,7 @@ class SplitVirtqueue(Virtqueue):
             "index": self.index,
             "name": self.name,
             "size": self.size,
+            "format": "split",
             "enabled": self.enabled,
             "broken": self.broken,
             "event_idx": self.event_idx,

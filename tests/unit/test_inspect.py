@@ -512,7 +512,7 @@ def test_harness_stats_and_dump_queue(box: Box, tmp_path: Path,
     assert main(["dump-queue", "1", "--run-dir", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert_fits(out)
-    assert out.startswith("net0 queue 1 (tx0): size 8, enabled")
+    assert out.startswith("net0 queue 1 (tx0): split size 8, enabled")
     assert "in flight: 1 chains (1 available)" in out
     assert main(["dump-queue", "1", "--json", "--run-dir", str(tmp_path / "run")]) == 0
     reply = json.loads(capsys.readouterr().out)
