@@ -273,6 +273,8 @@ def render_stats(reply: Mapping[str, Any], device: str = "net0") -> str:
         for _title, w, key in _COLUMNS:
             if name == "total" and key in ("avail_idx", "used_idx"):
                 cells.append(f" {'':>{w}}")
+            elif q.get("packed") is True and key in ("avail_idx", "used_idx"):
+                cells.append(f" {_pos_wrap(_int(q, key), w):>{w}}")
             elif key == "bytes":
                 cells.append(f" {_short_size(_int(q, key), w):>{w}}")
             else:
@@ -285,6 +287,15 @@ def render_stats(reply: Mapping[str, Any], device: str = "net0") -> str:
         lines.append(clip(f"{name[:_NAME_WIDTH]:<{_NAME_WIDTH}}" + "".join(cells) + state))
     lines += _stats_lines(stats, _dict(reply, "control"))
     return "\n".join(lines)
+
+
+def _pos_wrap(value: int | None, width: int) -> str:
+    """A packed ring's position with its wrap counter (bit 15) as ``9w1``; the wrap counter is
+    dropped when the position alone fills the column."""
+    if value is None:
+        return "-"
+    text = f"{value & 0x7FFF}w{value >> 15 & 1}"
+    return text if len(text) <= width else count(value & 0x7FFF, width)
 
 
 def _stats_lines(stats: Mapping[str, Any], control: Mapping[str, Any]) -> list[str]:

@@ -156,3 +156,11 @@ def test_owner_against_both_wrap_counters() -> None:
     assert owner(1, avail1, 2, 1, frozenset({1})) == "device popped w1"
     assert owner(1, C.DESC_F_USED, 2, 1, frozenset()) == "device avail w0"  # next lap
     assert owner(3, used1, 2, 1, frozenset()) == "used w1"
+
+
+def test_stats_table_shows_packed_positions_with_their_wrap_counter(box: Box) -> None:
+    wrap_twice(box)  # 18 descriptors on 8 slots: position 2, wrap counter 1 (raw 32770)
+    text = inspect.render_stats(box.stats())
+    row = next(line for line in text.splitlines() if line.startswith("tx0"))
+    assert row.split()[1:3] == ["2w1", "2w1"], text
+    assert all(len(line) <= inspect.WIDTH for line in text.splitlines())
