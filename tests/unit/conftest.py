@@ -3,7 +3,15 @@
 ``index_kind``: a test module that asks for it (``pytestmark = pytest.mark.usefixtures(
 "index_kind")``) runs every test on both GuestMemory region indexes (HARNESS_GUEST_INDEX), so the
 faster index must keep every check of the old one.
+
+``sock_path``: a vfio-user socket path in a short private directory (pytest's tmp_path can
+exceed sun_path's 108 bytes), removed afterwards.
 """
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,3 +24,13 @@ def index_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     kind: str = request.param
     monkeypatch.setenv(INDEX_ENV, kind)
     return kind
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    """A socket path a libvfio-user context can listen on."""
+    d = tempfile.mkdtemp(prefix="vfu-")
+    try:
+        yield os.path.join(d, "dev.sock")
+    finally:
+        shutil.rmtree(d)

@@ -157,14 +157,6 @@ def test_without_serve_forever_only_an_attached_client_ends_the_server(
 # -- in-process: exact counting in the context, failure handling in the loop -----------------
 
 
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="vfu-")
-    try:
-        yield os.path.join(d, "dev.sock")
-    finally:
-        shutil.rmtree(d)
-
 
 class Pump:
     def __init__(self, ctx: VfuContext) -> None:

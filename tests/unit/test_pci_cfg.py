@@ -6,12 +6,8 @@ the server's own PCI set-up."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
-import tempfile
 import types
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -166,14 +162,6 @@ def test_hostile_config_accesses_never_raise(ops: list[tuple[bool, int, bytes]])
 
 # ---- end to end: libvfio-user config space, the server's PCI set-up ---------------------------
 
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    d = tempfile.mkdtemp(prefix="vfu-")
-    try:
-        yield os.path.join(d, "dev.sock")
-    finally:
-        shutil.rmtree(d)
 
 
 def test_through_libvfio_user_config_space(sock_path: str) -> None:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -39,15 +37,6 @@ BAR0_SIZE = 0x4000
 NR_VECTORS = 3
 VENDOR_CAP = bytes([0x09, 0, 16, 1, 0, 0, 0, 0]) + struct.pack("<II", 0, 0x40)
 
-
-@pytest.fixture
-def sock_path() -> Iterator[str]:
-    # tmp_path can exceed sun_path's 108 bytes; a short private directory cannot.
-    d = tempfile.mkdtemp(prefix="vfu-")
-    try:
-        yield os.path.join(d, "dev.sock")
-    finally:
-        shutil.rmtree(d)
 
 
 @dataclass
