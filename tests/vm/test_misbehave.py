@@ -34,7 +34,9 @@ pytestmark = pytest.mark.vm
 #: plan ends right at the 60 s timeout (the baseline run finished it, failed receive steps and
 #: all; two pytest runs on 2026-11-30 did not), so its class is a matter of timing there.
 #: `make misbehave` runs every case on all three kernels of the matrix.
-CI_CASES = [c for c in CASES if c != "needs-reset-no-interrupt"]
+# interrupt-wrong-vector-rx: hang in 6 of 7 runs on 7.3.4, graceful in the 7th (gate of 143c5bd):
+# its class depends on timing too, so it runs in `make misbehave`, not in CI.
+CI_CASES = [c for c in CASES if c not in ("needs-reset-no-interrupt", "interrupt-wrong-vector-rx")]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
