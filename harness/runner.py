@@ -122,9 +122,11 @@ def follow_console(console: Path, machine: Machine, timeout: float,
             for status, _n, name, rest in results[seen:]:
                 progress.step(f"{status} {name}{' # SKIP' if '# SKIP' in rest else ''}")
             seen = len(results)
-        if DONE_MARKER in text or not machine.running():
-            if not machine.running():
-                text = console.read_text(errors="replace") if console.exists() else text
+        if DONE_MARKER in text:
+            return text, boot
+        if not machine.running():
+            alive()  # QEMU may have gone down because a device server died: say that first
+            text = console.read_text(errors="replace") if console.exists() else text
             return text, boot
         alive()
         if time.monotonic() > deadline:

@@ -287,15 +287,20 @@ class Testbed:
         self._launch(initrd)
 
     def check_alive(self) -> None:
-        """Raise ServerDied if a device server exited while QEMU still runs (so a run says so
-        at once, with the server's log tail, instead of waiting for the guest's timeouts)."""
-        if self._machine is None or not self._machine.running():
+        """Raise ServerDied if a device server exited while the machine is up (so a run says so
+        at once, with the server's log tail, instead of waiting for the guest's timeouts).
+
+        A server never exits on its own (it outlives a client's disconnect), so a dead one is
+        reported even when QEMU has exited too: QEMU may go down within a poll of the server
+        (QEMU 11.1 sometimes aborts on the lost socket), and the server is the cause."""
+        if self._machine is None:
             return
         for dev in self.devices:
             code = dev.proc.poll()
             if code is not None:
+                qemu = "" if self._machine.running() else " (QEMU has exited too)"
                 raise ServerDied(f"device server {dev.spec.name} (pid {dev.proc.pid}) died "
-                                 f"with exit status {code} while the guest was running; "
+                                 f"with exit status {code} while the guest was running{qemu}; "
                                  f"{dev.log}:\n{tail(dev.log)}")
 
     @property

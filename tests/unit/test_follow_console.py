@@ -1,0 +1,81 @@
+"""follow_console and Testbed.check_alive: a device server that dies is reported as such, even
+when QEMU goes down within the same poll (QEMU 11.1 sometimes aborts on the lost socket)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from harness.runner import DONE_MARKER, follow_console
+from harness.testbed import ServerDied, Testbed
+from harness.vm.machine import Machine
+
+
+class FakeMachine:
+    def __init__(self, running: bool) -> None:
+        self.up = running
+        self.launched_at = 0.0
+
+    def running(self) -> bool:
+        return self.up
+
+
+def _dead() -> None:
+    raise ServerDied("device server net0 died")
+
+
+def test_qemu_gone_after_a_server_death_is_reported_as_the_server_death(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("ok 1 link_up\n")
+    with pytest.raises(ServerDied):
+        follow_console(console, cast(Machine, FakeMachine(running=False)), 5, alive=_dead)
+
+
+def test_qemu_gone_with_servers_alive_returns_the_console(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("ok 1 link_up\n")
+    text, _ = follow_console(console, cast(Machine, FakeMachine(running=False)), 5)
+    assert text == "ok 1 link_up\n"
+
+
+def test_a_finished_plan_is_not_blamed_on_a_server(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(f"ok 1 link_up\n{DONE_MARKER}\n")
+    text, _ = follow_console(console, cast(Machine, FakeMachine(running=True)), 5, alive=_dead)
+    assert DONE_MARKER in text
+
+
+def _testbed(tmp_path: Path, machine: FakeMachine, proc: Any) -> Testbed:
+    tb = Testbed.__new__(Testbed)
+    log = tmp_path / "net0-server.log"
+    log.write_text("last words\n")
+    dev = SimpleNamespace(spec=SimpleNamespace(name="net0"), proc=proc, log=log)
+    tb._machine = cast(Machine, machine)
+    tb.devices = [dev]  # type: ignore[list-item]
+    return tb
+
+
+@pytest.mark.parametrize("qemu_running", [True, False])
+def test_check_alive_reports_a_dead_server_whether_or_not_qemu_runs(
+        tmp_path: Path, qemu_running: bool) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    tb = _testbed(tmp_path, FakeMachine(qemu_running), proc)
+    with pytest.raises(ServerDied) as exc:
+        tb.check_alive()
+    assert "exit status 3" in str(exc.value) and "last words" in str(exc.value)
+    assert ("QEMU has exited too" in str(exc.value)) is not qemu_running
+
+
+def test_check_alive_is_quiet_while_the_server_runs(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        _testbed(tmp_path, FakeMachine(False), proc).check_alive()
+    finally:
+        proc.kill()
+        proc.wait()
