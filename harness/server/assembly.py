@@ -99,10 +99,23 @@ class DeviceServer:
         try:
             self._build(cfg)
         except BaseException:
-            # Half built: the TAP is the only thing that outlives this process.
-            with contextlib.suppress(Exception):
-                tap_mod.destroy(cfg.tap)
+            self._close_half_built()
             raise
+
+    def _close_half_built(self) -> None:
+        """Undo what a failed ``_build`` made: the vfio-user context (its socket file would
+        otherwise stay behind for the next start to trip over), the capture, the TAP fds, and
+        the TAP itself, which would outlive this process."""
+        for name in ("ctx", "capture", "tap"):
+            part = self.__dict__.get(name)
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
+        for t in self.__dict__.get("extra_taps", []):
+            with contextlib.suppress(Exception):
+                t.close()
+        with contextlib.suppress(Exception):
+            tap_mod.destroy(self.cfg.tap)
 
     def _build(self, cfg: ServerConfig) -> None:
         feats = features_mod.resolve(cfg.features, True if cfg.offloads else None)
