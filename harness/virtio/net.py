@@ -46,6 +46,7 @@ from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
+from harness.virtio.rxpool import RxPool, rx_pool_keep
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,11 @@ class VirtioNetDevice(VirtioPciDevice):
         self.batch = batch
         #: False (HARNESS_BATCH_USED=0): publish after every frame (measurement only).
         self.batch_used = batch_used()
+        #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
+        #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
+        self.rx_pool_keep = rx_pool_keep()
+        #: Per pair: RX chains popped and mapped for the next frames (harness.virtio.rxpool).
+        self._rx_pools = [RxPool() for _ in range(max_pairs)]
         #: The control queue's state (RX modes, MAC filter); a fresh one at every reset.
         self.control = ControlState(self.mac, max_pairs=max_pairs)
         self._rx_filter = False  # CTRL_RX negotiated: frames pass control.accepts()
@@ -336,6 +342,10 @@ class VirtioNetDevice(VirtioPciDevice):
             self.on_offloads(self.negotiated)
 
     def _on_reset(self) -> None:
+        # The queues forgot their popped chains: unmap the pooled ones before the server's
+        # after_reset leak check looks at the ledger.
+        for pool in self._rx_pools:
+            pool.forget(self.mapops)
         self._rx_starved = [False] * self.max_pairs
         self._rx_reset = [False] * self.max_pairs
         pairs = self.control.pairs
@@ -351,8 +361,23 @@ class VirtioNetDevice(VirtioPciDevice):
         # next readable event) starts it again. A TX queue has nothing of its own to forget:
         # every chain it took was completed inside process(), before this write could arrive.
         if q.index < self._ctrl_index and q.index % 2 == 0:
+            self._rx_pools[q.index // 2].forget(self.mapops)
             self._rx_starved[q.index // 2] = False
             self._rx_reset[q.index // 2] = True
+
+    def dma_unmapped(self, iova: int, size: int) -> None:
+        """Also give back pooled RX chains with a buffer in [iova, iova+size): the device
+        must hold no mapping of memory that goes away."""
+        for pool in self._rx_pools:
+            if pool.overlaps(iova, size):
+                pool.give_back()
+        super().dma_unmapped(iova, size)
+
+    def memory_changed(self) -> None:
+        """Also give back every pooled RX chain (the range is unknown)."""
+        for pool in self._rx_pools:
+            pool.give_back()
+        super().memory_changed()
 
     def announce(self) -> int:
         """Ask the driver to announce itself (VIRTIO_NET_S_ANNOUNCE, 5.1.6.5.4).
@@ -446,6 +471,8 @@ class VirtioNetDevice(VirtioPciDevice):
                 self.config_generation = (self.config_generation + 1) & 0xFF  # a new generation
             if self.control.pairs != pairs:
                 log.info("queue pairs: %d -> %d", pairs, self.control.pairs)
+                for pool in self._rx_pools[self.control.pairs:]:
+                    pool.give_back()  # an inactive pair's buffers: available, not held
                 if self.on_pairs is not None:
                     self.on_pairs(self.control.pairs)
 
@@ -513,9 +540,11 @@ class VirtioNetDevice(VirtioPciDevice):
     def on_backend_readable(self, pair: int = 0) -> None:
         """Move frames backend -> RX ring until the backend is empty, buffers or batch run out.
 
-        Chains gathered for one frame but not used by it stay mapped in ``pool`` for the next
-        frame: with guest GSO a frame needs room for 64 KiB (dozens of mergeable buffers), and
-        re-mapping all of them for every 66-byte ACK would dominate the cost of receiving.
+        Chains gathered for one frame but not used by it stay mapped in the pair's pool
+        (harness.virtio.rxpool) for the next frame, and with HARNESS_RX_POOL=keep for the next
+        readable event too: with guest GSO a frame needs room for 64 KiB (dozens of mergeable
+        buffers), and re-mapping all of them for every 66-byte ACK would dominate the cost of
+        receiving.
         """
         if not self.rx_wanted(pair):
             return
@@ -528,12 +557,18 @@ class VirtioNetDevice(VirtioPciDevice):
             return
         st = q.stats
         backend = self.pair_backend(pair)
-        pool: list[Chain] = []  # popped and mapped, in ring order
+        pool = self._rx_pools[pair]
+        if pool.queue is not None and pool.queue is not q:
+            pool.forget(self.mapops)  # a swapped queue object: never the case while running
+        elif pool.chains and not q.ready:
+            # Its rings were dropped (guest memory under them went away) and cannot be mapped
+            # again now: a push would have no used ring to go to. Start from nothing.
+            pool.give_back()
         try:
             for _ in range(self.batch):
                 if not self._rx_gather(q, pool):
                     break
-                views = [h.view for c in pool for h in c.writable]
+                views = pool.views
                 try:
                     got = backend.readv(views)
                 except OSError as e:
@@ -554,7 +589,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     continue
                 used = 0
                 left = got
-                for c in pool:
+                for c in pool.chains:
                     if left <= 0:
                         break
                     left -= c.write_len
@@ -563,25 +598,21 @@ class VirtioNetDevice(VirtioPciDevice):
                 # guest cannot look before used.idx is published).
                 rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used))
                 if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool[0], views, used, got)
+                    self._misbehave_rx_header(self.misbehave, pool.chains[0], views, used, got)
                 left = got
-                for i, c in enumerate(pool[:used]):
+                for i, c in enumerate(pool.take(used)):
                     n = min(left, c.write_len)
                     q.push(c, n, more=i + 1 < used)  # ``more``: the frame goes on (MRG_RXBUF)
                     left -= n
-                del pool[:used]
                 st.packets += 1
                 st.bytes += got - C.NET_HDR_SIZE
                 if not self.batch_used:
                     self._publish(q)
         finally:
-            # Unpop is LIFO: the chains left are the most recently popped ones.
-            if q.broken:
-                for c in reversed(pool):
-                    q.discard(c)
-            else:
-                for c in reversed(pool):
-                    q.unpop(c)
+            # A broken queue's chains are discarded; otherwise they stay held (keep) or go
+            # back to the ring (call, the A/B's old side).
+            if q.broken or not self.rx_pool_keep:
+                pool.give_back()
         if q.flush():
             self._queue_interrupt(q)
         if self.misbehave is not None:
@@ -629,45 +660,37 @@ class VirtioNetDevice(VirtioPciDevice):
             else:
                 self.reset_drops += 1
 
-    def _rx_gather(self, q: Virtqueue, pool: list[Chain]) -> bool:
+    def _rx_gather(self, q: Virtqueue, pool: RxPool) -> bool:
         """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
 
         False when that is not possible now: then ``pool`` is empty again (everything given
         back to the ring) and the device waits for the driver's kick.
         """
-        if pool and not self._mrg:
-            return True
-        cap = sum(c.write_len for c in pool)
+        if pool.chains and (not self._mrg or pool.cap >= self._rx_max):
+            return True  # held from before: no ring access at all
         map_errors = q.stats.map_errors
         for _attempt in range(4):
-            while (self._mrg and cap < self._rx_max) or not pool:
+            while (self._mrg and pool.cap < self._rx_max) or not pool.chains:
                 c = q.pop()
                 if c is None:
                     break
                 if c.readable or c.write_len < C.NET_HDR_SIZE:
                     what = "device-readable buffers" if c.readable else "room for no vnet header"
                     q.discard(c)
-                    for done in reversed(pool):
-                        q.unpop(done)
-                    pool.clear()
+                    pool.give_back()
                     q.fail(f"RX chain with {what}", c.head)
                     return False
-                pool.append(c)
-                cap += c.write_len
+                pool.add(q, c)
             if q.broken:
-                for c in reversed(pool):
-                    q.discard(c)
-                pool.clear()
+                pool.give_back()  # discards: the queue is broken
                 return False
             # Enough room, or every buffer the ring can hold is here and it still is not:
             # then use what there is rather than wait for buffers that cannot come.
-            if pool and (not self._mrg or cap >= self._rx_max or len(pool) >= q.size):
+            if pool.chains and (not self._mrg or pool.cap >= self._rx_max
+                                or len(pool) >= q.size):
                 q.disable_notify()  # we have buffers: refills need no doorbell
                 return True
-            for c in reversed(pool):
-                q.unpop(c)
-            pool.clear()
-            cap = 0
+            pool.give_back()
             if q.stats.map_errors != map_errors:
                 return False  # transient: stay polling, the next readable event retries
             if not q.enable_notify():
