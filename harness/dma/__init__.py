@@ -12,7 +12,10 @@ from harness.dma.mapops import (
     DmaHandle,
     MapCtx,
     MapOps,
+    SgMapper,
     failed_handle,
+    map_pieces,
+    sg_mapper,
 )
 from harness.dma.memory import GuestMemory, GuestRegion
 
@@ -32,6 +35,9 @@ __all__ = [
     "MapCtx",
     "MapOps",
     "RegionOverlap",
+    "SgMapper",
     "build_mapops",
     "failed_handle",
+    "map_pieces",
+    "sg_mapper",
 ]

@@ -12,6 +12,11 @@ and checks, for each operation, what an IOMMU plus Linux's DMA-debug would:
 - leaks: :meth:`DmaLedger.check_leaks` at reset and at exit: every mapping still live is one.
 - regions: :meth:`DmaLedger.check_regions` compares libvfio-user's region list with the domain.
 
+``map_sg`` (one buffer in pieces, as ``harness.dma.mapops.map_pieces``) runs the same checks
+per piece with one region lookup for the split and the checks together, and maps through
+``DirectMapOps.map_in_region`` (no second lookup); any piece that would be refused goes
+through ``map_page`` itself, so refusals, their order, words and counters are map_page's.
+
 Every violation is counted by kind and logged with queue, descriptor and IOVA. A violation the
 guest caused (an address, length or protection it supplied) fails the map non-transiently, so
 the virtqueue sets NEEDS_RESET with a config interrupt; BME off fails it transiently (the device
@@ -27,7 +32,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from harness.dma.errors import DmaFault
-from harness.dma.mapops import ATTR_COHERENT, Direction, DmaHandle, MapCtx, MapOps, failed_handle
+from harness.dma.mapops import (
+    ATTR_COHERENT,
+    Direction,
+    DmaHandle,
+    MapCtx,
+    MapOps,
+    SgMapper,
+    failed_handle,
+    map_pieces,
+    sg_mapper,
+)
 from harness.dma.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -87,7 +102,18 @@ class DmaLedger:
         self.region_checks = 0
         self.violations: Counter[str] = Counter()
         memory.on_revoke = self._on_revoke
+        # The fused map_sg needs a layer below that maps a region it is handed, in the memory
+        # the ledger looks up (direct mapping); over bounce or fault injection it is
+        # map_pieces, the per-piece map_page path.
+        region_map = getattr(inner, "map_in_region", None)
+        if getattr(inner, "memory", None) is not memory:
+            region_map = None
+        self._region_map = region_map
+        self.map_sg: SgMapper = (
+            self._map_sg_fused if region_map is not None else self._map_sg_pieces
+        )
         if not checks:
+            self.map_sg = sg_mapper(inner)
             # Instance attributes shadow the checking methods: the data path calls the
             # layer below directly, as if there were no ledger.
             for name in ("map_page", "unmap_page", "sync_single_for_cpu",
@@ -198,6 +224,54 @@ class DmaLedger:
         if len(live) > self.peak_live:
             self.peak_live = len(live)
         return h
+
+    def _map_sg_pieces(
+        self, out: list[DmaHandle], iova: int, length: int, direction: Direction, attrs: int,
+        ctx: MapCtx | None, max_map: int,
+    ) -> DmaHandle | None:  # fmt: skip
+        return map_pieces(self, out, iova, length, direction, attrs, ctx, max_map)
+
+    def _map_sg_fused(
+        self, out: list[DmaHandle], iova: int, length: int, direction: Direction, attrs: int,
+        ctx: MapCtx | None, max_map: int,
+    ) -> DmaHandle | None:  # fmt: skip
+        """map_pieces(self, ...) with one lookup per piece: the same pieces (split where
+        ``contiguous`` would), every map_page check per piece; a piece failing any check is
+        handed to map_page, which refuses it in its own order and words."""
+        lookup = self.memory.lookup
+        region_map = self._region_map
+        assert region_map is not None
+        bus_master = self.bus_master
+        inner_max = self.inner.max_mapping_size()
+        want = direction
+        if ctx is not None and ctx[2] >= 0:
+            want = Direction.FROM_DEVICE if ctx[2] & _DESC_F_WRITE else Direction.TO_DEVICE
+        live = self._live
+        while True:
+            n = length if length <= max_map else max_map
+            region = lookup(iova)
+            if region is not None and iova + n > region.end:
+                n = region.end - iova  # what contiguous() answers
+            if (region is None or region.view is None or not bus_master() or want != direction
+                    or (direction != Direction.TO_DEVICE and not region.writable)
+                    or (n > inner_max and not attrs & ATTR_COHERENT)):  # fmt: skip
+                h = self.map_page(iova, n, direction, attrs, ctx)
+                if h.error is not None:
+                    return h
+            else:
+                h = region_map(region, iova, n, direction, attrs, ctx)
+                self.maps += 1
+                if attrs & ATTR_COHERENT:
+                    self.coherent_maps += 1
+                self.map_bytes += n
+                live.add(h)
+                if len(live) > self.peak_live:
+                    self.peak_live = len(live)
+            out.append(h)
+            length -= n
+            if not length:
+                return None
+            iova += n
 
     def _check_use(self, h: DmaHandle, direction: Direction, what: str) -> bool:
         if h not in self._live:

@@ -19,11 +19,17 @@ dma_alloc_coherent (the rings): it is never bounced and not bound by ``max_mappi
 
 Everything in harness.virtio touches guest memory only through this protocol, so a bouncing
 implementation, an auditing ledger or fault injection can be layered in without changing it.
+
+``map_pieces`` maps one buffer in pieces (split at ``max_mapping_size`` and where guest memory
+is not contiguous), like Linux ``dma_map_sg`` for one scatter-gather entry: a layer may offer
+a fused ``map_sg`` with the same signature and results (the ledger does, over direct mapping:
+one region lookup per piece instead of three, every check kept); ``sg_mapper`` picks it.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -116,6 +122,55 @@ def failed_handle(
     return DmaHandle(iova, size, direction, _EMPTY, -1, fault, ctx=ctx)
 
 
+#: ``map_sg(out, iova, length, direction, attrs, ctx, max_map)``: see :func:`map_pieces`.
+SgMapper = Callable[
+    [list[DmaHandle], int, int, Direction, int, "MapCtx | None", int], "DmaHandle | None"
+]
+
+
+def map_pieces(
+    ops: MapOps, out: list[DmaHandle], iova: int, length: int, direction: Direction,
+    attrs: int, ctx: MapCtx | None, max_map: int,
+) -> DmaHandle | None:  # fmt: skip
+    """Map [iova, iova + length) (length > 0) into ``out`` in pieces of at most ``max_map``
+    bytes, split where ``ops.contiguous`` says guest memory is not; one ``map_page`` each.
+
+    None when every piece is mapped; otherwise the failed handle of the first piece that
+    failed (the pieces before it are in ``out``, for the caller to unmap; the failed one is
+    not). The reference for every fused ``map_sg``: same pieces, same calls' checks, same
+    handle on failure.
+    """
+    while True:
+        n = length if length <= max_map else max_map
+        # Under a vIOMMU a buffer crossing a page boundary spans two DMA regions.
+        c = ops.contiguous(iova, n)
+        if c < n:
+            n = c
+        h = ops.map_page(iova, n, direction, attrs, ctx)
+        if ops.mapping_error(h):
+            return h
+        out.append(h)
+        length -= n
+        if not length:
+            return None
+        iova += n
+
+
+def sg_mapper(ops: MapOps) -> SgMapper:
+    """``ops.map_sg`` when the layer has a fused one, else :func:`map_pieces` over ``ops``."""
+    fused: SgMapper | None = getattr(ops, "map_sg", None)
+    if fused is not None:
+        return fused
+
+    def generic(
+        out: list[DmaHandle], iova: int, length: int, direction: Direction, attrs: int,
+        ctx: MapCtx | None, max_map: int,
+    ) -> DmaHandle | None:  # fmt: skip
+        return map_pieces(ops, out, iova, length, direction, attrs, ctx, max_map)
+
+    return generic
+
+
 def unregister(handle: DmaHandle) -> None:
     """Detach a mapping from its guest region (it no longer needs revoking)."""
     region = handle.region
@@ -154,6 +209,21 @@ class DirectMapOps:
             )
         except DmaFault as fault:
             return failed_handle(iova, size, direction, fault, ctx)
+        view = guest.toreadonly() if direction == Direction.TO_DEVICE else guest
+        h = DmaHandle(iova, size, direction, view, iova, None, None, attrs, ctx, guest, region)
+        region.live.add(h)
+        return h
+
+    def map_in_region(
+        self, region: GuestRegion, iova: int, size: int, direction: Direction, attrs: int,
+        ctx: MapCtx | None,
+    ) -> DmaHandle:  # fmt: skip
+        """``map_page`` for a caller that already looked ``iova`` up in this ``memory`` and
+        checked what ``map_page`` would: ``region`` has a view, [iova, iova + size) lies inside
+        it, it is writable unless TO_DEVICE, and size is within max_mapping_size unless
+        coherent (the ledger's ``map_sg`` does all of that per piece). Saves the second lookup."""
+        off = iova - region.iova
+        guest = region.view[off : off + size]  # type: ignore[index]
         view = guest.toreadonly() if direction == Direction.TO_DEVICE else guest
         h = DmaHandle(iova, size, direction, view, iova, None, None, attrs, ctx, guest, region)
         region.live.add(h)
