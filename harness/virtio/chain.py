@@ -18,6 +18,13 @@ so a guest value is judged by the same rule in both formats:
 - an indirect table is mapped, copied (the guest may rewrite it under us: we validate one
   snapshot) and unmapped; its length must be a non-zero multiple of 16.
 
+Two implementations of the buffer mapping, picked once per queue by ``HARNESS_WALK`` (the
+A/B switch of issue 12's round 4): ``fast`` (default) maps a descriptor's buffer with one
+``map_sg`` call (harness.dma.mapops.sg_mapper: the ledger's fused per-piece path) and lets the
+split ring use its inlined walk; ``classic`` is the per-piece ``contiguous`` + ``map_page`` +
+``mapping_error`` loop and the split ring's original walk. Both apply the same checks in the
+same order with the same words (tests/unit/test_walk_fast.py compares them on hostile rings).
+
 Nothing here raises on guest input out of the package: ``ChainError`` and
 ``TransientMapError`` are caught by the ring classes.
 """
@@ -25,11 +32,12 @@ Nothing here raises on guest input out of the package: ``ChainError`` and
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.dma import ATTR_COHERENT, Direction, DmaHandle, MapOps
+from harness.dma import ATTR_COHERENT, Direction, DmaHandle, MapOps, SgMapper, sg_mapper
 from harness.virtio.constants import DESC_F_WRITE, DESC_SIZE
 from harness.virtio.misbehave import Misbehave
 from harness.virtio.protocols import Barrier, no_barrier
@@ -42,6 +50,18 @@ U32_MAX = 0xFFFFFFFF
 #: tables (chains past the budget say so); a garbage ring may send every head into the same
 #: long loop, and must cost neither a long walk nor a huge reply.
 DUMP_BUDGET_PER_DESCRIPTOR = 4
+#: HARNESS_WALK=classic: the per-piece map calls and the split ring's original walk (the
+#: A/B's old side); fast (the default) the batched map call and the inlined split walk.
+WALK_ENV = "HARNESS_WALK"
+
+
+def walk_fast() -> bool:
+    """True for HARNESS_WALK=fast (the default), False for classic; ValueError for anything
+    else, so a mistyped A/B side fails loudly (the server's "could not start" line)."""
+    mode = os.environ.get(WALK_ENV, "fast") or "fast"
+    if mode not in ("fast", "classic"):
+        raise ValueError(f"{WALK_ENV}={mode!r}: expected fast or classic")
+    return mode == "fast"
 
 
 @dataclass(slots=True)
@@ -143,6 +163,12 @@ class Virtqueue:
         self._rings: list[DmaHandle] = []
         #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
         self.misbehave: Misbehave | None = None
+        #: HARNESS_WALK, read once here: which buffer mapping (and split walk) this queue uses.
+        self.walk_fast = walk_fast()
+        self._map_sg: SgMapper = sg_mapper(mapops)
+        self._map_buf: Callable[..., None] = (
+            self._map_into_fast if self.walk_fast else self._map_into
+        )
         self._reset_state()
 
     # ---- configuration (transport side) ------------------------------------------------------
@@ -291,12 +317,12 @@ class Virtqueue:
         if chain.read_len + chain.write_len + length > U32_MAX:
             raise ChainError("chain length exceeds 2^32 - 1", i, addr)
         if flags & DESC_F_WRITE:
-            self._map_into(chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map)
+            self._map_buf(chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map)
             chain.write_len += length
         else:
             if chain.writable:
                 raise ChainError("device-readable descriptor after writable", i, addr)
-            self._map_into(chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map)
+            self._map_buf(chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map)
             chain.read_len += length
 
     def _read_table(self, i: int, addr: int, length: int, flags: int, name: str = "") -> memoryview:
@@ -307,7 +333,7 @@ class Virtqueue:
         pieces: list[DmaHandle] = []
         try:
             # The device must ignore WRITE on an indirect descriptor (virtio 1.x 2.7.5.3.2).
-            self._map_into(pieces, addr, length, Direction.TO_DEVICE, i, flags & ~DESC_F_WRITE,
+            self._map_buf(pieces, addr, length, Direction.TO_DEVICE, i, flags & ~DESC_F_WRITE,
                            self._mapops.max_mapping_size(), name)  # fmt: skip
             return memoryview(b"".join([h.view for h in pieces]))
         finally:
@@ -341,6 +367,15 @@ class Virtqueue:
             if not length:
                 return
             addr += n
+
+    def _map_into_fast(
+        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int,
+        flags: int, max_map: int, name: str = "",
+    ) -> None:  # fmt: skip
+        """_map_into with one batched call (the same pieces, checks and failure)."""
+        h = self._map_sg(out, addr, length, direction, 0, (name or self.name, i, flags), max_map)
+        if h is not None:
+            self._map_failed(h, i, count=not name)
 
     def _map_failed(self, h: DmaHandle, i: int, *, count: bool = True) -> None:
         err = h.error
