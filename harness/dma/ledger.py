@@ -109,6 +109,8 @@ class DmaLedger:
         if getattr(inner, "memory", None) is not memory:
             region_map = None
         self._region_map = region_map
+        # Direct mapping's max_mapping_size is fixed at its construction.
+        self._region_max = inner.max_mapping_size() if region_map is not None else 0
         self.map_sg: SgMapper = (
             self._map_sg_fused if region_map is not None else self._map_sg_pieces
         )
@@ -242,7 +244,7 @@ class DmaLedger:
         region_map = self._region_map
         assert region_map is not None
         bus_master = self.bus_master
-        inner_max = self.inner.max_mapping_size()
+        inner_max = self._region_max
         want = direction
         if ctx is not None and ctx[2] >= 0:
             want = Direction.FROM_DEVICE if ctx[2] & _DESC_F_WRITE else Direction.TO_DEVICE

@@ -234,3 +234,11 @@ def test_ledger_off_map_sg_is_the_layer_below() -> None:
     assert led.map_sg(out, RW2 - 8, 16, Direction.TO_DEVICE, 0, ("q", 0, 0), 1 << 32) is None
     assert [(h.iova, h.size) for h in out] == [(RW2 - 8, 8), (RW2, 8)]
     assert led.maps == 0  # a pass-through counts nothing
+
+
+def test_walk_benchmark_runs_both_sides() -> None:
+    from harness.bench import walk
+
+    res = walk.run(rounds=1)
+    assert set(res) == set(walk.SHAPES)
+    assert all(r["fast_ns"] > 0 and r["classic_ns"] > 0 for r in res.values())
