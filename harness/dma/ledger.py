@@ -48,6 +48,9 @@ from harness.dma.memory import GuestMemory
 log = logging.getLogger(__name__)
 
 _DESC_F_WRITE = 2  # VRING_DESC_F_WRITE (harness.dma must not depend on harness.virtio)
+# Enum members as module constants: Direction.X is an attribute lookup costing ~50 ns on 3.11.
+_TO_DEVICE = Direction.TO_DEVICE
+_FROM_DEVICE = Direction.FROM_DEVICE
 _LOG_PER_KIND = 20  # then only debug: a broken guest must not flood the log
 
 # Violation kinds.
@@ -247,7 +250,8 @@ class DmaLedger:
         inner_max = self._region_max
         want = direction
         if ctx is not None and ctx[2] >= 0:
-            want = Direction.FROM_DEVICE if ctx[2] & _DESC_F_WRITE else Direction.TO_DEVICE
+            want = _FROM_DEVICE if ctx[2] & _DESC_F_WRITE else _TO_DEVICE
+        writes = direction != _TO_DEVICE
         live = self._live
         while True:
             n = length if length <= max_map else max_map
@@ -255,7 +259,7 @@ class DmaLedger:
             if region is not None and iova + n > region.end:
                 n = region.end - iova  # what contiguous() answers
             if (region is None or region.view is None or not bus_master() or want != direction
-                    or (direction != Direction.TO_DEVICE and not region.writable)
+                    or (writes and not region.writable)
                     or (n > inner_max and not attrs & ATTR_COHERENT)):  # fmt: skip
                 h = self.map_page(iova, n, direction, attrs, ctx)
                 if h.error is not None:

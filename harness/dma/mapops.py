@@ -48,6 +48,8 @@ class Direction(enum.IntEnum):
     FROM_DEVICE = 2
 
 
+_TO_DEVICE = Direction.TO_DEVICE  # a module constant: Direction.X costs ~50 ns on 3.11
+
 #: map_page attrs bit: coherent memory (rings). Not a Linux DMA_ATTR_* value: Linux knows this
 #: from the allocation, the device only from what the guest told it the memory is.
 ATTR_COHERENT = 1 << 0
@@ -224,7 +226,7 @@ class DirectMapOps:
         coherent (the ledger's ``map_sg`` does all of that per piece). Saves the second lookup."""
         off = iova - region.iova
         guest = region.view[off : off + size]  # type: ignore[index]
-        view = guest.toreadonly() if direction == Direction.TO_DEVICE else guest
+        view = guest.toreadonly() if direction == _TO_DEVICE else guest
         h = DmaHandle(iova, size, direction, view, iova, None, None, attrs, ctx, guest, region)
         region.live.add(h)
         return h
