@@ -724,9 +724,10 @@ class VirtioNetDevice(VirtioPciDevice):
             "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
             "features": self.negotiated,
             "rx_starved": self._rx_starved[0],
-            # Chains each pair's RX pool holds popped and mapped (in rxN's ``outstanding``).
-            "rx_pool": {"mode": "keep" if self.rx_pool_keep else "call",
-                        "held": [len(p) for p in self._rx_pools]},
+            # Chains each pair's RX pool holds popped and mapped (in rxN's ``outstanding``);
+            # not a dict: ``harness stats`` shows every dict of this level as a queue row.
+            "rx_pool": "keep" if self.rx_pool_keep else "call",
+            "rx_pool_held": [len(p) for p in self._rx_pools],
             **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
                           "rx_starved": list(self._rx_starved)}}
                if self.device_features >> C.NET_F_MQ & 1 else {}),
