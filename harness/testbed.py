@@ -290,15 +290,18 @@ class Testbed:
         """Raise ServerDied if a device server exited while the machine is up (so a run says so
         at once, with the server's log tail, instead of waiting for the guest's timeouts).
 
-        A server never exits on its own (it outlives a client's disconnect), so a dead one is
-        reported even when QEMU has exited too: QEMU may go down within a poll of the server
-        (QEMU 11.1 sometimes aborts on the lost socket), and the server is the cause."""
+        Once QEMU has exited too, only a server that died (a signal or a failure status) is
+        reported: QEMU may go down within a poll of a server it lost (QEMU 11.1 sometimes
+        aborts on the lost socket), and the server is then the cause; but a server also ends
+        by itself, with status 0, when its only client leaves (a guest that powered off or
+        panicked), and that is no death."""
         if self._machine is None:
             return
+        qemu_up = self._machine.running()
         for dev in self.devices:
             code = dev.proc.poll()
-            if code is not None:
-                qemu = "" if self._machine.running() else " (QEMU has exited too)"
+            if code is not None and (qemu_up or code != 0):
+                qemu = "" if qemu_up else " (QEMU has exited too)"
                 raise ServerDied(f"device server {dev.spec.name} (pid {dev.proc.pid}) died "
                                  f"with exit status {code} while the guest was running{qemu}; "
                                  f"{dev.log}:\n{tail(dev.log)}")

@@ -1,5 +1,6 @@
 """follow_console and Testbed.check_alive: a device server that dies is reported as such, even
-when QEMU goes down within the same poll (QEMU 11.1 sometimes aborts on the lost socket)."""
+when QEMU goes down within the same poll (QEMU 11.1 sometimes aborts on the lost socket); one
+that ends cleanly because QEMU left is not."""
 
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def test_check_alive_reports_a_dead_server_whether_or_not_qemu_runs(
         tb.check_alive()
     assert "exit status 3" in str(exc.value) and "last words" in str(exc.value)
     assert ("QEMU has exited too" in str(exc.value)) is not qemu_running
+
+
+def test_a_server_ending_cleanly_after_qemu_is_no_death(tmp_path: Path) -> None:
+    # Its only client left (the guest powered off or panicked): the server exits with 0.
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(0)"])
+    proc.wait()
+    _testbed(tmp_path, FakeMachine(False), proc).check_alive()
+    with pytest.raises(ServerDied):  # while QEMU runs, any exit is a death
+        _testbed(tmp_path, FakeMachine(True), proc).check_alive()
 
 
 def test_check_alive_is_quiet_while_the_server_runs(tmp_path: Path) -> None:
