@@ -36,7 +36,12 @@ pytestmark = pytest.mark.vm
 #: `make misbehave` runs every case on all three kernels of the matrix.
 # interrupt-wrong-vector-rx: hang in 6 of 7 runs on 7.3.4, graceful in the 7th (gate of 143c5bd):
 # its class depends on timing too, so it runs in `make misbehave`, not in CI.
-CI_CASES = [c for c in CASES if c not in ("needs-reset-no-interrupt", "interrupt-wrong-vector-rx")]
+# used-idx-jump: the jumped used.idx is corrected by the queue's next publish, so whether the
+# driver reads it (BAD_RING: hang) or not (graceful: every step ok) is a race between the guest's
+# next look at used.idx and the device's next batch; hang in every gate until the one of b39498f
+# (graceful, all 5 steps ok, recovered by traffic in 6 ms). Also `make misbehave` only.
+TIMING_DEPENDENT = ("needs-reset-no-interrupt", "interrupt-wrong-vector-rx", "used-idx-jump")
+CI_CASES = [c for c in CASES if c not in TIMING_DEPENDENT]
 
 
 @pytest.mark.parametrize("case", CI_CASES)
