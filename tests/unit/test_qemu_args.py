@@ -53,6 +53,8 @@ def test_viommu_adds_iommu_and_guest_options() -> None:
     prof = MachineProfile(viommu=True)
     assert viommu_args(prof) == ["-device", "intel-iommu,caching-mode=on,intremap=on"]
     assert "intel_iommu=on iommu.strict=1" in kernel_cmdline(prof)
+    # No boot-time timer check: under TCG it can miss ticks and panic with interrupt remapping.
+    assert "no_timer_check" in kernel_cmdline(prof).split()
     assert viommu_args(MachineProfile()) == []
 
 
