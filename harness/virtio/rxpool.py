@@ -66,10 +66,18 @@ class RxPool:
     def take(self, used: int) -> list[Chain]:
         """Remove and return the first ``used`` chains (a frame filled them); the views of the
         rest stay as they are."""
-        done = self.chains[:used]
-        del self.chains[:used]
-        del self.views[: sum(len(c.writable) for c in done)]
-        self.cap -= sum(c.write_len for c in done)
+        chains = self.chains
+        done = chains[:used]
+        del chains[:used]
+        # One plain loop, not two sum() generators: this runs per received frame (usually
+        # one chain), where creating and draining a generator was ~6% of the server's time.
+        nviews = 0
+        cap = 0
+        for c in done:
+            nviews += len(c.writable)
+            cap += c.write_len
+        del self.views[:nviews]
+        self.cap -= cap
         return done
 
     def _clear(self) -> list[Chain]:
