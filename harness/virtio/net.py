@@ -6,6 +6,11 @@ opened with IFF_VNET_HDR and TUNSETVNETHDRSZ=12), so checksum/TSO offloads need 
 only num_buffers is ours to fill in on RX. Data never gets copied by Python: TX hands the
 guest's buffers to ``writev``, RX ``readv``s straight into the guest's buffers.
 
+This module holds the device's constructor, transport hooks, link, announce, the control
+queue, TX and stats; the RX half is ``NetRxPath`` (harness.virtio.netrx), the constants are in
+harness.virtio.netdefs (re-exported here) and what a misbehaviour does is in
+harness.virtio.netmisbehave.
+
 Link state (VIRTIO_NET_F_STATUS): ``set_link`` flips VIRTIO_NET_S_LINK_UP in the config
 ``status`` field, bumps config_generation and, once the driver is up (DRIVER_OK), signals the
 config change (ISR bit 1, the msix_config vector), as virtio 1.x 4.1.4.3.1 and 4.1.5.3 require.
@@ -32,94 +37,67 @@ the driver's ANNOUNCE_ACK clears it (harness.virtio.ctrl).
 from __future__ import annotations
 
 import logging
-import os
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
-from harness.virtio import rxhdr
-from harness.virtio.chain import Chain, QueueStats, Virtqueue
+from harness.virtio import netmisbehave
+from harness.virtio.chain import QueueStats, Virtqueue
 from harness.virtio.ctrl import ControlState, serve_queue
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
-from harness.virtio.pci import TRANSPORT_FEATURES, VirtioPciDevice
+from harness.virtio.netdefs import (
+    BATCH_USED_ENV,
+    CONFIG_LEN,
+    CONFIG_LEN_MQ,
+    CONFIG_LEN_MTU,
+    CTRL_FEATURES,
+    CTRL_QUEUE,
+    DEFAULT_FEATURES,
+    GUEST_GSO,
+    MAX_PAIRS,
+    MQ_FEATURES,
+    OFFLOAD_FEATURES,
+    PACKED_FEATURES,
+    RESET_ANNOUNCE_FEATURES,
+    RX_MAX_GSO,
+    RX_MAX_MTU,
+    RX_QUEUE,
+    SUPPORTED_FEATURES,
+    TX_MAX,
+    TX_QUEUE,
+    U16,
+    batch_used,
+)
+from harness.virtio.netrx import NetRxPath
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 from harness.virtio.rxpool import RxPool, rx_pool_keep
 
+# The constants live in harness.virtio.netdefs; importers keep using this module.
+__all__ = [
+    "BATCH_USED_ENV",
+    "CTRL_FEATURES",
+    "CTRL_QUEUE",
+    "DEFAULT_FEATURES",
+    "MAX_PAIRS",
+    "MQ_FEATURES",
+    "OFFLOAD_FEATURES",
+    "PACKED_FEATURES",
+    "RESET_ANNOUNCE_FEATURES",
+    "RX_QUEUE",
+    "SUPPORTED_FEATURES",
+    "TX_QUEUE",
+    "VirtioNetDevice",
+    "batch_used",
+]
+
 log = logging.getLogger(__name__)
 
-#: HARNESS_BATCH_USED=0 publishes used.idx (and decides an interrupt) after every frame instead
-#: of once per TX flush / RX batch: the A/B's other side, to measure what batching buys.
-BATCH_USED_ENV = "HARNESS_BATCH_USED"
-
-
-def batch_used() -> bool:
-    """True (the default, ``1``): one publish per batch; False for ``0``; ValueError for
-    anything else, so a mistyped A/B side fails loudly."""
-    mode = os.environ.get(BATCH_USED_ENV, "1") or "1"
-    if mode not in ("0", "1"):
-        raise ValueError(f"{BATCH_USED_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1"
-
-
-RX_QUEUE = 0
-TX_QUEUE = 1
-CTRL_QUEUE = 2  # with CTRL_VQ offered: after the queue pairs (5.1.2); 2 * max_pairs with MQ
-
-DEFAULT_FEATURES = (
-    (1 << C.F_VERSION_1)
-    | (1 << C.NET_F_MAC)
-    | (1 << C.NET_F_STATUS)
-    | (1 << C.NET_F_MRG_RXBUF)
-    | (1 << C.F_EVENT_IDX)
-)
-OFFLOAD_FEATURES = (
-    (1 << C.NET_F_CSUM)
-    | (1 << C.NET_F_GUEST_CSUM)
-    | (1 << C.NET_F_HOST_TSO4)
-    | (1 << C.NET_F_HOST_TSO6)
-    | (1 << C.NET_F_GUEST_TSO4)
-    | (1 << C.NET_F_GUEST_TSO6)
-)
-CTRL_FEATURES = (
-    (1 << C.NET_F_CTRL_VQ)
-    | (1 << C.NET_F_CTRL_RX)
-    | (1 << C.NET_F_CTRL_RX_EXTRA)
-    | (1 << C.NET_F_CTRL_MAC_ADDR)
-)
-SUPPORTED_FEATURES = (DEFAULT_FEATURES | OFFLOAD_FEATURES | TRANSPORT_FEATURES | CTRL_FEATURES
-                      | (1 << C.NET_F_MTU))
-#: Multiqueue: accepted on top of SUPPORTED_FEATURES (with ``max_pairs``), kept apart so the
-#: default device's offer and its conformance checks stay exactly as they were.
-MQ_FEATURES = 1 << C.NET_F_MQ
-#: Per-queue reset and guest announcements: accepted on top too, offered only when switched on
-#: (harness.virtio.features ring_reset, guest_announce), for the same reason.
-RESET_ANNOUNCE_FEATURES = (1 << C.F_RING_RESET) | (1 << C.NET_F_GUEST_ANNOUNCE)
-#: The packed ring format (harness.virtio.features ``packed``): accepted, offered when switched on.
-PACKED_FEATURES = 1 << C.F_RING_PACKED
-
-_GUEST_GSO = (1 << C.NET_F_GUEST_TSO4) | (1 << C.NET_F_GUEST_TSO6) | (1 << C.NET_F_GUEST_UFO)
-# Largest frame the backend may hand us: a 64 KiB GSO packet plus Ethernet+VLAN header, or a
-# 1500-MTU frame with VLAN tag; plus the vnet header either way.
-_RX_MAX_GSO = C.NET_HDR_SIZE + 65535 + 18
-_RX_MAX_MTU = C.NET_HDR_SIZE + 1518
-# No Ethernet frame is longer than a 64 KiB GSO packet plus its headers, offloads or not: a
-# longer TX chain is completed, dropped and counted rather than handed to the backend.
-_TX_MAX = _RX_MAX_GSO
-_CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
-#: With VIRTIO_NET_F_MTU: ... + max_virtqueue_pairs (1: no MQ) + mtu (offset 10).
-_CONFIG_LEN_MTU = 12
-#: With VIRTIO_NET_F_MQ but no MTU: mac, status, max_virtqueue_pairs.
-_CONFIG_LEN_MQ = 10
-#: Queue pairs this device can have (one TAP fd each).
-MAX_PAIRS = 4
-_U16 = struct.Struct("<H")
 
 
 
-class VirtioNetDevice(VirtioPciDevice):
+class VirtioNetDevice(NetRxPath):
     """A virtio-net device with rx0 (queue 0) and tx0 (queue 1).
 
     The server loop calls ``bar0_read/bar0_write`` from region callbacks, then ``process()``
@@ -167,8 +145,8 @@ class VirtioNetDevice(VirtioPciDevice):
             queue_names=[*pair_names, *(["ctrl"] if feats >> C.NET_F_CTRL_VQ & 1 else [])],
             queue_size=queue_size,
             device_features=feats,
-            device_config_len=(_CONFIG_LEN_MTU if mtu is not None
-                               else _CONFIG_LEN_MQ if mq else _CONFIG_LEN),
+            device_config_len=(CONFIG_LEN_MTU if mtu is not None
+                               else CONFIG_LEN_MQ if mq else CONFIG_LEN),
             bus_master=bus_master,
             barrier=barrier,
         )  # fmt: skip
@@ -208,7 +186,7 @@ class VirtioNetDevice(VirtioPciDevice):
         #: again yet; meanwhile its backend is drained and the frames dropped (5.1.6.5.6.2).
         self._rx_reset = [False] * max_pairs
         self.reset_drops = 0  # RX frames dropped because their queue was being reset
-        self._rx_max = _RX_MAX_MTU
+        self._rx_max = RX_MAX_MTU
         self._rx_frame_max = 1518
         self._mrg = False
         self.link_changes = 0
@@ -240,75 +218,9 @@ class VirtioNetDevice(VirtioPciDevice):
         self.misbehave.add(spec)
         log.warning("misbehaviour on: %s", spec)
 
-    def _misbehave_tx(self, mb: Misbehave) -> bool:
-        """True when TX is stalled (tx-stall fired now or before)."""
-        if not mb.tx_stalled and mb.due("tx", "tx0") is not None:
-            mb.tx_stalled = True
-            log.warning("misbehave tx-stall: TX is no longer consumed")
-        return mb.tx_stalled
-
-    def _misbehave_rx_header(self, mb: Misbehave, first: Chain, views: list[memoryview],
-                             used: int, got: int) -> None:
-        """One rx-header case on the frame just received into ``views`` (the pool's buffers,
-        ``first``'s first: every chain holds a whole vnet header, so header offsets stay in it)."""
-        s = mb.due("rx-header", "rx0")
-        if s is None:
-            return
-        case = s.case
-        if case == "data-valid-bad-csum":
-            end = min(got, first.write_len) - 1  # inside the frame and the first chain
-            if got >= 128:
-                rxhdr.write_at(views, 0, b"\x02")  # DATA_VALID
-                # flip the frame's byte at ``end``
-                rxhdr.write_at(views, end, bytes([rxhdr.read_at(views, end, 1)[0] ^ 0xFF]))
-        elif case == "rx-header-reserved-flags":
-            rxhdr.write_at(views, 0, b"\xf8")
-        elif case == "num-buffers-zero":
-            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(0))
-        elif case == "num-buffers-too-large":
-            rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used + 1))
-        elif case == "gso-size-zero":  # gso_type TCPV4, gso_size (bytes 4..5) 0
-            rxhdr.write_at(views, 1, b"\x01")
-            rxhdr.write_at(views, 4, b"\0\0")
-        elif case == "csum-start-beyond-frame":  # NEEDS_CSUM, csum_start, csum_offset
-            rxhdr.write_at(views, 0, b"\x01")
-            rxhdr.write_at(views, 6, struct.pack("<HH", 0xFFF0, 16))
-        else:  # bad-gso-type
-            rxhdr.write_at(views, 1, b"\x7f")
-
-    def _misbehave_device(self, mb: Misbehave) -> None:
-        s = mb.due("device", None)
-        if s is None:
-            return
-        if s.case == "interrupt-storm":
-            for q in self.queues:
-                if s.queue in ("any", q.name) and q.msix_vector != C.NO_VECTOR:
-                    for _ in range(64):
-                        self.irq.trigger(q.msix_vector)
-        elif s.case == "link-flap":
-            self.set_link(False)
-            self.set_link(True)
-        elif s.case in ("config-change-no-interrupt", "mac-change-after-negotiation",
-                        "config-generation-stale"):
-            self.mac = self.mac[:5] + bytes([self.mac[5] ^ 1])
-            log.warning("misbehave %s: MAC now %s", s.case, self.mac.hex(":"))
-            if s.case == "mac-change-after-negotiation":
-                self.config_changed()
-            elif s.case == "config-generation-stale":
-                self._config_irq(1)
-        elif s.case == "config-interrupt-storm":
-            self._config_irq(64)
-        elif s.case == "needs-reset-no-interrupt":
-            self.status |= C.STATUS_NEEDS_RESET
-        else:  # needs-reset-midtraffic
-            self.device_error("misbehave needs-reset-midtraffic (no real error)")
-
-    def _config_irq(self, n: int) -> None:
-        """``n`` config interrupts without a generation bump (misbehaviours only)."""
-        self.isr |= C.ISR_CONFIG
-        for _ in range(n):
-            if self.msix_config != C.NO_VECTOR:
-                self.irq.trigger(self.msix_config)
+    def _after_event(self) -> None:
+        if self.misbehave is not None:
+            netmisbehave.device_event(self, self.misbehave)
 
     # ---- transport hooks ---------------------------------------------------------------------
 
@@ -318,11 +230,11 @@ class VirtioNetDevice(VirtioPciDevice):
             status |= C.NET_S_ANNOUNCE
         # MAC_ADDR_SET updates the config space mac before the command is consumed (5.1.6.5.2.1).
         mac = self.control.mac if self.has_feature(C.NET_F_CTRL_MAC_ADDR) else self.mac
-        config = mac + _U16.pack(status)
+        config = mac + U16.pack(status)
         if self.mtu is not None or self.device_features >> C.NET_F_MQ & 1:
-            config += _U16.pack(self.max_pairs)  # max_virtqueue_pairs
+            config += U16.pack(self.max_pairs)  # max_virtqueue_pairs
         if self.mtu is not None:
-            config += _U16.pack(self.mtu)
+            config += U16.pack(self.mtu)
         return config
 
     def _on_driver_ok(self) -> None:
@@ -330,7 +242,7 @@ class VirtioNetDevice(VirtioPciDevice):
         # Without MTU negotiated the driver sized its buffers for 1500 (5.1.6.3.1).
         mtu = self.mtu if self.mtu is not None and self.has_feature(C.NET_F_MTU) else 1500
         self._rx_frame_max = mtu + 18  # Ethernet header + VLAN tag
-        self._rx_max = (_RX_MAX_GSO if self.negotiated & _GUEST_GSO
+        self._rx_max = (RX_MAX_GSO if self.negotiated & GUEST_GSO
                         else C.NET_HDR_SIZE + self._rx_frame_max)
         self._rx_starved = [False] * self.max_pairs
         self._rx_reset = [False] * self.max_pairs
@@ -364,20 +276,6 @@ class VirtioNetDevice(VirtioPciDevice):
             self._rx_pools[q.index // 2].forget(self.mapops)
             self._rx_starved[q.index // 2] = False
             self._rx_reset[q.index // 2] = True
-
-    def dma_unmapped(self, iova: int, size: int) -> None:
-        """Also give back pooled RX chains with a buffer in [iova, iova+size): the device
-        must hold no mapping of memory that goes away."""
-        for pool in self._rx_pools:
-            if pool.overlaps(iova, size):
-                pool.give_back()
-        super().dma_unmapped(iova, size)
-
-    def memory_changed(self) -> None:
-        """Also give back every pooled RX chain (the range is unknown)."""
-        for pool in self._rx_pools:
-            pool.give_back()
-        super().memory_changed()
 
     def announce(self) -> int:
         """Ask the driver to announce itself (VIRTIO_NET_S_ANNOUNCE, 5.1.6.5.4).
@@ -424,28 +322,9 @@ class VirtioNetDevice(VirtioPciDevice):
 
     # ---- server loop API ---------------------------------------------------------------------
 
-    def _usable(self) -> bool:
-        return self.driver_ok and self.bus_master()
-
-    def pair_backend(self, pair: int) -> PacketBackend:
-        """The backend queue pair ``pair`` moves frames through."""
-        return self.backend if pair == 0 else self.extra_backends[pair - 1]
-
     def has_work(self) -> bool:
         """Kicks are waiting for process() (and the device may act on them now)."""
         return bool(self._pending) and self._usable()
-
-    def rx_wanted(self, pair: int = 0) -> bool:
-        """RX of ``pair`` has (or may have) buffers, or the link is down and its backend is to
-        be drained: backend ``pair`` should be polled for readability."""
-        if not self._usable() or pair >= self.control.pairs:
-            return False
-        if not self.link_up:
-            return True
-        q = self.queues[2 * pair]
-        if self._rx_reset[pair] and not q.enabled:
-            return True  # being reset: drain the backend, drop (not hold) what it has
-        return not self._rx_starved[pair] and q.enabled and not q.broken
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
@@ -479,7 +358,7 @@ class VirtioNetDevice(VirtioPciDevice):
     # ---- TX ----------------------------------------------------------------------------------
 
     def _tx_flush(self, pair: int = 0) -> None:
-        if self.misbehave is not None and self._misbehave_tx(self.misbehave):
+        if self.misbehave is not None and netmisbehave.tx_stalled(self.misbehave):
             return
         q = self.queues[2 * pair + 1]
         st = q.stats
@@ -504,7 +383,7 @@ class VirtioNetDevice(VirtioPciDevice):
                     self.link_drops += 1
                     q.push(chain, 0)
                     continue
-                if chain.read_len > _TX_MAX:
+                if chain.read_len > TX_MAX:
                     st.drops += 1
                     self.oversize_drops += 1
                     q.push(chain, 0)
@@ -532,173 +411,7 @@ class VirtioNetDevice(VirtioPciDevice):
             self._pending |= 1 << q.index  # a transient map failure: retry, do not wait
         if q.flush():
             self._queue_interrupt(q)
-        if self.misbehave is not None:
-            self._misbehave_device(self.misbehave)
-
-    # ---- RX ----------------------------------------------------------------------------------
-
-    def on_backend_readable(self, pair: int = 0) -> None:
-        """Move frames backend -> RX ring until the backend is empty, buffers or batch run out.
-
-        Chains gathered for one frame but not used by it stay mapped in the pair's pool
-        (harness.virtio.rxpool) for the next frame, and with HARNESS_RX_POOL=keep for the next
-        readable event too: with guest GSO a frame needs room for 64 KiB (dozens of mergeable
-        buffers), and re-mapping all of them for every 66-byte ACK would dominate the cost of
-        receiving.
-        """
-        if not self.rx_wanted(pair):
-            return
-        if not self.link_up:
-            self._rx_discard(pair)
-            return
-        q = self.queues[2 * pair]
-        if not q.enabled:  # reset by the driver (rx_wanted): such frames are dropped
-            self._rx_discard(pair, link=False)
-            return
-        st = q.stats
-        backend = self.pair_backend(pair)
-        pool = self._rx_pools[pair]
-        if pool.queue is not None and pool.queue is not q:
-            pool.forget(self.mapops)  # a swapped queue object: never the case while running
-        elif pool.chains and not q.ready:
-            # Its rings were dropped (guest memory under them went away) and cannot be mapped
-            # again now: a push would have no used ring to go to. Start from nothing.
-            pool.give_back()
-        try:
-            for _ in range(self.batch):
-                if not self._rx_gather(q, pool):
-                    break
-                views = pool.views
-                try:
-                    got = backend.readv(views)
-                except OSError as e:
-                    log.debug("%s: backend read failed: %s", q.name, e)
-                    got = -1
-                if got <= 0:
-                    break
-                if got < C.NET_HDR_SIZE:
-                    st.drops += 1  # a runt without a whole vnet header: nothing to deliver
-                    continue
-                if not self._rx_header_ok(views, got):
-                    st.drops += 1  # the chains stay in the pool for the next frame
-                    continue
-                if self._rx_filter and not self.control.accepts(
-                        rxhdr.read_at(views, C.NET_HDR_SIZE, 6)):
-                    st.drops += 1  # not for this driver's MAC filter / RX mode
-                    self.filtered += 1
-                    continue
-                used = 0
-                left = got
-                for c in pool.chains:
-                    if left <= 0:
-                        break
-                    left -= c.write_len
-                    used += 1
-                # num_buffers into the first chain's header (plain byte writes are fine: the
-                # guest cannot look before used.idx is published).
-                rxhdr.write_at(views, C.NET_HDR_NUM_BUFFERS_OFFSET, _U16.pack(used))
-                if self.misbehave is not None:
-                    self._misbehave_rx_header(self.misbehave, pool.chains[0], views, used, got)
-                left = got
-                for i, c in enumerate(pool.take(used)):
-                    n = min(left, c.write_len)
-                    q.push(c, n, more=i + 1 < used)  # ``more``: the frame goes on (MRG_RXBUF)
-                    left -= n
-                st.packets += 1
-                st.bytes += got - C.NET_HDR_SIZE
-                if not self.batch_used:
-                    self._publish(q)
-        finally:
-            # A broken queue's chains are discarded; otherwise they stay held (keep) or go
-            # back to the ring (call, the A/B's old side).
-            if q.broken or not self.rx_pool_keep:
-                pool.give_back()
-        if q.flush():
-            self._queue_interrupt(q)
-        if self.misbehave is not None:
-            self._misbehave_device(self.misbehave)
-
-    def _publish(self, q: Virtqueue) -> None:
-        """Publish what ``q`` used so far and interrupt if the driver wants one (the same
-        EVENT_IDX / NO_INTERRUPT decision as at the end of a batch)."""
-        if q.flush():
-            self._queue_interrupt(q)
-
-    def _rx_header_ok(self, views: list[memoryview], got: int) -> bool:
-        """The frame's header made one the driver negotiated (harness.virtio.rxhdr), or
-        False: drop it (counted)."""
-        verdict = rxhdr.check(views, got, self.negotiated, self._rx_frame_max)
-        if verdict is rxhdr.Verdict.OK:
-            return True
-        if verdict is rxhdr.Verdict.CSUM_DONE:
-            self.csum_completed += 1
-            return True
-        if verdict is rxhdr.Verdict.DROP_OVERSIZE:
-            self.oversize_drops += 1
-        else:
-            self.header_drops += 1
-        return False
-
-    def _rx_discard(self, pair: int = 0, link: bool = True) -> None:
-        """Link down (``link``) or RX queue being reset: read up to a batch of frames from the
-        backend and drop them."""
-        if self._scratch is None:
-            self._scratch = bytearray(_RX_MAX_GSO)
-        views = [memoryview(self._scratch)]
-        st = self.queues[2 * pair].stats
-        for _ in range(self.batch):
-            try:
-                got = self.pair_backend(pair).readv(views)
-            except OSError as e:
-                log.debug("rx0: backend read failed: %s", e)
-                return
-            if got <= 0:
-                return
-            st.drops += 1
-            if link:
-                self.link_drops += 1
-            else:
-                self.reset_drops += 1
-
-    def _rx_gather(self, q: Virtqueue, pool: RxPool) -> bool:
-        """Top ``pool`` up to hold one max-size frame (one chain without MRG_RXBUF).
-
-        False when that is not possible now: then ``pool`` is empty again (everything given
-        back to the ring) and the device waits for the driver's kick.
-        """
-        if pool.chains and (not self._mrg or pool.cap >= self._rx_max):
-            return True  # held from before: no ring access at all
-        map_errors = q.stats.map_errors
-        for _attempt in range(4):
-            while (self._mrg and pool.cap < self._rx_max) or not pool.chains:
-                c = q.pop()
-                if c is None:
-                    break
-                if c.readable or c.write_len < C.NET_HDR_SIZE:
-                    what = "device-readable buffers" if c.readable else "room for no vnet header"
-                    q.discard(c)
-                    pool.give_back()
-                    q.fail(f"RX chain with {what}", c.head)
-                    return False
-                pool.add(q, c)
-            if q.broken:
-                pool.give_back()  # discards: the queue is broken
-                return False
-            # Enough room, or every buffer the ring can hold is here and it still is not:
-            # then use what there is rather than wait for buffers that cannot come.
-            if pool.chains and (not self._mrg or pool.cap >= self._rx_max
-                                or len(pool) >= q.size):
-                q.disable_notify()  # we have buffers: refills need no doorbell
-                return True
-            pool.give_back()
-            if q.stats.map_errors != map_errors:
-                return False  # transient: stay polling, the next readable event retries
-            if not q.enable_notify():
-                break
-        if not q.broken:
-            q.stats.no_buffers += 1
-            self._rx_starved[q.index // 2] = True
-        return False
+        self._after_event()
 
     # ---- stats -------------------------------------------------------------------------------
 
