@@ -13,9 +13,12 @@ from harness.dma.mapops import (
     MapCtx,
     MapOps,
     SgMapper,
+    SgUnmapper,
     failed_handle,
     map_pieces,
     sg_mapper,
+    sg_unmapper,
+    unmap_pieces,
 )
 from harness.dma.memory import GuestMemory, GuestRegion
 
@@ -36,8 +39,11 @@ __all__ = [
     "MapOps",
     "RegionOverlap",
     "SgMapper",
+    "SgUnmapper",
     "build_mapops",
     "failed_handle",
     "map_pieces",
     "sg_mapper",
+    "sg_unmapper",
+    "unmap_pieces",
 ]

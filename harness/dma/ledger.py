@@ -16,6 +16,9 @@ and checks, for each operation, what an IOMMU plus Linux's DMA-debug would:
 per piece with one region lookup for the split and the checks together, and maps through
 ``DirectMapOps.map_in_region`` (no second lookup); any piece that would be refused goes
 through ``map_page`` itself, so refusals, their order, words and counters are map_page's.
+``unmap_sg`` (a chain's handles, as ``harness.dma.mapops.unmap_pieces``) is the mirror: over
+direct mapping, each handle's unmap checks and the direct unmap in one loop; a handle that
+would be refused or reported goes through ``unmap_page`` itself.
 
 Every violation is counted by kind and logged with queue, descriptor and IOVA. A violation the
 guest caused (an address, length or protection it supplied) fails the map non-transiently, so
@@ -35,13 +38,17 @@ from harness.dma.errors import DmaFault
 from harness.dma.mapops import (
     ATTR_COHERENT,
     Direction,
+    DirectMapOps,
     DmaHandle,
     MapCtx,
     MapOps,
     SgMapper,
+    SgUnmapper,
     failed_handle,
     map_pieces,
     sg_mapper,
+    sg_unmapper,
+    unmap_pieces,
 )
 from harness.dma.memory import GuestMemory
 
@@ -117,8 +124,15 @@ class DmaLedger:
         self.map_sg: SgMapper = (
             self._map_sg_fused if region_map is not None else self._map_sg_pieces
         )
+        # The fused unmap_sg does DirectMapOps.unmap_page's work itself: only over exactly
+        # that class (a subclass may unmap differently), in the memory the ledger audits.
+        direct = type(inner) is DirectMapOps and getattr(inner, "memory", None) is memory
+        self.unmap_sg: SgUnmapper = (
+            self._unmap_sg_direct if direct else self._unmap_sg_pieces
+        )
         if not checks:
             self.map_sg = sg_mapper(inner)
+            self.unmap_sg = sg_unmapper(inner)
             # Instance attributes shadow the checking methods: the data path calls the
             # layer below directly, as if there were no ledger.
             for name in ("map_page", "unmap_page", "sync_single_for_cpu",
@@ -334,6 +348,44 @@ class DmaLedger:
             direction = handle.direction  # unmap as mapped, or bounced data would be lost
         self.unmaps += 1
         self.inner.unmap_page(handle, direction)
+
+    def _unmap_sg_pieces(self, handles: list[DmaHandle], direction: Direction) -> None:
+        unmap_pieces(self, handles, direction)
+
+    def _unmap_sg_direct(self, handles: list[DmaHandle], direction: Direction) -> None:
+        """unmap_pieces(self, ...) over DirectMapOps in one loop: a live handle unmapped in
+        its own direction is removed, counted and unmapped as ``DirectMapOps.unmap_page``
+        does (flag, unregister, release both views); any other (not live: refused, counted;
+        wrong direction: reported) goes through ``unmap_page``, in the list's order."""
+        live = self._live
+        done = 0
+        try:
+            for h in handles:
+                if h not in live or h.direction != direction:
+                    self.unmap_page(h, direction)
+                    continue
+                live.remove(h)
+                done += 1
+                if h.unmapped:  # what DirectMapOps.unmap_page does with one: nothing
+                    continue
+                h.unmapped = True
+                region = h.region
+                if region is not None:  # harness.dma.mapops.unregister
+                    region.live.discard(h)
+                    h.region = None
+                # harness.dma.memory.release, for the view and the guest view under it
+                try:  # noqa: SIM105
+                    h.view.release()
+                except BufferError:
+                    pass
+                guest = h.guest
+                if guest is not None:
+                    try:  # noqa: SIM105
+                        guest.release()
+                    except BufferError:
+                        pass
+        finally:
+            self.unmaps += done
 
     def alloc(self, size: int) -> DmaHandle:
         h = self.inner.alloc(size)

@@ -24,6 +24,10 @@ implementation, an auditing ledger or fault injection can be layered in without 
 is not contiguous), like Linux ``dma_map_sg`` for one scatter-gather entry: a layer may offer
 a fused ``map_sg`` with the same signature and results (the ledger does, over direct mapping:
 one region lookup per piece instead of three, every check kept); ``sg_mapper`` picks it.
+``unmap_pieces`` is the mirror for unmapping (``dma_unmap_sg``): a list of handles, one
+``unmap_page`` each, in order; a fused ``unmap_sg`` has the same signature and effects (the
+ledger's over direct mapping: every check and counter per handle, no call per handle), and
+``sg_unmapper`` picks it.
 """
 
 from __future__ import annotations
@@ -169,6 +173,29 @@ def sg_mapper(ops: MapOps) -> SgMapper:
         ctx: MapCtx | None, max_map: int,
     ) -> DmaHandle | None:  # fmt: skip
         return map_pieces(ops, out, iova, length, direction, attrs, ctx, max_map)
+
+    return generic
+
+
+#: ``unmap_sg(handles, direction)``: see :func:`unmap_pieces`.
+SgUnmapper = Callable[[list[DmaHandle], Direction], None]
+
+
+def unmap_pieces(ops: MapOps, handles: list[DmaHandle], direction: Direction) -> None:
+    """``ops.unmap_page(h, direction)`` for every handle, in order: the reference for every
+    fused ``unmap_sg`` (same calls' checks, counters and effects, in the same order)."""
+    for h in handles:
+        ops.unmap_page(h, direction)
+
+
+def sg_unmapper(ops: MapOps) -> SgUnmapper:
+    """``ops.unmap_sg`` when the layer has a fused one, else :func:`unmap_pieces` over ``ops``."""
+    fused: SgUnmapper | None = getattr(ops, "unmap_sg", None)
+    if fused is not None:
+        return fused
+
+    def generic(handles: list[DmaHandle], direction: Direction) -> None:
+        unmap_pieces(ops, handles, direction)
 
     return generic
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 
-from harness.dma import Direction, MapOps
+from harness.dma import Direction, MapOps, sg_unmapper
 from harness.virtio.chain import Chain, Virtqueue
 
 #: HARNESS_RX_POOL=keep (default) keeps unused RX chains mapped across readable events;
@@ -108,10 +108,11 @@ class RxPool:
         ``ops`` (the device's, which mapped them) so no mapping outlives the queue. The number
         forgotten."""
         chains = self._clear()
+        unmap_sg = sg_unmapper(ops)
         for c in chains:
-            for h in c.writable:
-                ops.unmap_page(h, Direction.FROM_DEVICE)
-            c.writable = []
+            if c.writable:
+                unmap_sg(c.writable, Direction.FROM_DEVICE)
+                c.writable = []
         return len(chains)
 
     def overlaps(self, iova: int, size: int) -> bool:
