@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from harness.dma import DirectMapOps, GuestMemory
+from harness.dma import DirectMapOps, DmaLedger, GuestMemory, build_mapops
 from harness.virtio import constants as C
 from harness.virtio.net import VirtioNetDevice
 from harness.virtio.pci import VirtioPciDevice
@@ -384,6 +384,8 @@ class NetRig:
     backend: FakeBackend
     irq: FakeIrq
     bus_master: list[bool]
+    #: The DMA ledger behind the device's map ops (``net_rig(ledger=True)``), else None.
+    ledger: DmaLedger | None = None
 
     @property
     def rx(self) -> MockQueue:
@@ -401,14 +403,21 @@ def net_rig(
     queue_size: int = 256,
     init: bool = True,
     mem_size: int = 4 << 20,
+    ledger: bool = False,
 ) -> NetRig:
-    """Build a net device over mock memory; ``init`` runs the driver's probe to DRIVER_OK."""
+    """Build a net device over mock memory; ``init`` runs the driver's probe to DRIVER_OK.
+    ``ledger``: the device maps through a DMA ledger (``NetRig.ledger``), as the server's do."""
     mem = MockMemory(mem_size)
     backend = FakeBackend()
     irq = FakeIrq()
     bme = [True]
+    led: DmaLedger | None = None
+    if ledger:
+        ops, led = build_mapops("direct", mem.memory, bus_master=lambda: bme[0])
+    else:
+        ops = DirectMapOps(mem.memory)
     dev = VirtioNetDevice(
-        DirectMapOps(mem.memory),
+        ops,
         irq,
         backend,
         mac=bytes.fromhex("525400123456"),
@@ -419,4 +428,4 @@ def net_rig(
     driver = MockDriver(dev, mem)
     if init:
         driver.init(driver_features)
-    return NetRig(dev, driver, backend, irq, bme)
+    return NetRig(dev, driver, backend, irq, bme, led)

@@ -8,13 +8,19 @@ ledger so that "unmaps everything it holds" is checked by the ledger's live coun
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import pytest
 
 from harness.dma import DmaLedger
 from harness.dma.factory import build_mapops
-from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory
+from harness.testing.mockdriver import (
+    FakeBackend,
+    FakeIrq,
+    MockDriver,
+    MockMemory,
+    NetRig,
+    net_rig,
+)
 from harness.virtio import constants as C
 from harness.virtio import ctrl
 from harness.virtio.misbehave import parse_list
@@ -24,30 +30,21 @@ RESET = DEFAULT_FEATURES | (1 << C.F_RING_RESET)
 RX, TX = 0, 1
 
 
-@dataclass
-class Rig:
-    device: VirtioNetDevice
-    driver: MockDriver
-    backend: FakeBackend
-    ledger: DmaLedger
-    irq: FakeIrq
-
-    def read_q(self, index: int, off: int, width: int = 2) -> int:
-        self.driver.write(C.COMMON_Q_SELECT, 2, index)
-        return self.driver.read(off, width)
+Rig = NetRig
 
 
 def rig(features: int = RESET, driver_features: int | None = None) -> Rig:
-    mem = MockMemory()
-    ops, ledger = build_mapops("direct", mem.memory, bus_master=lambda: True)
-    assert ledger is not None
-    backend = FakeBackend()
-    irq = FakeIrq()
-    dev = VirtioNetDevice(ops, irq, backend, mac=bytes(6), queue_size=256,
-                          features=features, bus_master=lambda: True)
-    driver = MockDriver(dev, mem)
-    driver.init(driver_features)
-    return Rig(dev, driver, backend, ledger, irq)
+    return net_rig(features=features, driver_features=driver_features, ledger=True)
+
+
+def led(r: Rig) -> DmaLedger:
+    assert r.ledger is not None
+    return r.ledger
+
+
+def read_q(r: Rig, index: int, off: int, width: int = 2) -> int:
+    r.driver.write(C.COMMON_Q_SELECT, 2, index)
+    return r.driver.read(off, width)
 
 
 def hdr() -> bytes:
@@ -55,7 +52,7 @@ def hdr() -> bytes:
 
 
 def violations(r: Rig) -> int:
-    total = r.ledger.stats()["violations_total"]
+    total = led(r).stats()["violations_total"]
     assert isinstance(total, int)
     return total
 
@@ -77,20 +74,20 @@ def test_tx_reset_mid_traffic_unmaps_forgets_and_leaves_rx_alone(ring: str) -> N
     for i in range(3):  # made available and kicked, not yet taken by the device
         tx.add([hdr() + b"pending%d" % i])
     tx.kick()
-    live, resets = r.ledger.live, dev.resets
+    live, resets = led(r).live, dev.resets
 
     assert d.reset_queue(TX) == 0  # Linux polls queue_reset and queue_enable until 0
-    assert r.ledger.live == live - 3  # the TX rings' three mappings are gone
-    assert (r.read_q(TX, C.COMMON_Q_SIZE), r.read_q(TX, C.COMMON_Q_MSIX)) == (256, C.NO_VECTOR)
+    assert led(r).live == live - 3  # the TX rings' three mappings are gone
+    assert (read_q(r, TX, C.COMMON_Q_SIZE), read_q(r, TX, C.COMMON_Q_MSIX)) == (256, C.NO_VECTOR)
     for off in (C.COMMON_Q_DESCLO, C.COMMON_Q_AVAILLO, C.COMMON_Q_USEDLO):
-        assert r.read_q(TX, off, 4) == 0
+        assert read_q(r, TX, off, 4) == 0
     dev.process()  # the kick from before the reset: nothing of that ring is executed
     assert r.backend.tx == [hdr() + b"sent"]
     assert dev.queue_resets == 1 and dev.bad_accesses == 0 and dev.resets == resets
     assert dev.status & C.STATUS_DRIVER_OK and not dev.status & C.STATUS_NEEDS_RESET
 
     # RX was not touched: still enabled, still mapped, still receiving.
-    assert r.read_q(RX, C.COMMON_Q_ENABLE) == 1
+    assert read_q(r, RX, C.COMMON_Q_ENABLE) == 1
     d.queues[RX].add(in_=[2048])
     d.queues[RX].kick()
     dev.process()
@@ -101,14 +98,14 @@ def test_tx_reset_mid_traffic_unmaps_forgets_and_leaves_rx_alone(ring: str) -> N
     # Re-enabled with a smaller ring (ethtool -G): indices start from 0, traffic flows.
     size = 100 if ring == "packed" else 128  # a packed ring may take any size (2.8.10.1)
     tx2 = d.setup_queue(TX, size, vector=TX + 1)
-    assert r.read_q(TX, C.COMMON_Q_ENABLE) == 1 and r.read_q(TX, C.COMMON_Q_RESET) == 0
+    assert read_q(r, TX, C.COMMON_Q_ENABLE) == 1 and read_q(r, TX, C.COMMON_Q_RESET) == 0
     tx2.add([hdr() + b"after"])
     tx2.kick()
     dev.process()
     assert r.backend.tx[-1] == hdr() + b"after" and tx2.get_used() == [(0, 0)]
     assert dev.queues[TX].size == size
     d.reset()
-    assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
+    assert led(r).check_leaks("test end") == 0 and violations(r) == 0
 
 
 def test_rx_reset_drops_its_buffers_and_the_frames_that_arrive_meanwhile() -> None:
@@ -122,11 +119,11 @@ def test_rx_reset_drops_its_buffers_and_the_frames_that_arrive_meanwhile() -> No
     r.backend.rx.append(hdr() + b"one")
     dev.on_backend_readable()
     assert len(rx.get_used()) == 1
-    live = r.ledger.live
+    live = led(r).live
     held = dev.queues[RX].outstanding  # chains the RX pool keeps mapped (HARNESS_RX_POOL)
 
     assert d.reset_queue(RX) == 0
-    assert r.ledger.live == live - 3 - held and dev.queues[RX].outstanding == 0
+    assert led(r).live == live - 3 - held and dev.queues[RX].outstanding == 0
     r.backend.rx.extend([hdr() + b"two", hdr() + b"three"])
     # Being reset: the frames are dropped (5.1.6.5.6.2: with every RX queue being reset the
     # device MUST drop), not held to arrive stale in the new ring.
@@ -145,7 +142,7 @@ def test_rx_reset_drops_its_buffers_and_the_frames_that_arrive_meanwhile() -> No
     ((head, n),) = rx2.get_used()
     assert rx2.written(head, n)[len(hdr()):] == b"four" and dev.reset_drops == 2
     d.reset()
-    assert r.ledger.check_leaks("test end") == 0 and violations(r) == 0
+    assert led(r).check_leaks("test end") == 0 and violations(r) == 0
 
 
 def test_a_reset_queue_is_not_executed_even_if_the_driver_kicks_it() -> None:
@@ -169,12 +166,12 @@ def test_bad_queue_reset_writes_are_ignored_and_counted(case: str) -> None:
     queue = {"select-out-of-range": 7}.get(case, TX)
     if case == "not-enabled":
         assert d.reset_queue(TX) == 0
-    before, live = dev.bad_accesses, r.ledger.live
+    before, live = dev.bad_accesses, led(r).live
     d.write(C.COMMON_Q_SELECT, 2, queue)
     d.write(C.COMMON_Q_RESET, 2, {"value-0": 0, "value-2": 2}.get(case, 1))
     assert dev.bad_accesses == before + 1
     assert d.read(C.COMMON_Q_RESET, 2) == 0
-    assert r.ledger.live == live and dev.queue_resets == (1 if case == "not-enabled" else 0)
+    assert led(r).live == live and dev.queue_resets == (1 if case == "not-enabled" else 0)
     if case != "not-enabled":  # the queue goes on working
         d.queues[TX].add([hdr() + b"still"])
         d.queues[TX].kick()
@@ -187,16 +184,16 @@ def test_queue_reset_with_a_wrong_width_is_a_bad_access() -> None:
     r = rig()
     r.driver.write(C.COMMON_Q_SELECT, 2, TX)
     r.driver.write(C.COMMON_Q_RESET, 4, 1)
-    assert r.device.bad_accesses == 1 and r.read_q(TX, C.COMMON_Q_ENABLE) == 1
+    assert r.device.bad_accesses == 1 and read_q(r, TX, C.COMMON_Q_ENABLE) == 1
 
 
 def test_device_reset_after_a_queue_reset_leaves_nothing_mapped() -> None:
     r = rig()
     assert r.driver.reset_queue(RX) == 0
     r.driver.reset()
-    assert r.ledger.live == 0 and violations(r) == 0
+    assert led(r).live == 0 and violations(r) == 0
     r.driver.init()  # and the device comes up again as new
-    assert r.read_q(RX, C.COMMON_Q_ENABLE) == 1 and r.read_q(RX, C.COMMON_Q_RESET) == 0
+    assert read_q(r, RX, C.COMMON_Q_ENABLE) == 1 and read_q(r, RX, C.COMMON_Q_RESET) == 0
 
 
 def test_with_mq_a_reset_rx_queue_drops_its_frames_and_the_other_pair_goes_on() -> None:
