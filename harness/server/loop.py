@@ -55,6 +55,8 @@ DMA_POLL = float(os.environ.get("HARNESS_LOOP_POLL_US", "100")) / 1e6
 POLL_MODE_ENV = "HARNESS_LOOP_POLL_MODE"
 POLL_MODES = ("spin", "block", "hybrid")
 HYBRID_SPIN = 20e-6
+#: Timeouts below this are waited for in select() (microseconds), not epoll (milliseconds).
+SUB_MS = 0.002
 
 
 def poll_mode() -> str:
@@ -171,6 +173,8 @@ class DeviceLoop:
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self._dma_seen = 0
         self._poll: select.poll | None = None
+        #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off), if it has one.
+        self._next_timer: Callable[[], float | None] | None = getattr(device, "next_timer", None)
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
         # driver's new queue set-up can arrive in one batch of vfio-user messages, and a check
         # after both would take the new rings for leaks and reclaim them under the device.
@@ -240,13 +244,27 @@ class DeviceLoop:
         """One loop turn: wait for events (not at all while TX has work left), handle them,
         then do the per-turn work unless an event stopped the loop."""
         # TX stops after a batch so RX gets a turn: poll without sleeping while work is left.
-        self.dispatch(0.0 if self.device.has_work() else self.idle_timeout)
+        timeout = 0.0 if self.device.has_work() else self.idle_timeout
+        if self._next_timer is not None:
+            due = self._next_timer()  # a TX hold-off (harness.virtio.netdefs): wake for it
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - time.monotonic()))
+        self.dispatch(timeout)
         if not self.stop:
             self.turn()
 
     def dispatch(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and call the handler of every ready registration."""
         entered = self.clock()
+        if 0.0 < timeout < SUB_MS:
+            # epoll's timeout is whole milliseconds (rounded up): a hold-off of tens of
+            # microseconds would become one. Wait in select(), which has microseconds, then
+            # collect what is ready without waiting again.
+            try:
+                select.select([k.fd for k in self.selector.get_map().values()], (), (), timeout)
+                timeout = 0.0
+            except ValueError:  # an fd beyond select()'s FD_SETSIZE: keep epoll's rounding
+                pass
         events = self.selector.select(timeout=timeout)
         woke = self.clock()
         # When did the requests about to be handled arrive, at the earliest? A select that

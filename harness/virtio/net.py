@@ -37,6 +37,7 @@ the driver's ANNOUNCE_ACK clears it (harness.virtio.ctrl).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,10 +66,12 @@ from harness.virtio.netdefs import (
     RX_MAX_MTU,
     RX_QUEUE,
     SUPPORTED_FEATURES,
+    TX_HOLDOFF_MIN,
     TX_MAX,
     TX_QUEUE,
     U16,
     batch_used,
+    tx_holdoff,
 )
 from harness.virtio.netrx import NetRxPath
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
@@ -172,6 +175,11 @@ class VirtioNetDevice(NetRxPath):
         self.batch = batch
         #: False (HARNESS_BATCH_USED=0): publish after every frame (measurement only).
         self.batch_used = batch_used()
+        #: HARNESS_TX_HOLDOFF_US in seconds (0.0: off): see harness.virtio.netdefs.
+        self.tx_holdoff = tx_holdoff()
+        #: Per pair: when (monotonic) a held-off TX ring is looked at again; 0.0: not held.
+        self._tx_hold = [0.0] * max_pairs
+        self.tx_holdoffs = 0  # TX flushes that ended held off rather than asking for kicks
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()
@@ -260,6 +268,7 @@ class VirtioNetDevice(NetRxPath):
             pool.forget(self.mapops)
         self._rx_starved = [False] * self.max_pairs
         self._rx_reset = [False] * self.max_pairs
+        self._tx_hold = [0.0] * self.max_pairs
         pairs = self.control.pairs
         self.control.reset()
         if pairs != 1 and self.on_pairs is not None:
@@ -271,7 +280,10 @@ class VirtioNetDevice(NetRxPath):
     def _on_queue_reset(self, q: Virtqueue) -> None:
         # An RX queue reset forgets its starvation: the re-enabled ring's first kick (or the
         # next readable event) starts it again. A TX queue has nothing of its own to forget:
-        # every chain it took was completed inside process(), before this write could arrive.
+        # every chain it took was completed inside process(), before this write could arrive;
+        # only a hold-off timer, which must not outlive the ring.
+        if q.index < self._ctrl_index and q.index % 2 == 1:
+            self._tx_hold[q.index // 2] = 0.0
         if q.index < self._ctrl_index and q.index % 2 == 0:
             self._rx_pools[q.index // 2].forget(self.mapops)
             self._rx_starved[q.index // 2] = False
@@ -326,8 +338,20 @@ class VirtioNetDevice(NetRxPath):
         """Kicks are waiting for process() (and the device may act on them now)."""
         return bool(self._pending) and self._usable()
 
+    def next_timer(self) -> float | None:
+        """When (time.monotonic) process() wants to run again without a kick: the earliest
+        TX hold-off; None when no ring is held off."""
+        held = [t for t in self._tx_hold if t]
+        return min(held) if held else None
+
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
+        if self.tx_holdoff and any(self._tx_hold):
+            now = time.monotonic()
+            for pair, t in enumerate(self._tx_hold):
+                if t and t <= now:  # a held-off ring's time is up: as good as a kick
+                    self._tx_hold[pair] = 0.0
+                    self._pending |= 2 << 2 * pair
         if self.status & C.STATUS_NEEDS_RESET:
             self._pending = 0
             return
@@ -404,6 +428,12 @@ class VirtioNetDevice(NetRxPath):
             if done >= self.batch:
                 self._pending |= 1 << q.index  # fairness: the loop comes back via has_work()
                 break
+            if self.tx_holdoff and done >= TX_HOLDOFF_MIN:
+                # A stream: the driver is adding buffers as fast as we take them. Leave its
+                # kicks suppressed and come back after the hold-off (next_timer) instead.
+                self._tx_hold[pair] = time.monotonic() + self.tx_holdoff
+                self.tx_holdoffs += 1
+                break
             if not q.enable_notify():
                 break
             q.disable_notify()
@@ -449,6 +479,8 @@ class VirtioNetDevice(NetRxPath):
             "link_drops": self.link_drops,
             "reset_drops": self.reset_drops,
             "oversize_drops": self.oversize_drops,
+            **({"tx_holdoff_us": round(self.tx_holdoff * 1e6), "tx_holdoffs": self.tx_holdoffs}
+               if self.tx_holdoff else {}),
             "header_drops": self.header_drops,
             "filtered": self.filtered,
             **({"ctrl": self.control.as_dict()} if self.num_queues > self._ctrl_index else {}),

@@ -171,3 +171,41 @@ def test_reset_and_reinit_in_one_round_is_not_a_leak(served: Served) -> None:
     s.loop.run_once()
     stats = s.ledger.stats()
     assert stats["violations_total"] == 0, stats["violations"]
+
+
+def test_a_tx_hold_off_wakes_the_loop_without_a_kick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HARNESS_TX_HOLDOFF_US: frames the driver adds while the ring is held off (no kick) are
+    taken when the hold-off is up, not after the idle timeout."""
+    monkeypatch.setenv("HARNESS_TX_HOLDOFF_US", "5000")
+    s = serve(readable=False, idle_timeout=2.0)
+    try:
+        tx = s.driver.queues[1]
+        frames = [HDR + bytes([i]) * 60 for i in range(12)]
+        for f in frames[:8]:
+            tx.add([f])
+        tx.kick_if_needed()
+        s.loop.run_once()  # the kick, then the flush: held off
+        assert len(s.backend.tx) == 8 and s.device.next_timer() is not None
+        for f in frames[8:]:
+            tx.add([f])
+        assert not tx.kick_if_needed()
+        started = time.monotonic()
+        for _ in range(5):
+            s.loop.run_once()
+            if len(s.backend.tx) == len(frames):
+                break
+        assert time.monotonic() - started < 0.5
+        assert s.backend.tx == frames
+    finally:
+        close(s)
+
+
+def test_sub_millisecond_waits_are_not_rounded_up_to_a_millisecond(served: Served) -> None:
+    """epoll rounds its timeout up to whole milliseconds; a 300 us hold-off must not wait 1 ms."""
+    took = []
+    for _ in range(21):
+        started = time.monotonic()
+        served.loop.dispatch(0.0003)
+        took.append(time.monotonic() - started)
+    took.sort()
+    assert 0.0003 <= took[10] < 0.0009
