@@ -307,6 +307,18 @@ def _stats_lines(stats: Mapping[str, Any], control: Mapping[str, Any]) -> list[s
                                  f"{count(_int(totals, 'map_errors'))} transient map errors",
                                  f"RX starved {count(_int(totals, 'no_buffers'))} times",
                                  f"{count(_int(dev, 'bad_accesses'))} bad BAR accesses"])
+    held = [n for n in _list(dev, "rx_pool_held") if isinstance(n, int)]
+    if held or "rx_pool" in dev:
+        # RX chains popped and mapped for the next frames (harness.virtio.rxpool): in flight as
+        # far as the driver can tell, so they also show in rxN's ``outstanding``.
+        pool = [str(dev.get("rx_pool", "?"))[:8], things(sum(held), "chain") + " held"]
+        if len(held) > 1:
+            pool.append("per pair " + " ".join(count(n) for n in held))
+        lines += labelled("rx pool", pool)
+    holdoff = _int(dev, "tx_holdoff_us")
+    if holdoff is not None:
+        lines += labelled("tx hold", [f"{count(holdoff)} us",
+                                      f"{count(_int(dev, 'tx_holdoffs'))} flushes held off"])
     if irq:
         lines += labelled("irq", [f"{count(_int(irq, 'sent'))} sent",
                                   f"{count(_int(irq, 'unwired'))} before QEMU wired them"])

@@ -453,6 +453,7 @@ def test_stats_table_fits_80_columns(box: Box) -> None:
         "tx0", "1", "1", "1", "1", "0", "1"]
     assert any(line.startswith("map ops") for line in lines)
     assert any(line.startswith("iova") for line in lines)
+    assert "rx pool  keep, 0 chains held" in lines
     wide = inspect.render_stats(huge(reply)).splitlines()  # type: ignore[arg-type]
     assert_fits("\n".join(wide))
     rows = [line for line in wide if line.split()[0] in ("rx0", "tx0", "total")]
@@ -586,3 +587,17 @@ def test_watch_refreshes_until_ctrl_c(box: Box, tmp_path: Path) -> None:
     tx_rows = [line.split() for line in text.splitlines() if line.startswith("tx0")]
     assert [row[6] for row in tx_rows] == ["0", "1", "2"]  # chains, one more each time
     assert_fits(text)
+
+
+def test_stats_show_the_rx_pool_and_the_tx_hold_off() -> None:
+    reply = {"ok": True, "stats": {"device": {
+        "rx_pool": "keep", "rx_pool_held": [40, 3], "tx_holdoff_us": 200, "tx_holdoffs": 17,
+        "rx0": {"chains": 1}, "totals": {"chains": 1}}}}
+    lines = inspect.render_stats(reply).splitlines()
+    assert "rx pool  keep, 43 chains held, per pair 40 3" in lines
+    assert "tx hold  200 us, 17 flushes held off" in lines
+    assert_fits("\n".join(lines))
+    # Odd shapes are shown as they can be, never a traceback.
+    bad = {"ok": True, "stats": {"device": {"rx_pool": 7, "rx_pool_held": "x",
+                                            "tx_holdoff_us": "y"}}}
+    assert any(line.startswith("rx pool") for line in inspect.render_stats(bad).splitlines())
