@@ -3,8 +3,10 @@
 Times, in one process, what the device does per chain on the plain (no vIOMMU) data path:
 ``pop`` (read the avail ring, walk the descriptors, map every buffer through the DMA ledger
 over direct mapping) and ``push`` (unmap, write the used entry), with one ``flush`` per ring's
-worth. Both ``HARNESS_WALK`` sides (the switch ``harness bench net --ab HARNESS_WALK=classic``
-flips in a VM run), alternating round by round, on the same chain shapes:
+worth. Two sides, alternating round by round: ``fast``, the device's ring classes, and
+``classic``, the reference model of the walk before issue 12's round 4
+(harness.testing.refwalk: the split ring's three-level walk, per-piece map calls; it shares
+everything else, unmapping included, with the device's), on the same chain shapes:
 
 - ``tx2``: header + data, two device-readable descriptors (a TX frame without offloads);
 - ``rx1``: one device-writable 1526-byte buffer (mergeable RX);
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import struct
 import sys
 import time
@@ -28,8 +29,9 @@ import time
 from harness.dma.ledger import DmaLedger
 from harness.dma.mapops import DirectMapOps
 from harness.dma.memory import GuestMemory
+from harness.testing.refwalk import ReferencePackedVirtqueue, ReferenceSplitVirtqueue
 from harness.virtio import constants as C
-from harness.virtio.chain import WALK_ENV, Virtqueue
+from harness.virtio.chain import Virtqueue
 from harness.virtio.packed import PackedVirtqueue
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -46,13 +48,16 @@ class _Ring:
     """One queue over 1 MiB of guest memory, filled with ``shape`` chains."""
 
     def __init__(self, shape: str, walk: str) -> None:
-        os.environ[WALK_ENV] = walk
         mem = GuestMemory()
         self.view = memoryview(bytearray(1 << 20))
         mem.add_region(BASE, self.view, writable=True)
         ledger = DmaLedger(DirectMapOps(mem), mem)
         self.packed = shape.startswith("packed")
-        cls = PackedVirtqueue if self.packed else SplitVirtqueue
+        cls: type[Virtqueue]
+        if walk == "fast":
+            cls = PackedVirtqueue if self.packed else SplitVirtqueue
+        else:
+            cls = ReferencePackedVirtqueue if self.packed else ReferenceSplitVirtqueue
         q: Virtqueue = cls(0, QSIZE, ledger, name="tx0", on_error=_unexpected)
         q.size = QSIZE
         q.desc_addr, q.avail_addr, q.used_addr = DESC_AT, AVAIL_AT, USED_AT
@@ -117,33 +122,26 @@ def _unexpected(_q: Virtqueue, why: str) -> None:
 def run(rounds: int = 200) -> dict[str, dict[str, float]]:
     """ns per chain (pop + push) per shape and side: {shape: {fast, classic, ratio}}."""
     out: dict[str, dict[str, float]] = {}
-    saved = os.environ.get(WALK_ENV)
-    try:
-        for shape in SHAPES:
-            rings = {w: _Ring(shape, w) for w in ("fast", "classic")}
-            samples: dict[str, list[float]] = {w: [] for w in rings}
-            gc.collect()
-            gc.freeze()
-            try:
-                for _ in range(rounds):
-                    for w, ring in rings.items():
-                        ring.offer()
-                        t0 = time.perf_counter_ns()
-                        n = ring.drain()
-                        dt = time.perf_counter_ns() - t0
-                        if n != ring.chains:
-                            raise RuntimeError(f"{shape} {w}: popped {n} of {ring.chains}")
-                        samples[w].append(dt / n)
-            finally:
-                gc.unfreeze()
-            med = {w: sorted(s)[len(s) // 2] for w, s in samples.items()}
-            out[shape] = {"fast_ns": round(med["fast"]), "classic_ns": round(med["classic"]),
-                          "fast/classic": round(med["fast"] / med["classic"], 3)}
-    finally:
-        if saved is None:
-            os.environ.pop(WALK_ENV, None)
-        else:
-            os.environ[WALK_ENV] = saved
+    for shape in SHAPES:
+        rings = {w: _Ring(shape, w) for w in ("fast", "classic")}
+        samples: dict[str, list[float]] = {w: [] for w in rings}
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(rounds):
+                for w, ring in rings.items():
+                    ring.offer()
+                    t0 = time.perf_counter_ns()
+                    n = ring.drain()
+                    dt = time.perf_counter_ns() - t0
+                    if n != ring.chains:
+                        raise RuntimeError(f"{shape} {w}: popped {n} of {ring.chains}")
+                    samples[w].append(dt / n)
+        finally:
+            gc.unfreeze()
+        med = {w: sorted(s)[len(s) // 2] for w, s in samples.items()}
+        out[shape] = {"fast_ns": round(med["fast"]), "classic_ns": round(med["classic"]),
+                      "fast/classic": round(med["fast"] / med["classic"], 3)}
     return out
 
 

@@ -18,12 +18,11 @@ so a guest value is judged by the same rule in both formats:
 - an indirect table is mapped, copied (the guest may rewrite it under us: we validate one
   snapshot) and unmapped; its length must be a non-zero multiple of 16.
 
-Two implementations of the buffer mapping, picked once per queue by ``HARNESS_WALK`` (the
-A/B switch of issue 12's round 4): ``fast`` (default) maps a descriptor's buffer with one
-``map_sg`` call (harness.dma.mapops.sg_mapper: the ledger's fused per-piece path) and lets the
-split ring use its inlined walk; ``classic`` is the per-piece ``contiguous`` + ``map_page`` +
-``mapping_error`` loop and the split ring's original walk. Both apply the same checks in the
-same order with the same words (tests/unit/test_walk_fast.py compares them on hostile rings).
+A buffer is mapped with one ``map_sg`` call (harness.dma.mapops.sg_mapper: the ledger's fused
+per-piece path) and a chain's buffers unmapped with one ``unmap_sg`` call per side. The
+per-piece ``contiguous`` + ``map_page`` + ``mapping_error`` loop this replaced (issue 12's round
+4) is the reference model in harness.testing.refwalk; tests/unit/test_walk_fast.py compares the
+two on hostile rings (same checks, order and words).
 
 Nothing here raises on guest input out of the package: ``ChainError`` and
 ``TransientMapError`` are caught by the ring classes.
@@ -32,7 +31,6 @@ Nothing here raises on guest input out of the package: ``ChainError`` and
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,18 +59,6 @@ _FROM_DEVICE = Direction.FROM_DEVICE
 #: tables (chains past the budget say so); a garbage ring may send every head into the same
 #: long loop, and must cost neither a long walk nor a huge reply.
 DUMP_BUDGET_PER_DESCRIPTOR = 4
-#: HARNESS_WALK=classic: the per-piece map calls and the split ring's original walk (the
-#: A/B's old side); fast (the default) the batched map call and the inlined split walk.
-WALK_ENV = "HARNESS_WALK"
-
-
-def walk_fast() -> bool:
-    """True for HARNESS_WALK=fast (the default), False for classic; ValueError for anything
-    else, so a mistyped A/B side fails loudly (the server's "could not start" line)."""
-    mode = os.environ.get(WALK_ENV, "fast") or "fast"
-    if mode not in ("fast", "classic"):
-        raise ValueError(f"{WALK_ENV}={mode!r}: expected fast or classic")
-    return mode == "fast"
 
 
 @dataclass(slots=True)
@@ -174,15 +160,10 @@ class Virtqueue:
         self._rings: list[DmaHandle] = []
         #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
         self.misbehave: Misbehave | None = None
-        #: HARNESS_WALK, read once here: which buffer mapping (and split walk) this queue uses.
-        self.walk_fast = walk_fast()
         self._map_sg: SgMapper = sg_mapper(mapops)
         #: One call per chain side on push/unpop/discard (the ledger's fused loop when it has
         #: one; any layer's unmap_page per handle otherwise).
         self._unmap_sg: SgUnmapper = sg_unmapper(mapops)
-        self._map_buf: Callable[..., None] = (
-            self._map_into_fast if self.walk_fast else self._map_into
-        )
         self._reset_state()
 
     # ---- configuration (transport side) ------------------------------------------------------
@@ -331,12 +312,12 @@ class Virtqueue:
         if chain.read_len + chain.write_len + length > U32_MAX:
             raise ChainError("chain length exceeds 2^32 - 1", i, addr)
         if flags & DESC_F_WRITE:
-            self._map_buf(chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map)
+            self._map_into(chain.writable, addr, length, Direction.FROM_DEVICE, i, flags, max_map)
             chain.write_len += length
         else:
             if chain.writable:
                 raise ChainError("device-readable descriptor after writable", i, addr)
-            self._map_buf(chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map)
+            self._map_into(chain.readable, addr, length, Direction.TO_DEVICE, i, flags, max_map)
             chain.read_len += length
 
     def _read_table(self, i: int, addr: int, length: int, flags: int, name: str = "") -> memoryview:
@@ -347,7 +328,7 @@ class Virtqueue:
         pieces: list[DmaHandle] = []
         try:
             # The device must ignore WRITE on an indirect descriptor (virtio 1.x 2.7.5.3.2).
-            self._map_buf(pieces, addr, length, Direction.TO_DEVICE, i, flags & ~DESC_F_WRITE,
+            self._map_into(pieces, addr, length, Direction.TO_DEVICE, i, flags & ~DESC_F_WRITE,
                            self._mapops.max_mapping_size(), name)  # fmt: skip
             return memoryview(b"".join([h.view for h in pieces]))
         finally:
@@ -363,30 +344,9 @@ class Virtqueue:
         self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int,
         flags: int, max_map: int, name: str = "",
     ) -> None:  # fmt: skip
-        """Map one descriptor's buffer into ``out``, in pieces of at most ``max_map`` bytes
-        (on failure the pieces already mapped are in ``out``, for the caller to unmap)."""
-        ops = self._mapops
-        ctx = (name or self.name, i, flags)
-        while True:
-            n = length if length <= max_map else max_map
-            # Under a vIOMMU a buffer crossing a page boundary spans two DMA regions.
-            c = ops.contiguous(addr, n)
-            if c < n:
-                n = c
-            h = ops.map_page(addr, n, direction, 0, ctx)
-            if ops.mapping_error(h):
-                self._map_failed(h, i, count=not name)
-            out.append(h)
-            length -= n
-            if not length:
-                return
-            addr += n
-
-    def _map_into_fast(
-        self, out: list[DmaHandle], addr: int, length: int, direction: Direction, i: int,
-        flags: int, max_map: int, name: str = "",
-    ) -> None:  # fmt: skip
-        """_map_into with one batched call (the same pieces, checks and failure)."""
+        """Map one descriptor's buffer into ``out`` with one batched call, in pieces of at most
+        ``max_map`` bytes (on failure the pieces already mapped are in ``out``, for the caller
+        to unmap); ``name`` the ledger name (a dump's own)."""
         h = self._map_sg(out, addr, length, direction, 0, (name or self.name, i, flags), max_map)
         if h is not None:
             self._map_failed(h, i, count=not name)

@@ -23,10 +23,11 @@ Any malformed input marks the queue broken, bumps its error counter, logs queue,
 IOVA, and calls ``on_error``; the device turns that into NEEDS_RESET. Nothing here raises on
 guest input.
 
-``HARNESS_WALK=fast`` (the default, see harness.virtio.chain) walks a chain with
-``_walk_table_fast``: ``_walk_table`` + ``_add_buffer`` + the map call in one frame (descriptor
-fields from one ``unpack_from`` on the table, one batched ``map_sg`` per buffer), every check
-of the classic walk in the same order and words; ``classic`` keeps the original three-level walk.
+A chain is walked by ``_walk_table``: following NEXT, checking each buffer (``_add_buffer``'s
+checks, inlined) and mapping it with one batched ``map_sg`` call, descriptor fields from one
+``unpack_from`` on the table, in one frame per table. The original three-level walk (walk,
+add buffer, per-piece map calls) is the reference model in harness.testing.refwalk, against
+which tests/unit/test_walk_fast.py compares this one on hostile rings.
 
 Introspection (``ring_state``, ``dump``) only reads: the ring views the data path already holds
 (mapping them first if the data path would), and an indirect table through ``map_page`` like the
@@ -214,10 +215,7 @@ class SplitVirtqueue(Virtqueue):
         assert table is not None
         chain = Chain(head, [], [], 0, 0)
         try:
-            if self.walk_fast:
-                self._walk_table_fast(table, head, size, chain, top=True)
-            else:
-                self._walk_table(table, head, size, chain, top=True)
+            self._walk_table(table, head, size, chain, top=True)
         except BaseException:
             self._unmap(chain)
             raise
@@ -226,29 +224,10 @@ class SplitVirtqueue(Virtqueue):
     def _walk_table(
         self, table: memoryview, first: int, n: int, chain: Chain, *, top: bool
     ) -> None:
-        """Follow NEXT links from ``first`` in a table of ``n`` descriptors, mapping buffers."""
-        ops = self._mapops
-        max_map = ops.max_mapping_size()
-        i = first
-        for _ in range(n):
-            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)
-            if flags & DESC_F_INDIRECT:
-                self._indirect(i, addr, length, flags, chain, top=top)
-            elif length:
-                self._add_buffer(chain, i, addr, length, flags, max_map)
-            if not flags & DESC_F_NEXT:
-                return
-            if nxt >= n:
-                raise ChainError(f"next {nxt} out of range (table of {n})", i)
-            i = nxt
-        raise ChainError(f"descriptor loop or chain longer than {n}", first)
-
-    def _walk_table_fast(
-        self, table: memoryview, first: int, n: int, chain: Chain, *, top: bool
-    ) -> None:
-        """_walk_table with _add_buffer and the map call inlined: the same checks, in the same
-        order, with the same words (a guest value is judged exactly as the classic walk
-        judges it); only the Python frames and temporaries per descriptor are gone."""
+        """Follow NEXT links from ``first`` in a table of ``n`` descriptors, mapping buffers:
+        ``_add_buffer`` and the map call inlined, with its checks in its order and words (a
+        guest value is judged exactly as the reference walk, harness.testing.refwalk, judges
+        it); only the Python frames and temporaries per descriptor are gone."""
         ops = self._mapops
         max_map = ops.max_mapping_size()
         map_sg = self._map_sg
@@ -299,10 +278,7 @@ class SplitVirtqueue(Virtqueue):
         # flags&VIRTQ_DESC_F_INDIRECT" (virtio 1.3 2.7.5.3.2); NEXT on it is refused above.
         self._check_table_length(i, addr, length)
         table = self._read_table(i, addr, length, flags)
-        if self.walk_fast:
-            self._walk_table_fast(table, 0, length // DESC_SIZE, chain, top=False)
-        else:
-            self._walk_table(table, 0, length // DESC_SIZE, chain, top=False)
+        self._walk_table(table, 0, length // DESC_SIZE, chain, top=False)
 
     def unpop(self, chain: Chain) -> None:
         """Give the most recently popped chain back to the driver, untouched (LIFO)."""
