@@ -33,7 +33,8 @@ Introspection (``ring_state``, ``dump``) only reads: the ring views the data pat
 (mapping them first if the data path would), and an indirect table through ``map_page`` like the
 data path does. It never maps data buffers, never follows ``next`` further than the data path
 would, and applies the same checks with the same words; what it finds wrong goes into the dump
-as an ``error`` field, and nothing is counted as a queue error or breaks the queue.
+as an ``error`` field, and nothing is counted as a queue error or breaks the queue. The chains
+in flight are decoded by harness.virtio.splitdump.
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ import sys
 from typing import Any
 
 from harness.dma import Direction
+from harness.virtio import splitdump
 from harness.virtio.chain import (
     DUMP_BUDGET_PER_DESCRIPTOR,
     U32_MAX,
     Chain,
     ChainError,
-    DumpBudgetSpent,
-    DumpChain,
     QueueStats,
     TransientMapError,
     Virtqueue,
@@ -447,105 +447,7 @@ class SplitVirtqueue(Virtqueue):
             for a, n, f, x in _DESC.iter_unpack(desc[: size * DESC_SIZE])
         ]  # fmt: skip
         errors: list[str] = []
-        out["in_flight"] = self._dump_in_flight(avail_idx, avail16, may_map, errors)
+        out["in_flight"] = splitdump.in_flight(self, avail_idx, avail16, may_map, errors)
         if errors:
             out["error"] = "; ".join(errors)
         return out
-
-    def _dump_in_flight(
-        self, avail_idx: int, avail16: memoryview, may_map: bool, errors: list[str]
-    ) -> list[dict[str, Any]]:
-        size = self.size
-        start = self._used_idx
-        # Offsets from ``start``: [0, held) discarded, [held, taken) popped, then available.
-        taken = (self._next_avail - start) & 0xFFFF
-        held = (taken - self._outstanding) & 0xFFFF
-        if (avail_idx - self._next_avail) & 0xFFFF > size:
-            # What _refresh_avail would refuse: show only what the device has accepted.
-            errors.append(f"avail idx jumped to {avail_idx} with {self._next_avail} consumed "
-                          f"(size {size})")  # fmt: skip
-            avail_idx = self._avail_seen
-        count = (avail_idx - start) & 0xFFFF
-        if count > size:
-            errors.append(f"{count} chains between used idx {start} and avail idx {avail_idx} "
-                          f"(size {size}): showing {size}")  # fmt: skip
-            count = size
-        budget = [DUMP_BUDGET_PER_DESCRIPTOR * size]
-        chains: list[dict[str, Any]] = []
-        for k in range(count):
-            idx = (start + k) & 0xFFFF
-            state = "discarded" if k < held else "popped" if k < taken else "available"
-            slot = idx & (size - 1)
-            entry: dict[str, Any] = {"slot": slot, "idx": idx, "state": state}
-            entry.update(self._dump_chain(avail16[2 + slot], may_map, budget))
-            chains.append(entry)
-        return chains
-
-    def _dump_chain(self, head: int, may_map: bool, budget: list[int]) -> dict[str, Any]:
-        """One chain's descriptors, checked as _walk checks them, without mapping buffers."""
-        chain = DumpChain(head)
-        error = ""
-        size = self.size
-        if head >= size:
-            error = f"head index {head} out of range (size {size})"
-        else:
-            table = self._desc
-            assert table is not None
-            try:
-                self._dump_ring_table(table, head, size, chain, budget, may_map, top=True)
-            except ChainError as e:
-                where = f"desc {e.desc}" if e.desc >= 0 else ""
-                where += f" iova {e.iova:#x}" if e.iova >= 0 else ""
-                error = f"{where.strip()}: {e.reason}" if where else e.reason
-            except DumpBudgetSpent:
-                error = ("not decoded further: the dump's budget of "
-                         f"{DUMP_BUDGET_PER_DESCRIPTOR * size} steps along next is spent")
-        out: dict[str, Any] = {"head": head, "descriptors": chain.entries,
-                               "read_len": chain.read_len, "write_len": chain.write_len}
-        if error:
-            out["error"] = error
-        return out
-
-    def _dump_ring_table(
-        self, table: memoryview, first: int, n: int, chain: DumpChain, budget: list[int],
-        may_map: bool, *, top: bool,
-    ) -> None:  # fmt: skip
-        """_walk_table's checks, in its order and words, recording instead of mapping."""
-        i = first
-        seen: set[int] = set()  # a descriptor walked again is not listed again
-        for _ in range(n):
-            if budget[0] <= 0:
-                raise DumpBudgetSpent
-            budget[0] -= 1
-            addr, length, flags, nxt = _DESC.unpack_from(table, i * DESC_SIZE)
-            if i not in seen:
-                seen.add(i)
-                entry: dict[str, int | bool] = {"desc": i, "addr": addr, "len": length,
-                                                "flags": flags, "next": nxt}
-                if not top:
-                    entry["indirect"] = True
-                chain.entries.append(entry)
-            if flags & DESC_F_INDIRECT:
-                self._dump_indirect(i, addr, length, flags, chain, budget, may_map, top=top)
-            elif length:
-                self._dump_add(chain, i, addr, length, flags)
-            if not flags & DESC_F_NEXT:
-                return
-            if nxt >= n:
-                raise ChainError(f"next {nxt} out of range (table of {n})", i)
-            i = nxt
-        raise ChainError(f"descriptor loop or chain longer than {n}", first)
-
-    def _dump_indirect(
-        self, i: int, addr: int, length: int, flags: int, chain: DumpChain,
-        budget: list[int], may_map: bool, *, top: bool,
-    ) -> None:  # fmt: skip
-        if not self.indirect:
-            raise ChainError("INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", i, addr)
-        if not top:
-            raise ChainError("nested INDIRECT descriptor", i, addr)
-        if flags & DESC_F_NEXT:
-            raise ChainError("INDIRECT descriptor with NEXT", i, addr)
-        self._check_table_length(i, addr, length)
-        table = self._dump_table(i, addr, length, flags, may_map)
-        self._dump_ring_table(table, 0, length // DESC_SIZE, chain, budget, may_map, top=False)
