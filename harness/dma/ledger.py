@@ -174,58 +174,27 @@ class DmaLedger:
         ctx: MapCtx | None = None,
     ) -> DmaHandle:  # fmt: skip
         if not self.bus_master():
-            return self._refuse(
-                BUS_MASTER_OFF,
-                iova,
-                size,
-                direction,
-                ctx,
-                "DMA with Bus Master Enable clear",
-                transient=True,
-            )
+            return self._refuse(BUS_MASTER_OFF, iova, size, direction, ctx,
+                                "DMA with Bus Master Enable clear", transient=True)  # fmt: skip
         if ctx is not None and ctx[2] >= 0:
             want = Direction.FROM_DEVICE if ctx[2] & _DESC_F_WRITE else Direction.TO_DEVICE
             if direction != want:
-                return self._refuse(
-                    DESCRIPTOR_DIRECTION,
-                    iova,
-                    size,
-                    direction,
-                    ctx,
-                    f"mapped {direction.name} for flags {ctx[2]:#x}",
-                )
+                return self._refuse(DESCRIPTOR_DIRECTION, iova, size, direction, ctx,
+                                    f"mapped {direction.name} for flags {ctx[2]:#x}")  # fmt: skip
         region = self.memory.lookup(iova)
         if region is None or region.view is None:
             return self._refuse(
                 UNMAPPED_IOVA, iova, size, direction, ctx, "no guest memory region translates it"
             )
         if size < 0 or iova + size > region.end:
-            return self._refuse(
-                OUT_OF_BOUNDS,
-                iova,
-                size,
-                direction,
-                ctx,
-                f"past the end of region {region.iova:#x}+{region.size:#x}",
-            )
+            why = f"past the end of region {region.iova:#x}+{region.size:#x}"
+            return self._refuse(OUT_OF_BOUNDS, iova, size, direction, ctx, why)
         if direction != Direction.TO_DEVICE and not region.writable:
-            return self._refuse(
-                READ_ONLY_REGION,
-                iova,
-                size,
-                direction,
-                ctx,
-                f"device write into read-only region {region.iova:#x}",
-            )
+            return self._refuse(READ_ONLY_REGION, iova, size, direction, ctx,
+                                f"device write into read-only region {region.iova:#x}")  # fmt: skip
         if not attrs & ATTR_COHERENT and size > self.inner.max_mapping_size():
-            return self._refuse(
-                TOO_LARGE,
-                iova,
-                size,
-                direction,
-                ctx,
-                f"beyond max_mapping_size {self.inner.max_mapping_size():#x}",
-            )
+            why = f"beyond max_mapping_size {self.inner.max_mapping_size():#x}"
+            return self._refuse(TOO_LARGE, iova, size, direction, ctx, why)
         h = self.inner.map_page(iova, size, direction, attrs, ctx)
         err = h.error
         if err is not None:
