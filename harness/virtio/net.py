@@ -341,6 +341,8 @@ class VirtioNetDevice(NetRxPath):
     def next_timer(self) -> float | None:
         """When (time.monotonic) process() wants to run again without a kick: the earliest
         TX hold-off; None when no ring is held off."""
+        if not self.tx_holdoff:  # the common case, asked on every loop turn: no list built
+            return None
         held = [t for t in self._tx_hold if t]
         return min(held) if held else None
 
