@@ -47,7 +47,8 @@ BLOCKED_SELECT = 0.0002
 #: turn), keep answering the vfio-user socket for this long: the guest's vCPU waits for each
 #: reply, and the map that follows a kick would otherwise wait for the whole TX batch.
 #: HARNESS_LOOP_POLL_US overrides it (0: off), for A/Bs in harness bench net.
-DMA_POLL = float(os.environ.get("HARNESS_LOOP_POLL_US", "100")) / 1e6
+POLL_US_ENV = "HARNESS_LOOP_POLL_US"
+DMA_POLL = float(os.environ.get(POLL_US_ENV, "100")) / 1e6
 #: How that window is waited: ``spin`` (poll(0) in a loop: lowest wake-up latency, but the CPU
 #: is taken from QEMU's vCPU threads on a 2-core host), ``block`` (select() with the time
 #: left: the kernel wakes us when the request comes, ~100 us later here) or ``hybrid`` (spin

@@ -220,3 +220,25 @@ def test_profile_self_and_inclusive_time_from_collapsed_stacks(tmp_path: Path,
     out = capsys.readouterr().out
     assert out.startswith("10 samples in 1 file(s)") and "60.0%  tap.py:writev" in out
     assert profile.main([str(tmp_path / "missing.txt")]) == 2
+
+
+def test_ab_refuses_a_knob_the_server_does_not_read(capsys: pytest.CaptureFixture[str]) -> None:
+    # A removed or mistyped knob would boot the default twice and call it an A/B.
+    with pytest.raises(SystemExit) as exc:
+        net.main(["--ab", "HARNESS_WALK=classic"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "HARNESS_WALK: not a device server knob" in err and "HARNESS_TX_HOLDOFF_US" in err
+    assert net._env_list("HARNESS_TX_HOLDOFF_US=200, HARNESS_RX_POOL=off") == (
+        ("HARNESS_TX_HOLDOFF_US", "200"), ("HARNESS_RX_POOL", "off"))
+
+
+def test_server_knobs_name_every_env_the_server_reads() -> None:
+    # Every HARNESS_* name a device-server module reads must be flippable by --ab.
+    import re
+    root = Path(net.__file__).resolve().parents[1]
+    found: set[str] = set()
+    for sub in ("server", "virtio", "dma"):
+        for path in (root / sub).glob("*.py"):
+            found |= set(re.findall(r'"(HARNESS_[A-Z_]+)"', path.read_text()))
+    assert found and found <= set(net.SERVER_KNOBS), found - set(net.SERVER_KNOBS)
