@@ -72,8 +72,10 @@ from harness.virtio.netdefs import (
     U16,
     batch_used,
     tx_holdoff,
+    tx_irq_delay,
 )
 from harness.virtio.netrx import NetRxPath
+from harness.virtio.nettimers import TxTimers
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 from harness.virtio.rxpool import RxPool, rx_pool_keep
 
@@ -175,11 +177,9 @@ class VirtioNetDevice(NetRxPath):
         self.batch = batch
         #: False (HARNESS_BATCH_USED=0): publish after every frame (measurement only).
         self.batch_used = batch_used()
-        #: HARNESS_TX_HOLDOFF_US in seconds (0.0: off): see harness.virtio.netdefs.
-        self.tx_holdoff = tx_holdoff()
-        #: Per pair: when (monotonic) a held-off TX ring is looked at again; 0.0: not held.
-        self._tx_hold = [0.0] * max_pairs
-        self.tx_holdoffs = 0  # TX flushes that ended held off rather than asking for kicks
+        #: The TX hold-off and deferred TX interrupt (HARNESS_TX_HOLDOFF_US,
+        #: HARNESS_TX_IRQ_DELAY_US; both off by default): harness.virtio.nettimers.
+        self.timers = TxTimers(max_pairs, tx_holdoff(), tx_irq_delay())
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()
@@ -268,7 +268,7 @@ class VirtioNetDevice(NetRxPath):
             pool.forget(self.mapops)
         self._rx_starved = [False] * self.max_pairs
         self._rx_reset = [False] * self.max_pairs
-        self._tx_hold = [0.0] * self.max_pairs
+        self.timers.clear_all()
         pairs = self.control.pairs
         self.control.reset()
         if pairs != 1 and self.on_pairs is not None:
@@ -281,9 +281,9 @@ class VirtioNetDevice(NetRxPath):
         # An RX queue reset forgets its starvation: the re-enabled ring's first kick (or the
         # next readable event) starts it again. A TX queue has nothing of its own to forget:
         # every chain it took was completed inside process(), before this write could arrive;
-        # only a hold-off timer, which must not outlive the ring.
+        # only its timers, which must not outlive the ring.
         if q.index < self._ctrl_index and q.index % 2 == 1:
-            self._tx_hold[q.index // 2] = 0.0
+            self.timers.clear(q.index // 2)
         if q.index < self._ctrl_index and q.index % 2 == 0:
             self._rx_pools[q.index // 2].forget(self.mapops)
             self._rx_starved[q.index // 2] = False
@@ -340,25 +340,29 @@ class VirtioNetDevice(NetRxPath):
 
     def next_timer(self) -> float | None:
         """When (time.monotonic) process() wants to run again without a kick: the earliest
-        TX hold-off; None when no ring is held off."""
-        if not self.tx_holdoff:  # the common case, asked on every loop turn: no list built
-            return None
-        held = [t for t in self._tx_hold if t]
-        return min(held) if held else None
+        TX hold-off or deferred TX interrupt; None when there is none."""
+        return self.timers.next()
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
-        if self.tx_holdoff and any(self._tx_hold):
+        timers = self.timers
+        if timers.active:
             now = time.monotonic()
-            for pair, t in enumerate(self._tx_hold):
-                if t and t <= now:  # a held-off ring's time is up: as good as a kick
-                    self._tx_hold[pair] = 0.0
-                    self._pending |= 2 << 2 * pair
+            for pair in timers.due_holds(now):  # a held-off ring's time is up: as good as a kick
+                self._pending |= 2 << 2 * pair
+            timers.collect_irqs(now)
         if self.status & C.STATUS_NEEDS_RESET:
             self._pending = 0
             return
         if not self._usable():
-            return  # keep the kicks: they are served once the guest allows DMA again
+            return  # keep the kicks (and deferred interrupts): served once DMA is allowed
+        if timers.irq_ready:
+            for pair, mark in timers.take_ready_irqs():
+                q = self.queues[2 * pair + 1]
+                if q.interrupt_wanted_since(mark):
+                    self._queue_interrupt(q)
+                else:  # the driver took the buffers meanwhile and moved its event on
+                    timers.irqs_saved += 1
         pending = self._pending
         self._pending = 0
         for pair in range(self.max_pairs):
@@ -430,19 +434,22 @@ class VirtioNetDevice(NetRxPath):
             if done >= self.batch:
                 self._pending |= 1 << q.index  # fairness: the loop comes back via has_work()
                 break
-            if self.tx_holdoff and done >= TX_HOLDOFF_MIN:
+            if self.timers.holdoff and done >= TX_HOLDOFF_MIN:
                 # A stream: the driver is adding buffers as fast as we take them. Leave its
                 # kicks suppressed and come back after the hold-off (next_timer) instead.
-                self._tx_hold[pair] = time.monotonic() + self.tx_holdoff
-                self.tx_holdoffs += 1
+                self.timers.start_hold(pair)
                 break
             if not q.enable_notify():
                 break
             q.disable_notify()
         if st.map_errors != map_errors:
             self._pending |= 1 << q.index  # a transient map failure: retry, do not wait
+        mark = q.published
         if q.flush():
-            self._queue_interrupt(q)
+            if self.timers.irq_delay:
+                self.timers.defer_irq(pair, mark)
+            else:
+                self._queue_interrupt(q)
         self._after_event()
 
     # ---- stats -------------------------------------------------------------------------------
@@ -481,8 +488,7 @@ class VirtioNetDevice(NetRxPath):
             "link_drops": self.link_drops,
             "reset_drops": self.reset_drops,
             "oversize_drops": self.oversize_drops,
-            **({"tx_holdoff_us": round(self.tx_holdoff * 1e6), "tx_holdoffs": self.tx_holdoffs}
-               if self.tx_holdoff else {}),
+            **self.timers.stats(),
             "header_drops": self.header_drops,
             "filtered": self.filtered,
             **({"ctrl": self.control.as_dict()} if self.num_queues > self._ctrl_index else {}),

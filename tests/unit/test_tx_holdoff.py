@@ -31,7 +31,7 @@ def send(r: NetRig, n: int, seed: int = 0) -> None:
 
 def expire(r: NetRig) -> None:
     """Make every hold-off due now (instead of sleeping)."""
-    r.device._tx_hold = [t and time.monotonic() - 1e-6 for t in r.device._tx_hold]
+    r.device.timers.hold = [t and time.monotonic() - 1e-6 for t in r.device.timers.hold]
 
 
 def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
