@@ -319,11 +319,6 @@ def _stats_lines(stats: Mapping[str, Any], control: Mapping[str, Any]) -> list[s
     if holdoff is not None:
         lines += labelled("tx hold", [f"{count(holdoff)} us",
                                       f"{count(_int(dev, 'tx_holdoffs'))} flushes held off"])
-    irq_delay = _int(dev, "tx_irq_delay_us")
-    if irq_delay is not None:
-        lines += labelled("tx irq", [f"{count(irq_delay)} us later",
-                                     f"{count(_int(dev, 'tx_irqs_deferred'))} deferred",
-                                     f"{count(_int(dev, 'tx_irqs_saved'))} not needed by then"])
     if irq:
         lines += labelled("irq", [f"{count(_int(irq, 'sent'))} sent",
                                   f"{count(_int(irq, 'unwired'))} before QEMU wired them"])

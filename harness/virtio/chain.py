@@ -135,8 +135,6 @@ class Virtqueue:
     ``flush()`` once per batch, which publishes and says whether the driver wants an interrupt.
     """
 
-    #: The used position as last published to the guest (each subclass keeps it).
-    _published: int
     #: Attribute names of the ring views a subclass derives from its mappings.
     _VIEWS: tuple[str, ...] = ()
     #: Names of the three ring areas, for log lines.
@@ -286,17 +284,6 @@ class Virtqueue:
     def flush(self) -> bool:
         """Publish everything pushed; True if the driver wants an interrupt."""
         raise NotImplementedError
-
-    @property
-    def published(self) -> int:
-        """The used position as last published (a mark for interrupt_wanted_since)."""
-        return self._published
-
-    def interrupt_wanted_since(self, mark: int) -> bool:
-        """Does the driver, as it stands now, want an interrupt for what was published since
-        ``published`` was ``mark``? Asked when a deferred interrupt falls due. Here: whenever
-        anything was (a ring format that can read the driver's wish says more)."""
-        return self._published != mark
 
     def disable_notify(self) -> None:
         """Tell the driver kicks are not needed (we will look at the ring anyway)."""

@@ -37,7 +37,6 @@ the driver's ANNOUNCE_ACK clears it (harness.virtio.ctrl).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -72,7 +71,6 @@ from harness.virtio.netdefs import (
     U16,
     batch_used,
     tx_holdoff,
-    tx_irq_delay,
 )
 from harness.virtio.netrx import NetRxPath
 from harness.virtio.nettimers import TxTimers
@@ -177,9 +175,8 @@ class VirtioNetDevice(NetRxPath):
         self.batch = batch
         #: False (HARNESS_BATCH_USED=0): publish after every frame (measurement only).
         self.batch_used = batch_used()
-        #: The TX hold-off and deferred TX interrupt (HARNESS_TX_HOLDOFF_US,
-        #: HARNESS_TX_IRQ_DELAY_US; both off by default): harness.virtio.nettimers.
-        self.timers = TxTimers(max_pairs, tx_holdoff(), tx_irq_delay())
+        #: The TX hold-off (HARNESS_TX_HOLDOFF_US, off by default): harness.virtio.nettimers.
+        self.timers = TxTimers(max_pairs, tx_holdoff())
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()
@@ -281,7 +278,7 @@ class VirtioNetDevice(NetRxPath):
         # An RX queue reset forgets its starvation: the re-enabled ring's first kick (or the
         # next readable event) starts it again. A TX queue has nothing of its own to forget:
         # every chain it took was completed inside process(), before this write could arrive;
-        # only its timers, which must not outlive the ring.
+        # only its hold-off timer, which must not outlive the ring.
         if q.index < self._ctrl_index and q.index % 2 == 1:
             self.timers.clear(q.index // 2)
         if q.index < self._ctrl_index and q.index % 2 == 0:
@@ -340,29 +337,19 @@ class VirtioNetDevice(NetRxPath):
 
     def next_timer(self) -> float | None:
         """When (time.monotonic) process() wants to run again without a kick: the earliest
-        TX hold-off or deferred TX interrupt; None when there is none."""
+        TX hold-off; None when no ring is held off."""
         return self.timers.next()
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
-        timers = self.timers
-        if timers.active:
-            now = time.monotonic()
-            for pair in timers.due_holds(now):  # a held-off ring's time is up: as good as a kick
+        if self.timers.holdoff:
+            for pair in self.timers.due_holds():  # a held-off ring's time is up: as a kick
                 self._pending |= 2 << 2 * pair
-            timers.collect_irqs(now)
         if self.status & C.STATUS_NEEDS_RESET:
             self._pending = 0
             return
         if not self._usable():
-            return  # keep the kicks (and deferred interrupts): served once DMA is allowed
-        if timers.irq_ready:
-            for pair, mark in timers.take_ready_irqs():
-                q = self.queues[2 * pair + 1]
-                if q.interrupt_wanted_since(mark):
-                    self._queue_interrupt(q)
-                else:  # the driver took the buffers meanwhile and moved its event on
-                    timers.irqs_saved += 1
+            return  # keep the kicks: they are served once the guest allows DMA again
         pending = self._pending
         self._pending = 0
         for pair in range(self.max_pairs):
@@ -444,12 +431,8 @@ class VirtioNetDevice(NetRxPath):
             q.disable_notify()
         if st.map_errors != map_errors:
             self._pending |= 1 << q.index  # a transient map failure: retry, do not wait
-        mark = q.published
         if q.flush():
-            if self.timers.irq_delay:
-                self.timers.defer_irq(pair, mark)
-            else:
-                self._queue_interrupt(q)
+            self._queue_interrupt(q)
         self._after_event()
 
     # ---- stats -------------------------------------------------------------------------------

@@ -35,28 +35,13 @@ TX_HOLDOFF_ENV = "HARNESS_TX_HOLDOFF_US"
 TX_HOLDOFF_MIN = 4
 
 
-#: HARNESS_TX_IRQ_DELAY_US=N (0: off): a TX interrupt the driver wants is raised N us later,
-#: and only if the driver still wants it then (harness.virtio.nettimers explains why).
-TX_IRQ_DELAY_ENV = "HARNESS_TX_IRQ_DELAY_US"
-
-
-def _micros(env: str) -> float:
-    """Knob ``env`` in seconds (0.0: off, the default); ValueError for anything but an integer
-    0..10000 (us), so a mistyped A/B side fails loudly."""
-    text = os.environ.get(env, "0") or "0"
-    if not text.isdigit() or int(text) > 10000:
-        raise ValueError(f"{env}={text!r}: expected microseconds 0..10000")
-    return int(text) / 1e6
-
-
 def tx_holdoff() -> float:
-    """HARNESS_TX_HOLDOFF_US in seconds (0.0: off, the default)."""
-    return _micros(TX_HOLDOFF_ENV)
-
-
-def tx_irq_delay() -> float:
-    """HARNESS_TX_IRQ_DELAY_US in seconds (0.0: off, the default)."""
-    return _micros(TX_IRQ_DELAY_ENV)
+    """The hold-off in seconds (0.0: off, the default); ValueError for anything but an integer
+    0..10000 (us), so a mistyped A/B side fails loudly."""
+    text = os.environ.get(TX_HOLDOFF_ENV, "0") or "0"
+    if not text.isdigit() or int(text) > 10000:
+        raise ValueError(f"{TX_HOLDOFF_ENV}={text!r}: expected microseconds 0..10000")
+    return int(text) / 1e6
 
 
 RX_QUEUE = 0

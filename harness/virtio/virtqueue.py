@@ -343,22 +343,6 @@ class SplitVirtqueue(Virtqueue):
             self.stats.interrupts_suppressed += 1
         return wanted
 
-    def interrupt_wanted_since(self, mark: int) -> bool:
-        """flush()'s question again, later, for everything published since ``mark``: with
-        EVENT_IDX whether used_event now lies in [mark, used.idx), else whether NO_INTERRUPT
-        is now clear. The driver sets either after taking what is used (and then looks at
-        used.idx once more), so a False here loses nothing."""
-        new = self._published
-        avail16 = self._avail16
-        if new == mark or avail16 is None or self._used16 is None:
-            return False
-        self._barrier()
-        self._sync_avail()
-        if self.event_idx:
-            event = avail16[2 + self.size]
-            return ((new - event - 1) & 0xFFFF) < ((new - mark) & 0xFFFF)
-        return not avail16[0] & AVAIL_F_NO_INTERRUPT
-
     # ---- notification suppression ------------------------------------------------------------
 
     def disable_notify(self) -> None:
