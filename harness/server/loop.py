@@ -199,18 +199,23 @@ class DeviceLoop:
         while not self.stop:
             if not self.wait_for_client():
                 return
-            self.clients.clients += 1
-            self._attached = True
-            self.on_attached()
-            log.info("vfio-user client connected")
-            self._endpoint_fd = self.endpoint.fileno()
-            self.selector.register(self._endpoint_fd, selectors.EVENT_READ, self._on_endpoint)
-            self._poll = select.poll()
-            self._poll.register(self._endpoint_fd, select.POLLIN)
+            self.connected()
             while not self.stop and self._attached:
                 self.run_once()
             if not self.serve_forever:
                 return
+
+    def connected(self) -> None:
+        """The endpoint attached a client: count it, tell the owner, serve its socket from
+        the next run_once() on (serve() calls it; so can a bench driving run_once itself)."""
+        self.clients.clients += 1
+        self._attached = True
+        self.on_attached()
+        log.info("vfio-user client connected")
+        self._endpoint_fd = self.endpoint.fileno()
+        self.selector.register(self._endpoint_fd, selectors.EVENT_READ, self._on_endpoint)
+        self._poll = select.poll()
+        self._poll.register(self._endpoint_fd, select.POLLIN)
 
     def wait_for_client(self) -> bool:
         """Poll for a client (serving control requests meanwhile) until one attaches; False

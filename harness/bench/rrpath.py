@@ -1,0 +1,199 @@
+"""``python -m harness.bench.rrpath``: what one request/response transaction costs the server.
+
+In one process, without QEMU: the real DeviceLoop serving the real VirtioNetDevice over the
+DMA ledger (direct map ops on mock guest memory, harness.testing.mockdriver), with the two
+edges as socket pairs so every wake-up goes through the selector as in the server:
+
+- the "vfio-user socket": each byte the driver side sends is one doorbell (a TX kick);
+- the "TAP": a byte plus a queued frame makes it readable, as a TAP with a frame waiting.
+
+One transaction is what TCP_RR does to the device: the driver posts one TX frame and kicks
+(it re-arms used_event for every completion, as Linux does while nothing is outstanding), the
+loop takes one turn (the **TX wake-up**: message, TX flush, interrupt); the host's response
+arrives, the loop takes one turn (the **RX wake-up**: frame into a pooled RX buffer, used
+publish, interrupt); the driver reaps both and reposts an RX buffer (not timed).
+
+Figures are us per wake-up and per transaction (both wake-ups), median over ``--rounds``
+rounds of ``--transactions`` each, the garbage collector frozen while timing. They are the
+server's hot-cache floor for a transaction: in a VM run the same path also pays the wake-up
+itself, cold caches and two cores shared with TCG (docs/PERFORMANCE.md, round 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import socket
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Sequence
+
+from harness.server.loop import DeviceLoop
+from harness.testing.mockdriver import FakeBackend, NetRig, net_rig
+from harness.testing.serverfakes import FakeEndpoint
+
+__all__ = ["main", "run"]
+
+HDR = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 0)  # virtio_net_hdr_v1, nothing offloaded
+RX_BUFFER = 1526
+RX_POSTED = 64
+#: Mock guest memory is a bump allocator: every posted buffer takes new room.
+MEM_SIZE = 128 << 20
+MAX_TRANSACTIONS = 50_000
+
+
+class _Doorbells(FakeEndpoint):
+    """The vfio-user socket: every byte received is one TX doorbell write."""
+
+    def __init__(self, rig: NetRig) -> None:
+        super().__init__()
+        self.rig = rig
+
+    def run(self) -> int:
+        n = super().run()
+        for _ in range(n):
+            self.rig.tx.kick()
+        return n
+
+
+class _Tap(FakeBackend):
+    """The TAP: readable while a frame waits (one byte in the socket per queued frame)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sock, self.peer = socket.socketpair()
+        self.sock.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def readv(self, views: Sequence[memoryview]) -> int:
+        try:
+            self.sock.recv(1)
+        except BlockingIOError:
+            return -1  # nothing waiting: a TAP's EAGAIN
+        return super().readv(views)
+
+    def deliver(self, frame: bytes) -> None:
+        self.rx.append(frame)
+        self.peer.send(b"f")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+class _Ledger:
+    """The loop's per-turn ledger hooks (the device's own ledger does the checks)."""
+
+    def housekeeping(self) -> None:
+        pass
+
+    def check_leaks(self, when: str) -> int:
+        return 0
+
+
+def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
+    """Median us per TX wake-up, per RX wake-up and per transaction; raises RuntimeError if a
+    frame went missing (the figures would then not be of the path they name)."""
+    rig = net_rig(mem_size=MEM_SIZE, ledger=True)
+    tap, bell = _Tap(), _Doorbells(rig)
+    rig.device.backend = tap
+    loop = DeviceLoop(bell, rig.device, _Ledger(), tap, idle_timeout=0.01)
+    try:
+        bell.attach()
+        loop.connected()
+        for _ in range(RX_POSTED):
+            rig.rx.add(in_=[RX_BUFFER])
+        rig.rx.kick()
+        loop.run_once()
+        response = HDR + rig.device.mac + bytes(60)
+        request = HDR + bytes(60)
+        tx_wake: list[float] = []
+        rx_wake: list[float] = []
+        clock = time.perf_counter
+
+        def transaction(t: list[float]) -> None:
+            rig.tx.set_used_event(rig.tx.last_used)
+            rig.rx.set_used_event(rig.rx.last_used)
+            rig.tx.add([request])
+            if rig.tx.kick_needed():
+                bell.peer.send(b"k")
+            rig.tx.kicked_at = rig.tx.avail_idx
+            t0 = clock()
+            loop.run_once()
+            t1 = clock()
+            tap.deliver(response)
+            t2 = clock()
+            loop.run_once()
+            t3 = clock()
+            t[0] += t1 - t0
+            t[1] += t3 - t2
+            rig.tx.get_used()
+            rig.rx.get_used()
+            rig.rx.add(in_=[RX_BUFFER])
+            rig.rx.kick_if_needed()
+
+        warm = [0.0, 0.0]
+        for _ in range(min(200, transactions)):
+            transaction(warm)
+        gc.collect()
+        gc.freeze()
+        try:
+            for _ in range(rounds):
+                t = [0.0, 0.0]
+                for _ in range(transactions):
+                    transaction(t)
+                tx_wake.append(t[0] / transactions * 1e6)
+                rx_wake.append(t[1] / transactions * 1e6)
+        finally:
+            gc.unfreeze()
+        done = min(200, transactions) + rounds * transactions
+        got = rig.device.queues[0].stats.packets
+        if len(tap.tx) != done or got != done:
+            raise RuntimeError(f"{done} transactions, {len(tap.tx)} frames sent and {got} "
+                               "received")
+    finally:
+        loop.close()
+        tap.close()
+        bell.close()
+    tx, rx = statistics.median(tx_wake), statistics.median(rx_wake)
+    return {"tx_wake_us": round(tx, 2), "rx_wake_us": round(rx, 2),
+            "transaction_us": round(tx + rx, 2)}
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.bench.rrpath",
+                                description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--transactions", type=_positive, default=2000, metavar="N",
+                   help="transactions per round (default 2000)")
+    p.add_argument("--rounds", type=_positive, default=5, help="rounds (default 5; median)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    args = p.parse_args(argv)
+    if args.transactions * (args.rounds + 1) > MAX_TRANSACTIONS:
+        p.error(f"at most {MAX_TRANSACTIONS} transactions in all (mock guest memory)")
+    res = run(args.transactions, args.rounds)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"per transaction {res['transaction_us']:.1f} us: TX wake-up "
+              f"{res['tx_wake_us']:.1f} us, RX wake-up {res['rx_wake_us']:.1f} us "
+              f"(median of {args.rounds} x {args.transactions})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
