@@ -89,6 +89,17 @@ def _med(rounds: Sequence[Round], side: str, get: Any) -> tuple[float | None, li
     return median(samples), samples
 
 
+def paired_wins(rounds: Sequence[Round], name: str, higher_is_better: bool) -> list[int]:
+    """[wins, pairs]: in how many rounds the ``--ab`` side beat ours booted in the same round
+    index (both measured): how to read a B/A of medians that is inside the run's noise."""
+    a = {r.index: r.values.get(name) for r in rounds if r.side == "ours"}
+    b = {r.index: r.values.get(name) for r in rounds if r.side == "ours-ab"}
+    pairs = [(a[i], b[i]) for i in sorted(a.keys() & b.keys())
+             if a[i] is not None and b[i] is not None]
+    wins = sum(1 for x, y in pairs if (y > x if higher_is_better else y < x))
+    return [wins, len(pairs)]
+
+
 def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
     """One object per config and workload: medians per side, the ratio, the ledger-off
     figure, CPU costs and the samples; then per config the DMA_MAP/UNMAP latencies."""
@@ -113,6 +124,7 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
                 "ledger_cost": ratio(off, ours, w.higher_is_better),
                 # --ab: B (ours-ab) against A (ours), > 1: B is better.
                 "ours_ab": ab, "ab_ratio": ratio(ab, ours, w.higher_is_better),
+                "ab_wins": paired_wins(rs, w.name, w.higher_is_better),
                 "cpu_unit": w.cpu_unit or None,
                 "cpu": {k: v for k, v in cpu.items() if v is not None} if w.cpu_unit else {},
                 "samples": {s: med[s][1] for s in SIDES},
@@ -165,14 +177,18 @@ def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
                          f"{_num(row['ours_ledger_off']):>10}  {cpu:>17}")
         ab = [row for row in summary if row["config"] == config and row.get("ab_ratio")]
         if ab:
-            lines.append(f"{'A/B':<24}{'A (ours)':>10}{'B (--ab)':>10}{'B/A':>7}")
+            lines.append(f"{'A/B':<24}{'A (ours)':>10}{'B (--ab)':>10}{'B/A':>7}"
+                         f"{'B better':>10}")
             for row in ab:
+                wins, pairs = row.get("ab_wins", [0, 0])
                 lines.append(f"{labels.get(row['workload'], row['workload']):<24}"
                              f"{_num(row['ours']):>10}{_num(row['ours_ab']):>10}"
-                             f"{row['ab_ratio']:>6.2f}x")
+                             f"{row['ab_ratio']:>6.2f}x{f'{wins}/{pairs}':>10}")
         lines.append("")
     lines.append(f"medians of {rounds} round(s) per side; ratio > 1 favours ours (ours/builtin")
     lines.append("for rates, builtin/ours for RTT); no-ledger: ours with HARNESS_LEDGER=off")
+    if any(row.get("ab_ratio") for row in summary):
+        lines.append("B better: rounds in which --ab's boot beat ours of the same round")
     return "\n".join(lines)
 
 
