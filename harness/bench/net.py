@@ -94,10 +94,10 @@ def paired_wins(rounds: Sequence[Round], name: str, higher_is_better: bool) -> l
     index (both measured): how to read a B/A of medians that is inside the run's noise."""
     a = {r.index: r.values.get(name) for r in rounds if r.side == "ours"}
     b = {r.index: r.values.get(name) for r in rounds if r.side == "ours-ab"}
-    pairs = [(a[i], b[i]) for i in sorted(a.keys() & b.keys())
-             if a[i] is not None and b[i] is not None]
-    wins = sum(1 for x, y in pairs if (y > x if higher_is_better else y < x))
-    return [wins, len(pairs)]
+    pairs = [(x, y) for i in sorted(a.keys() & b.keys())
+             for x, y in [(a[i], b[i])] if x is not None and y is not None]
+    wins = [y > x if higher_is_better else y < x for x, y in pairs]
+    return [wins.count(True), len(pairs)]
 
 
 def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:

@@ -251,12 +251,12 @@ def test_ab_counts_the_rounds_b_won_pair_by_pair() -> None:
           Round("ours-ab", 1, values={"tcp_rr": 110.0, "ping_rtt": 2.5}),
           Round("ours", 2, values={"tcp_rr": 200.0, "ping_rtt": 3.0}),
           Round("ours-ab", 2, values={"tcp_rr": 190.0, "ping_rtt": 1.0}),
-          Round("ours", 3, values={"tcp_rr": 100.0}),
-          Round("ours-ab", 3, values={"tcp_rr": 101.0}),
+          Round("ours", 3, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
+          Round("ours-ab", 3, values={"tcp_rr": 101.0, "ping_rtt": 1.5}),
           Round("ours-ab", 4, values={"tcp_rr": 999.0})]  # no A in round 4: not a pair
     rows = {r["workload"]: r for r in summarize(rs)}
     assert rows["tcp_rr"]["ab_wins"] == [2, 3]
-    assert rows["ping_rtt"]["ab_wins"] == [1, 2]  # lower is better
+    assert rows["ping_rtt"]["ab_wins"] == [2, 3]  # lower is better
     text = table(summarize(rs), 4)
     assert any(line.startswith("TCP RR") and line.endswith("2/3") for line in text.splitlines())
     assert "B better: rounds in which" in text
