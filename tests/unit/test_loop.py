@@ -14,6 +14,7 @@ from harness.server.loop import DeviceLoop
 from harness.testing.mockdriver import FakeIrq, MockDriver, MockMemory
 from harness.testing.serverfakes import FakeEndpoint, PolledBackend, deadline
 from harness.virtio.net import VirtioNetDevice
+from harness.virtio.netdefs import TX_HOLDOFF_MIN
 
 HDR = bytes(12)
 HDR_RX = bytes(10) + b"\x01\x00"  # num_buffers = 1, as the device writes it
@@ -180,13 +181,14 @@ def test_a_tx_hold_off_wakes_the_loop_without_a_kick(monkeypatch: pytest.MonkeyP
     s = serve(readable=False, idle_timeout=2.0)
     try:
         tx = s.driver.queues[1]
-        frames = [HDR + bytes([i]) * 60 for i in range(12)]
-        for f in frames[:8]:
+        n = TX_HOLDOFF_MIN
+        frames = [HDR + bytes([i]) * 60 for i in range(n + 4)]
+        for f in frames[:n]:
             tx.add([f])
         tx.kick_if_needed()
         s.loop.run_once()  # the kick, then the flush: held off
-        assert len(s.backend.tx) == 8 and s.device.next_timer() is not None
-        for f in frames[8:]:
+        assert len(s.backend.tx) == n and s.device.next_timer() is not None
+        for f in frames[n:]:
             tx.add([f])
         assert not tx.kick_if_needed()
         started = time.monotonic()

@@ -34,8 +34,11 @@ def expire(r: NetRig) -> None:
     r.device.timers.hold = [t and time.monotonic() - 1e-6 for t in r.device.timers.hold]
 
 
-def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_switch_is_100_us_by_default_and_read_strictly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TX_HOLDOFF_ENV, raising=False)
+    assert tx_holdoff() == pytest.approx(100e-6)
+    monkeypatch.setenv(TX_HOLDOFF_ENV, "0")
     assert tx_holdoff() == 0.0
     monkeypatch.setenv(TX_HOLDOFF_ENV, "50")
     assert tx_holdoff() == pytest.approx(50e-6)
@@ -83,7 +86,7 @@ def test_a_lone_request_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_off_never_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(TX_HOLDOFF_ENV, raising=False)
+    monkeypatch.setenv(TX_HOLDOFF_ENV, "0")
     r = net_rig()
     send(r, 32)
     r.device.process()
@@ -97,7 +100,7 @@ def test_resets_drop_the_timer(monkeypatch: pytest.MonkeyPatch) -> None:
     waking for it forever would spin)."""
     monkeypatch.setenv(TX_HOLDOFF_ENV, "200")
     r = net_rig()
-    send(r, 8)
+    send(r, TX_HOLDOFF_MIN)
     r.device.process()
     assert r.device.next_timer() is not None
     r.driver.reset()
@@ -109,14 +112,15 @@ def test_a_due_hold_without_dma_is_kept_as_a_kick(monkeypatch: pytest.MonkeyPatc
     pending kick served once DMA is allowed again (and the timer does not stay due)."""
     monkeypatch.setenv(TX_HOLDOFF_ENV, "200")
     r = net_rig()
-    send(r, 8)
+    send(r, TX_HOLDOFF_MIN)
     r.device.process()
+    assert r.device.next_timer() is not None
     send(r, 2, seed=50)
     r.bus_master[0] = False
     expire(r)
     r.device.process()
-    assert r.device.next_timer() is None and len(r.backend.tx) == 8
+    assert r.device.next_timer() is None and len(r.backend.tx) == TX_HOLDOFF_MIN
     r.bus_master[0] = True
     assert r.device.has_work()
     r.device.process()
-    assert len(r.backend.tx) == 10
+    assert len(r.backend.tx) == TX_HOLDOFF_MIN + 2
