@@ -27,21 +27,18 @@ def batch_used() -> bool:
     return mode == "1"
 
 
-#: HARNESS_TX_HOLDOFF_US=N (default 100; 0: off): after a TX flush that drained at least
-#: TX_HOLDOFF_MIN chains, leave the driver's kicks suppressed and look at the ring again N us
-#: later instead (QEMU's tx=timer idea, for a flood only): fewer kicks (a vfio-user message
-#: each, sent by a vCPU) and fewer server wake-ups while the guest floods; a request, a short
-#: burst or an ACK stream is never held. Issue 12 round 6: UDP 64B g->h 1.16-1.25x in every
-#: paired round, the other workloads inside the noise (docs/PERFORMANCE.md).
+#: HARNESS_TX_HOLDOFF_US=N (0: off): after a TX flush that drained at least TX_HOLDOFF_MIN
+#: chains, leave the driver's kicks suppressed and look at the ring again N us later instead
+#: (QEMU's tx=timer idea, for a stream only): fewer kicks (a vfio-user message each, sent by a
+#: vCPU) and fewer server wake-ups while the guest streams; a lone request is never delayed.
 TX_HOLDOFF_ENV = "HARNESS_TX_HOLDOFF_US"
-TX_HOLDOFF_DEFAULT = "100"
-TX_HOLDOFF_MIN = 16
+TX_HOLDOFF_MIN = 4
 
 
 def tx_holdoff() -> float:
-    """The hold-off in seconds (0.0: off); ValueError for anything but an integer 0..10000
-    (us), so a mistyped A/B side fails loudly."""
-    text = os.environ.get(TX_HOLDOFF_ENV, TX_HOLDOFF_DEFAULT) or TX_HOLDOFF_DEFAULT
+    """The hold-off in seconds (0.0: off, the default); ValueError for anything but an integer
+    0..10000 (us), so a mistyped A/B side fails loudly."""
+    text = os.environ.get(TX_HOLDOFF_ENV, "0") or "0"
     if not text.isdigit() or int(text) > 10000:
         raise ValueError(f"{TX_HOLDOFF_ENV}={text!r}: expected microseconds 0..10000")
     return int(text) / 1e6

@@ -34,11 +34,8 @@ def expire(r: NetRig) -> None:
     r.device.timers.hold = [t and time.monotonic() - 1e-6 for t in r.device.timers.hold]
 
 
-def test_the_switch_is_100_us_by_default_and_read_strictly(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TX_HOLDOFF_ENV, raising=False)
-    assert tx_holdoff() == pytest.approx(100e-6)
-    monkeypatch.setenv(TX_HOLDOFF_ENV, "0")
     assert tx_holdoff() == 0.0
     monkeypatch.setenv(TX_HOLDOFF_ENV, "50")
     assert tx_holdoff() == pytest.approx(50e-6)
@@ -86,7 +83,7 @@ def test_a_lone_request_is_never_held(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_off_never_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TX_HOLDOFF_ENV, "0")
+    monkeypatch.delenv(TX_HOLDOFF_ENV, raising=False)
     r = net_rig()
     send(r, 32)
     r.device.process()
