@@ -1,11 +1,14 @@
 """``harness bench net``: our vfio-user virtio-net device against QEMU's built-in virtio-net-pci.
 
-Rounds alternate sides (ours, builtin, ours with the ledger off, ours, builtin, ...) so that a
-noisy host (another VM booting, CPU frequency) hurts all alike. Each round is a fresh Testbed
-with the same accelerator, vCPUs, memory, kernel, initramfs and host peer; only the network
-device differs (the builtin side is QEMU's own virtio-net-pci on a TAP without vhost in the
-run's namespace, same MAC, same offloads, modern-only like ours). ``--config`` runs several
-configurations (plain, offloads, viommu: both devices behind the same intel-iommu) in one run.
+Rounds alternate sides (ours, builtin, ours with the ledger off, ours with ``--ab``) so that a
+noisy host (another VM booting, CPU frequency) hurts all alike, and each round starts one side
+later than the one before (round 2: builtin, ours-noledger, ours-ab, ours), so that no side
+always boots in the same place, e.g. always right after the built-in one. Each round is a
+fresh Testbed with the same accelerator, vCPUs, memory, kernel, initramfs and host peer; only
+the network device differs (the builtin side is QEMU's own virtio-net-pci on a TAP without
+vhost in the run's namespace, same MAC, same offloads, modern-only like ours). ``--config``
+runs several configurations (plain, offloads, viommu: both devices behind the same
+intel-iommu) in one run.
 harness.bench.netrun runs one round; the workloads, all measured inside the guest:
 
 - ``tcp_guest_to_host`` / ``tcp_host_to_guest``: hnet's TCP bulk throughput (Mbit/s), every
@@ -207,6 +210,13 @@ def _describe(rnd: Round) -> str:
     return head + ", ".join(parts) + (" (errors)" if rnd.error else "")
 
 
+def side_order(sides: Sequence[str], index: int) -> list[str]:
+    """The boot order of round ``index`` (from 1): ``sides`` rotated by index - 1, so over as
+    many rounds as there are sides every side boots once in every position."""
+    k = (index - 1) % len(sides) if sides else 0
+    return [*sides[k:], *sides[:k]]
+
+
 def run(opts: Options, progress: Progress) -> list[Round]:
     from harness.guest.agent import AgentError
     from harness.testbed import select_accel
@@ -221,7 +231,7 @@ def run(opts: Options, progress: Progress) -> list[Round]:
     rounds = []
     for config in opts.configs:
         for i in range(1, opts.rounds + 1):
-            for side in sides:
+            for side in side_order(sides, i):
                 # Short: the sockets in it must fit AF_UNIX's 108 bytes under deep --out.
                 run_dir = base / f"{i:02d}{_SHORT[config]}-{_SHORT[side]}"
                 run_dir.mkdir()

@@ -261,3 +261,14 @@ def test_ab_counts_the_rounds_b_won_pair_by_pair() -> None:
     assert any(line.startswith("TCP RR") and line.endswith("2/3") for line in text.splitlines())
     assert "B better: rounds in which" in text
     assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_every_side_boots_in_every_position_over_a_cycle_of_rounds() -> None:
+    """A fixed order would let "always boots right after the built-in one" pass for an
+    effect of the knob under test."""
+    sides = ["ours", "builtin", "ours-noledger", "ours-ab"]
+    orders = [net.side_order(sides, i) for i in range(1, 5)]
+    assert orders[0] == sides and orders[1] == ["builtin", "ours-noledger", "ours-ab", "ours"]
+    for pos in range(4):
+        assert sorted(o[pos] for o in orders) == sorted(sides)
+    assert net.side_order(sides, 5) == sides and net.side_order([], 3) == []
