@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from harness import argtypes
 from harness.server.loop import DeviceLoop
 from harness.testing.mockdriver import FakeBackend, NetRig, net_rig
 from harness.testing.serverfakes import FakeEndpoint
@@ -137,9 +138,9 @@ def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
             rig.rx.add(in_=[RX_BUFFER])
             rig.rx.kick_if_needed()
 
-        warm = [0.0, 0.0]
-        for _ in range(min(200, transactions)):
-            transaction(warm)
+        warmup = min(200, transactions)
+        for _ in range(warmup):
+            transaction([0.0, 0.0])
         gc.collect()
         gc.freeze()
         try:
@@ -151,7 +152,7 @@ def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
                 rx_wake.append(t[1] / transactions * 1e6)
         finally:
             gc.unfreeze()
-        done = min(200, transactions) + rounds * transactions
+        done = warmup + rounds * transactions
         got = rig.device.queues[0].stats.packets
         if len(tap.tx) != done or got != done:
             raise RuntimeError(f"{done} transactions, {len(tap.tx)} frames sent and {got} "
@@ -165,22 +166,13 @@ def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
             "transaction_us": round(tx + rx, 2)}
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.bench.rrpath",
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("--transactions", type=_positive, default=2000, metavar="N",
+    p.add_argument("--transactions", type=argtypes.positive_int, default=2000, metavar="N",
                    help="transactions per round (default 2000)")
-    p.add_argument("--rounds", type=_positive, default=5, help="rounds (default 5; median)")
+    p.add_argument("--rounds", type=argtypes.positive_int, default=5,
+                   help="rounds (default 5; median)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     args = p.parse_args(argv)
     if args.transactions * (args.rounds + 1) > MAX_TRANSACTIONS:

@@ -39,7 +39,7 @@ class TxTimers:
 
     def due_holds(self) -> list[int]:
         """The pairs whose hold-off is up (their timers cleared)."""
-        if not self.holdoff:
+        if not any(self.hold):  # nothing held (the caller checks that the knob is on)
             return []
         now = time.monotonic()
         pairs = [p for p, t in enumerate(self.hold) if t and t <= now]
