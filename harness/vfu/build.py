@@ -38,6 +38,8 @@ from pathlib import Path
 
 from cffi import FFI
 
+from harness.vfu import mapcache
+
 log = logging.getLogger(__name__)
 
 MODULE_NAME = "harness.vfu._vfu"
@@ -183,7 +185,8 @@ extern "Python" void harness_dma_unregister_cb(vfu_ctx_t *, vfu_dma_info_t *);
 #: Symbols of libvfio-user.a that C_SOURCE wraps (the linker's --wrap: the archive's calls go
 #: to __wrap_X, which calls the real one as __real_X). All are undefined references of the
 #: archive's objects, which is what --wrap redirects (checked by `nm` on the 0b28d20 build).
-WRAPPED = ("accept", "recv", "recvmsg", "sendmsg", "dma_controller_add_region")
+WRAPPED = ("accept", "recv", "recvmsg", "sendmsg", "dma_controller_add_region",
+           *mapcache.WRAPPED)
 
 C_SOURCE = r"""
 #include <errno.h>
@@ -424,10 +427,11 @@ def make_ffi(prefix: Path) -> FFI:
     )
     libraries, link_args = _json_c_link_args()
     ffibuilder = FFI()
-    ffibuilder.cdef(CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + CDEF_TRAMPOLINES)
+    ffibuilder.cdef(CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + mapcache.CDEF
+                    + CDEF_TRAMPOLINES)
     ffibuilder.set_source(
         MODULE_NAME,
-        C_SOURCE,
+        C_SOURCE + mapcache.C_SOURCE,
         include_dirs=[str(include)],
         # Static so the extension has no run-time dependency on the cache directory.
         extra_objects=[str(static_lib)],
@@ -439,8 +443,8 @@ def make_ffi(prefix: Path) -> FFI:
 
 
 def _inputs_digest(prefix: Path) -> str:
-    """What the extension is built from: this module, the static library and its headers."""
-    h = hashlib.sha256(Path(__file__).read_bytes())
+    """What the extension is built from: these modules, the static library and its headers."""
+    h = hashlib.sha256(Path(__file__).read_bytes() + Path(mapcache.__file__).read_bytes())
     for path in sorted(prefix.rglob("*")):
         if path.is_file() and (path.suffix in (".a", ".h")):
             h.update(path.name.encode())

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from harness.vfu import callbacks
+from harness.vfu import callbacks, mapcache
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.errors import ClientDropped, Disconnected, VfuError, error_from_errno
 from harness.vfu.latency import LatencyRecorder
@@ -172,6 +172,26 @@ def wire_take_fast() -> bool:
     return mode == "fast"
 
 
+#: HARNESS_MAP_CACHE=off: libvfio-user mmaps every DMA region itself (harness.vfu.mapcache).
+MAP_CACHE_ENV = "HARNESS_MAP_CACHE"
+
+
+def map_cache_on() -> bool:
+    """False when HARNESS_MAP_CACHE=off, True for on (the default); ValueError for anything
+    else, so a mistyped A/B side fails loudly."""
+    mode = os.environ.get(MAP_CACHE_ENV, "on") or "on"
+    if mode not in ("on", "off"):
+        raise ValueError(f"{MAP_CACHE_ENV}={mode!r}: expected on or off")
+    return mode == "on"
+
+
+def map_cache_stats() -> dict[str, int]:
+    """The mapping cache's counters for this process: hits, fallbacks, files mapped/released."""
+    out = ffi.new("uint64_t[4]")
+    lib.harness_map_cache_stats(out)
+    return {name: int(out[i]) for i, name in enumerate(mapcache.STATS)}
+
+
 def _shutdown(fd: int) -> None:
     """shutdown(fd, SHUT_RDWR) on a socket this process does not own as a Python object."""
     sock = socket.socket(fileno=os.dup(fd))
@@ -211,6 +231,8 @@ class VfuContext:
         self._wire_buf = ffi.buffer(self._wire)
         self._wire_zero = bytes(len(self._wire_buf))
         self._wire_fast = wire_take_fast()
+        # Process-wide in C; every context of a process reads the same environment.
+        lib.harness_map_cache_enable(int(map_cache_on()))
         self._attached = False
         self._conn_fd = -1
         self._pristine_config: bytes | None = None
@@ -616,7 +638,8 @@ class VfuContext:
     def stats(self) -> dict[str, object]:
         """Refusal counters (WireCounters), whether a client is attached, DMA latencies."""
         return {"attached": self._attached, **self.counters.as_dict(),
-                "dma_latency": {k: r.summary() for k, r in self.dma_latency.items()}}
+                "dma_latency": {k: r.summary() for k, r in self.dma_latency.items()},
+                "map_cache": map_cache_stats()}
 
     def _timed(self, kind: str, start: float) -> None:
         end = time.monotonic()
