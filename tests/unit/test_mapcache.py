@@ -182,3 +182,21 @@ def test_switch_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(MAP_CACHE_ENV, "no")
     with pytest.raises(ValueError, match="expected on or off"):
         map_cache_on()
+
+
+def test_read_only_file_falls_back_to_the_library(
+    served: tuple[VfuContext, Device, VfioUserClient],
+) -> None:
+    _, dev, client = served
+    fd = paged_memfd(2)
+    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the cache maps read-write: refused
+    before = map_cache_stats()
+    try:
+        client.dma_map(IOVA, PAGE, fd=ro, offset=PAGE, writable=False)
+    finally:
+        os.close(ro)
+        os.close(fd)
+    assert delta(before) == {"hits": 0, "fallbacks": 1, "files_mapped": 0, "files_released": 0}
+    (region,) = dev.maps
+    assert region.view is not None and region.view.readonly
+    assert bytes(region.view[:2]) == b"\x02\x02"
