@@ -58,19 +58,6 @@ POLL_MODES = ("spin", "block", "hybrid")
 HYBRID_SPIN = 20e-6
 #: Timeouts below this are waited for in select() (microseconds), not epoll (milliseconds).
 SUB_MS = 0.002
-#: After a turn that served kicks, read the backend at once instead of at the next wake-up:
-#: the host's answer to what TX just wrote may be there already (the kernel makes a ping's
-#: reply inside the TAP writev). ``on`` or ``off`` (the default), for A/Bs.
-RX_AFTER_TX_ENV = "HARNESS_LOOP_RX_AFTER_TX"
-
-
-def rx_after_tx() -> bool:
-    """HARNESS_LOOP_RX_AFTER_TX as a bool; ValueError unless on or off (a mistyped A/B side
-    must fail loudly, not measure the default twice)."""
-    mode = os.environ.get(RX_AFTER_TX_ENV, "off") or "off"
-    if mode not in ("on", "off"):
-        raise ValueError(f"{RX_AFTER_TX_ENV}={mode!r}: expected on or off")
-    return mode == "on"
 
 
 def poll_mode() -> str:
@@ -186,7 +173,6 @@ class DeviceLoop:
         #: How long to spin before blocking, in each wait of the DMA window.
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self._dma_seen = 0
-        self.rx_after_tx = rx_after_tx()
         self._poll: select.poll | None = None
         #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off), if it has one.
         self._next_timer: Callable[[], float | None] | None = getattr(device, "next_timer", None)
@@ -303,10 +289,7 @@ class DeviceLoop:
         self.turns += 1
         if self.dma_poll > 0 and self._poll is not None:
             self._answer_dma_first()
-        kicked = self.rx_after_tx and self.device.has_work()
         self.device.process()
-        if kicked and self._backend_polled:
-            self.device.on_backend_readable()  # before the bookkeeping below: latency
         self.ledger.housekeeping()
         now = self.clock()
         if now >= self._next_sample:

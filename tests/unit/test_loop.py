@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from harness.dma import Direction, DmaLedger, build_mapops
-from harness.server.loop import RX_AFTER_TX_ENV, DeviceLoop, rx_after_tx
+from harness.server.loop import DeviceLoop
 from harness.testing.mockdriver import FakeIrq, MockDriver, MockMemory
 from harness.testing.serverfakes import FakeEndpoint, PolledBackend, deadline
 from harness.virtio.net import VirtioNetDevice
@@ -211,68 +211,3 @@ def test_sub_millisecond_waits_are_not_rounded_up_to_a_millisecond(served: Serve
         took.append(time.monotonic() - started)
     took.sort()
     assert 0.0003 <= took[10] < 0.0009
-
-
-def _echo_served(rx_after_tx: bool) -> tuple[Served, list[int]]:
-    """A backend that is never readable to the selector but answers every frame written to
-    it at once, as the kernel answers a ping inside the TAP writev."""
-    s = serve(readable=False)
-    s.loop.rx_after_tx = rx_after_tx
-    backend = s.backend
-    plain_writev = backend.writev
-    reads = [0]
-    plain_readv = backend.readv
-
-    def writev(views: Sequence[memoryview]) -> None:
-        plain_writev(views)
-        backend.rx.append(HDR_RX + b"echo:" + backend.tx[-1][12:])
-
-    def readv(views: Sequence[memoryview]) -> int:
-        reads[0] += 1
-        return plain_readv(views)
-
-    backend.writev = writev  # type: ignore[method-assign]
-    backend.readv = readv  # type: ignore[method-assign]
-    rx = s.driver.queues[0]
-    rx.add(in_=[2048], publish=True)
-    rx.kick_if_needed()
-    s.loop.turn()  # the backend is registered now (and found empty)
-    return s, reads
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_rx_after_tx_takes_the_answer_in_the_same_turn(on: bool) -> None:
-    s, _ = _echo_served(on)
-    try:
-        rx, tx = s.driver.queues[0], s.driver.queues[1]
-        assert not rx.get_used()
-        tx.add([HDR, b"ping" * 16])
-        tx.kick_if_needed()
-        s.loop.turn()
-        got = [rx.written(h, n) for h, n in rx.get_used()]
-        assert got == ([HDR_RX + b"echo:" + b"ping" * 16] if on else [])
-    finally:
-        close(s)
-
-
-def test_rx_after_tx_reads_only_after_kicks() -> None:
-    s, reads = _echo_served(True)
-    try:
-        before = reads[0]
-        for _ in range(5):
-            s.loop.turn()  # nothing kicked: no read beyond the selector's
-        assert reads[0] == before
-    finally:
-        close(s)
-
-
-def test_rx_after_tx_switch_is_read_from_the_environment(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv(RX_AFTER_TX_ENV, raising=False)
-    assert not rx_after_tx()
-    monkeypatch.setenv(RX_AFTER_TX_ENV, "on")
-    assert rx_after_tx()
-    monkeypatch.setenv(RX_AFTER_TX_ENV, "1")
-    with pytest.raises(ValueError, match="expected on or off"):
-        rx_after_tx()
