@@ -18,8 +18,9 @@ What does not change: the region the library registers (iova, size, vaddr, prot)
 device's view of it, which is exactly ``[vaddr, vaddr + size)`` and read-only unless the map
 had write permission (harness.vfu.context); the guard's refusals before it (harness.vfu.build).
 Anything the cache cannot serve exactly (an address hint, flags other than MAP_SHARED, not a
-regular file, a range past the end of the file as it was when first mapped, an fd that cannot
-be mapped read-write, more than HARNESS_MAP_FILES files) is the library's own mmap, as before.
+regular file, a file over 64 GiB, a range past the end of the file as it was when first
+mapped, an fd that cannot be mapped read-write, more than 16 files) is the library's own mmap,
+as before: the whole mappings stay within 1 TiB of address space whatever a client sends.
 
 ``HARNESS_MAP_CACHE=off`` (read by harness.vfu.context) turns it off, for A/Bs in
 ``harness bench net``. Single-threaded like libvfio-user; the counters are per process.
@@ -43,6 +44,9 @@ C_SOURCE = r"""
 /* ---- the DMA mapping cache (see harness.vfu.mapcache) ---------------------------------- */
 
 #define HARNESS_MAP_FILES 16
+/* Larger files are the library's to map region by region: the client chooses the file, and
+ * 16 whole mappings of sparse 2^46-byte files would take our address space (malloc too). */
+#define HARNESS_MAP_FILE_MAX (64ULL << 30)
 
 typedef struct {
     dev_t dev;
@@ -97,7 +101,8 @@ static void *harness_cached_map(size_t len, int prot, int fd, off_t offset)
     int i;
 
     if ((prot & ~(PROT_READ | PROT_WRITE)) != 0 || offset < 0 || fstat(fd, &st) != 0 ||
-        !S_ISREG(st.st_mode) || st.st_size <= 0 || (uint64_t)offset > (uint64_t)st.st_size ||
+        !S_ISREG(st.st_mode) || st.st_size <= 0 ||
+        (uint64_t)st.st_size > HARNESS_MAP_FILE_MAX || (uint64_t)offset > (uint64_t)st.st_size ||
         len > (uint64_t)st.st_size - (uint64_t)offset) {
         return NULL;
     }

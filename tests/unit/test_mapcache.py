@@ -200,3 +200,22 @@ def test_read_only_file_falls_back_to_the_library(
     (region,) = dev.maps
     assert region.view is not None and region.view.readonly
     assert bytes(region.view[:2]) == b"\x02\x02"
+
+
+def test_huge_file_is_mapped_region_by_region(
+    served: tuple[VfuContext, Device, VfioUserClient],
+) -> None:
+    """A client's sparse 2^40-byte file: mapping it whole would cost a TiB of our address
+    space per file, so only the region is mapped."""
+    _, dev, client = served
+    fd = os.memfd_create("huge")
+    os.ftruncate(fd, 1 << 40)
+    os.pwrite(fd, b"far", (1 << 40) - PAGE)
+    before = map_cache_stats()
+    try:
+        client.dma_map(IOVA, PAGE, fd=fd, offset=(1 << 40) - PAGE)
+    finally:
+        os.close(fd)
+    assert delta(before) == {"hits": 0, "fallbacks": 1, "files_mapped": 0, "files_released": 0}
+    (region,) = dev.maps
+    assert region.view is not None and bytes(region.view[:3]) == b"far"
