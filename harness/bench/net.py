@@ -71,7 +71,7 @@ WORKLOADS = (
     Workload("udp_pps_guest_to_host", "UDP 64B g->h", "pkt/s", True, "us/pkt"),
     Workload("udp_pps_host_to_guest", "UDP 64B h->g", "pkt/s", True, "us/pkt"),
     Workload("tcp_rr", "TCP RR", "trans/s", True, "us/tr"),
-    Workload("ping_rtt", "ping RTT (avg)", "ms", False),
+    Workload("ping_rtt", "ping RTT (avg)", "ms", False, "us/ping"),
 )
 
 

@@ -6,7 +6,8 @@ environment: the B of a paired A/B) or ``builtin`` (QEMU's own virtio-net-pci on
 without vhost). The guest boots to a shell (no plan); each workload is
 one ``hnet``/``ping`` command run through the guest command channel, which does not depend on
 the device under test. Around each command the device server's and QEMU's CPU time are read
-from /proc/<pid>/stat, so every workload gets its own CPU cost per packet or per MiB.
+from their CPU-time clocks (nanoseconds, all threads), so every workload gets its own CPU
+cost per packet, per MiB or per ping.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 from harness import paths, proc
 
-__all__ = ["COMMANDS", "Options", "Round", "cpu_ticks", "parse_metrics", "parse_ping",
+__all__ = ["COMMANDS", "Options", "Round", "cpu_ns", "parse_metrics", "parse_ping",
            "per_unit", "run_round"]
 
 MIB = 1 << 20
@@ -98,23 +99,31 @@ def parse_ping(text: str) -> float | None:
     return float(m.group(2)) if m else None
 
 
-def cpu_ticks(pid: int | None) -> int | None:
-    """utime + stime of a live process, in clock ticks (None if it is gone)."""
+def cpu_ns(pid: int | None) -> int | None:
+    """CPU time of a live process, all its threads (ended ones too), in nanoseconds; None if
+    it is gone.
+
+    Read from the process's CPU-time clock (the clock id Linux derives from a pid, as
+    clock_getcpuclockid(3) does): exact, where /proc/<pid>/stat counts 10 ms ticks, and a
+    ping costs the server well under one tick, 16 MiB with offloads about one.
+    """
     if pid is None:
         return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return time.clock_gettime_ns(((~pid) << 3) | _CPUCLOCK_SCHED)
+    except OSError:  # EINVAL: no such process
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
 
 
-def per_unit(ticks: int, units: float, scale: float, tick_ms: float) -> float | None:
-    """CPU time of ``ticks`` clock ticks per unit moved, in ms * ``scale`` (None: no units)."""
+#: The per-process scheduler CPU clock in Linux's encoding of pid clock ids (posix-timers.h).
+_CPUCLOCK_SCHED = 2
+
+
+def per_unit(ns: int, units: float, scale: float) -> float | None:
+    """``ns`` nanoseconds of CPU per unit moved, in ms * ``scale`` (None: no units)."""
     if units <= 0:
         return None
-    return ticks * tick_ms * scale / units
+    return ns / 1e6 * scale / units
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,7 @@ COMMANDS: dict[str, Command] = {
                                            "--rate {o.rate}"), "pps", "received", 1000.0),
     "tcp_rr": Command(_hnet("tcp-rr", PORT_RR, "--size {o.rr_size} --seconds {o.seconds}"),
                       "tps", "transactions", 1000.0),
-    "ping_rtt": Command(lambda o: f"ping -c {o.pings} -i 0.1 {HOST}", "rtt", "", 0.0),
+    "ping_rtt": Command(lambda o: f"ping -c {o.pings} -i 0.1 {HOST}", "rtt", "pings", 1000.0),
 }
 
 
@@ -191,7 +200,6 @@ def _stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
 def _measure(tb: Any, name: str, cmd: Command, opts: Options, pids: dict[str, int | None],
              rnd: Round) -> str | None:
     """Run one workload in the guest; record its result and CPU costs; the failure, if any."""
-    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK")
     line = cmd.build(opts)
     spy = None
     if opts.profile is not None and rnd.side in ("ours", "ours-ab"):
@@ -200,29 +208,30 @@ def _measure(tb: Any, name: str, cmd: Command, opts: Options, pids: dict[str, in
         ab = "-ab" if rnd.side == "ours-ab" else ""
         spy = _profiler(pids.get("server"), opts.profile / f"{rnd.config}-{rnd.index:02d}{ab}-"
                                                           f"{name}.txt")
-    before = {k: cpu_ticks(p) for k, p in pids.items()}
+    before = {k: cpu_ns(p) for k, p in pids.items()}
     try:
         res = tb.guest.run(line, timeout=opts.seconds + 120 + opts.nbytes / MIB)
     finally:
-        after = {k: cpu_ticks(p) for k, p in pids.items()}
+        after = {k: cpu_ns(p) for k, p in pids.items()}
         _stop_profiler(spy)
     if name == "ping_rtt":
         rtt = parse_ping(res.stdout.decode(errors="replace"))
         if rtt is None:
             return f"{name}: no ping summary (exit {res.returncode})"
         rnd.values[name] = rtt
-        return None
-    metrics = parse_metrics(res.stdout.decode(errors="replace"))
-    if res.returncode != 0 or cmd.metric not in metrics:
-        why = res.stderr.decode(errors="replace").strip().splitlines()
-        return f"{name}: {why[0] if why else f'exit {res.returncode}'}"
-    rnd.values[name] = metrics[cmd.metric]
-    units = opts.nbytes / MIB if cmd.per == "bytes" else metrics.get(cmd.per, 0.0)
+        units = float(opts.pings)
+    else:
+        metrics = parse_metrics(res.stdout.decode(errors="replace"))
+        if res.returncode != 0 or cmd.metric not in metrics:
+            why = res.stderr.decode(errors="replace").strip().splitlines()
+            return f"{name}: {why[0] if why else f'exit {res.returncode}'}"
+        rnd.values[name] = metrics[cmd.metric]
+        units = opts.nbytes / MIB if cmd.per == "bytes" else metrics.get(cmd.per, 0.0)
     costs = {}
     for key in pids:
         a, b = before[key], after[key]
         if a is not None and b is not None:
-            cost = per_unit(b - a, units, cmd.scale, tick_ms)
+            cost = per_unit(b - a, units, cmd.scale)
             if cost is not None:
                 costs[key] = cost
     rnd.cpu[name] = costs

@@ -4,8 +4,9 @@ parsers of the guest's output, the tables, the host perf peer and DMA latency pe
 from __future__ import annotations
 
 import json
-import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,43 @@ def test_guest_output_parsers() -> None:
     assert netrun.parse_ping("ping: sendto: Network is unreachable\n") is None
 
 
-def test_cpu_per_unit_and_ticks() -> None:
-    # 50 ticks of 10 ms over 16 MiB = 31.25 ms/MiB; over 10,000 packets = 50 us/packet.
-    assert netrun.per_unit(50, 16, 1.0, 10.0) == pytest.approx(31.25)
-    assert netrun.per_unit(50, 10_000, 1000.0, 10.0) == pytest.approx(50.0)
-    assert netrun.per_unit(50, 0, 1.0, 10.0) is None
-    ticks = netrun.cpu_ticks(os.getpid())
-    assert ticks is not None and ticks >= 0
-    assert netrun.cpu_ticks(None) is None
-    assert netrun.cpu_ticks(2**22 + 12345) is None  # no such process
+def test_cpu_per_unit() -> None:
+    # 500 ms of CPU over 16 MiB = 31.25 ms/MiB; over 10,000 packets = 50 us/packet.
+    assert netrun.per_unit(500_000_000, 16, 1.0) == pytest.approx(31.25)
+    assert netrun.per_unit(500_000_000, 10_000, 1000.0) == pytest.approx(50.0)
+    assert netrun.per_unit(500_000_000, 0, 1.0) is None
+
+
+def test_cpu_ns_is_finer_than_a_clock_tick() -> None:
+    """A ping costs the server a fraction of a 10 ms tick: the reading must see 2 ms of a
+    child's CPU as about 2 ms (ticks would say 0 or 10), and count its threads."""
+    code = ("import sys, threading, time\n"
+            "def spin():\n"
+            "    end = time.thread_time() + 0.002\n"
+            "    while time.thread_time() < end: pass\n"
+            "print(flush=True); sys.stdin.readline()\n"
+            "t = threading.Thread(target=spin); t.start(); t.join()\n"
+            "print(flush=True); sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        child.stdout.readline()  # started, now waiting
+        idle = netrun.cpu_ns(child.pid)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        child.stdout.readline()  # a thread spun 2 ms and ended
+        done = netrun.cpu_ns(child.pid)
+        assert idle is not None and done is not None
+        assert 1_500_000 <= done - idle < 9_000_000
+        child.stdin.close()
+        child.wait(10)
+        assert netrun.cpu_ns(child.pid) is None  # reaped: gone
+    finally:
+        child.kill()
+        child.wait()
+    assert netrun.cpu_ns(None) is None
+    assert netrun.cpu_ns(2**22 + 12345) is None  # no such process
 
 
 def test_workload_commands_use_the_options() -> None:
