@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,37 +22,39 @@ from harness.testing.vfu_client import VfioUserClient
 from harness.vfu import Disconnected, VfuContext
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.context import MAP_CACHE_ENV, map_cache_on, map_cache_stats
-from tests.unit.test_vfu import Device, Pump, make_ctx
+from tests.unit import test_vfu
+from tests.unit.test_vfu import Device
 
 PAGE = 0x1000
 IOVA = 0x4000_0000
 
 
-def paged_memfd(pages: int) -> int:
-    """A memfd whose page i is filled with the byte i + 1 (so every page differs)."""
+@contextmanager
+def guest_file(pages: int, size: int = 0) -> Iterator[tuple[int, dict[str, int]]]:
+    """A memfd (``size`` bytes, else ``pages`` pages) whose page i is filled with the byte
+    i + 1, so every page differs; and the cache's counters before any map of it."""
     fd = os.memfd_create("guest-ram")
-    os.ftruncate(fd, pages * PAGE)
-    for i in range(pages):
-        os.pwrite(fd, bytes([i + 1]) * PAGE, i * PAGE)
-    return fd
+    try:
+        os.ftruncate(fd, size or pages * PAGE)
+        for i in range(pages):
+            os.pwrite(fd, bytes([i + 1]) * PAGE, i * PAGE)
+        yield fd, map_cache_stats()
+    finally:
+        os.close(fd)  # the library keeps its own copies
 
 
 def address(view: memoryview) -> int:
     return int(ffi.cast("uintptr_t", ffi.from_buffer(view)))
 
 
-@pytest.fixture
-def served(sock_path: str) -> Iterator[tuple[VfuContext, Device, VfioUserClient]]:
-    dev = Device()
-    ctx = make_ctx(sock_path, dev)
-    client = VfioUserClient(sock_path, pump=Pump(ctx))
-    try:
-        client.connect()
-        yield ctx, dev, client
-    finally:
-        client.close()
-        ctx.close()
-        lib.harness_map_cache_enable(1)
+#: test_vfu's fixture: a real context served on this thread, with a real client attached.
+served = test_vfu.served
+
+
+@pytest.fixture(autouse=True)
+def _cache_back_on() -> Iterator[None]:
+    yield
+    lib.harness_map_cache_enable(1)  # a test switched it off: the next one has it as usual
 
 
 def delta(before: dict[str, int]) -> dict[str, int]:
@@ -63,13 +66,9 @@ def test_pages_of_one_file_share_one_mapping(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     ctx, dev, client = served
-    fd = paged_memfd(8)
-    before = map_cache_stats()
-    try:
+    with guest_file(8) as (fd, before):
         for i in (5, 0, 2):  # out of order, as a guest maps its buffers
             client.dma_map(IOVA + i * PAGE, PAGE, fd=fd, offset=i * PAGE)
-    finally:
-        os.close(fd)  # the library keeps its own copies
     assert delta(before) == {"hits": 3, "fallbacks": 0, "files_mapped": 1, "files_released": 0}
     views = {r.iova: r.view for r in dev.maps}
     base = {iova: address(v) - (iova - IOVA) for iova, v in views.items() if v is not None}
@@ -81,8 +80,7 @@ def test_each_view_is_its_own_page_shared_both_ways(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     _, dev, client = served
-    fd = paged_memfd(8)
-    try:
+    with guest_file(8) as (fd, _):
         for i in (3, 6):
             client.dma_map(IOVA + i * PAGE, 2 * PAGE if i == 6 else PAGE, fd=fd, offset=i * PAGE)
         by_iova = {r.iova: r.view for r in dev.maps}
@@ -95,21 +93,15 @@ def test_each_view_is_its_own_page_shared_both_ways(
         assert os.pread(fd, 4, 3 * PAGE + 10) == b"WXYZ"
         os.pwrite(fd, b"guest", 7 * PAGE)  # the guest writes: the device sees it
         assert bytes(six[PAGE : PAGE + 5]) == b"guest"
-    finally:
-        os.close(fd)
 
 
 def test_read_only_map_gives_read_only_view(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     _, dev, client = served
-    fd = paged_memfd(2)
-    before = map_cache_stats()
-    try:
+    with guest_file(2) as (fd, before):
         client.dma_map(IOVA, PAGE, fd=fd, offset=PAGE, writable=False)
         client.dma_map(IOVA + PAGE, PAGE, fd=fd, offset=0)
-    finally:
-        os.close(fd)
     assert delta(before)["hits"] == 2
     ro, rw = dev.maps
     assert ro.view is not None and ro.view.readonly and bytes(ro.view[:2]) == b"\x02\x02"
@@ -120,9 +112,7 @@ def test_file_mapping_goes_with_its_last_region(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     _, dev, client = served
-    fd = paged_memfd(4)
-    before = map_cache_stats()
-    try:
+    with guest_file(4) as (fd, before):
         client.dma_map(IOVA, PAGE, fd=fd, offset=0)
         client.dma_map(IOVA + PAGE, PAGE, fd=fd, offset=PAGE)
         client.dma_unmap(IOVA, PAGE)
@@ -131,8 +121,6 @@ def test_file_mapping_goes_with_its_last_region(
         assert delta(before)["files_released"] == 1
         # Mapped again from scratch, and a client that leaves releases it too.
         client.dma_map(IOVA, PAGE, fd=fd, offset=2 * PAGE)
-    finally:
-        os.close(fd)
     assert delta(before)["files_mapped"] == 2
     assert dev.maps[-1].view is not None and bytes(dev.maps[-1].view[:1]) == b"\x03"
     client.close()
@@ -145,15 +133,11 @@ def test_file_grown_past_its_mapping_falls_back_to_the_library(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     _, dev, client = served
-    fd = paged_memfd(2)
-    before = map_cache_stats()
-    try:
+    with guest_file(2) as (fd, before):
         client.dma_map(IOVA, PAGE, fd=fd, offset=0)
         os.ftruncate(fd, 4 * PAGE)
         os.pwrite(fd, b"\x09" * PAGE, 3 * PAGE)
         client.dma_map(IOVA + PAGE, PAGE, fd=fd, offset=3 * PAGE)
-    finally:
-        os.close(fd)
     assert delta(before) == {"hits": 1, "fallbacks": 1, "files_mapped": 1, "files_released": 0}
     assert dev.maps[-1].view is not None and bytes(dev.maps[-1].view) == b"\x09" * PAGE
 
@@ -163,13 +147,9 @@ def test_switched_off_the_library_maps_each_region(
 ) -> None:
     _, dev, client = served
     lib.harness_map_cache_enable(0)
-    fd = paged_memfd(4)
-    before = map_cache_stats()
-    try:
+    with guest_file(4) as (fd, before):
         client.dma_map(IOVA, PAGE, fd=fd, offset=PAGE)
         client.dma_map(IOVA + PAGE, PAGE, fd=fd, offset=2 * PAGE)
-    finally:
-        os.close(fd)
     assert delta(before) == {"hits": 0, "fallbacks": 0, "files_mapped": 0, "files_released": 0}
     assert [bytes(r.view[:1]) for r in dev.maps if r.view is not None] == [b"\x02", b"\x03"]
 
@@ -188,14 +168,12 @@ def test_read_only_file_falls_back_to_the_library(
     served: tuple[VfuContext, Device, VfioUserClient],
 ) -> None:
     _, dev, client = served
-    fd = paged_memfd(2)
-    ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the cache maps read-write: refused
-    before = map_cache_stats()
-    try:
-        client.dma_map(IOVA, PAGE, fd=ro, offset=PAGE, writable=False)
-    finally:
-        os.close(ro)
-        os.close(fd)
+    with guest_file(2) as (fd, before):
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)  # the cache maps read-write: refused
+        try:
+            client.dma_map(IOVA, PAGE, fd=ro, offset=PAGE, writable=False)
+        finally:
+            os.close(ro)
     assert delta(before) == {"hits": 0, "fallbacks": 1, "files_mapped": 0, "files_released": 0}
     (region,) = dev.maps
     assert region.view is not None and region.view.readonly
@@ -208,14 +186,9 @@ def test_huge_file_is_mapped_region_by_region(
     """A client's sparse 2^40-byte file: mapping it whole would cost a TiB of our address
     space per file, so only the region is mapped."""
     _, dev, client = served
-    fd = os.memfd_create("huge")
-    os.ftruncate(fd, 1 << 40)
-    os.pwrite(fd, b"far", (1 << 40) - PAGE)
-    before = map_cache_stats()
-    try:
+    with guest_file(0, size=1 << 40) as (fd, before):
+        os.pwrite(fd, b"far", (1 << 40) - PAGE)
         client.dma_map(IOVA, PAGE, fd=fd, offset=(1 << 40) - PAGE)
-    finally:
-        os.close(fd)
     assert delta(before) == {"hits": 0, "fallbacks": 1, "files_mapped": 0, "files_released": 0}
     (region,) = dev.maps
     assert region.view is not None and bytes(region.view[:3]) == b"far"
