@@ -25,7 +25,7 @@ from harness.deps.pins import (
 
 REPO = Path(__file__).resolve().parents[2]
 SHA_A = "a" * 64
-QEMU_SHA = "447decc4b3c245edc1d0940bdf97c87e07b2e3bd4b24c4d0c7155d860d52bd5f"
+QEMU_SHA = "1e7f6681384d059be58d95e33c978ff901ae268fb44064335d52564379170747"
 
 
 def test_parse_pins_comments_blank_and_file_field() -> None:
@@ -60,7 +60,7 @@ def test_format_then_parse_round_trip() -> None:
 
 def test_committed_locks_parse_and_pin_the_known_hashes() -> None:
     qemu_pins = {p.name: p for p in load_pins(REPO / "qemu/pins/qemu-debs.lock")}
-    assert qemu_pins["qemu-system-x86"].version == "1:11.1.3+ds-1~bpo13+1"
+    assert qemu_pins["qemu-system-x86"].version == "1:11.1.3+ds-2~bpo13+1"
     assert qemu_pins["qemu-system-x86"].sha256 == QEMU_SHA
     src, _tree = load_pins(REPO / "qemu/pins/libvfio-user.lock")
     assert src.file == "qemu_10.0.13+ds.orig.tar.xz"
