@@ -17,10 +17,10 @@ Both refuse an overlapping region and never split one; both answer in address or
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol, cast
 
+from harness import knobs
 from harness.dma.errors import RegionOverlap
 from harness.dma.iova import IovaDomain
 
@@ -35,10 +35,7 @@ DEFAULT_INDEX = "sorted"
 
 def index_kind() -> str:
     """The index named by HARNESS_GUEST_INDEX (default ``sorted``); ValueError if unknown."""
-    kind = os.environ.get(INDEX_ENV, DEFAULT_INDEX) or DEFAULT_INDEX
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"{INDEX_ENV}={kind!r}: expected one of {', '.join(INDEX_KINDS)}")
-    return kind
+    return knobs.choice(INDEX_ENV, INDEX_KINDS, DEFAULT_INDEX)
 
 
 class RegionIndex(Protocol):

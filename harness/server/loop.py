@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from harness import knobs
 from harness.server.control import ControlServer
 from harness.vfu.errors import ClientDropped, Disconnected, VfuError
 
@@ -63,10 +64,7 @@ SUB_MS = 0.002
 def poll_mode() -> str:
     """``spin`` (the default) or ``block`` from HARNESS_LOOP_POLL_MODE; ValueError for anything
     else, so a mistyped A/B side fails loudly instead of measuring the default twice."""
-    mode = os.environ.get(POLL_MODE_ENV, "spin") or "spin"
-    if mode not in POLL_MODES:
-        raise ValueError(f"{POLL_MODE_ENV}={mode!r}: expected spin, block or hybrid")
-    return mode
+    return knobs.choice(POLL_MODE_ENV, POLL_MODES, "spin")
 
 EventHandler = Callable[[int], None]
 

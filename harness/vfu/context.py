@@ -39,6 +39,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from harness import knobs
 from harness.vfu import callbacks, mapcache
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.errors import ClientDropped, Disconnected, VfuError, error_from_errno
@@ -166,10 +167,7 @@ WIRE_TAKE_ENV = "HARNESS_WIRE_TAKE"
 def wire_take_fast() -> bool:
     """False when HARNESS_WIRE_TAKE=scan (the counters scanned after every call), True for
     fast (the default); ValueError for anything else, so a mistyped A/B side fails loudly."""
-    mode = os.environ.get(WIRE_TAKE_ENV, "fast") or "fast"
-    if mode not in ("fast", "scan"):
-        raise ValueError(f"{WIRE_TAKE_ENV}={mode!r}: expected fast or scan")
-    return mode == "fast"
+    return knobs.choice(WIRE_TAKE_ENV, ("fast", "scan"), "fast") == "fast"
 
 
 #: HARNESS_MAP_CACHE=off: libvfio-user mmaps every DMA region itself (harness.vfu.mapcache).
@@ -179,10 +177,7 @@ MAP_CACHE_ENV = "HARNESS_MAP_CACHE"
 def map_cache_on() -> bool:
     """False when HARNESS_MAP_CACHE=off, True for on (the default); ValueError for anything
     else, so a mistyped A/B side fails loudly."""
-    mode = os.environ.get(MAP_CACHE_ENV, "on") or "on"
-    if mode not in ("on", "off"):
-        raise ValueError(f"{MAP_CACHE_ENV}={mode!r}: expected on or off")
-    return mode == "on"
+    return knobs.choice(MAP_CACHE_ENV, ("on", "off"), "on") == "on"
 
 
 def map_cache_stats() -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import struct
 
+from harness import knobs
 from harness.virtio import constants as C
 from harness.virtio.pci import TRANSPORT_FEATURES
 
@@ -21,10 +22,7 @@ BATCH_USED_ENV = "HARNESS_BATCH_USED"
 def batch_used() -> bool:
     """True (the default, ``1``): one publish per batch; False for ``0``; ValueError for
     anything else, so a mistyped A/B side fails loudly."""
-    mode = os.environ.get(BATCH_USED_ENV, "1") or "1"
-    if mode not in ("0", "1"):
-        raise ValueError(f"{BATCH_USED_ENV}={mode!r}: expected 0 or 1")
-    return mode == "1"
+    return knobs.choice(BATCH_USED_ENV, ("0", "1"), "1") == "1"
 
 
 #: HARNESS_TX_HOLDOFF_US=N (0: off): after a TX flush that drained at least TX_HOLDOFF_MIN

@@ -20,8 +20,7 @@ reset, guest memory under a pooled buffer going away, a queue pair made inactive
 
 from __future__ import annotations
 
-import os
-
+from harness import knobs
 from harness.dma import Direction, MapOps, sg_unmapper
 from harness.virtio.chain import Chain, Virtqueue
 
@@ -33,10 +32,7 @@ RX_POOL_ENV = "HARNESS_RX_POOL"
 def rx_pool_keep() -> bool:
     """True for ``keep`` (the default), False for ``call``; ValueError for anything else, so
     a mistyped A/B side fails loudly."""
-    mode = os.environ.get(RX_POOL_ENV, "keep") or "keep"
-    if mode not in ("keep", "call"):
-        raise ValueError(f"{RX_POOL_ENV}={mode!r}: expected keep or call")
-    return mode == "keep"
+    return knobs.choice(RX_POOL_ENV, ("keep", "call"), "keep") == "keep"
 
 
 class RxPool:
