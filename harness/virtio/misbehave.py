@@ -130,6 +130,8 @@ class Misbehave:
     _held: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     _holding: set[str] = field(default_factory=set)
     _mid: set[str] = field(default_factory=set)
+    #: Queues in the middle of a frame used-never-returned drops whole (its later buffers).
+    _dropping: set[str] = field(default_factory=set)
     _reset_reads: int = 0  # reset-never-completes: stuck reads left
     _stuck_status: int = 0
     _forbidden: bool = False  # forbidden-feature-combo fired: keep offering the combination
@@ -188,8 +190,16 @@ class Misbehave:
                 self._holding.discard(queue)
             self.completions[queue] = self.completions.get(queue, 0) + 1
             return []
-        reorder_ok = starting and queue not in self._held
-        s = self.due("used", queue, skip=() if reorder_ok else ("used-out-of-order",))
+        if queue in self._dropping:  # the rest of the frame being dropped goes with it
+            if not more:
+                self._dropping.discard(queue)
+            self.completions[queue] = self.completions.get(queue, 0) + 1
+            return []
+        # Both act on whole frames only: a frame's buffers are used together (5.1.6.4); one
+        # buffer of a merged frame dropped or moved would be a num_buffers bug, another case.
+        skip = (() if starting and queue not in self._held else ("used-out-of-order",)) + (
+            () if starting else ("used-never-returned",))
+        s = self.due("used", queue, skip=skip)
         self.completions[queue] = self.completions.get(queue, 0) + 1
         if self.fired_at is not None and queue not in self._resumed:
             now = time.monotonic()
@@ -223,6 +233,8 @@ class Misbehave:
                 self._holding.add(queue)
             return []
         if case == "used-never-returned":
+            if more:
+                self._dropping.add(queue)
             return []
         return [(head, length), (head, length)]  # used-id-duplicate
 
@@ -245,6 +257,7 @@ class Misbehave:
         self._held.pop(queue, None)
         self._holding.discard(queue)
         self._mid.discard(queue)
+        self._dropping.discard(queue)
 
     def on_status_write(self, old: int, value: int) -> int:
         """The driver writes ``value`` to the status (``old``): what the device keeps."""
@@ -257,6 +270,7 @@ class Misbehave:
             self._held.clear()
             self._holding.clear()
             self._mid.clear()
+            self._dropping.clear()
             s = self.due("status", None, only="reset-never-completes")
             if s is not None:
                 self._reset_reads = STUCK_RESET_READS

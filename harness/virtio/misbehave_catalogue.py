@@ -165,7 +165,8 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "2.7.13 / 2.9: buffers made available are eventually used (liveness, no MUST); "
          "here one chain is unmapped and never appears in the used ring",
          "descriptor leak: the driver's free count shrinks for good (ring slowly runs dry)",
-         "one completion is dropped: its used element is never written"),
+         "one completion (with MRG_RXBUF a whole RX frame, never split: 5.1.6.4) is dropped: "
+         "its used elements are never written"),
     Case("data-valid-bad-csum", "rx-header", ("rx0",),
          "5.1.6.4.1: the device MAY set DATA_VALID only when it validated the checksum "
          "(with GUEST_CSUM); here a frame whose payload was changed after validation",

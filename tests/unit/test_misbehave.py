@@ -349,6 +349,24 @@ def test_used_never_returned() -> None:
     clean(ledger)
 
 
+def test_used_never_returned_drops_a_merged_frame_whole() -> None:
+    """Fired on the second buffer of a merged frame, the case waits for the next frame's start
+    and drops all of its buffers: a frame's buffers are used together (5.1.6.4), and one of
+    them missing would make the driver join the next frame's buffer to it (corrupt data, seen
+    once in CI), a num_buffers bug rather than the descriptor leak this case is."""
+    r, ledger = rig("used-never-returned:queue=rx0:after=1")
+    for _ in range(14):
+        r.rx.add(in_=[200])
+    r.rx.kick()
+    r.device.process()
+    for payload in (300, 300, 100):  # 2 + 2 + 1 buffers of 200 bytes
+        r.backend.rx.append(HDR + bytes(payload))
+    r.device.on_backend_readable()
+    heads = [h for h, _n in r.rx.get_used()]
+    assert heads == [0, 1, 4], heads  # frame 2 (heads 2, 3) never comes back, all of it
+    clean(ledger)
+
+
 def test_data_valid_bad_csum() -> None:
     r, ledger = rig("data-valid-bad-csum:always")
     rx_one(r, payload=60)  # too short to be data: left alone
