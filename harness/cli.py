@@ -56,6 +56,26 @@ def _add_testbed_options(p: argparse.ArgumentParser) -> None:
                    metavar="CASE[:after=N][:queue=Q][:always]",
                    help="make the device break the virtio spec in this named way (repeatable "
                         "or a comma list; `harness misbehave --list` names the cases)")
+    p.add_argument("--qemu-trace", type=_trace_events, action="append", default=[],
+                   metavar="EVENT,...",
+                   help="enable QEMU trace events (names or globs, e.g. vfio_user_dma_*,"
+                        "vtd_inv_*; repeatable), logged with timestamps to the run's "
+                        "qemu.log; `qemu-system-x86_64 -trace help` lists them")
+
+
+def _trace_events(text: str) -> tuple[str, ...]:
+    from harness.vm.qemu import TRACE_EVENT
+
+    events = tuple(e.strip() for e in text.split(",") if e.strip())
+    bad = [e for e in events if not TRACE_EVENT.fullmatch(e)]
+    if bad or not events:
+        raise argparse.ArgumentTypeError(
+            f"not QEMU trace event names or patterns: {text!r} (e.g. vfio_user_*,vtd_inv_*)")
+    return events
+
+
+def _flat(groups: list[tuple[str, ...]]) -> tuple[str, ...]:
+    return tuple(e for g in groups for e in g)
 
 
 def _features_spec(text: str) -> str:
@@ -135,7 +155,8 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
                        out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
                        append=tuple(args.append.split()), initrd_add=args.initrd_add,
-                       allow_warnings=args.allow_warnings, misbehave=tuple(args.misbehave))
+                       allow_warnings=args.allow_warnings, misbehave=tuple(args.misbehave),
+                       qemu_trace=_flat(args.qemu_trace))
     try:
         with proc.interrupts():
             result = run_vm_test(cfg)
@@ -164,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         memory_mb=args.memory, pcap=args.pcap,
                         hotplug_ports=args.hotplug_ports, kernel=args.kernel,
                         append=tuple(args.append.split()), initrd_add=args.initrd_add,
-                        misbehave=tuple(args.misbehave),
+                        misbehave=tuple(args.misbehave), qemu_trace=_flat(args.qemu_trace),
                         # The peers serve the guest's own hnet tests for as long as it runs.
                         peers=PeerSpec(timeout=30 * 24 * 3600.0))
     try:

@@ -63,6 +63,8 @@ class VmTestConfig:
     allow_warnings: bool = False
     #: Misbehaviour specs for the device (harness.virtio.misbehave), e.g. "used-len-zero".
     misbehave: tuple[str, ...] = ()
+    #: QEMU trace events (names or globs) logged with timestamps to the run's qemu.log.
+    qemu_trace: tuple[str, ...] = ()
 
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
@@ -70,6 +72,7 @@ class VmTestConfig:
             offloads=self.offloads, features=self.features, smp=self.smp, memory_mb=self.memory_mb,
             cmdline=guest_cmdline(self), pcap=self.pcap, kernel=self.kernel,
             append=self.append, initrd_add=self.initrd_add, misbehave=self.misbehave,
+            qemu_trace=self.qemu_trace,
             peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))
 
 

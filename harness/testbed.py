@@ -131,6 +131,8 @@ class TestbedConfig:
     #: "ours": our vfio-user device server; "builtin": QEMU's own virtio-net-pci on a TAP
     #: in the same namespace (htap0, 198.18.0.1/24, same MAC), no device server at all.
     device: str = "ours"
+    #: QEMU trace events (names or globs) logged with timestamps to the run's qemu.log.
+    qemu_trace: tuple[str, ...] = ()
 
 
 #: What serves the guest's NIC: our vfio-user device, or QEMU's built-in virtio-net-pci.
@@ -369,7 +371,8 @@ class Testbed:
         cfg = self.cfg
         profile = MachineProfile(accel=self.accel.name, memory_mb=cfg.memory_mb, smp=cfg.smp,
                                  viommu=cfg.viommu, cmdline=(*cfg.cmdline, *cfg.append),
-                                 hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot)
+                                 hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot,
+                                 trace=cfg.qemu_trace)
         builtin = self._tap_fd is not None
         mpaths = MachinePaths(kernel=self.kernel.image, initrd=initrd,
                               device_socket=self.run_dir / "net0.sock" if builtin

@@ -7,11 +7,15 @@ unit tests compare lists, and lets a user print the exact command (`harness vm-t
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 #: The accelerators the harness knows how to run.
 ACCELERATORS = ("kvm", "tcg")
+#: A QEMU trace event name or glob (``-trace help`` lists them); nothing QEMU would read as
+#: another ``-trace`` option (``,``, ``=``).
+TRACE_EVENT = re.compile(r"[A-Za-z0-9_*?]+")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class MachineProfile:
     #: Resets (QMP system_reset, a guest reboot) reset the machine instead of ending QEMU.
     #: Off for test plans, where a guest panic (panic=-1 reboots) must end the run.
     reboot: bool = False
+    #: QEMU trace events to enable (names or patterns like ``vfio_user_*``), logged with
+    #: wall-clock timestamps to QEMU's log (``-msg timestamp=on``).
+    trace: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELERATORS:
@@ -37,6 +44,9 @@ class MachineProfile:
             raise ValueError("the guest needs at least 128 MiB of RAM")
         if self.smp < 1:
             raise ValueError("smp must be >= 1")
+        for event in self.trace:
+            if not TRACE_EVENT.fullmatch(event):
+                raise ValueError(f"not a QEMU trace event name or pattern: {event!r}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,13 @@ def qmp_args(socket_path: Path, user_socket: Path | None = None) -> list[str]:
     return args
 
 
+def trace_args(events: tuple[str, ...]) -> list[str]:
+    """QEMU trace events on from the start, each line timestamped (UTC, microseconds)."""
+    if not events:
+        return []
+    return ["-msg", "timestamp=on", *[a for e in events for a in ("-trace", f"enable={e}")]]
+
+
 def hotplug_port_args(count: int) -> list[str]:
     """Empty pcie-root-ports hp0..hp<count-1> for device_add (q35 has no hot-plug slot else)."""
     args = []
@@ -193,4 +210,5 @@ def full_args(qemu: list[str], profile: MachineProfile, paths: MachinePaths,
         *qmp_args(paths.qmp_socket, paths.user_qmp_socket),
         *(vfio_user_device_args(paths.device_socket) if device is None else device),
         *hotplug_port_args(profile.hotplug_ports),
+        *trace_args(profile.trace),
     ]
