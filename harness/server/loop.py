@@ -59,23 +59,12 @@ POLL_MODES = ("spin", "block", "hybrid")
 HYBRID_SPIN = 20e-6
 #: Timeouts below this are waited for in select() (microseconds), not epoll (milliseconds).
 SUB_MS = 0.002
-#: While the guest maps through a vIOMMU, stop TX ring work at the next chain when a vfio-user
-#: message is waiting, so the loop answers it first: the guest's vCPU is stopped until we
-#: reply, and a DMA_MAP that came in behind a batch would otherwise wait for all of it.
-#: HARNESS_DMA_YIELD=on|off picks it (an A/B switch of harness bench net).
-DMA_YIELD_ENV = "HARNESS_DMA_YIELD"
 
 
 def poll_mode() -> str:
     """``spin`` (the default) or ``block`` from HARNESS_LOOP_POLL_MODE; ValueError for anything
     else, so a mistyped A/B side fails loudly instead of measuring the default twice."""
     return knobs.choice(POLL_MODE_ENV, POLL_MODES, "spin")
-
-
-def dma_yield() -> bool:
-    """True for HARNESS_DMA_YIELD=on, False for off (the default); ValueError otherwise."""
-    return knobs.choice(DMA_YIELD_ENV, ("off", "on"), "off") == "on"
-
 
 EventHandler = Callable[[int], None]
 
@@ -182,11 +171,7 @@ class DeviceLoop:
         #: How long to spin before blocking, in each wait of the DMA window.
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self._dma_seen = 0
-        #: The last turn found DMA messages handled since the one before: the guest maps.
-        self._mapping = False
         self._poll: select.poll | None = None
-        if dma_yield() and hasattr(device, "dma_waiting"):
-            setattr(device, "dma_waiting", self._dma_waiting)  # noqa: B010 (not in Device)
         #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off), if it has one.
         self._next_timer: Callable[[], float | None] | None = getattr(device, "next_timer", None)
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
@@ -335,8 +320,7 @@ class DeviceLoop:
         vfio-user socket for up to ``dma_poll`` seconds (spinning for ``poll_spin``, then
         blocked in select()) and answer what comes."""
         seen = getattr(self.endpoint, "dma_events", 0)
-        self._mapping = seen != self._dma_seen
-        if not self._mapping:
+        if seen == self._dma_seen:
             return
         poll = self._poll
         assert poll is not None
@@ -357,12 +341,6 @@ class DeviceLoop:
                 deadline, block_at = min(limit, now + self.dma_poll), now + spin
             now = clock()
         self._dma_seen = getattr(self.endpoint, "dma_events", 0)
-
-    def _dma_waiting(self) -> bool:
-        """The device's question between TX chains: is the guest mapping, and is a vfio-user
-        message waiting? One poll(0) per chain, and only while the guest maps."""
-        poll = self._poll
-        return self._mapping and poll is not None and bool(poll.poll(0))
 
     # -- event handlers ----------------------------------------------------------------------
 

@@ -200,9 +200,6 @@ class VirtioNetDevice(NetRxPath):
         self._scratch: bytearray | None = None  # where link-down RX frames are read to die
         #: Active misbehaviours (harness.virtio.misbehave), None when the device behaves.
         self.misbehave: Misbehave | None = None
-        #: Asked after each TX chain; True: stop the flush there and come back next turn (the
-        #: server loop sets it under HARNESS_DMA_YIELD=on: a DMA message is waiting).
-        self.dma_waiting: Callable[[], bool] | None = None
 
     @property
     def rx(self) -> Virtqueue:
@@ -386,8 +383,6 @@ class VirtioNetDevice(NetRxPath):
         backend = self.pair_backend(pair if pair < self.control.pairs else 0)
         done = 0
         map_errors = st.map_errors
-        waiting = self.dma_waiting
-        yielded = False
         q.disable_notify()
         while True:
             while done < self.batch:
@@ -421,12 +416,9 @@ class VirtioNetDevice(NetRxPath):
                 q.push(chain, 0)
                 if not self.batch_used:
                     self._publish(q)
-                if waiting is not None and waiting():
-                    yielded = True
-                    break
             if q.broken or not q.ready:
                 break
-            if done >= self.batch or yielded:
+            if done >= self.batch:
                 self._pending |= 1 << q.index  # fairness: the loop comes back via has_work()
                 break
             if self.timers.holdoff and done >= TX_HOLDOFF_MIN:
