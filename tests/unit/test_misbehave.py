@@ -323,11 +323,10 @@ def test_used_out_of_order() -> None:
     clean(ledger)
 
 
-def test_used_out_of_order_keeps_a_merged_frame_together() -> None:
-    """With MRG_RXBUF a frame spans several buffers, used together (5.1.6.4): the held-back
-    frame is released whole after the whole next frame, never split. Fired on the second
-    buffer of a frame, the case waits for the next frame's start."""
-    r, ledger = rig("used-out-of-order:queue=rx0:after=1")
+def three_merged_frames(spec: str) -> tuple[list[int], DmaLedger]:
+    """With MRG_RXBUF, 14 RX buffers of 200 bytes and three frames of 2, 2 and 1 buffers
+    received under misbehaviour ``spec``: the heads in the used ring, and the ledger."""
+    r, ledger = rig(spec)
     for _ in range(14):  # a whole 1514-byte frame left each time, as the device wants to read
         r.rx.add(in_=[200])
     r.rx.kick()
@@ -335,7 +334,14 @@ def test_used_out_of_order_keeps_a_merged_frame_together() -> None:
     for payload in (300, 300, 100):  # 2 + 2 + 1 buffers of 200 bytes
         r.backend.rx.append(HDR + bytes(payload))
     r.device.on_backend_readable()
-    heads = [h for h, _n in r.rx.get_used()]
+    return [h for h, _n in r.rx.get_used()], ledger
+
+
+def test_used_out_of_order_keeps_a_merged_frame_together() -> None:
+    """With MRG_RXBUF a frame spans several buffers, used together (5.1.6.4): the held-back
+    frame is released whole after the whole next frame, never split. Fired on the second
+    buffer of a frame, the case waits for the next frame's start."""
+    heads, ledger = three_merged_frames("used-out-of-order:queue=rx0:after=1")
     assert heads == [0, 1, 4, 2, 3], heads  # frame 2 (heads 2, 3) held until frame 3 ended
     clean(ledger)
 
@@ -354,15 +360,7 @@ def test_used_never_returned_drops_a_merged_frame_whole() -> None:
     and drops all of its buffers: a frame's buffers are used together (5.1.6.4), and one of
     them missing would make the driver join the next frame's buffer to it (corrupt data, seen
     once in CI), a num_buffers bug rather than the descriptor leak this case is."""
-    r, ledger = rig("used-never-returned:queue=rx0:after=1")
-    for _ in range(14):
-        r.rx.add(in_=[200])
-    r.rx.kick()
-    r.device.process()
-    for payload in (300, 300, 100):  # 2 + 2 + 1 buffers of 200 bytes
-        r.backend.rx.append(HDR + bytes(payload))
-    r.device.on_backend_readable()
-    heads = [h for h, _n in r.rx.get_used()]
+    heads, ledger = three_merged_frames("used-never-returned:queue=rx0:after=1")
     assert heads == [0, 1, 4], heads  # frame 2 (heads 2, 3) never comes back, all of it
     clean(ledger)
 
