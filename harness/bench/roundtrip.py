@@ -37,6 +37,7 @@ EVENTS = ("vfio_user_dma_map", "vfio_user_dma_unmap", "vfio_user_send_write",
 #: ``-msg timestamp=on``: "2026-12-01T16:02:15.665988Z vfio_user_send_write  id 0x1ec ..."
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\dT[\d:.]+)Z (\w+) ?(.*)$")
 _ID = re.compile(r"\bid (0x[0-9a-f]+)")
+_FLAGS = re.compile(r"\bflags (0x[0-9a-f]+)")
 _REPLY = 0x1  # VFIO_USER_F_TYPE_REPLY in the header's flags
 
 
@@ -101,7 +102,7 @@ def parse(log: str) -> Window:
             kind = None
         elif event == "vfio_user_recv_hdr":
             mid = _ID.search(args)
-            flags = re.search(r"\bflags (0x[0-9a-f]+)", args)
+            flags = _FLAGS.search(args)
             if mid is None or flags is None or not int(flags[1], 16) & _REPLY:
                 continue
             sent = pending.pop(mid[1], None)
@@ -112,8 +113,8 @@ def parse(log: str) -> Window:
     return win
 
 
-def _us(values: list[float], q: float) -> float | None:
-    p = percentile(sorted(values), q)
+def _us(ascending: list[float], q: float) -> float | None:
+    p = percentile(ascending, q)
     return None if p is None else round(p * 1e6, 1)
 
 
@@ -126,7 +127,7 @@ def summarize(win: Window, server: dict[str, Any] | None = None) -> dict[str, An
     out: dict[str, Any] = {"span_s": round(win.span, 3)}
     total = 0.0
     for kind in ("map", "unmap"):
-        waits = [t.wait for t in win.trips if t.kind == kind]
+        waits = sorted(t.wait for t in win.trips if t.kind == kind)
         total += sum(waits)
         row: dict[str, Any] = {"count": len(waits), "p50_us": _us(waits, 50),
                                "p90_us": _us(waits, 90), "p99_us": _us(waits, 99)}
@@ -139,13 +140,16 @@ def summarize(win: Window, server: dict[str, Any] | None = None) -> dict[str, An
     return out
 
 
+def _cell(v: object) -> str:
+    return "-" if v is None else f"{v} us"
+
+
 def table(summary: dict[str, Any]) -> str:
+    f = _cell
     lines = [f"{'request':9} {'count':>6} {'guest waits p50':>15} {'p90':>9} {'p99':>9}   "
              f"{'server: library p50':>19} {'callback p50':>12}"]
     for kind in ("map", "unmap"):
         r = summary[kind]
-        def f(v: object) -> str:
-            return "-" if v is None else f"{v} us"
         lines.append(f"DMA_{kind.upper():5} {r['count']:>6} {f(r['p50_us']):>15} "
                      f"{f(r['p90_us']):>9} {f(r['p99_us']):>9}   "
                      f"{f(r.get('server_library_p50_us')):>19} "
