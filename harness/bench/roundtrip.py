@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from harness import argtypes
+from harness import argtypes, proc
 from harness.vfu.latency import percentile
 
 __all__ = ["Trip", "main", "parse", "summarize"]
@@ -198,10 +198,17 @@ def main(argv: list[str] | None = None) -> int:
                             f"--seconds {a.seconds}")
     run_dir = paths.new_run_dir(paths.build_dir() / "roundtrip")
     try:
-        win, latency, output = run(command, run_dir)
-    except (paths.EnvError, OSError, TimeoutError) as exc:
+        # SIGTERM/SIGHUP end the run like Ctrl-C: the Testbed's clean-up (QEMU, the server,
+        # the namespace) runs on the way out.
+        with proc.interrupts():
+            win, latency, output = run(command, run_dir)
+    except (paths.EnvError, OSError, TimeoutError, ValueError) as exc:
         print(f"roundtrip: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        done = ", ".join(proc.cleanup_journal) or "nothing was running"
+        print(f"roundtrip: interrupted, cleaned up: {done}", file=sys.stderr)
+        return proc.exit_status(exc)
     summary = summarize(win, latency)
     if a.json:
         print(json.dumps({"command": command, "output": output, **summary}))
