@@ -77,7 +77,7 @@ def test_garbage_does_not_kill_the_agent(testbed: Testbed) -> None:
 
 def test_ping_through_the_agent_uses_the_device_under_test(testbed: Testbed) -> None:
     before = testbed.device.stats()["device"]["totals"]["packets"]
-    r = testbed.guest.run("ping -c 3 -w 20 198.18.0.1", timeout=30)
+    r = testbed.guest.run("ping -c 3 -i 0.2 -w 20 198.18.0.1", timeout=30)
     assert r.returncode == 0, r.text + r.stderr.decode()
     assert "3 packets transmitted, 3 packets received" in r.text
     assert testbed.device.stats()["device"]["totals"]["packets"] >= before + 6

@@ -99,7 +99,7 @@ def test_run_on_a_terminal_with_qmp_and_reset() -> None:
         term.expect(r"QMP +harness qmp", 120)
         term.expect(re.escape(SHELL_READY), 120)
         term.expect(r"/ # ", 30)
-        term.type("ping -c 3 198.18.0.1\n")
+        term.type("ping -c 3 -i 0.2 198.18.0.1\n")
         term.expect(r"3 packets transmitted, 3 packets received", 60)
 
         run = find_run()
@@ -112,7 +112,7 @@ def test_run_on_a_terminal_with_qmp_and_reset() -> None:
         assert harness("qmp", "system_reset").returncode == 0
         term.expect(re.escape(SHELL_READY), 120)  # the guest booted again and probed the device
         term.expect(r"/ # ", 30)
-        term.type("ping -c 3 198.18.0.1\n")
+        term.type("ping -c 3 -i 0.2 198.18.0.1\n")
         term.expect(r"3 packets transmitted, 3 packets received", 60)
         assert Path(run.run_dir, "run.json").exists()
 
@@ -121,7 +121,7 @@ def test_run_on_a_terminal_with_qmp_and_reset() -> None:
         assert "added net1" in added.stdout
         term.type("for i in $(seq 50); do [ -e /sys/class/net/eth1 ] && break; usleep 200000; "
                   "done; ip link set eth1 up; ip addr add 198.18.1.2/24 dev eth1; "
-                  "ping -c 3 198.18.1.1\n")
+                  "ping -c 3 -i 0.2 198.18.1.1\n")
         term.expect(r"3 packets transmitted, 3 packets received", 60)
         assert find_run().devices == ["net0", "net1"]
         full = harness("hotplug")  # one hot-plug port by default, now taken
@@ -171,7 +171,7 @@ def test_system_reset_mid_traffic_then_hotplug(testbed: Testbed) -> None:
     after = testbed.device.stats()
     assert after["resets"].get("DEVICE", 0) > before["resets"].get("DEVICE", 0)
     assert after["ledger"]["violations_total"] == 0, after["ledger"]["violations"]
-    ping = con.run("ping -c 3 198.18.0.1")
+    ping = con.run("ping -c 3 -i 0.2 198.18.0.1")
     assert ping.returncode == 0, ping.output
 
     # A second device: its own server process, TAP and subnet, hot-added on hp0.
@@ -183,7 +183,7 @@ def test_system_reset_mid_traffic_then_hotplug(testbed: Testbed) -> None:
     assert found.returncode == 0 and dev.spec.mac in found.output, found.output
     assert found.output.endswith("/virtio_net"), found.output
     up = con.run(f"ip link set eth1 up && ip addr add {dev.spec.guest_address}/24 dev eth1 && "
-                 f"ping -c 3 -w 20 {dev.spec.host_address}")
+                 f"ping -c 3 -i 0.2 -w 20 {dev.spec.host_address}")
     assert up.returncode == 0, up.output
     stats = dev.stats()
     assert stats["ledger"]["violations_total"] == 0

@@ -18,7 +18,7 @@ import pytest
 
 
 def test_my_driver_change(testbed):
-    out = testbed.guest.run("ping -c 3 198.18.0.1")
+    out = testbed.guest.run("ping -c 3 -i 0.2 198.18.0.1")
     assert out.returncode == 0, out.text
     assert testbed.device.stats()["ledger"]["violations_total"] == 0
 
