@@ -9,9 +9,9 @@ that live in the user's own repository.
 Fixtures: `testbed` (a running harness.testbed.Testbed: guest up, link configured, its shell
 idle), `guest` (the command channel, `guest.run(cmd)`), `device` (the first device server:
 `stats()`, `request(cmd, ...)`), `qmp` (`qmp("query-pci")`), `testbed_config` (what it is built
-from). Options: --harness-kernel, --harness-map-ops, --harness-viommu, --harness-offloads,
---harness-accel, --harness-smp, --harness-memory. Per test, parametrize the testbed indirectly
-with a dict of TestbedConfig fields:
+from). Options: --harness-kernel, --harness-boot, --harness-map-ops, --harness-viommu,
+--harness-offloads, --harness-accel, --harness-smp, --harness-memory. Per test, parametrize the
+testbed indirectly with a dict of TestbedConfig fields:
 
     @pytest.mark.parametrize("testbed", [{"viommu": True}, {"map_ops": "bounce"}],
                              indirect=True)
@@ -38,6 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--harness-kernel", type=Path, default=None, metavar="PATH",
                 help="guest kernel under test: bzImage, build tree, /lib/modules/<v> tree, "
                      "or debian:6.1 / debian:6.12 (default: the pinned kernel)")
+    g.addoption("--harness-boot", choices=["auto", "pvh", "bzimage"], default="auto",
+                help="the kernel's PVH entry when it has one (auto), always (pvh), or its "
+                     "bzImage (bzimage)")
     g.addoption("--harness-map-ops", choices=["direct", "bounce"], default="direct")
     g.addoption("--harness-viommu", action="store_true", help="device behind an intel-iommu")
     g.addoption("--harness-offloads", action="store_true", help="offer CSUM/TSO offloads "
@@ -71,7 +74,7 @@ def testbed_config(request: pytest.FixtureRequest) -> Any:
         features=opt("--harness-features"),
         misbehave=tuple(opt("--harness-misbehave")),
         smp=opt("--harness-smp"), memory_mb=opt("--harness-memory"),
-        kernel=opt("--harness-kernel"), console="socket",
+        kernel=opt("--harness-kernel"), boot=opt("--harness-boot"), console="socket",
         cmdline=SHELL_CMDLINE,
         peers=PeerSpec(timeout=24 * 3600.0))
     overrides = getattr(request, "param", None)  # parametrize("testbed_config", ...)

@@ -65,6 +65,8 @@ class VmTestConfig:
     misbehave: tuple[str, ...] = ()
     #: QEMU trace events (names or globs) logged with timestamps to the run's qemu.log.
     qemu_trace: tuple[str, ...] = ()
+    #: How the kernel boots: auto, pvh or bzimage (harness.guest.pvh).
+    boot: str = "auto"
 
     def testbed(self) -> TestbedConfig:
         return TestbedConfig(
@@ -72,7 +74,7 @@ class VmTestConfig:
             offloads=self.offloads, features=self.features, smp=self.smp, memory_mb=self.memory_mb,
             cmdline=guest_cmdline(self), pcap=self.pcap, kernel=self.kernel,
             append=self.append, initrd_add=self.initrd_add, misbehave=self.misbehave,
-            qemu_trace=self.qemu_trace,
+            qemu_trace=self.qemu_trace, boot=self.boot,
             peers=PeerSpec(tcp_bytes=self.tcp_bytes, udp_count=self.udp_count, seed=self.seed))
 
 
@@ -154,6 +156,7 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
         result.deps["kernel"] = (f"{tb.kernel.version} from {tb.kernel.source} (under test; "
                                  "the pinned kernel is not used)")
     result.drift += [f"kernel: {n}" for n in tb.kernel.notes]
+    result.deps["boot"] = f"{tb.boot.mode}: {tb.boot.reason}"
     log.info("accelerator: %s (%s)", accel.name, accel.reason)
     try:
         _run(cfg, tb, result)

@@ -29,6 +29,7 @@ from typing import Any
 
 from harness import paths
 from harness.guest import kernel as guest_kernel
+from harness.guest import pvh
 from harness.guest.agent import GuestAgent
 from harness.guest.build import build_initramfs
 from harness.net.hosttap import open_in_netns
@@ -133,6 +134,9 @@ class TestbedConfig:
     device: str = "ours"
     #: QEMU trace events (names or globs) logged with timestamps to the run's qemu.log.
     qemu_trace: tuple[str, ...] = ()
+    #: How the kernel boots (harness.guest.pvh): "auto" (its PVH entry when it has one, else
+    #: the bzImage), "pvh" (or refuse), "bzimage" (through its own decompressor).
+    boot: str = "auto"
 
 
 #: What serves the guest's NIC: our vfio-user device, or QEMU's built-in virtio-net-pci.
@@ -236,6 +240,8 @@ class Testbed:
         self.env = env or paths.load_env()
         # Refused before anything starts when it lacks what the run needs (KernelError).
         self.kernel = guest_kernel.resolve(cfg.kernel, self.env, viommu=cfg.viommu)
+        #: What -kernel gets: the bzImage or its unpacked vmlinux (BootError, a KernelError).
+        self.boot = pvh.boot_image(self.kernel.image, cfg.boot, paths.cache_dir() / "pvh")
         self.user_files = user_files(cfg.initrd_add) if cfg.initrd_add else None
         self.accel = accel or select_accel(cfg.accel, self.env)
         self.devices: list[Device] = []
@@ -374,7 +380,7 @@ class Testbed:
                                  hotplug_ports=cfg.hotplug_ports, reboot=cfg.reboot,
                                  trace=cfg.qemu_trace)
         builtin = self._tap_fd is not None
-        mpaths = MachinePaths(kernel=self.kernel.image, initrd=initrd,
+        mpaths = MachinePaths(kernel=self.boot.path, initrd=initrd,
                               device_socket=self.run_dir / "net0.sock" if builtin
                               else self.device.socket, qmp_socket=self.qmp_socket,
                               console_log=self.console_log,

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "ip": "iproute2",
     "cpio": "cpio",  # the initramfs tests cross-check our newc writer against it
     "tshark": "tshark",  # the capture tests read --pcap files with the real Wireshark reader
+    "zstd": "zstd",  # unpacks zstd kernels for the PVH boot (harness.guest.pvh) and .ko.zst
 }
 # pkg-config module -> Debian package
 PKGCONFIG: dict[str, str] = {

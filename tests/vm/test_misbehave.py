@@ -31,9 +31,11 @@ pytestmark = pytest.mark.vm
 
 #: Cases in `make test`: the catalogue on the pinned kernel (7 minutes in the gates of
 #: 2026-11-30, 9 in the slower one of 2026-12-01: most cases 12-18 s there, the hangs
-#: HANG_TIMEOUT, 25 s, plus shutdown), but for needs-reset-no-interrupt: on 7.3.4 its
-#: plan ends right at the 60 s timeout (the baseline run finished it, failed receive steps and
-#: all; two pytest runs on 2026-11-30 did not), so its class is a matter of timing there.
+#: HANG_TIMEOUT, 25 s, plus shutdown; 7 minutes on that machine once the guest booted through
+#: its PVH entry and pinged 0.2 s apart: most cases 9-11 s), but for needs-reset-no-interrupt:
+#: on 7.3.4 its plan ends right at the 60 s timeout (the baseline run finished it, failed
+#: receive steps and all; two pytest runs on 2026-11-30 did not), so its class is a matter of
+#: timing there.
 #: `make misbehave` runs every case on all three kernels of the matrix.
 # interrupt-wrong-vector-rx: hang in 6 of 7 runs on 7.3.4, graceful in the 7th (gate of 143c5bd):
 # its class depends on timing too, so it runs in `make misbehave`, not in CI.
