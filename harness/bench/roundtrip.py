@@ -31,6 +31,9 @@ from harness.vfu.latency import percentile
 
 __all__ = ["Trip", "main", "parse", "summarize"]
 
+#: --help's description: the docstring's first sentence, without the command's own name.
+_DESCRIPTION = " ".join((__doc__ or "").split("\n\n")[0].split()).split(": ", 1)[-1]
+
 #: The events the probe needs: which message a send is (map/unmap), its id, its reply's id.
 EVENTS = ("vfio_user_dma_map", "vfio_user_dma_unmap", "vfio_user_send_write",
           "vfio_user_recv_hdr")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness import paths
 
     p = argparse.ArgumentParser(prog="python -m harness.bench.roundtrip",
-                                description=__doc__.split("\n")[0].strip("`: "))
+                                description=_DESCRIPTION)
     p.add_argument("--seconds", type=argtypes.seconds, default=2.0,
                    help="how long the default command sends (default 2)")
     p.add_argument("--command", default="", metavar="CMD",

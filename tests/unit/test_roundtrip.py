@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness import cli
-from harness.bench.roundtrip import parse, summarize, table
+from harness.bench.roundtrip import main, parse, summarize, table
 from harness.vm.qemu import MachinePaths, MachineProfile, full_args, trace_args
 
 # Lines of a real qemu.log (QEMU 11.1.3, ours behind intel-iommu, hnet udp-tx), with a region
@@ -73,3 +73,12 @@ def test_trace_events_reach_qemu_with_timestamps_and_bad_names_are_refused() -> 
     for bad in ("", ",", "a=b", "vfio file"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli._trace_events(bad)
+
+
+def test_help_says_what_the_probe_measures(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "what the guest waits for each DMA_MAP/UNMAP behind a vIOMMU, seen from QEMU's side" \
+        in out
+    assert "``" not in out

@@ -51,3 +51,22 @@ def test_one_round_each_side_gives_numbers(tmp_path: Path) -> None:
             for side, r in rounds.items() if side != "builtin"}
     assert "HARNESS_LEDGER=off" in logs["ours-noledger"]
     assert "HARNESS_LEDGER=off" not in logs["ours"]
+
+
+def test_roundtrip_pairs_each_dma_request_with_its_reply_in_qemus_trace() -> None:
+    """python -m harness.bench.roundtrip on the real QEMU: its trace events still exist under
+    these names, and every DMA_MAP/UNMAP the guest sent found its reply."""
+    need_root()
+    out = subprocess.run([sys.executable, "-m", "harness.bench.roundtrip", "--seconds", "1",
+                          "--json"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HARNESS_PROGRESS": "plain"})
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["output"].startswith("sent="), s
+    for kind in ("map", "unmap"):
+        k = s[kind]
+        assert k["count"] > 100, s
+        assert 0 < k["p50_us"] <= k["p90_us"] <= k["p99_us"], s
+        # The guest's wait holds the server's whole answer; a pairing gone wrong would not.
+        assert k["p50_us"] >= k["server_callback_p50_us"] > 0, s
+    assert 0 < s["waited_share"] < 1, s
