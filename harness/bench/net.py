@@ -276,7 +276,8 @@ def _env_list(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="harness bench net", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="harness bench net",
+                                description=__doc__.split("\n")[0].split(": ", 1)[-1])
     p.add_argument("--rounds", type=argtypes.positive_int, default=3,
                    help="boots per side and config, alternating (default 3)")
     p.add_argument("--bytes", type=argtypes.size, default=None, metavar="SIZE",
@@ -299,6 +300,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ab", type=_env_list, default=(), metavar="KEY=VALUE[,...]",
                    help="also boot ours with these environment variables (a paired A/B of "
                         "a device server knob, e.g. HARNESS_LOOP_POLL_US=100)")
+    p.add_argument("--append", default="", metavar="ARGS",
+                   help="extra guest kernel command-line words on every side (e.g. "
+                        "iommu.strict=0: the vIOMMU's lazy invalidation, the kernel's default; "
+                        "the harness boots strict)")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto")
     p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                    help="per round (default 900)")
@@ -320,7 +325,7 @@ def main(argv: list[str]) -> int:
     opts = Options(rounds=args.rounds, configs=configs, rr_size=args.rr_size, rate=args.rate,
                    ledger_side=not args.no_ledger_side, accel=args.accel,
                    timeout=args.timeout, out=args.out, profile=args.profile,
-                   ab_env=args.ab)
+                   ab_env=args.ab, append=tuple(args.append.split()))
     opts = replace(opts, nbytes=args.bytes or (64 * MIB if args.full else opts.nbytes),
                    seconds=args.seconds or (5.0 if args.full else opts.seconds))
     total = len(configs) * opts.rounds * (2 + opts.ledger_side + bool(opts.ab_env))
@@ -339,6 +344,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(table(summary, opts.rounds))
+        if opts.append:
+            print(f"guest kernel words added on every side: {' '.join(opts.append)}")
     for r in rounds:
         if r.error:
             print(f"{r.config} {r.side} #{r.index}: {r.error} ({r.run_dir})", file=sys.stderr)

@@ -54,6 +54,8 @@ class Options:
     profile: Path | None = None
     #: Environment of the ``ours-ab`` side's device server (a paired A/B of a server knob).
     ab_env: tuple[tuple[str, str], ...] = ()
+    #: Extra guest kernel command-line words, the same on every side (e.g. iommu.strict=0).
+    append: tuple[str, ...] = ()
 
 
 #: config name -> (offloads, viommu)
@@ -249,7 +251,7 @@ def run_round(side: str, index: int, config: str, opts: Options, run_dir: Path,
     cfg = TestbedConfig(accel=opts.accel, viommu=viommu, offloads=offloads,
                         device="builtin" if side == "builtin" else "ours",
                         peers=PeerSpec(tcp_bytes=opts.nbytes, udp_count=1),
-                        cmdline=SHELL_CMDLINE)
+                        cmdline=SHELL_CMDLINE, append=opts.append)
     failed: list[str] = []
     # The device server inherits the environment: only the ledger-off side turns the ledger
     # off, only the A/B side gets the knobs under test.

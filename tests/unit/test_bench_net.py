@@ -301,3 +301,28 @@ def test_every_side_boots_in_every_position_over_a_cycle_of_rounds() -> None:
     for pos in range(4):
         assert sorted(o[pos] for o in orders) == sorted(sides)
     assert net.side_order(sides, 5) == sides and net.side_order([], 3) == []
+
+
+def test_append_reaches_every_sides_guest_kernel(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    seen: list[netrun.Options] = []
+
+    def fake_run(opts: netrun.Options, _progress: object) -> list[Round]:
+        seen.append(opts)
+        return []
+    monkeypatch.setattr(net, "run", fake_run)
+    assert net.main(["--config", "viommu", "--append", "iommu.strict=0  foo=1"]) == 0
+    assert seen[0].append == ("iommu.strict=0", "foo=1")
+
+    class Booted(BaseException):
+        pass
+    configs = []
+
+    def fake_testbed(cfg: object, *_a: object, **_k: object) -> None:
+        configs.append(cfg)
+        raise Booted
+    monkeypatch.setattr("harness.testbed.Testbed", fake_testbed)
+    for side in ("ours", "builtin"):
+        with pytest.raises(Booted):
+            netrun.run_round(side, 0, "viommu", seen[0], tmp_path, None, None)  # type: ignore[arg-type]
+    assert [c.append for c in configs] == [("iommu.strict=0", "foo=1")] * 2  # type: ignore[attr-defined]
