@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from harness.vm.accel import ProbeResult, cached_probe, choose_accel
+from harness.vm.accel import ProbeResult, cached_probe, choose_accel, run_probe, watch
 
 
 def test_tcg_requested() -> None:
@@ -61,3 +62,35 @@ def test_probe_verdict_is_cached_per_boot(tmp_path: Path) -> None:
     kernel.write_bytes(b"another kernel")  # a different guest kernel: probe again
     cached_probe(["qemu"], kernel, cache, probe)
     assert calls == [1, 1]
+
+
+def fake_qemu(script: str) -> list[str]:
+    """A 'QEMU' that runs `script` (the probe's own arguments become $1...)."""
+    return ["sh", "-c", script, "qemu"]
+
+
+def test_probe_stops_at_a_kvm_internal_error_although_qemu_stays_paused(tmp_path: Path) -> None:
+    # What PVM does to a stock kernel: the error at once, then QEMU waits, paused.
+    start = time.monotonic()
+    r = run_probe(fake_qemu('echo "KVM internal error. Suberror: 1" >&2; echo "emulation '
+                            'failure"; sleep 60'), tmp_path / "vmlinuz", timeout=20)
+    assert time.monotonic() - start < 5
+    assert r == ProbeResult(False, "guest kernel died under KVM: KVM internal error. Suberror: 1")
+
+
+def test_probe_passes_at_the_root_mount_marker_and_stops_there(tmp_path: Path) -> None:
+    start = time.monotonic()
+    r = run_probe(fake_qemu('printf "Linux version\\nKernel panic - not syncing: VFS: Unable '
+                            'to mount root fs on unknown-block(0,0)\\n"; sleep 60'),
+                  tmp_path / "vmlinuz", timeout=20)
+    assert time.monotonic() - start < 5
+    assert r.ok
+
+
+def test_probe_times_out_on_silence_and_reports_qemus_own_exit(tmp_path: Path) -> None:
+    assert run_probe(fake_qemu("sleep 60"), tmp_path / "k", timeout=0.5) == ProbeResult(
+        False, "guest kernel did not reach its root mount in 0 s")
+    r = run_probe(fake_qemu('echo "qemu: could not open /dev/kvm" >&2; exit 1'),
+                  tmp_path / "k", timeout=20)
+    assert r == ProbeResult(False, "guest kernel died under KVM: qemu: could not open /dev/kvm")
+    assert watch(["true"], lambda _: False, 5) == ("", "exit")
