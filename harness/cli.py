@@ -138,14 +138,6 @@ def _add_run_client(sub: argparse._SubParsersAction[argparse.ArgumentParser], na
     return p
 
 
-def _interrupted(command: str, exc: KeyboardInterrupt) -> int:
-    """Ctrl-C, SIGTERM or SIGHUP: every context manager has run; say what it stopped."""
-    done = ", ".join(proc.cleanup_journal) or "nothing was running"
-    why = exc.args[0] if isinstance(exc, proc.Interrupted) else "SIGINT"
-    print(f"harness {command}: interrupted ({why}), cleaned up: {done}", file=sys.stderr)
-    return proc.exit_status(exc)
-
-
 def cmd_vm_test(args: argparse.Namespace) -> int:
     from harness import paths
     from harness.guest.kernel import KernelError
@@ -169,7 +161,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
         print(f"harness vm-test: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        return _interrupted("vm-test", exc)
+        return proc.report_interrupted("harness vm-test", exc)
     junit = args.junit or Path(result.run_dir) / "junit.xml"
     write_junit(result, junit)
     print(result.to_json() if args.json else summary(result))
@@ -201,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"harness run: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        return _interrupted("run", exc)
+        return proc.report_interrupted("harness run", exc)
 
 
 def cmd_qmp(args: argparse.Namespace) -> int:

@@ -313,8 +313,6 @@ def main(argv: list[str]) -> int:
         print(f"harness fuzz: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        done = ", ".join(proc.cleanup_journal) or "nothing was running"
-        print(f"harness fuzz: interrupted, cleaned up: {done}", file=sys.stderr)
-        return proc.exit_status(exc)
+        return proc.report_interrupted("harness fuzz", exc)
     print(summary(result, args.kernel))
     return 0 if result.ok else 1

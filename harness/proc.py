@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -155,3 +156,12 @@ def interrupts() -> Iterator[None]:
 def exit_status(exc: KeyboardInterrupt) -> int:
     """128 + the signal number, as a shell reports a process that a signal ended."""
     return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+def report_interrupted(prog: str, exc: KeyboardInterrupt) -> int:
+    """Ctrl-C, SIGTERM or SIGHUP ended `prog` after every context manager ran: say which
+    signal and what it stopped (on stderr); the exit status a shell would give."""
+    done = ", ".join(cleanup_journal) or "nothing was running"
+    why = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+    print(f"{prog}: interrupted ({why}), cleaned up: {done}", file=sys.stderr)
+    return exit_status(exc)

@@ -336,9 +336,7 @@ def main(argv: list[str]) -> int:
         print(f"harness bench net: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        done = ", ".join(proc.cleanup_journal) or "nothing was running"
-        print(f"harness bench net: interrupted, cleaned up: {done}", file=sys.stderr)
-        return proc.exit_status(exc)
+        return proc.report_interrupted("harness bench net", exc)
     summary = summarize(rounds)
     if args.json:
         print(json.dumps(summary, indent=2))

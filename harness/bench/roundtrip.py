@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roundtrip: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        done = ", ".join(proc.cleanup_journal) or "nothing was running"
-        print(f"roundtrip: interrupted, cleaned up: {done}", file=sys.stderr)
-        return proc.exit_status(exc)
+        return proc.report_interrupted("roundtrip", exc)
     summary = summarize(win, latency)
     if a.json:
         print(json.dumps({"command": command, "output": output, **summary}))

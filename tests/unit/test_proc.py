@@ -105,3 +105,18 @@ def test_owner_alive_sees_this_python_and_not_a_dead_pid(tmp_path: Path) -> None
     p.wait()
     assert not owner_alive(p.pid)
     assert not owner_alive(1)  # init is not a harness
+
+
+def test_an_interrupted_command_names_the_signal_and_what_it_stopped(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness import proc
+
+    monkeypatch.setattr(proc, "cleanup_journal", [])
+    assert proc.report_interrupted("harness fuzz", KeyboardInterrupt()) == 130
+    assert capsys.readouterr().err == ("harness fuzz: interrupted (SIGINT), cleaned up: "
+                                       "nothing was running\n")
+    proc.note_cleanup("QEMU (pid 7)")
+    proc.note_cleanup("netns hns-1-abcdef")
+    assert proc.report_interrupted("roundtrip", proc.Interrupted(signal.SIGTERM)) == 143
+    assert capsys.readouterr().err == ("roundtrip: interrupted (SIGTERM), cleaned up: "
+                                       "QEMU (pid 7), netns hns-1-abcdef\n")
