@@ -10,10 +10,12 @@ runs on the way out, exactly as for Ctrl-C. Clean-up steps note what they stoppe
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import logging
 import os
 import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -72,23 +74,40 @@ def popen(argv: Sequence[str], *, death_signal: int = signal.SIGTERM,
                             **kwargs)
 
 
-def run(argv: Sequence[str], *, name: str, timeout: float | None = None,
-        death_signal: int = signal.SIGKILL, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-    """subprocess.run with the same guarantee (for short-lived helpers such as the KVM probe)."""
-    with popen(argv, death_signal=death_signal, stdin=subprocess.DEVNULL,
-               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs) as proc:
+def run_until(argv: Sequence[str], stop: Callable[[str], bool], timeout: float, *,
+              name: str) -> tuple[str, str]:
+    """Run a short-lived helper (stdout and stderr as one stream, SIGKILL if we die) until
+    ``stop(its output so far)`` holds, it exits, or `timeout` passes; then kill it. Returns
+    (output, "stop"|"exit"|"timeout"). For a child that may never exit by itself: QEMU stays
+    paused after a KVM internal error (the KVM probe)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = ""
+    deadline = time.monotonic() + timeout
+    with popen(argv, death_signal=signal.SIGKILL, stdin=subprocess.DEVNULL,
+               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        how = "timeout"
         try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            proc.kill()
-            exc.stdout, exc.stderr = proc.communicate()
-            raise
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while (left := deadline - time.monotonic()) > 0:
+                    if not sel.select(left):
+                        continue
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        how = "exit"
+                        break
+                    out += decoder.decode(chunk)
+                    if stop(out):
+                        how = "stop"
+                        break
         except BaseException:
             # Interrupted: Popen.__exit__ would wait for the child forever.
             proc.kill()
             note_cleanup(f"{name} (pid {proc.pid})")
             raise
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        proc.kill()
+    return out + decoder.decode(b"", final=True), how
 
 
 @contextmanager

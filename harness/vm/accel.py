@@ -12,15 +12,11 @@ import hashlib
 import json
 import logging
 import os
-import selectors
-import signal
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.proc import note_cleanup, popen
+from harness.proc import run_until
 
 log = logging.getLogger(__name__)
 
@@ -55,48 +51,12 @@ def probe_args(qemu: list[str], kernel: Path) -> list[str]:
             "-append", "console=ttyS0 panic=-1", "-serial", "stdio"]
 
 
-def watch(argv: list[str], stop: Callable[[str], bool], timeout: float,
-          name: str = "KVM probe QEMU") -> tuple[str, str]:
-    """Run argv (stdout and stderr as one stream) until ``stop(output so far)`` holds, it
-    exits, or `timeout` passes; then kill it. Returns (output, "stop"|"exit"|"timeout").
-
-    On a KVM internal error QEMU prints it and then waits, paused, for a monitor that never
-    comes: the probe must stop on the message, not on QEMU's exit.
-    """
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    with popen(argv, death_signal=signal.SIGKILL, stdin=subprocess.DEVNULL,
-               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
-        assert proc.stdout is not None
-        how = "timeout"
-        try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                while (left := deadline - time.monotonic()) > 0:
-                    if not sel.select(left):
-                        continue
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                    if not chunk:
-                        how = "exit"
-                        break
-                    out += chunk
-                    if stop(out.decode(errors="replace")):
-                        how = "stop"
-                        break
-        except BaseException:
-            # Interrupted: Popen.__exit__ would wait for the paused QEMU forever.
-            proc.kill()
-            note_cleanup(f"{name} (pid {proc.pid})")
-            raise
-        proc.kill()
-    return out.decode(errors="replace"), how
-
-
 def run_probe(qemu: list[str], kernel: Path, timeout: float = PROBE_TIMEOUT) -> ProbeResult:
     """Boot the kernel under KVM until PROBE_MARKER (KVM works) or KVM_ERROR (it does not)."""
     argv = probe_args(qemu, kernel)
     log.debug("KVM probe: %s", " ".join(argv))
-    out, how = watch(argv, lambda text: PROBE_MARKER in text or KVM_ERROR in text, timeout)
+    out, how = run_until(argv, lambda text: PROBE_MARKER in text or KVM_ERROR in text, timeout,
+                         name="KVM probe QEMU")
     if PROBE_MARKER in out:
         return ProbeResult(True, "guest kernel booted under KVM")
     if how == "timeout":

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.vm.accel import ProbeResult, cached_probe, choose_accel, run_probe, watch
+from harness.proc import run_until
+from harness.vm.accel import ProbeResult, cached_probe, choose_accel, run_probe
 
 
 def test_tcg_requested() -> None:
@@ -93,4 +94,4 @@ def test_probe_times_out_on_silence_and_reports_qemus_own_exit(tmp_path: Path) -
     r = run_probe(fake_qemu('echo "qemu: could not open /dev/kvm" >&2; exit 1'),
                   tmp_path / "k", timeout=20)
     assert r == ProbeResult(False, "guest kernel died under KVM: qemu: could not open /dev/kvm")
-    assert watch(["true"], lambda _: False, 5) == ("", "exit")
+    assert run_until(["true"], lambda _: False, 5, name="true") == ("", "exit")
