@@ -129,19 +129,28 @@ def parse_cpio(blob: bytes) -> list[Entry]:
         entries.append(Entry(name, f[1], data, (f[9], f[10])))
 
 
+def unzstd(data: bytes, what: str) -> bytes:
+    """zstd frames unpacked by the zstd command (Python 3.11 has no zstd module); ValueError
+    naming `what` when the command is missing or refuses them."""
+    if shutil.which("zstd") is None:
+        raise ValueError(f"{what} is zstd-compressed and the zstd command is missing "
+                         "(apt-get install zstd; make deps installs it)")
+    r = subprocess.run(["zstd", "-dcq"], input=data, capture_output=True, check=False)
+    if r.returncode != 0:
+        raise ValueError(f"zstd could not unpack {what}: {r.stderr.decode(errors='replace')}")
+    return r.stdout
+
+
 def read_module(path: Path) -> bytes:
-    """Module bytes, decompressing .ko.xz/.ko.gz/.ko.zst because busybox insmod takes plain ELF
-    (zstd has no stdlib module in Python 3.11: the zstd command does it)."""
+    """Module bytes, decompressing .ko.xz/.ko.gz/.ko.zst because busybox insmod takes plain
+    ELF."""
     raw = path.read_bytes()
     if path.name.endswith(".xz"):
         return lzma.decompress(raw)
     if path.name.endswith(".gz"):
         return gzip.decompress(raw)
     if path.name.endswith(".zst"):
-        if shutil.which("zstd") is None:
-            raise ValueError(f"{path} is zstd-compressed: install zstd (apt-get install zstd)")
-        return subprocess.run(["zstd", "-dc"], input=raw, capture_output=True,
-                              check=True).stdout
+        return unzstd(raw, str(path))
     return raw
 
 

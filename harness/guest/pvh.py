@@ -20,12 +20,11 @@ import bz2
 import hashlib
 import lzma
 import os
-import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.guest.initramfs import unzstd
 from harness.guest.kernel import KernelError
 
 #: --boot choices: auto (PVH when the kernel can, else the bzImage), pvh (or an error), bzimage.
@@ -77,14 +76,12 @@ def _stream(d: zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor,
 
 
 def _zstd(blob: bytes) -> bytes:
-    if shutil.which("zstd") is None:
-        raise BootError("the payload is zstd-compressed and the zstd command is missing "
-                        "(apt-get install zstd; make deps installs it)")
-    # The last 4 bytes are the appended size, not a zstd frame: the command would refuse them.
-    r = subprocess.run(["zstd", "-dcq"], input=blob[:-4], capture_output=True, check=False)
-    if r.returncode != 0:
-        raise BootError(f"zstd could not unpack the payload: {r.stderr.decode(errors='replace')}")
-    return r.stdout
+    try:
+        # The last 4 bytes are the appended size, not a zstd frame: the command would refuse
+        # them.
+        return unzstd(blob[:-4], "the payload")
+    except ValueError as exc:
+        raise BootError(str(exc)) from None
 
 
 def decompress(blob: bytes) -> bytes:

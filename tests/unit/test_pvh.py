@@ -164,3 +164,21 @@ def test_the_pinned_kernel_boots_through_pvh(tmp_path: Path) -> None:
     b = pvh.boot_image(Path(env.kernel), "pvh", tmp_path)
     assert b.mode == "pvh"
     assert b.path.stat().st_size > Path(env.kernel).stat().st_size
+
+
+def test_without_the_zstd_command_auto_falls_back_and_says_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("harness.guest.initramfs.shutil.which", lambda _: None)
+    image = tmp_path / "bzImage"
+    image.write_bytes(bzimage(b"\x28\xb5\x2f\xfd" + b"\0" * 40))
+    b = pvh.boot_image(image, "auto", tmp_path / "cache")
+    assert (b.path, b.mode) == (image, "bzimage")
+    assert "the payload is zstd-compressed and the zstd command is missing" in b.reason
+    with pytest.raises(pvh.BootError, match="make deps installs it"):
+        pvh.boot_image(image, "pvh", tmp_path / "cache")
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="no zstd command (make deps installs it)")
+def test_a_payload_zstd_refuses_is_a_boot_error_naming_it() -> None:
+    with pytest.raises(pvh.BootError, match="zstd could not unpack the payload"):
+        pvh.unpack(bzimage(b"\x28\xb5\x2f\xfd" + b"\xff" * 40))
