@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -143,12 +144,15 @@ def unzstd(data: bytes, what: str) -> bytes:
 
 def read_module(path: Path) -> bytes:
     """Module bytes, decompressing .ko.xz/.ko.gz/.ko.zst because busybox insmod takes plain
-    ELF."""
+    ELF; ValueError naming the file when it does not unpack."""
     raw = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(raw)
-    if path.name.endswith(".gz"):
-        return gzip.decompress(raw)
+    try:
+        if path.name.endswith(".xz"):
+            return lzma.decompress(raw)
+        if path.name.endswith(".gz"):
+            return gzip.decompress(raw)
+    except (lzma.LZMAError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path} does not unpack: {exc}") from None
     if path.name.endswith(".zst"):
         return unzstd(raw, str(path))
     return raw

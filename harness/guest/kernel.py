@@ -122,7 +122,11 @@ def closure(roots: tuple[str, ...], index: dict[str, Path], builtin: frozenset[s
             raise KernelError(f"{name} (needed by {wanted_by}) is neither built in nor among "
                               "the kernel's modules")
         visiting.add(name)
-        for dep in modinfo_depends(read_module(path)):
+        try:
+            ko = read_module(path)
+        except (OSError, ValueError) as exc:  # unreadable, or compressed past what we unpack
+            raise KernelError(f"{name}: {exc}") from None
+        for dep in modinfo_depends(ko):
             visit(dep, name)
         visiting.discard(name)
         order[name] = path

@@ -82,6 +82,13 @@ def test_missing_dependency_is_named(tmp_path: Path) -> None:
         K.resolve(mdir, env(tmp_path), viommu=False)
 
 
+def test_a_module_that_cannot_be_unpacked_is_a_kernel_error_naming_it(tmp_path: Path) -> None:
+    mdir = modules_tree(tmp_path)
+    (mdir / "kernel/drivers/net/failover.ko.xz").write_bytes(b"not xz at all")
+    with pytest.raises(K.KernelError, match=r"^failover: .*failover.ko.xz does not unpack"):
+        K.resolve(mdir, env(tmp_path), viommu=False)
+
+
 def test_config_lacking_options_is_refused_before_boot(tmp_path: Path) -> None:
     config = CONFIG_OK.replace("CONFIG_VIRTIO_NET=y", "# CONFIG_VIRTIO_NET is not set")
     mdir = modules_tree(tmp_path, config=config.replace("CONFIG_INTEL_IOMMU=y", ""))
