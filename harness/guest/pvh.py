@@ -69,7 +69,10 @@ def _stream(d: zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor,
             blob: bytes) -> bytes:
     # One stream; what follows it is ignored: the kernel's build appends the uncompressed size
     # (4 bytes) after the stream for every format but gzip. A stream cut short is refused.
-    out = d.decompress(blob)
+    try:
+        out = d.decompress(blob)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:  # a corrupt stream
+        raise BootError(f"the payload does not unpack: {exc}") from None
     if not d.eof:
         raise BootError("the payload's compressed stream is truncated")
     return out

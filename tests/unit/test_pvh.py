@@ -182,3 +182,15 @@ def test_without_the_zstd_command_auto_falls_back_and_says_why(
 def test_a_payload_zstd_refuses_is_a_boot_error_naming_it() -> None:
     with pytest.raises(pvh.BootError, match="zstd could not unpack the payload"):
         pvh.unpack(bzimage(b"\x28\xb5\x2f\xfd" + b"\xff" * 40))
+
+
+@pytest.mark.parametrize("magic", [b"\x1f\x8b\x08", b"BZh9", b"\xfd7zXZ\0", b"\x5d\0\0"],
+                         ids=["gzip", "bzip2", "xz", "lzma"])
+def test_a_corrupt_stream_is_a_boot_error_and_auto_falls_back(magic: bytes,
+                                                               tmp_path: Path) -> None:
+    image = bzimage(magic + bytes(range(256)) * 4)
+    with pytest.raises(pvh.BootError, match="the payload does not unpack"):
+        pvh.unpack(image)
+    path = tmp_path / "bzImage"
+    path.write_bytes(image)
+    assert pvh.boot_image(path, "auto", tmp_path / "cache").mode == "bzimage"
