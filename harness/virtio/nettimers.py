@@ -14,14 +14,19 @@ the driver still wanted it when due; commit 6d50a0a) and removed: docs/PERFORMAN
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
 class TxTimers:
     """Per pair: when a held-off ring is looked at again (0.0: not held)."""
 
-    def __init__(self, pairs: int, holdoff: float) -> None:
+    def __init__(self, pairs: int, holdoff: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         #: Seconds (0.0: off).
         self.holdoff = holdoff
+        #: The time source (tests freeze it: a slow machine must not let a hold expire
+        #: between two steps of a test).
+        self.clock = clock
         self.hold = [0.0] * pairs
         #: TX flushes that ended held off rather than asking for kicks.
         self.holdoffs = 0
@@ -34,14 +39,14 @@ class TxTimers:
         return min(due) if due else None
 
     def start_hold(self, pair: int) -> None:
-        self.hold[pair] = time.monotonic() + self.holdoff
+        self.hold[pair] = self.clock() + self.holdoff
         self.holdoffs += 1
 
     def due_holds(self) -> list[int]:
         """The pairs whose hold-off is up (their timers cleared)."""
         if not any(self.hold):  # nothing held (the caller checks that the knob is on)
             return []
-        now = time.monotonic()
+        now = self.clock()
         pairs = [p for p, t in enumerate(self.hold) if t and t <= now]
         for p in pairs:
             self.hold[p] = 0.0
