@@ -313,6 +313,9 @@ class DeviceServer:
         """Counters at exit, with the TAP's own kernel counters taken after draining it."""
         # Everything the device still holds is released by a reset; then nothing may be live.
         self.device.reset()
+        # The reset's unmaps may have left deferred erases (an injected node-allocation
+        # failure): the loop's next turn would retry them, but there is none after this.
+        self.ledger.settle()
         self.ledger.check_leaks("exit")
         self.ledger.check_regions(self.vfu_regions.items())
         result = self.stats()

@@ -177,6 +177,23 @@ def test_traffic_survives_every_fault(rig: Rig) -> None:
         bounce.domain.check()
 
 
+def test_settle_finishes_the_deferred_erases_a_reset_left() -> None:
+    """At exit (assembly.final_stats) the last reset's erases may fail and be deferred with no
+    loop turn left to retry them: DmaLedger.settle must finish them."""
+    r = Rig("bounce", FaultSpec.parse("iova-alloc=0.5,seed=3"))
+    try:
+        _tx(r, [HDR_TX + bytes([i]) * 200 for i in range(40)])
+        r.driver.reset()  # the device releases its slots; no loop turn after it
+        fi = r.ledger.inner
+        assert isinstance(fi, FaultInjectingMapOps) and isinstance(fi.inner, BounceMapOps)
+        domain = fi.inner.domain
+        assert domain.deferred, "the reset deferred nothing: the test proves nothing"
+        r.ledger.settle()
+        assert not domain.deferred
+    finally:
+        r.close()
+
+
 def test_faults_off_means_no_wrapper() -> None:
     ops, ledger = build_mapops("bounce", MockMemory().memory, bus_master=lambda: True)
     assert ledger is ops and isinstance(ledger, DmaLedger)
