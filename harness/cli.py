@@ -105,7 +105,11 @@ def _add_vm_test(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--tcp-bytes", type=argtypes.size, default=64 << 20, metavar="SIZE")
     p.add_argument("--udp-count", type=argtypes.positive_int, default=1000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=argtypes.seconds, default=900.0, metavar="SECONDS",
+                   help="how long the guest's plan may take (default 900)")
+    p.add_argument("--boot-timeout", type=argtypes.seconds, default=120.0, metavar="SECONDS",
+                   help="how long from QEMU's start to /init's first line before the boot "
+                        "counts as stalled and QEMU's vCPU state is reported (default 120)")
     p.add_argument("--out", type=Path, help="parent directory for run logs (default build/vm-test)")
     p.add_argument("--junit", type=Path, help="JUnit XML path (default <run dir>/junit.xml)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -150,6 +154,7 @@ def cmd_vm_test(args: argparse.Namespace) -> int:
                        features=args.features, smp=args.smp, memory_mb=args.memory,
                        tcp_bytes=args.tcp_bytes,
                        udp_count=args.udp_count, seed=args.seed, timeout=args.timeout,
+                       boot_timeout=args.boot_timeout,
                        out_dir=args.out, pcap=args.pcap, kernel=args.kernel,
                        append=tuple(args.append.split()), initrd_add=args.initrd_add,
                        allow_warnings=args.allow_warnings, misbehave=tuple(args.misbehave),

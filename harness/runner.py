@@ -31,6 +31,15 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 DONE_MARKER = "# harness: done"
 KTAP_HEADER = "KTAP version 1"
+#: Seconds from QEMU's start to /init's KTAP header before a boot counts as stalled. A boot
+#: takes 6-9 s under TCG here (15 s on a loaded CI machine); a slow debug kernel may need
+#: ``--boot-timeout``. Without it a stalled boot sat out the whole plan timeout (900 s).
+BOOT_TIMEOUT = 120.0
+
+
+class BootStalled(TimeoutError):
+    """The guest never reached /init's KTAP header: its boot stalled in the firmware or the
+    kernel (harness.vm.stall says where)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class VmTestConfig:
     udp_count: int = 1000
     seed: int = 1
     timeout: float = 900.0
+    #: Seconds to /init's KTAP header (BOOT_TIMEOUT; capped by ``timeout``).
+    boot_timeout: float = BOOT_TIMEOUT
     out_dir: Path | None = None
     #: Write every frame the device moves to this pcapng file.
     pcap: Path | None = None
@@ -102,10 +113,12 @@ _PLAN = re.compile(r"^1\.\.(\d+)$", re.M)
 
 def follow_console(console: Path, machine: Machine, timeout: float,
                    progress: Progress | None = None,
-                   alive: Callable[[], None] = lambda: None) -> tuple[str, float | None]:
+                   alive: Callable[[], None] = lambda: None,
+                   boot_timeout: float | None = None) -> tuple[str, float | None]:
     """Wait for the end of the guest's plan; return the console text and the boot time.
     Each KTAP result is a progress step as it appears; `alive` raises if a part of the run
-    died (it is called every 0.2 s)."""
+    died (it is called every 0.2 s). No KTAP header within ``boot_timeout`` seconds of QEMU's
+    start raises BootStalled."""
     deadline = time.monotonic() + timeout
     boot: float | None = None
     text = ""
@@ -134,7 +147,13 @@ def follow_console(console: Path, machine: Machine, timeout: float,
             text = console.read_text(errors="replace") if console.exists() else text
             return text, boot
         alive()
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if boot is None and boot_timeout is not None and now - machine.launched_at > boot_timeout:
+            console_says = "its console is empty" if not text.strip() else "its console ends: " \
+                + text.strip().splitlines()[-1][:120]
+            raise BootStalled(f"the guest's boot stalled: no KTAP header from /init within "
+                              f"{boot_timeout:.0f} s of QEMU's start ({console_says})")
+        if now > deadline:
             raise TimeoutError(f"the guest did not finish its plan within {timeout:.0f} s")
         time.sleep(0.2)
 
@@ -172,8 +191,12 @@ def run_vm_test(cfg: VmTestConfig) -> RunResult:
 def _run(cfg: VmTestConfig, tb: Testbed, result: RunResult) -> None:
     with Progress("vm-test") as progress, tb:
         progress.note(f"QEMU started (accel {tb.accel.name})")
-        text, result.boot_seconds = follow_console(tb.console_log, tb.machine, cfg.timeout,
-                                                   progress, alive=tb.check_alive)
+        try:
+            text, result.boot_seconds = follow_console(
+                tb.console_log, tb.machine, cfg.timeout, progress, alive=tb.check_alive,
+                boot_timeout=cfg.boot_timeout)
+        except BootStalled as exc:
+            raise BootStalled(f"{exc}; {tb.diagnose_stall()}") from None
         # The guest powers itself off after the plan; give it a moment, then QMP quit.
         tb.machine.wait(30)
         tb.machine.shutdown()

@@ -36,6 +36,7 @@ from harness.net.hosttap import open_in_netns
 from harness.net.netns import private_netns
 from harness.proc import managed, tail
 from harness.virtio import features as features_mod
+from harness.vm import stall
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine
 from harness.vm.qemu import (
@@ -396,6 +397,25 @@ class Testbed:
         self._stack.enter_context(machine)
         machine.launch()
         self._machine = machine
+
+    def diagnose_stall(self) -> str:
+        """A stalled boot (runner.BootStalled): where QEMU's vCPUs are and what the first device
+        saw, as one line; the whole QMP report goes to boot-stall.txt in the run directory."""
+        summary, report = stall.diagnose(self.machine.ask)
+        seen = "QEMU's built-in device"
+        if self.devices:
+            # Its resets tell whether the guest's driver got as far as probing it (a reset is
+            # the first thing virtio does with a device).
+            try:
+                dev = self.device.stats().get("device", {})
+                seen = (f"device {self.device.spec.name}: {dev.get('resets', '?')} resets, "
+                        f"status {dev.get('status', '?')}")
+            except (OSError, RuntimeError, ValueError) as exc:
+                seen = f"device {self.device.spec.name}: no stats ({exc})"
+        path = self.run_dir / "boot-stall.txt"
+        path.write_text(f"{summary}\n{seen}\n\n{report}")
+        log.error("boot stalled: %s; %s (details in %s)", summary, seen, path)
+        return f"{summary}; {seen}; {path.name} has QEMU's view"
 
     # -- the console -------------------------------------------------------------------------
 

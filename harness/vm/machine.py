@@ -116,6 +116,17 @@ class Machine:
             raise MachineError("QMP is not connected", self.argv, self.exitcode(), "")
         return self._qmp.cmd(command, **arguments)
 
+    def ask(self, command: str, arguments: dict[str, object], timeout: float = 5.0) -> object:
+        """One QMP command that gives up after ``timeout`` seconds (raising): for looking at
+        a guest that may have wedged QEMU itself."""
+        if self._qmp is None:
+            raise MachineError("QMP is not connected", self.argv, self.exitcode(), "")
+        self._qmp.settimeout(timeout)
+        try:
+            return self._qmp.cmd(command, **arguments)
+        finally:
+            self._qmp.settimeout(None)
+
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGKILL)

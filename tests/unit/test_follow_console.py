@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
-from harness.runner import DONE_MARKER, follow_console
+from harness.runner import DONE_MARKER, KTAP_HEADER, BootStalled, follow_console
 from harness.testbed import ServerDied, Testbed
 from harness.vm.machine import Machine
 
@@ -89,3 +90,27 @@ def test_check_alive_is_quiet_while_the_server_runs(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_no_ktap_header_within_the_boot_timeout_is_a_stalled_boot(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("")
+    machine = FakeMachine(running=True)
+    machine.launched_at = time.monotonic() - 10
+    started = time.monotonic()
+    with pytest.raises(BootStalled, match="console is empty"):
+        follow_console(console, cast(Machine, machine), 60, boot_timeout=5)
+    assert time.monotonic() - started < 2  # at once: not the plan's timeout
+    console.write_text("[    3.1] some early warning\n")
+    with pytest.raises(BootStalled, match=r"console ends: .*some early warning"):
+        follow_console(console, cast(Machine, machine), 60, boot_timeout=5)
+
+
+def test_a_booted_guest_is_not_stalled_however_long_its_plan(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(f"{KTAP_HEADER}\nok 1 link_up\n")
+    machine = FakeMachine(running=True)
+    machine.launched_at = time.monotonic() - 10
+    with pytest.raises(TimeoutError) as exc:
+        follow_console(console, cast(Machine, machine), 0.5, boot_timeout=5)
+    assert not isinstance(exc.value, BootStalled)

@@ -1,0 +1,80 @@
+"""harness.vm.stall: a stalled boot's vCPU state, from QEMU's own `info registers -a` text
+(the sample below is from a real boot stopped at 1 s: CPU0 in the kernel, CPU1 still parked by
+SeaBIOS in 32-bit mode)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.vm import stall
+
+SAMPLE = """\
+CPU#0
+RAX=0000000000000001 RBX=ffffffff83203b06 RCX=0000000000000078 RDX=0000000000000007
+RIP=ffffffff8121ec18 RFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0
+CS =0010 0000000000000000 ffffffff 00af9b00 DPL=0 CS64 [-RA]
+CR0=80050033 CR2=ffff888004401000 CR3=000000000322a000 CR4=000100b0
+
+CPU#1
+EAX=000f426e EBX=00000000 ECX=000002ff EDX=00000001
+EIP=000fd0a5 EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1
+CS =0008 00000000 ffffffff 00cf9b00 DPL=0 CS32 [-RA]
+CR0=00000011 CR2=00000000 CR3=00000000 CR4=00000000
+"""
+
+REAL_MODE = """\
+CPU#0
+EAX=00000000 EBX=00000000 ECX=00000000 EDX=00000663
+EIP=0000fff0 EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=0
+CS =f000 ffff0000 0000ffff 00009b00
+CR0=60000010 CR2=00000000 CR3=00000000 CR4=00000000
+"""
+
+
+def test_both_vcpus_are_read_whatever_their_mode() -> None:
+    cpus = stall.parse_registers(SAMPLE)
+    assert [(c.index, c.rip, c.halted, c.where()) for c in cpus] == [
+        (0, 0xFFFFFFFF8121EC18, False, "kernel text"),
+        (1, 0xFD0A5, True, "firmware")]
+
+
+def test_real_mode_is_the_firmware_whatever_the_address() -> None:
+    (cpu,) = stall.parse_registers(REAL_MODE)
+    assert not cpu.protected and cpu.cs_base == 0xFFFF0000 and cpu.where() == "firmware"
+
+
+def test_the_summary_tells_spinning_from_moving_from_halted() -> None:
+    first = stall.parse_registers(SAMPLE)
+    moved = stall.parse_registers(SAMPLE.replace("RIP=ffffffff8121ec18", "RIP=ffffffff81000000"))
+    assert stall.summarize(first, first) == (
+        "CPU0 kernel text RIP=0xffffffff8121ec18 (spinning at one address); "
+        "CPU1 firmware RIP=0xfd0a5 (halted)")
+    assert "CPU0 kernel text RIP=0xffffffff8121ec18 (running, moving)" in stall.summarize(
+        first, moved)
+    assert stall.summarize([], []) == "no vCPU state from QEMU"
+
+
+def test_a_qemu_that_does_not_answer_is_said_so() -> None:
+    def ask(command: str, arguments: dict[str, object]) -> object:
+        raise TimeoutError("QMP timed out")
+
+    summary, report = stall.diagnose(ask, pause=0)
+    assert summary.startswith("QEMU did not answer QMP") and "no vCPU state" in summary
+    assert "--- info registers -a ---" in report
+
+
+@pytest.mark.parametrize("hlt", ["0", "1"])
+def test_diagnose_asks_twice_and_keeps_everything(hlt: str) -> None:
+    asked: list[str] = []
+
+    def ask(command: str, arguments: dict[str, object]) -> object:
+        asked.append(str(arguments.get("command-line", command)))
+        if command == "query-status":
+            return {"status": "running", "running": True}
+        return SAMPLE.replace("HLT=0", f"HLT={hlt}")
+
+    summary, report = stall.diagnose(ask, pause=0)
+    assert asked == ["query-status", "info registers -a", "info registers -a", "info pci"]
+    assert summary.startswith("CPU0 kernel text")
+    assert ("halted" in summary.split(";")[0]) is (hlt == "1")
+    assert "'status': 'running'" in report and report.count("CPU#1") == 3
