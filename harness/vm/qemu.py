@@ -189,6 +189,16 @@ def kernel_cmdline(profile: MachineProfile, *, quiet: bool = True) -> str:
     # vIOMMU's interrupt remapping there is no fallback: "Kernel panic - not syncing: timer
     # doesn't work through Interrupt-remapped IO-APIC" (seen once, 2026-12-01). The timer works.
     words = ["console=ttyS0", "panic=-1", "reboot=t", "no_timer_check"]
+    # tsc=nowatchdog: the clocksource watchdog rewritten in 7.x checks the TSC of another CPU
+    # with interrupts off and times the wait on the timekeeping clock, which until ~1.7 s into
+    # boot is jiffies. If that other CPU is then in stop_machine() for the clocksource switch,
+    # nothing advances jiffies and both vCPUs spin for ever, silently (2026-12-01, 7.3.4 on a
+    # 2-core TCG host: 2 boots of about 600 in two suite runs, 1 of 267 in stress runs; QEMU's
+    # registers at the hang: CPU0 in watchdog_check_skew, CPU1 in multi_cpu_stop; see
+    # harness.vm.stall). Under TCG every vCPU's TSC is the one host clock, so there is no
+    # skew to watch for. A user's own tsc= word replaces this one.
+    if not any(w.startswith("tsc=") for w in profile.cmdline):
+        words.append("tsc=nowatchdog")
     if quiet:
         words.append("quiet")
     if profile.viommu:

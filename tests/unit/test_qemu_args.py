@@ -58,6 +58,13 @@ def test_viommu_adds_iommu_and_guest_options() -> None:
     assert viommu_args(MachineProfile()) == []
 
 
+def test_the_tsc_watchdog_is_off_unless_the_user_says_otherwise() -> None:
+    # The 7.x clocksource watchdog can deadlock a 2-vCPU TCG boot (harness.vm.qemu).
+    assert "tsc=nowatchdog" in kernel_cmdline(MachineProfile()).split()
+    mine = kernel_cmdline(MachineProfile(cmdline=("tsc=watchdog",))).split()
+    assert "tsc=watchdog" in mine and "tsc=nowatchdog" not in mine
+
+
 def test_full_args_orders_iommu_before_device() -> None:
     paths = MachinePaths(
         kernel=Path("k"),
