@@ -24,22 +24,18 @@ from harness.report import Case, RunResult
 from harness.testbed import PeerSpec, Testbed, TestbedConfig
 from harness.vm import ktap
 from harness.vm.machine import Machine, MachineError
+from harness.vm.stall import BootStalled
 from harness.vm.verdicts import kernel_cases
 
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 DONE_MARKER = "# harness: done"
-KTAP_HEADER = "KTAP version 1"
+KTAP_HEADER = ktap.HEADER
 #: Seconds from QEMU's start to /init's KTAP header before a boot counts as stalled. A boot
 #: takes 6-9 s under TCG here (15 s on a loaded CI machine); a slow debug kernel may need
 #: ``--boot-timeout``. Without it a stalled boot sat out the whole plan timeout (900 s).
 BOOT_TIMEOUT = 120.0
-
-
-class BootStalled(TimeoutError):
-    """The guest never reached /init's KTAP header: its boot stalled in the firmware or the
-    kernel (harness.vm.stall says where)."""
 
 
 @dataclass(frozen=True)

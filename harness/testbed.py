@@ -36,7 +36,7 @@ from harness.net.hosttap import open_in_netns
 from harness.net.netns import private_netns
 from harness.proc import managed, tail
 from harness.virtio import features as features_mod
-from harness.vm import stall
+from harness.vm import ktap, stall
 from harness.vm.accel import AccelChoice, cached_probe, choose_accel
 from harness.vm.machine import Machine
 from harness.vm.qemu import (
@@ -428,8 +428,14 @@ class Testbed:
     def wait_shell(self, timeout: float) -> None:
         """For a SHELL_CMDLINE guest: its command channel answers and its link_up step ran
         (the interface has its address), so tests can use the network at once."""
-        self.guest.wait_ready(timeout)
-        self.wait_console("# harness: done", timeout)
+        try:
+            self.guest.wait_ready(timeout)
+            self.wait_console("# harness: done", timeout)
+        except TimeoutError as exc:  # AgentNotReady is one too
+            if ktap.HEADER in self.console_text():
+                raise
+            raise stall.BootStalled(f"{exc}; the guest's boot stalled (no KTAP header from "
+                                    f"/init): {self.diagnose_stall()}") from None
 
     def wait_console(self, pattern: str, timeout: float, *, start: int = 0) -> str:
         """Wait until `pattern` appears in the console log (after offset `start`); raise

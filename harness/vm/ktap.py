@@ -20,6 +20,8 @@ _RESULT = re.compile(r"^(not ok|ok) (\d+)(?: -)?(?: ([^#]*?))?\s*(?:#\s*(.*?))?\
 _METRIC = re.compile(r"^# metric: (\S+)(.*)$")
 _PAIR = re.compile(r"(\w[\w.-]*)=(\"[^\"]*\"|\S*)")
 _DONE = "# harness: done"
+#: The first line /init prints: the boot reached userspace (harness.vm.stall).
+HEADER = "KTAP version 1"
 _BAIL = re.compile(r"^Bail out!\s*(.*)$")
 
 

@@ -23,6 +23,11 @@ _CS = re.compile(r"^CS =\S+ ([0-9a-f]+)", re.M)
 _CR0 = re.compile(r"CR0=([0-9a-f]+)")
 
 
+class BootStalled(TimeoutError):
+    """The guest never reached /init's KTAP header (harness.vm.ktap.HEADER): its boot stalled
+    in the firmware or the kernel; the message says where the vCPUs were."""
+
+
 @dataclass(frozen=True)
 class Vcpu:
     index: int

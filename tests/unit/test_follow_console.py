@@ -13,9 +13,11 @@ from typing import Any, cast
 
 import pytest
 
-from harness.runner import DONE_MARKER, KTAP_HEADER, BootStalled, follow_console
+from harness.guest.agent import AgentNotReady
+from harness.runner import DONE_MARKER, KTAP_HEADER, follow_console
 from harness.testbed import ServerDied, Testbed
 from harness.vm.machine import Machine
+from harness.vm.stall import BootStalled
 
 
 class FakeMachine:
@@ -114,3 +116,24 @@ def test_a_booted_guest_is_not_stalled_however_long_its_plan(tmp_path: Path) -> 
     with pytest.raises(TimeoutError) as exc:
         follow_console(console, cast(Machine, machine), 0.5, boot_timeout=5)
     assert not isinstance(exc.value, BootStalled)
+
+
+class _SilentAgent:
+    def wait_ready(self, timeout: float) -> None:
+        raise AgentNotReady("no guest agent answered within 1 s")
+
+
+@pytest.mark.parametrize("booted", [False, True])
+def test_wait_shell_names_a_stalled_boot(tmp_path: Path, booted: bool) -> None:
+    """Testbed users (bench, raw-driver tests) wait for the agent, not for KTAP: a boot that
+    stalled must still be reported as one, with the vCPU diagnosis, and only then."""
+    tb = _testbed(tmp_path, FakeMachine(True), None)
+    tb.console_log = tmp_path / "console.log"
+    tb.console_log.write_text(f"{KTAP_HEADER}\n" if booted else "")
+    tb._guest = cast(Any, _SilentAgent())
+    tb.diagnose_stall = lambda: "CPU0 kernel text RIP=0xffffffff81494928 (running, moving)"  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError) as exc:
+        tb.wait_shell(1)
+    assert isinstance(exc.value, BootStalled) is not booted
+    assert ("RIP=0xffffffff81494928" in str(exc.value)) is not booted
+    assert "no guest agent answered" in str(exc.value)
