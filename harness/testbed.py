@@ -401,7 +401,7 @@ class Testbed:
     def diagnose_stall(self) -> str:
         """A stalled boot (runner.BootStalled): where QEMU's vCPUs are and what the first device
         saw, as one line; the whole QMP report goes to boot-stall.txt in the run directory."""
-        summary, report = stall.diagnose(self.machine.ask)
+        summary, report = stall.diagnose(self.machine.ask, symbols=self._symbols())
         seen = "QEMU's built-in device"
         if self.devices:
             # Its resets tell whether the guest's driver got as far as probing it (a reset is
@@ -416,6 +416,16 @@ class Testbed:
         path.write_text(f"{summary}\n{seen}\n\n{report}")
         log.error("boot stalled: %s; %s (details in %s)", summary, seen, path)
         return f"{summary}; {seen}; {path.name} has QEMU's view"
+
+    def _symbols(self) -> stall.SymbolMap | None:
+        """The kernel's System.map, when its addresses are the ones running: not relocated by
+        KASLR (the PVH entry skips the decompressor that relocates; or nokaslr; or a kernel
+        built without it)."""
+        cmdline = (*self.cfg.cmdline, *self.cfg.append)
+        config = self.kernel.config  # empty: unknown, so assume KASLR
+        fixed = (self.boot.mode == "pvh" or "nokaslr" in cmdline
+                 or (bool(config) and config.get("CONFIG_RANDOMIZE_BASE") != "y"))
+        return stall.SymbolMap.load(self.kernel.system_map) if fixed else None
 
     # -- the console -------------------------------------------------------------------------
 

@@ -52,6 +52,13 @@ class GuestKernel:
     config: dict[str, str] = field(default_factory=dict)
     builtin: frozenset[str] = frozenset()
     notes: tuple[str, ...] = ()
+    #: Its System.map when one was found beside it (names the addresses of a stalled boot,
+    #: harness.vm.stall); None otherwise.
+    system_map: Path | None = None
+
+
+def _first_file(candidates: list[Path]) -> Path | None:
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def bzimage_version(image: Path) -> str:
@@ -161,11 +168,15 @@ def _from_modules_dir(mdir: Path, given: Path) -> GuestKernel:
     configs = [mdir / "config", *(r / "boot" / f"config-{version}" for r in roots),
                Path("/boot") / f"config-{version}"]
     config = next((c for c in configs if c.is_file()), None)
+    system_map = _first_file([mdir / "System.map",
+                              *(r / "boot" / f"System.map-{version}" for r in roots),
+                              Path("/boot") / f"System.map-{version}"])
     return GuestKernel(
         image=image, version=version, source=f"modules tree {given}",
         modules=index_modules(mdir), builtin=read_builtin(mdir / "modules.builtin"),
         config=parse_config(config.read_text()) if config else {},
-        notes=() if config else (f"no config found for {version}: options not checked",))
+        notes=() if config else (f"no config found for {version}: options not checked",),
+        system_map=system_map)
 
 
 def _from_build_tree(tree: Path) -> GuestKernel:
@@ -174,7 +185,8 @@ def _from_build_tree(tree: Path) -> GuestKernel:
     config = tree / ".config"
     return GuestKernel(image=image, version=version, source=f"build tree {tree}",
                        modules=index_modules(tree), builtin=read_builtin(tree / "modules.builtin"),
-                       config=parse_config(config.read_text()) if config.is_file() else {})
+                       config=parse_config(config.read_text()) if config.is_file() else {},
+                       system_map=_first_file([tree / "System.map"]))
 
 
 def fetch_debian(name: str) -> Path:
@@ -195,7 +207,7 @@ def locate(path: Path) -> GuestKernel:
         k = locate(fetch_debian(str(path).removeprefix("debian:")))
         return GuestKernel(image=k.image, version=k.version, source=f"{path} = {k.source}",
                            modules=k.modules, config=k.config, builtin=k.builtin,
-                           notes=k.notes)
+                           notes=k.notes, system_map=k.system_map)
     path = path.expanduser().resolve()
     if not path.exists():
         raise KernelError(f"{path} does not exist")
@@ -206,7 +218,8 @@ def locate(path: Path) -> GuestKernel:
         version = bzimage_version(path)
         return GuestKernel(image=path, version=version, source=f"bzImage {path}",
                            notes=("a bare bzImage: virtio_net and virtio_pci must be built in "
-                                  "(no modules directory given)",))
+                                  "(no modules directory given)",),
+                           system_map=_first_file([path.with_name("System.map")]))
     if (path / "arch" / "x86" / "boot" / "bzImage").is_file():
         return _from_build_tree(path)
     if (path / "modules.builtin").is_file() or (path / "kernel").is_dir():
@@ -228,4 +241,5 @@ def resolve(path: Path | None, env: paths.Env, *, viommu: bool) -> GuestKernel:
         return k  # a bare bzImage: nothing to load
     mods = closure(ROOTS, k.modules, k.builtin)
     return GuestKernel(image=k.image, version=k.version, source=k.source, modules=mods,
-                       config=k.config, builtin=k.builtin, notes=k.notes)
+                       config=k.config, builtin=k.builtin, notes=k.notes,
+                       system_map=k.system_map)

@@ -10,10 +10,12 @@ kernel. The whole text goes to the run directory; the summary line goes into the
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 #: One vCPU's header line and the registers the summary uses, from HMP `info registers -a`.
 _CPU = re.compile(r"^CPU#(\d+)", re.M)
@@ -64,7 +66,48 @@ def parse_registers(text: str) -> list[Vcpu]:
     return cpus
 
 
-def summarize(first: list[Vcpu], second: list[Vcpu]) -> str:
+class SymbolMap:
+    """Kernel text symbols from a System.map (``address type name`` lines), for naming where
+    a vCPU stopped. Only right when the kernel was not relocated (no KASLR: the PVH entry, or
+    ``nokaslr``, or a kernel without CONFIG_RANDOMIZE_BASE); the caller decides that."""
+
+    def __init__(self, text: str) -> None:
+        pairs = []
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and len(fields[1]) == 1 and fields[1] in "TtWw":
+                try:
+                    pairs.append((int(fields[0], 16), fields[2]))
+                except ValueError:
+                    continue
+        pairs.sort()
+        self._addrs = [a for a, _ in pairs]
+        self._names = [n for _, n in pairs]
+
+    def __len__(self) -> int:
+        return len(self._addrs)
+
+    @classmethod
+    def load(cls, path: Path | None) -> SymbolMap | None:
+        """The map in ``path``, or None when there is none worth having (Debian ships a
+        one-line placeholder pointing at its -dbg package)."""
+        if path is None:
+            return None
+        try:
+            symbols = cls(path.read_text(errors="replace"))
+        except OSError:
+            return None
+        return symbols if len(symbols) else None
+
+    def name(self, addr: int) -> str | None:
+        """``symbol+0xoff`` for an address in kernel text, None below the first symbol."""
+        i = bisect.bisect_right(self._addrs, addr) - 1
+        if i < 0:
+            return None
+        return f"{self._names[i]}+{addr - self._addrs[i]:#x}"
+
+
+def summarize(first: list[Vcpu], second: list[Vcpu], symbols: SymbolMap | None = None) -> str:
     """One phrase per vCPU: where it is, halted or running, and whether it moved in between."""
     if not first:
         return "no vCPU state from QEMU"
@@ -77,16 +120,19 @@ def summarize(first: list[Vcpu], second: list[Vcpu]) -> str:
             state = "spinning at one address"
         elif c2 is not None and c2.rip != c.rip:
             state += ", moving"
-        parts.append(f"CPU{c.index} {c.where()} RIP={c.rip:#x} ({state})")
+        name = symbols.name(c.rip) if symbols and c.where() == "kernel text" else None
+        at = f"RIP={c.rip:#x}" + (f" {name}" if name else "")
+        parts.append(f"CPU{c.index} {c.where()} {at} ({state})")
     return "; ".join(parts)
 
 
 Ask = Callable[[str, dict[str, object]], object]
 
 
-def diagnose(ask: Ask, pause: float = 1.0) -> tuple[str, str]:
+def diagnose(ask: Ask, pause: float = 1.0,
+             symbols: SymbolMap | None = None) -> tuple[str, str]:
     """(summary, full report) of a stalled guest; ``ask(command, arguments)`` runs one QMP
-    command and raises on failure or timeout."""
+    command and raises on failure or timeout; ``symbols`` names kernel addresses."""
     sections: list[str] = []
     samples: list[list[Vcpu]] = []
 
@@ -108,7 +154,7 @@ def diagnose(ask: Ask, pause: float = 1.0) -> tuple[str, str]:
     time.sleep(pause)
     samples.append(parse_registers(hmp("info registers -a")))
     hmp("info pci")
-    summary = summarize(samples[0], samples[1])
+    summary = summarize(samples[0], samples[1], symbols)
     if "no answer" in status:
         summary = f"QEMU did not answer QMP ({status}); {summary}"
     return summary, "\n\n".join(sections) + "\n"

@@ -131,3 +131,24 @@ def test_not_a_kernel(tmp_path: Path) -> None:
 def test_pinned_kernel_when_none_given(tmp_path: Path) -> None:
     k = K.resolve(None, env(tmp_path), viommu=True)
     assert k.version == "7.3.4" and list(k.modules) == ["virtio_net"]
+
+
+def test_the_system_map_beside_a_kernel_is_found(tmp_path: Path) -> None:
+    """A stalled boot's addresses are named from it (harness.vm.stall.SymbolMap)."""
+    tree = tmp_path / "linux"
+    bzimage(tree / "arch/x86/boot/bzImage", "7.4.0-rc1+")
+    (tree / ".config").write_text(CONFIG_OK)
+    ko(tree / "drivers/net/virtio_net.ko", "")
+    (tree / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\n")
+    assert K.resolve(tree, env(tmp_path), viommu=False).system_map is None
+    (tree / "System.map").write_text("ffffffff81000000 T _text\n")
+    for given in (tree, tree / "arch/x86/boot/bzImage"):
+        assert K.resolve(given, env(tmp_path), viommu=False).system_map == tree / "System.map"
+    root = tmp_path / "pkg"
+    mdir = modules_tree(root)
+    (root / "boot" / "System.map-6.1.0-50-amd64").write_text("ffffffff81000000 T _text\n")
+    assert K.resolve(mdir, env(tmp_path), viommu=False).system_map == \
+        root / "boot" / "System.map-6.1.0-50-amd64"
+    bare = bzimage(tmp_path / "b" / "vmlinuz", "6.12.1")
+    (bare.parent / "System.map").write_text("ffffffff81000000 T _text\n")
+    assert K.resolve(bare, env(tmp_path), viommu=False).system_map == bare.parent / "System.map"

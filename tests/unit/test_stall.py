@@ -4,8 +4,13 @@ SeaBIOS in 32-bit mode)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from harness.guest.kernel import GuestKernel
+from harness.guest.pvh import BootImage
+from harness.testbed import Testbed, TestbedConfig
 from harness.vm import stall
 
 SAMPLE = """\
@@ -78,3 +83,59 @@ def test_diagnose_asks_twice_and_keeps_everything(hlt: str) -> None:
     assert summary.startswith("CPU0 kernel text")
     assert ("halted" in summary.split(";")[0]) is (hlt == "1")
     assert "'status': 'running'" in report and report.count("CPU#1") == 3
+
+
+MAP = """\
+ffffffff81000000 T _text
+ffffffff814948a0 t watchdog_check_skew
+ffffffff81494990 t watchdog_check_skew_remote
+ffffffff82000000 D some_data
+ffffffff814e04c0 W stop_machine_yield
+0000000000000000 A not_text
+garbage line
+"""
+
+
+def test_a_system_map_names_kernel_text_only() -> None:
+    symbols = stall.SymbolMap(MAP)
+    assert len(symbols) == 4  # T, t, t, W: data and absolute symbols are not code
+    assert symbols.name(0xFFFFFFFF81494928) == "watchdog_check_skew+0x88"
+    assert symbols.name(0xFFFFFFFF814948A0) == "watchdog_check_skew+0x0"
+    assert symbols.name(0xFFFFFFFF814E04C6) == "stop_machine_yield+0x6"  # sorted, not file order
+    assert symbols.name(0xFFFFFFFF80000000) is None
+    cpus = stall.parse_registers(SAMPLE.replace("RIP=ffffffff8121ec18", "RIP=ffffffff81494928"))
+    assert stall.summarize(cpus, cpus, symbols) == (
+        "CPU0 kernel text RIP=0xffffffff81494928 watchdog_check_skew+0x88 (spinning at one "
+        "address); CPU1 firmware RIP=0xfd0a5 (halted)")
+
+
+def test_debians_placeholder_map_is_no_map(tmp_path: Path) -> None:
+    placeholder = tmp_path / "System.map"
+    placeholder.write_text("ffffffffffffffff B The real System.map is in the "
+                           "linux-image-7.3.4+deb13-amd64-dbg package\n")
+    assert stall.SymbolMap.load(placeholder) is None
+    assert stall.SymbolMap.load(tmp_path / "missing") is None
+    assert stall.SymbolMap.load(None) is None
+    placeholder.write_text(MAP)
+    loaded = stall.SymbolMap.load(placeholder)
+    assert loaded is not None and len(loaded) == 4
+
+
+@pytest.mark.parametrize(("mode", "config", "append", "named"), [
+    ("pvh", {"CONFIG_RANDOMIZE_BASE": "y"}, (), True),  # the PVH entry does not relocate
+    ("bzimage", {"CONFIG_RANDOMIZE_BASE": "y"}, (), False),  # KASLR moved it: no names
+    ("bzimage", {"CONFIG_RANDOMIZE_BASE": "y"}, ("nokaslr",), True),
+    ("bzimage", {"CONFIG_VIRTIO_NET": "m"}, (), True),  # built without KASLR
+    ("bzimage", {}, (), False),  # no config: assume KASLR
+])
+def test_addresses_are_named_only_where_the_kernel_was_not_relocated(
+        tmp_path: Path, mode: str, config: dict[str, str], append: tuple[str, ...],
+        named: bool) -> None:
+    system_map = tmp_path / "System.map"
+    system_map.write_text(MAP)
+    tb = Testbed.__new__(Testbed)
+    tb.cfg = TestbedConfig(append=append)
+    tb.boot = BootImage(tmp_path / "k", mode, "test")
+    tb.kernel = GuestKernel(image=tmp_path / "k", version="7.3.4", source="test", config=config,
+                            system_map=system_map)
+    assert (tb._symbols() is not None) is named
