@@ -408,7 +408,12 @@ class Testbed:
             # the first thing virtio does with a device).
             try:
                 dev = self.device.stats().get("device", {})
-                seen = (f"device {self.device.spec.name}: {dev.get('resets', '?')} resets, "
+                resets = dev.get("resets", "?")
+                # QEMU resets the device once as the machine starts; a driver resets it first
+                # thing when it probes.
+                probed = ("" if not isinstance(resets, int) or resets > 1
+                          else " (only QEMU's at start: no driver has probed it)")
+                seen = (f"device {self.device.spec.name}: {resets} resets{probed}, "
                         f"status {dev.get('status', '?')}")
             except (OSError, RuntimeError, ValueError) as exc:
                 seen = f"device {self.device.spec.name}: no stats ({exc})"

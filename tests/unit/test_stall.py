@@ -5,6 +5,8 @@ SeaBIOS in 32-bit mode)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
@@ -139,3 +141,34 @@ def test_addresses_are_named_only_where_the_kernel_was_not_relocated(
     tb.kernel = GuestKernel(image=tmp_path / "k", version="7.3.4", source="test", config=config,
                             system_map=system_map)
     assert (tb._symbols() is not None) is named
+
+
+class _Machine:
+    def ask(self, command: str, arguments: dict[str, object], timeout: float = 5.0) -> object:
+        return {"status": "running"} if command == "query-status" else SAMPLE
+
+
+class _Device:
+    def __init__(self, resets: int) -> None:
+        self.resets = resets
+        self.spec = SimpleNamespace(name="net0")
+
+    def stats(self) -> dict[str, object]:
+        return {"device": {"resets": self.resets, "status": 0}}
+
+
+@pytest.mark.parametrize("resets", [1, 3])
+def test_the_diagnosis_says_whether_a_driver_probed_the_device(tmp_path: Path,
+                                                                resets: int) -> None:
+    tb = Testbed.__new__(Testbed)
+    tb.cfg = TestbedConfig()
+    tb.run_dir = tmp_path
+    tb.boot = BootImage(tmp_path / "k", "pvh", "test")
+    tb.kernel = GuestKernel(image=tmp_path / "k", version="7.3.4", source="test")
+    tb._machine = cast(Any, _Machine())
+    tb.devices = [cast(Any, _Device(resets))]
+    line = tb.diagnose_stall()
+    assert line.startswith("CPU0 kernel text RIP=0xffffffff8121ec18")
+    assert f"device net0: {resets} resets" in line
+    assert ("no driver has probed it" in line) is (resets == 1)
+    assert "CPU#1" in (tmp_path / "boot-stall.txt").read_text()
