@@ -145,8 +145,11 @@ def follow_console(console: Path, machine: Machine, timeout: float,
         alive()
         now = time.monotonic()
         if boot is None and boot_timeout is not None and now - machine.launched_at > boot_timeout:
-            console_says = "its console is empty" if not text.strip() else "its console ends: " \
-                + text.strip().splitlines()[-1][:120]
+            last = text.strip().splitlines()[-1][:120] if text.strip() else ""
+            # Printable only: a shell's or firmware's escape sequences would garble the report.
+            console_says = ("its console ends: " + "".join(c if c.isprintable() else "?"
+                                                           for c in last)
+                            if last else "its console is empty")
             raise BootStalled(f"the guest's boot stalled: no KTAP header from /init within "
                               f"{boot_timeout:.0f} s of QEMU's start ({console_says})")
         if now > deadline:
