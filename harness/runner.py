@@ -30,8 +30,6 @@ from harness.vm.verdicts import kernel_cases
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-DONE_MARKER = "# harness: done"
-KTAP_HEADER = ktap.HEADER
 #: Seconds from QEMU's start to /init's KTAP header before a boot counts as stalled. A boot
 #: takes 6-9 s under TCG here (15 s on a loaded CI machine); a slow debug kernel may need
 #: ``--boot-timeout``. Without it a stalled boot sat out the whole plan timeout (900 s).
@@ -124,7 +122,7 @@ def follow_console(console: Path, machine: Machine, timeout: float,
             text = console.read_text(errors="replace")
         except FileNotFoundError:
             text = ""
-        if boot is None and KTAP_HEADER in text:
+        if boot is None and ktap.HEADER in text:
             boot = time.monotonic() - machine.launched_at
             if progress is not None:
                 progress.note(f"guest booted in {boot:.1f} s")
@@ -136,7 +134,7 @@ def follow_console(console: Path, machine: Machine, timeout: float,
             for status, _n, name, rest in results[seen:]:
                 progress.step(f"{status} {name}{' # SKIP' if '# SKIP' in rest else ''}")
             seen = len(results)
-        if DONE_MARKER in text:
+        if ktap.DONE in text:
             return text, boot
         if not machine.running():
             alive()  # QEMU may have gone down because a device server died: say that first

@@ -30,6 +30,7 @@ from pathlib import Path
 from harness import paths
 from harness.guest.agent import AgentError
 from harness.testbed import SHELL_CMDLINE, Testbed, TestbedConfig
+from harness.vm import ktap
 
 RUN_FILE = "run.json"
 #: The run process's own requests socket (`harness hotplug` talks to it), in the run dir.
@@ -265,7 +266,7 @@ def run_command(tb: Testbed, command: str, timeout: float) -> int:
     """Once the plan is done (the link is up), run `command` in the guest through the agent and
     copy its output here; its exit status, or EXIT_TIMED_OUT / EXIT_CANNOT_RUN."""
     try:
-        tb.wait_console("# harness: done", PLAN_TIMEOUT)
+        tb.wait_console(ktap.DONE, PLAN_TIMEOUT)
         result = tb.guest.run(command, timeout=timeout)
     except (AgentError, TimeoutError, RuntimeError) as exc:  # RuntimeError: QEMU exited
         print(f"harness run: {exc} (see {tb.console_log})", file=sys.stderr)

@@ -399,7 +399,7 @@ class Testbed:
         self._machine = machine
 
     def diagnose_stall(self) -> str:
-        """A stalled boot (runner.BootStalled): where QEMU's vCPUs are and what the first device
+        """A stalled boot (stall.BootStalled): where QEMU's vCPUs are and what the first device
         saw, as one line; the whole QMP report goes to boot-stall.txt in the run directory."""
         summary, report = stall.diagnose(self.machine.ask, symbols=self._symbols())
         seen = "QEMU's built-in device"
@@ -445,7 +445,7 @@ class Testbed:
         (the interface has its address), so tests can use the network at once."""
         try:
             self.guest.wait_ready(timeout)
-            self.wait_console("# harness: done", timeout)
+            self.wait_console(ktap.DONE, timeout)
         except TimeoutError as exc:  # AgentNotReady is one too
             if ktap.HEADER in self.console_text():
                 raise

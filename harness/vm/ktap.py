@@ -19,9 +19,10 @@ _PLAN = re.compile(r"^1\.\.(\d+)\s*$")
 _RESULT = re.compile(r"^(not ok|ok) (\d+)(?: -)?(?: ([^#]*?))?\s*(?:#\s*(.*?))?\s*$")
 _METRIC = re.compile(r"^# metric: (\S+)(.*)$")
 _PAIR = re.compile(r"(\w[\w.-]*)=(\"[^\"]*\"|\S*)")
-_DONE = "# harness: done"
-#: The first line /init prints: the boot reached userspace (harness.vm.stall).
+#: The console protocol's two markers (docs/DESIGN.md, "Console protocol"): the first line
+#: /init prints (the boot reached userspace: harness.vm.stall) and the clean end of its plan.
 HEADER = "KTAP version 1"
+DONE = "# harness: done"
 _BAIL = re.compile(r"^Bail out!\s*(.*)$")
 
 
@@ -131,7 +132,7 @@ def parse(text: str) -> KtapReport:
             continue
         if line[0].isspace():
             continue  # indented subtest output: only the top level is reported
-        if line == _DONE:
+        if line == DONE:
             report.done = True
         elif pm := _PLAN.match(line):
             if report.plan is None:

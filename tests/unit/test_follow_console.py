@@ -14,8 +14,9 @@ from typing import Any, cast
 import pytest
 
 from harness.guest.agent import AgentNotReady
-from harness.runner import DONE_MARKER, KTAP_HEADER, follow_console
+from harness.runner import follow_console
 from harness.testbed import ServerDied, Testbed
+from harness.vm import ktap
 from harness.vm.machine import Machine
 from harness.vm.stall import BootStalled
 
@@ -49,9 +50,9 @@ def test_qemu_gone_with_servers_alive_returns_the_console(tmp_path: Path) -> Non
 
 def test_a_finished_plan_is_not_blamed_on_a_server(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    console.write_text(f"ok 1 link_up\n{DONE_MARKER}\n")
+    console.write_text(f"ok 1 link_up\n{ktap.DONE}\n")
     text, _ = follow_console(console, cast(Machine, FakeMachine(running=True)), 5, alive=_dead)
-    assert DONE_MARKER in text
+    assert ktap.DONE in text
 
 
 def _testbed(tmp_path: Path, machine: FakeMachine, proc: Any) -> Testbed:
@@ -110,7 +111,7 @@ def test_no_ktap_header_within_the_boot_timeout_is_a_stalled_boot(tmp_path: Path
 
 def test_a_booted_guest_is_not_stalled_however_long_its_plan(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    console.write_text(f"{KTAP_HEADER}\nok 1 link_up\n")
+    console.write_text(f"{ktap.HEADER}\nok 1 link_up\n")
     machine = FakeMachine(running=True)
     machine.launched_at = time.monotonic() - 10
     with pytest.raises(TimeoutError) as exc:
@@ -129,7 +130,7 @@ def test_wait_shell_names_a_stalled_boot(tmp_path: Path, booted: bool) -> None:
     stalled must still be reported as one, with the vCPU diagnosis, and only then."""
     tb = _testbed(tmp_path, FakeMachine(True), None)
     tb.console_log = tmp_path / "console.log"
-    tb.console_log.write_text(f"{KTAP_HEADER}\n" if booted else "")
+    tb.console_log.write_text(f"{ktap.HEADER}\n" if booted else "")
     tb._guest = cast(Any, _SilentAgent())
     tb.diagnose_stall = lambda: "CPU0 kernel text RIP=0xffffffff81494928 (running, moving)"  # type: ignore[method-assign]
     with pytest.raises(TimeoutError) as exc:
