@@ -262,6 +262,18 @@ class DmaLedger:
                 return None
             iova += n
 
+    def account_transient(self, pieces: int, nbytes: int, most: int) -> None:
+        """Count mappings a fast path made and unmapped within one call, every check of
+        ``_map_sg_fused`` and ``_unmap_sg_direct`` passed (harness.virtio.txfast): ``pieces``
+        maps and as many unmaps of ``nbytes`` in all, at most ``most`` live at once on top of
+        the mappings live now."""
+        self.maps += pieces
+        self.unmaps += pieces
+        self.map_bytes += nbytes
+        peak = len(self._live) + most
+        if peak > self.peak_live:
+            self.peak_live = peak
+
     def _check_use(self, h: DmaHandle, direction: Direction, what: str) -> bool:
         if h not in self._live:
             kind = USE_AFTER_UNMAP if h.unmapped else UNKNOWN_UNMAP

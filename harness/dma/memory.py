@@ -84,6 +84,9 @@ class GuestMemory:
         # Last region a lookup hit: without a vIOMMU nearly every access falls in the one big
         # RAM region, so this saves the tree walk on the data path. Cleared on removal.
         self._last: GuestRegion | None = None
+        #: Bumped by every add and remove: whoever keeps host pointers into the regions
+        #: (harness.virtio.txfast) rebuilds them when it moved.
+        self.generation = 0
 
     # ---- regions -----------------------------------------------------------------------------
 
@@ -115,6 +118,7 @@ class GuestMemory:
         region = GuestRegion(iova, size, view, writable)
         self._index.add(region)  # RegionOverlap if it intersects a registered region
         self.mapped_bytes += size
+        self.generation += 1
         return region
 
     def remove_range(self, iova: int, size: int) -> list[tuple[int, int]]:
@@ -127,6 +131,7 @@ class GuestMemory:
         end = iova + size
         removed: list[tuple[int, int]] = []
         self._last = None
+        self.generation += 1
         if size <= 0:
             return removed
         index = self._index
@@ -215,6 +220,11 @@ class GuestMemory:
     def regions(self) -> list[tuple[int, int, bool]]:
         """(iova, size, writable) of every region, sorted by iova (read from the index)."""
         return [(r.iova, r.size, r.writable) for r in self._index]
+
+    def region_objects(self) -> list[GuestRegion]:
+        """The regions themselves, sorted by iova (for a fast path that keeps their host
+        addresses; see ``generation``)."""
+        return list(self._index)
 
     def __len__(self) -> int:
         return len(self._index)

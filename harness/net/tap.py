@@ -162,6 +162,17 @@ class Tap:
             if exc.errno not in (errno.EAGAIN, errno.EINVAL):
                 log.warning("TAP write failed: %s", exc)
 
+    def tx_fd(self) -> int:
+        """The fd the device may ``writev`` TX frames to itself (harness.virtio.txfast)."""
+        return self.fd
+
+    def tx_failed(self, count: int, err: int) -> None:
+        """``count`` frames the device wrote to ``tx_fd`` were refused (the last with ``err``):
+        counted and logged as ``writev`` does with its own."""
+        self.write_errors += count
+        if err not in (errno.EAGAIN, errno.EINVAL):
+            log.warning("TAP write failed: %s", os.strerror(err))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -5,11 +5,14 @@ feature dwords 0..3, queue setup with lo/hi addresses, doorbells), like the real
 ``MockQueue`` writes descriptor tables and avail rings into plain memory and reads the used
 ring back, and can also write arbitrary (malformed) descriptors; with VIRTIO_F_RING_PACKED
 negotiated ``setup_queue`` builds harness.testing.mockpacked's ``MockPackedQueue`` instead.
-``FakeBackend`` and ``FakeIrq`` stand in for the TAP and the MSI-X eventfds.
+``FakeBackend`` and ``FakeIrq`` stand in for the TAP and the MSI-X eventfds (``FdBackend``: a
+FakeBackend with a real TX fd, for the C TX burst).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -362,6 +365,44 @@ class FakeBackend:
         self.tx.append(b"".join(views))
 
 
+class FdBackend(FakeBackend):
+    """A FakeBackend whose TX side is a real fd, as a TAP's is: the device's C TX burst
+    (harness.virtio.txfast) writes frames to ``tx_fd()`` itself, the Python path through
+    ``writev`` into the same socket (SOCK_SEQPACKET: one record per frame); a refused write is
+    counted, not raised, as the TAP does. ``frames()`` drains what arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.setblocking(False)
+        self.peer.setblocking(False)
+        self.write_errors = 0
+
+    def tx_fd(self) -> int:
+        return self.sock.fileno()
+
+    def tx_failed(self, count: int, err: int) -> None:
+        self.write_errors += count
+
+    def writev(self, views: Sequence[memoryview]) -> None:
+        try:
+            os.writev(self.sock.fileno(), views)
+        except OSError:
+            self.write_errors += 1
+
+    def frames(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.peer.recv(1 << 17))
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
 class FakeIrq:
     """InterruptSink that records the vectors raised."""
 
@@ -404,11 +445,13 @@ def net_rig(
     init: bool = True,
     mem_size: int = 4 << 20,
     ledger: bool = False,
+    backend: FakeBackend | None = None,
 ) -> NetRig:
     """Build a net device over mock memory; ``init`` runs the driver's probe to DRIVER_OK.
-    ``ledger``: the device maps through a DMA ledger (``NetRig.ledger``), as the server's do."""
+    ``ledger``: the device maps through a DMA ledger (``NetRig.ledger``), as the server's do.
+    ``backend``: default a FakeBackend (no fd: TX stays on the Python path)."""
     mem = MockMemory(mem_size)
-    backend = FakeBackend()
+    backend = FakeBackend() if backend is None else backend
     irq = FakeIrq()
     bme = [True]
     led: DmaLedger | None = None

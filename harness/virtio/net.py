@@ -76,6 +76,7 @@ from harness.virtio.netrx import NetRxPath
 from harness.virtio.nettimers import TxTimers
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 from harness.virtio.rxpool import RxPool, rx_pool_keep
+from harness.virtio.txfast import EMPTY, SLOW, TxFast, fast_tx
 
 # The constants live in harness.virtio.netdefs; importers keep using this module.
 __all__ = [
@@ -177,6 +178,8 @@ class VirtioNetDevice(NetRxPath):
         self.batch_used = batch_used()
         #: The TX hold-off (HARNESS_TX_HOLDOFF_US, off by default): harness.virtio.nettimers.
         self.timers = TxTimers(max_pairs, tx_holdoff())
+        #: The C TX burst (harness.virtio.txfast), None where the map ops keep TX in Python.
+        self.txfast: TxFast | None = fast_tx(mapops, TX_MAX)
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()
@@ -383,9 +386,24 @@ class VirtioNetDevice(NetRxPath):
         backend = self.pair_backend(pair if pair < self.control.pairs else 0)
         done = 0
         map_errors = st.map_errors
+        # The C burst takes the chains it can (harness.virtio.txfast); the one it stops at is
+        # popped below. Not while the link is down, used entries are published one by one
+        # (HARNESS_BATCH_USED=0) or a misbehaviour is armed: the Python path has those.
+        fast = self.txfast if self.link_up and self.batch_used and self.misbehave is None \
+            else None
         q.disable_notify()
         while True:
             while done < self.batch:
+                if fast is not None:
+                    got = fast.run(q, backend, self.batch - done)
+                    if got is None:
+                        fast = None  # not now (see TxFast.run): this flush stays in Python
+                    else:
+                        done += got[0]
+                        if got[1] == EMPTY:
+                            break
+                        if got[1] != SLOW:
+                            continue  # the budget is spent: the loop's condition ends it
                 chain = q.pop()
                 if chain is None:
                     break
@@ -463,6 +481,8 @@ class VirtioNetDevice(NetRxPath):
             # not a dict: ``harness stats`` shows every dict of this level as a queue row.
             "rx_pool": "keep" if self.rx_pool_keep else "call",
             "rx_pool_held": [len(p) for p in self._rx_pools],
+            # TX chains the C burst completed (harness.virtio.txfast); -1: it is off.
+            "tx_fast_chains": -1 if self.txfast is None else self.txfast.chains,
             **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
                           "rx_starved": list(self._rx_starved)}}
                if self.device_features >> C.NET_F_MQ & 1 else {}),
