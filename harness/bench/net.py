@@ -45,7 +45,7 @@ from harness.dma.regionindex import INDEX_ENV
 from harness.progress import Progress
 from harness.server.loop import POLL_MODE_ENV, POLL_US_ENV
 from harness.vfu.context import MAP_CACHE_ENV, WIRE_TAKE_ENV
-from harness.virtio.netdefs import BATCH_USED_ENV, FAST_TX_ENV, TX_HOLDOFF_ENV
+from harness.virtio.netdefs import BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, TX_HOLDOFF_ENV
 from harness.virtio.rxpool import RX_POOL_ENV
 
 __all__ = ["WORKLOADS", "Options", "Round", "Workload", "main", "median", "ratio", "summarize",
@@ -258,8 +258,8 @@ def _configs(text: str) -> tuple[str, ...]:
 #: The environment variables the device server reads: the knobs --ab may flip. A name the
 #: server does not read (a typo, or a knob since removed) would measure the default twice and
 #: call it an A/B, so anything else is refused.
-SERVER_KNOBS = (BATCH_USED_ENV, FAST_TX_ENV, INDEX_ENV, LEDGER_ENV, MAP_CACHE_ENV, POLL_MODE_ENV,
-                POLL_US_ENV, RX_POOL_ENV, TX_HOLDOFF_ENV, WIRE_TAKE_ENV)
+SERVER_KNOBS = (BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, INDEX_ENV, LEDGER_ENV, MAP_CACHE_ENV,
+                POLL_MODE_ENV, POLL_US_ENV, RX_POOL_ENV, TX_HOLDOFF_ENV, WIRE_TAKE_ENV)
 
 
 def _env_list(text: str) -> tuple[tuple[str, str], ...]:

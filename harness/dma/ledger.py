@@ -264,7 +264,7 @@ class DmaLedger:
 
     def account_transient(self, pieces: int, nbytes: int, most: int) -> None:
         """Count mappings a fast path made and unmapped within one call, every check of
-        ``_map_sg_fused`` and ``_unmap_sg_direct`` passed (harness.virtio.txfast): ``pieces``
+        ``_map_sg_fused`` and ``_unmap_sg_direct`` passed (harness.virtio.fastpath): ``pieces``
         maps and as many unmaps of ``nbytes`` in all, at most ``most`` live at once on top of
         the mappings live now."""
         self.maps += pieces

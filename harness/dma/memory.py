@@ -85,7 +85,7 @@ class GuestMemory:
         # RAM region, so this saves the tree walk on the data path. Cleared on removal.
         self._last: GuestRegion | None = None
         #: Bumped by every add and remove: whoever keeps host pointers into the regions
-        #: (harness.virtio.txfast) rebuilds them when it moved.
+        #: (harness.virtio.fastpath) rebuilds them when it moved.
         self.generation = 0
 
     # ---- regions -----------------------------------------------------------------------------

@@ -162,8 +162,9 @@ class Tap:
             if exc.errno not in (errno.EAGAIN, errno.EINVAL):
                 log.warning("TAP write failed: %s", exc)
 
-    def tx_fd(self) -> int:
-        """The fd the device may ``writev`` TX frames to itself (harness.virtio.txfast)."""
+    def io_fd(self) -> int:
+        """The fd the device may ``writev`` / ``readv`` frames on itself
+        (harness.virtio.fastpath)."""
         return self.fd
 
     def tx_failed(self, count: int, err: int) -> None:
@@ -172,6 +173,12 @@ class Tap:
         self.write_errors += count
         if err not in (errno.EAGAIN, errno.EINVAL):
             log.warning("TAP write failed: %s", os.strerror(err))
+
+    def rx_failed(self, err: int) -> None:
+        """The device's own ``readv`` on ``io_fd`` failed with ``err`` (not EAGAIN): counted
+        and logged as ``readv`` does."""
+        self.read_errors += 1
+        log.warning("TAP read failed: %s", os.strerror(err))
 
     def close(self) -> None:
         if self.fd >= 0:

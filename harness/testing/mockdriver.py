@@ -366,10 +366,11 @@ class FakeBackend:
 
 
 class FdBackend(FakeBackend):
-    """A FakeBackend whose TX side is a real fd, as a TAP's is: the device's C TX burst
-    (harness.virtio.txfast) writes frames to ``tx_fd()`` itself, the Python path through
-    ``writev`` into the same socket (SOCK_SEQPACKET: one record per frame); a refused write is
-    counted, not raised, as the TAP does. ``frames()`` drains what arrived."""
+    """A FakeBackend over a real fd, as a TAP is: the device's C bursts
+    (harness.virtio.fastpath) write and read frames on ``io_fd()`` themselves, the Python path
+    through ``writev`` / ``readv`` on the same socket (SOCK_SEQPACKET: one record per frame); a
+    refused write is counted, not raised, as the TAP does. ``frames()`` drains what the device
+    sent, ``deliver()`` queues a frame for it to receive."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -377,12 +378,28 @@ class FdBackend(FakeBackend):
         self.sock.setblocking(False)
         self.peer.setblocking(False)
         self.write_errors = 0
+        self.read_errors = 0
 
-    def tx_fd(self) -> int:
+    def io_fd(self) -> int:
         return self.sock.fileno()
 
     def tx_failed(self, count: int, err: int) -> None:
         self.write_errors += count
+
+    def rx_failed(self, err: int) -> None:
+        self.read_errors += 1
+
+    def deliver(self, frame: bytes) -> None:
+        self.peer.send(frame)
+
+    def readv(self, views: Sequence[memoryview]) -> int:
+        try:
+            return os.readv(self.sock.fileno(), views)
+        except BlockingIOError:
+            return -1
+        except OSError:
+            self.read_errors += 1
+            return -1
 
     def writev(self, views: Sequence[memoryview]) -> None:
         try:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-from harness.vfu import mapcache, txburst
+from harness.vfu import burst, mapcache
 
 log = logging.getLogger(__name__)
 
@@ -428,10 +428,10 @@ def make_ffi(prefix: Path) -> FFI:
     libraries, link_args = _json_c_link_args()
     ffibuilder = FFI()
     ffibuilder.cdef(CDEF_TYPES + CDEF_CONSTANTS + CDEF_FUNCTIONS + mapcache.CDEF
-                    + txburst.CDEF + CDEF_TRAMPOLINES)
+                    + burst.CDEF + CDEF_TRAMPOLINES)
     ffibuilder.set_source(
         MODULE_NAME,
-        C_SOURCE + mapcache.C_SOURCE + txburst.C_SOURCE,
+        C_SOURCE + mapcache.C_SOURCE + burst.C_SOURCE,
         include_dirs=[str(include)],
         # Static so the extension has no run-time dependency on the cache directory.
         extra_objects=[str(static_lib)],
@@ -444,7 +444,7 @@ def make_ffi(prefix: Path) -> FFI:
 
 def _inputs_digest(prefix: Path) -> str:
     """What the extension is built from: these modules, the static library and its headers."""
-    sources = (__file__, mapcache.__file__, txburst.__file__)
+    sources = (__file__, mapcache.__file__, burst.__file__)
     h = hashlib.sha256(b"".join(Path(str(f)).read_bytes() for f in sources))
     for path in sorted(prefix.rglob("*")):
         if path.is_file() and (path.suffix in (".a", ".h")):

@@ -45,6 +45,7 @@ from harness.virtio import constants as C
 from harness.virtio import netmisbehave
 from harness.virtio.chain import QueueStats, Virtqueue
 from harness.virtio.ctrl import ControlState, serve_queue
+from harness.virtio.fastpath import EMPTY, SLOW, FastPath, fast_path
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.netdefs import (
@@ -76,7 +77,6 @@ from harness.virtio.netrx import NetRxPath
 from harness.virtio.nettimers import TxTimers
 from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
 from harness.virtio.rxpool import RxPool, rx_pool_keep
-from harness.virtio.txfast import EMPTY, SLOW, TxFast, fast_tx
 
 # The constants live in harness.virtio.netdefs; importers keep using this module.
 __all__ = [
@@ -178,8 +178,8 @@ class VirtioNetDevice(NetRxPath):
         self.batch_used = batch_used()
         #: The TX hold-off (HARNESS_TX_HOLDOFF_US, off by default): harness.virtio.nettimers.
         self.timers = TxTimers(max_pairs, tx_holdoff())
-        #: The C TX burst (harness.virtio.txfast), None where the map ops keep TX in Python.
-        self.txfast: TxFast | None = fast_tx(mapops, TX_MAX)
+        #: The C bursts (harness.virtio.fastpath), None where the map ops keep both in Python.
+        self.fastpath: FastPath | None = fast_path(mapops)
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()
@@ -386,18 +386,18 @@ class VirtioNetDevice(NetRxPath):
         backend = self.pair_backend(pair if pair < self.control.pairs else 0)
         done = 0
         map_errors = st.map_errors
-        # The C burst takes the chains it can (harness.virtio.txfast); the one it stops at is
+        # The C burst takes the chains it can (harness.virtio.fastpath); the one it stops at is
         # popped below. Not while the link is down, used entries are published one by one
         # (HARNESS_BATCH_USED=0) or a misbehaviour is armed: the Python path has those.
-        fast = self.txfast if self.link_up and self.batch_used and self.misbehave is None \
+        fast = self.fastpath if self.link_up and self.batch_used and self.misbehave is None \
             else None
         q.disable_notify()
         while True:
             while done < self.batch:
                 if fast is not None:
-                    got = fast.run(q, backend, self.batch - done)
+                    got = fast.tx(q, backend, self.batch - done)
                     if got is None:
-                        fast = None  # not now (see TxFast.run): this flush stays in Python
+                        fast = None  # not now (see FastPath.tx): this flush stays in Python
                     else:
                         done += got[0]
                         if got[1] == EMPTY:
@@ -459,6 +459,7 @@ class VirtioNetDevice(NetRxPath):
         """Per-queue counters, their totals, and device-level counters."""
         per: dict[str, dict[str, int | bool]] = {}
         totals: dict[str, int] = {}
+        fp = self.fastpath
         for q in self.queues:
             d = {name: getattr(q.stats, name) for name in QueueStats.__slots__}
             for k, v in d.items():
@@ -481,8 +482,9 @@ class VirtioNetDevice(NetRxPath):
             # not a dict: ``harness stats`` shows every dict of this level as a queue row.
             "rx_pool": "keep" if self.rx_pool_keep else "call",
             "rx_pool_held": [len(p) for p in self._rx_pools],
-            # TX chains the C burst completed (harness.virtio.txfast); -1: it is off.
-            "tx_fast_chains": -1 if self.txfast is None else self.txfast.chains,
+            # TX chains and RX frames the C bursts completed (harness.virtio.fastpath); -1: off.
+            "tx_fast_chains": -1 if fp is None or not fp.tx_on else fp.tx_chains,
+            "rx_fast_frames": -1 if fp is None or not fp.rx_on else fp.rx_frames,
             **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
                           "rx_starved": list(self._rx_starved)}}
                if self.device_features >> C.NET_F_MQ & 1 else {}),

@@ -30,8 +30,10 @@ def batch_used() -> bool:
 #: (QEMU's tx=timer idea, for a stream only): fewer kicks (a vfio-user message each, sent by a
 #: vCPU) and fewer server wake-ups while the guest streams; a lone request is never delayed.
 TX_HOLDOFF_ENV = "HARNESS_TX_HOLDOFF_US"
-#: "off" keeps every TX chain on the Python path (harness.virtio.txfast; the A/B's other side).
+#: "off" keeps every TX chain on the Python path (harness.virtio.fastpath; the A/B's other side).
 FAST_TX_ENV = "HARNESS_FAST_TX"
+#: The same for RX frames (harness.virtio.fastpath).
+FAST_RX_ENV = "HARNESS_FAST_RX"
 TX_HOLDOFF_MIN = 4
 
 

@@ -18,6 +18,7 @@ from harness.virtio import constants as C
 from harness.virtio import netmisbehave, rxhdr
 from harness.virtio.chain import Virtqueue
 from harness.virtio.ctrl import ControlState
+from harness.virtio.fastpath import BUDGET, EMPTY, FastPath
 from harness.virtio.misbehave import Misbehave
 from harness.virtio.netdefs import RX_MAX_GSO, U16
 from harness.virtio.pci import VirtioPciDevice
@@ -55,6 +56,7 @@ class NetRxPath(VirtioPciDevice):
     _rx_frame_max: int
     _mrg: bool
     _scratch: bytearray | None
+    fastpath: FastPath | None
 
     def _after_event(self) -> None:
         """After each TX flush and RX batch: the device's per-event work (misbehaviours)."""
@@ -119,8 +121,13 @@ class NetRxPath(VirtioPciDevice):
             # Its rings were dropped (guest memory under them went away) and cannot be mapped
             # again now: a push would have no used ring to go to. Start from nothing.
             pool.give_back()
+        budget = self.batch
+        fast = self.fastpath
+        if fast is not None and not self._rx_filter and self.misbehave is None \
+                and self.batch_used:
+            budget = self._rx_fast(fast, q, pool, backend, budget)
         try:
-            for _ in range(self.batch):
+            for _ in range(budget):
                 if not self._rx_gather(q, pool):
                     break
                 views = pool.views
@@ -171,6 +178,25 @@ class NetRxPath(VirtioPciDevice):
         if q.flush():
             self._queue_interrupt(q)
         self._after_event()
+
+    def _rx_fast(
+        self, fast: FastPath, q: Virtqueue, pool: RxPool, backend: PacketBackend, budget: int
+    ) -> int:
+        """Frames in C (harness.virtio.fastpath) from an empty pool; the budget the Python
+        path has left: none when the backend ran dry or the budget was spent, the rest when
+        the burst stopped at a chain to refuse or at too little room (the Python path's)."""
+        # The pool's chains go back to the ring first: the burst stages from the ring itself.
+        got = fast.rx(q, backend, budget, mrg=self._mrg, room=self._rx_max,
+                      frame_max=self._rx_frame_max, negotiated=self.negotiated,
+                      first=pool.give_back)  # fmt: skip
+        if got is None:
+            return budget
+        self.header_drops += got.header_drops
+        self.oversize_drops += got.oversize_drops
+        self.csum_completed += got.csum_completed
+        if got.read:
+            q.disable_notify()  # it had buffers: refills need no doorbell (as _rx_gather)
+        return 0 if got.stop in (EMPTY, BUDGET) else budget - got.frames
 
     def _publish(self, q: Virtqueue) -> None:
         """Publish what ``q`` used so far and interrupt if the driver wants one (the same

@@ -1,4 +1,4 @@
-"""The C TX burst (harness.virtio.txfast) against the Python TX path: the same guest-visible result.
+"""The C TX burst (harness.virtio.fastpath) against the Python TX path: the same visible result.
 
 Two net devices over identical guest memory and identical TX rings, one with the C burst, one
 with it switched off (the Python path alone), each writing frames to a real fd as a TAP is
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from harness.dma import DirectMapOps
 from harness.testing.mockdriver import FdBackend, NetRig, net_rig
 from harness.virtio import constants as C
+from harness.virtio.fastpath import FastPath, fast_path
 from harness.virtio.netdefs import TX_MAX
-from harness.virtio.txfast import TxFast, fast_tx
 
 P = 0x1000
 BASE = 0x100000  # MockMemory's region: [BASE, END), rings and the data area inside
@@ -47,8 +47,8 @@ def _rig(fast: bool) -> NetRig:
     mem.memory.add_region(NOVIEW, None, writable=True, size=P)
     assert r.ledger is not None and type(r.ledger.inner) is DirectMapOps
     r.ledger.inner._max = MAX_MAP
-    r.device.txfast = fast_tx(r.device.mapops, TX_MAX) if fast else None
-    assert (r.device.txfast is not None) == fast
+    r.device.fastpath = fast_path(r.device.mapops) if fast else None
+    assert (r.device.fastpath is not None) == fast
     return r
 
 
@@ -143,7 +143,7 @@ def _chain(r: NetRig, pieces: list[tuple[int, int]]) -> None:
     q.publish(ids[0])
 
 
-def _run_both(post: Any) -> tuple[list[dict[str, Any]], TxFast]:
+def _run_both(post: Any) -> tuple[list[dict[str, Any]], FastPath]:
     seen = []
     fast = None
     for on in (True, False):
@@ -154,7 +154,7 @@ def _run_both(post: Any) -> tuple[list[dict[str, Any]], TxFast]:
         r.device.process()
         seen.append(_observe(r))
         if on:
-            fast = r.device.txfast
+            fast = r.device.fastpath
     assert fast is not None
     return seen, fast
 
@@ -173,7 +173,7 @@ def test_valid_chains_are_taken_in_c_byte_exact() -> None:
 
     seen, fast = _run_both(post)
     assert seen[0] == seen[1]
-    assert fast.chains == 12 and fast.bursts == 1
+    assert fast.tx_chains == 12
     frames = seen[0]["frames"]
     assert len(frames) == 12 and len(frames[1]) == 100 and len(frames[2]) == 3 * MAX_MAP + 5
     led = seen[0]["ledger"]
@@ -194,7 +194,7 @@ def test_a_chain_the_burst_will_not_take_goes_to_the_python_path() -> None:
 
     seen, fast = _run_both(post)
     assert seen[0] == seen[1]
-    assert fast.chains == 1
+    assert fast.tx_chains == 1
     assert seen[0]["state"]["broken"] and seen[0]["status"] & C.STATUS_NEEDS_RESET
 
 
@@ -207,14 +207,14 @@ def test_a_removed_region_is_never_touched() -> None:
     _chain(r, [(ADJ, 64)])
     r.tx.kick()
     r.device.process()
-    fast = r.device.txfast
-    assert fast is not None and fast.chains == 1
+    fast = r.device.fastpath
+    assert fast is not None and fast.tx_chains == 1
     assert r.ledger is not None
     r.driver.mem.memory.remove_range(ADJ, 2 * P)
     _chain(r, [(at, 12), (ADJ, 64)])
     r.tx.kick()
     r.device.process()
-    assert fast.chains == 1
+    assert fast.tx_chains == 1
     assert r.ledger.violations["unmapped_iova"] == 1
     assert r.device.queues[1].broken
 
@@ -233,4 +233,4 @@ def test_nothing_moves_with_bus_master_off() -> None:
         r.tx.kick()
         r.device.process()
         assert len(_observe(r)["frames"]) == 1
-        assert r.device.txfast is None or r.device.txfast.chains == 1
+        assert r.device.fastpath is None or r.device.fastpath.tx_chains == 1

@@ -1,0 +1,287 @@
+"""FastPath: the split ring's TX and RX loops in C, for what every check passes (issue 12).
+
+The device's TX flush (``VirtioNetDevice._tx_flush``) hands each burst to ``FastPath.tx``
+first: ``harness_tx_burst`` (harness.vfu.burst, in the cffi extension) walks the avail ring,
+maps each chain's buffers as ``DmaLedger._map_sg_fused`` over ``DirectMapOps`` would (the same
+pieces, the same region checks), ``writev``s the frame to the backend's fd and writes the used
+entry, for as many chains as it can take. The first chain it would not take (anything the
+Python path would refuse, drop or treat specially) stays in the ring, and the flush pops it on
+the Python path, which judges it in its own order and words; then the burst goes on in C.
+
+The RX side (``NetRxPath.on_backend_readable``) hands each readable event to ``FastPath.rx``
+first, with the pair's pool of held chains given back to the ring: ``harness_rx_burst`` stages
+chains from the ring for room, ``readv``s frames into them, judges each header as
+harness.virtio.rxhdr does, writes num_buffers and completes the chains each frame filled.
+Whatever it stops at (a chain to refuse, too little room, a filtered device) is the Python
+path's, from the same ring. tests/unit/test_fastpath_tx.py and test_fastpath_rx.py hold the
+two paths to the same result on hostile rings and frames: what the guest, the wire and the
+counters see is what the Python path alone would make them see; the interpreter's work per
+frame is what is gone.
+
+The DMA ledger still accounts for every mapping: a burst's pieces are counted as maps and
+unmaps (``DmaLedger.account_transient``), their peak with the mappings that were live. What
+holds for a whole burst is checked here once, before it: Bus Master Enable (the ledger's
+check; the server is single-threaded, so it cannot change during a burst), the map-ops stack
+(a DmaLedger, checking or not, over exactly ``DirectMapOps``, or ``DirectMapOps`` itself: the
+bounce, vIOMMU-domain and fault-injecting layers keep the Python path), rings that need no
+syncs, no misbehaviour, a backend with a file descriptor (a plain TAP: a capture must see each
+frame), and at most 64 guest regions (behind a vIOMMU every page is a region and changes with
+each DMA_MAP: rebuilding the table per burst would cost more than it saves).
+
+Host addresses of the regions and rings are taken without holding a buffer export (so
+``GuestMemory`` can still release a removed region's view) and are rebuilt whenever
+``GuestMemory.generation`` moved or the queue's rings were remapped.
+
+``HARNESS_FAST_TX=off`` / ``HARNESS_FAST_RX=off`` keep every TX chain / RX frame on the Python
+path (the A/B's other side).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from harness.dma import DirectMapOps, DmaLedger, GuestMemory, MapOps
+from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFFER_TSO6, SLOW
+from harness.virtio import constants as C
+from harness.virtio.chain import Virtqueue
+from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
+from harness.virtio.virtqueue import SplitVirtqueue
+
+try:
+    from harness.vfu._vfu import ffi, lib
+
+    _BUILT = True
+except ImportError:  # the extension is not built: everything stays on the Python path
+    _BUILT = False
+
+log = logging.getLogger(__name__)
+
+#: More regions than this: the Python path (see the module docstring).
+MAX_REGIONS = 64
+
+__all__ = ["BUDGET", "EMPTY", "NOBUFS", "SLOW", "DirectIo", "FastPath", "RxResult", "fast_path"]
+
+
+@runtime_checkable
+class DirectIo(Protocol):
+    """A backend the device may move frames through itself: ``writev(2)`` / ``readv(2)`` of the
+    vnet header and frame on ``io_fd()``, as its ``writev`` / ``readv`` would; ``tx_failed`` is
+    told of refused writes, ``rx_failed`` of a failed read (not EAGAIN)."""
+
+    def io_fd(self) -> int: ...
+
+    def tx_failed(self, count: int, err: int) -> None: ...
+
+    def rx_failed(self, err: int) -> None: ...
+
+
+def fast_path(mapops: MapOps) -> FastPath | None:
+    """The device's FastPath, or None when its map-ops stack (or the build, or the
+    environment) keeps both directions on the Python path for good."""
+    tx = os.environ.get(FAST_TX_ENV, "on") != "off"
+    rx = os.environ.get(FAST_RX_ENV, "on") != "off"
+    if not _BUILT or not (tx or rx):
+        return None
+    ledger: DmaLedger | None = None
+    inner = mapops
+    if type(mapops) is DmaLedger:
+        ledger = mapops if mapops.checks else None
+        inner = mapops.inner
+        if getattr(inner, "memory", None) is not mapops.memory:
+            return None
+    if type(inner) is not DirectMapOps:
+        return None
+    return FastPath(inner.memory, ledger, inner.max_mapping_size(), tx=tx, rx=rx)
+
+
+class RxResult(NamedTuple):
+    """What one RX burst did (the queue's counters are already updated)."""
+
+    frames: int
+    stop: int  # EMPTY, BUDGET, SLOW or NOBUFS
+    header_drops: int
+    oversize_drops: int
+    csum_completed: int
+    read: bool  # it had room and read the backend (at least once)
+
+
+@dataclass
+class _Rings:
+    """One queue's C state and what its ring addresses were derived from."""
+
+    c: Any  # harness_vq_t *
+    rings: list[Any]
+    generation: int
+
+
+def _address(view: memoryview) -> int:
+    """The host address of ``view``'s memory, holding no buffer export afterwards."""
+    buf = ffi.from_buffer(view)
+    try:
+        return int(ffi.cast("uintptr_t", buf))
+    finally:
+        ffi.release(buf)
+
+
+class FastPath:
+    """The C bursts for one device: the guest-region table and each queue's C state."""
+
+    def __init__(
+        self, memory: GuestMemory, ledger: DmaLedger | None, max_map: int, *, tx: bool = True,
+        rx: bool = True,
+    ) -> None:  # fmt: skip
+        self.memory = memory
+        self.ledger = ledger  # None: no checks to account for (no ledger, or HARNESS_LEDGER=off)
+        self.tx_on = tx
+        self.rx_on = rx
+        self._bus_master = ledger.bus_master if ledger is not None else None
+        self._max_map = max_map
+        self._generation = -1
+        self._table: Any = None
+        self._nregions = 0
+        self._queues: dict[int, _Rings] = {}
+        self._fds: dict[int, tuple[object, int]] = {}
+        #: TX chains and RX frames the C bursts completed (for stats and tests).
+        self.tx_chains = 0
+        self.rx_frames = 0
+
+    # ---- what a burst runs on ----------------------------------------------------------------
+
+    def _regions(self) -> bool:
+        """The region table for the memory as it is now; False: too many regions for it."""
+        memory = self.memory
+        if self._generation == memory.generation:
+            return self._table is not None
+        self._generation = memory.generation
+        self._table = None
+        self._queues.clear()  # ring addresses are re-derived too: their memory may have gone
+        if len(memory) > MAX_REGIONS:  # counted before listing: behind a vIOMMU, thousands
+            return False
+        regions = memory.region_objects()
+        table = ffi.new("harness_region_t[]", max(1, len(regions)))
+        for slot, r in zip(table, regions, strict=False):
+            slot.iova = r.iova
+            slot.last = r.end - 1
+            slot.host = ffi.NULL if r.view is None else ffi.cast("uint8_t *", _address(r.view))
+            slot.writable = int(r.writable)
+        self._table = table
+        self._nregions = len(regions)
+        return True
+
+    def _state(self, q: SplitVirtqueue) -> Any:
+        """``q``'s C state with its ring addresses current, or None (rings not usable now)."""
+        st = self._queues.get(id(q))
+        if st is not None and st.rings is q._rings and st.generation == self._generation:
+            return st.c
+        desc, avail, used = q._desc, q._avail16, q._used32
+        if desc is None or avail is None or used is None:
+            return None
+        c = ffi.new("harness_vq_t *")
+        try:
+            c.desc = ffi.cast("uint8_t *", _address(desc))
+            c.avail = ffi.cast("uint16_t *", _address(avail))
+            c.used = ffi.cast("uint32_t *", _address(used))
+        except ValueError:  # a view released under a revoked mapping: the Python path says so
+            return None
+        c.size = q.size
+        c.regions = self._table
+        c.nregions = self._nregions
+        c.max_map = self._max_map
+        c.hdr_len = C.NET_HDR_SIZE
+        c.tx_max = TX_MAX
+        self._queues[id(q)] = _Rings(c, q._rings, self._generation)
+        return c
+
+    def _fd(self, backend: object) -> int:
+        known = self._fds.get(id(backend))
+        if known is not None and known[0] is backend:
+            return known[1]
+        fd = backend.io_fd() if isinstance(backend, DirectIo) else -1
+        self._fds[id(backend)] = (backend, fd)
+        return fd
+
+    def _ready(self, q: Virtqueue, backend: object) -> Any:
+        """``q``'s C state when a burst may run now (``_load`` then loads its indices); else
+        None."""
+        if (type(q) is not SplitVirtqueue or q.misbehave is not None or q.broken
+                or not q._rings or q._desc_sync or q._avail_sync or q._used_sync):  # fmt: skip
+            return None
+        if self._bus_master is not None and not self._bus_master():
+            return None  # the ledger refuses the map (transiently) on the Python path
+        fd = self._fd(backend)
+        if fd < 0 or not self._regions():
+            return None
+        c = self._state(q)
+        if c is None:
+            return None
+        c.fd = fd
+        return c
+
+    @staticmethod
+    def _load(q: SplitVirtqueue, c: Any) -> None:
+        c.next_avail = q._next_avail
+        c.avail_seen = q._avail_seen
+        c.used_idx = q._used_idx
+
+    def _finish(self, q: SplitVirtqueue, c: Any) -> None:
+        """Take the burst's indices and counters back into ``q`` and the ledger."""
+        q._avail_seen = c.avail_seen
+        q._next_avail = c.next_avail
+        q._used_idx = c.used_idx
+        st = q.stats
+        st.chains += c.chains
+        st.packets += c.packets
+        st.bytes += c.bytes
+        st.drops += c.drops
+        if self.ledger is not None and c.pieces:
+            self.ledger.account_transient(c.pieces, c.map_bytes, c.max_pieces)
+
+    # ---- the bursts --------------------------------------------------------------------------
+
+    def tx(self, q: Virtqueue, backend: object, budget: int) -> tuple[int, int] | None:
+        """Complete up to ``budget`` chains of ``q`` in C: (chains done, why it stopped:
+        EMPTY, BUDGET or SLOW, the next chain being the Python path's), or None when the
+        burst cannot run now (the flush then pops every chain on the Python path)."""
+        c = self._ready(q, backend) if self.tx_on else None
+        if c is None:
+            return None
+        assert isinstance(q, SplitVirtqueue)
+        self._load(q, c)
+        done = lib.harness_tx_burst(c, budget)
+        self._finish(q, c)
+        self.tx_chains += done
+        if c.write_errors:
+            backend.tx_failed(c.write_errors, c.last_errno)  # type: ignore[attr-defined]
+        return done, c.stop
+
+    def rx(
+        self, q: Virtqueue, backend: object, budget: int, *, mrg: bool, room: int,
+        frame_max: int, negotiated: int, first: Callable[[], object],
+    ) -> RxResult | None:  # fmt: skip
+        """Receive up to ``budget`` frames into ``q`` in C (``room``: what to stage before a
+        read, ``frame_max``: the longest frame without GSO, ``negotiated``: the driver's
+        features; ``first`` runs once the burst is sure to: the pool's give-back), or None
+        when the burst cannot run now."""
+        c = self._ready(q, backend) if self.rx_on else None
+        if c is None:
+            return None
+        assert isinstance(q, SplitVirtqueue)
+        first()
+        self._load(q, c)
+        c.mrg = int(mrg)
+        c.rx_room = room
+        c.frame_max = frame_max
+        c.offers = ((OFFER_CSUM if negotiated >> C.NET_F_GUEST_CSUM & 1 else 0)
+                    | (OFFER_TSO4 if negotiated >> C.NET_F_GUEST_TSO4 & 1 else 0)
+                    | (OFFER_TSO6 if negotiated >> C.NET_F_GUEST_TSO6 & 1 else 0))  # fmt: skip
+        done = lib.harness_rx_burst(c, budget)
+        self._finish(q, c)
+        self.rx_frames += done
+        if c.last_errno:
+            backend.rx_failed(c.last_errno)  # type: ignore[attr-defined]
+        read = done > 0 or c.drops > 0 or c.stop in (EMPTY, BUDGET)
+        return RxResult(done, c.stop, c.header_drops, c.oversize_drops, c.csum_completed, read)
