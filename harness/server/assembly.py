@@ -23,6 +23,7 @@ from harness.net.pcap import CapturingBackend, PcapngWriter
 from harness.net.tap import Tap, configure, link_stats, offload_for
 from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
+from harness.vfu.bursts import CBursts
 from harness.virtio import features as features_mod
 from harness.virtio.constants import F_ACCESS_PLATFORM, CapType
 from harness.virtio.misbehave import parse_list
@@ -161,6 +162,7 @@ class DeviceServer:
         self.device = VirtioNetDevice(
             self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier,
+            bursts=CBursts(),
             mtu=feats.mtu, on_offloads=self._set_offloads, max_pairs=feats.pairs,
             extra_backends=self.extra_backends, on_pairs=self._set_pairs)
         for text in cfg.misbehave:

@@ -463,10 +463,17 @@ def net_rig(
     mem_size: int = 4 << 20,
     ledger: bool = False,
     backend: FakeBackend | None = None,
+    bursts: bool = False,
 ) -> NetRig:
     """Build a net device over mock memory; ``init`` runs the driver's probe to DRIVER_OK.
     ``ledger``: the device maps through a DMA ledger (``NetRig.ledger``), as the server's do.
-    ``backend``: default a FakeBackend (no fd: TX stays on the Python path)."""
+    ``backend``: default a FakeBackend (no fd: the C bursts cannot run on it). ``bursts``: the
+    device gets the C bursts (harness.vfu.bursts), as the server's does."""
+    engine = None
+    if bursts:
+        from harness.vfu.bursts import CBursts  # the extension: only the tests that ask
+
+        engine = CBursts()
     mem = MockMemory(mem_size)
     backend = FakeBackend() if backend is None else backend
     irq = FakeIrq()
@@ -484,6 +491,7 @@ def net_rig(
         queue_size=queue_size,
         features=features,
         bus_master=lambda: bme[0],
+        bursts=engine,
     )
     driver = MockDriver(dev, mem)
     if init:

@@ -1,7 +1,11 @@
 """FastPath: the split ring's TX and RX loops in C, for what every check passes (issue 12).
 
+The bursts are C (harness.vfu.burst), reached through a ``BurstEngine`` the device process
+gives the device (harness.vfu.bursts.CBursts: harness.vfu stays the only place that touches
+cffi); without one, or with ``fast_path`` refusing the map-ops stack, everything is Python.
+
 The device's TX flush (``VirtioNetDevice._tx_flush``) hands each burst to ``FastPath.tx``
-first: ``harness_tx_burst`` (harness.vfu.burst, in the cffi extension) walks the avail ring,
+first: ``harness_tx_burst`` walks the avail ring,
 maps each chain's buffers as ``DmaLedger._map_sg_fused`` over ``DirectMapOps`` would (the same
 pieces, the same region checks), ``writev``s the frame to the backend's fd and writes the used
 entry, for as many chains as it can take. The first chain it would not take (anything the
@@ -49,14 +53,8 @@ from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFF
 from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
 from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
+from harness.virtio.protocols import BurstEngine
 from harness.virtio.virtqueue import SplitVirtqueue
-
-try:
-    from harness.vfu._vfu import ffi, lib
-
-    _BUILT = True
-except ImportError:  # the extension is not built: everything stays on the Python path
-    _BUILT = False
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +77,12 @@ class DirectIo(Protocol):
     def rx_failed(self, err: int) -> None: ...
 
 
-def fast_path(mapops: MapOps) -> FastPath | None:
-    """The device's FastPath, or None when its map-ops stack (or the build, or the
-    environment) keeps both directions on the Python path for good."""
+def fast_path(mapops: MapOps, engine: BurstEngine | None) -> FastPath | None:
+    """The device's FastPath over ``engine``, or None when there is none, or the map-ops stack
+    or the environment keeps both directions on the Python path for good."""
     tx = os.environ.get(FAST_TX_ENV, "on") != "off"
     rx = os.environ.get(FAST_RX_ENV, "on") != "off"
-    if not _BUILT or not (tx or rx):
+    if engine is None or not (tx or rx):
         return None
     ledger: DmaLedger | None = None
     inner = mapops
@@ -95,7 +93,7 @@ def fast_path(mapops: MapOps) -> FastPath | None:
             return None
     if type(inner) is not DirectMapOps:
         return None
-    return FastPath(inner.memory, ledger, inner.max_mapping_size(), tx=tx, rx=rx)
+    return FastPath(engine, inner.memory, ledger, inner.max_mapping_size(), tx=tx, rx=rx)
 
 
 class RxResult(NamedTuple):
@@ -118,22 +116,14 @@ class _Rings:
     generation: int
 
 
-def _address(view: memoryview) -> int:
-    """The host address of ``view``'s memory, holding no buffer export afterwards."""
-    buf = ffi.from_buffer(view)
-    try:
-        return int(ffi.cast("uintptr_t", buf))
-    finally:
-        ffi.release(buf)
-
-
 class FastPath:
     """The C bursts for one device: the guest-region table and each queue's C state."""
 
     def __init__(
-        self, memory: GuestMemory, ledger: DmaLedger | None, max_map: int, *, tx: bool = True,
-        rx: bool = True,
+        self, engine: BurstEngine, memory: GuestMemory, ledger: DmaLedger | None, max_map: int,
+        *, tx: bool = True, rx: bool = True,
     ) -> None:  # fmt: skip
+        self.engine = engine
         self.memory = memory
         self.ledger = ledger  # None: no checks to account for (no ledger, or HARNESS_LEDGER=off)
         self.tx_on = tx
@@ -161,15 +151,11 @@ class FastPath:
         self._queues.clear()  # ring addresses are re-derived too: their memory may have gone
         if len(memory) > MAX_REGIONS:  # counted before listing: behind a vIOMMU, thousands
             return False
-        regions = memory.region_objects()
-        table = ffi.new("harness_region_t[]", max(1, len(regions)))
-        for slot, r in zip(table, regions, strict=False):
-            slot.iova = r.iova
-            slot.last = r.end - 1
-            slot.host = ffi.NULL if r.view is None else ffi.cast("uint8_t *", _address(r.view))
-            slot.writable = int(r.writable)
-        self._table = table
-        self._nregions = len(regions)
+        address = self.engine.address
+        rows = [(r.iova, r.end - 1, 0 if r.view is None else address(r.view), r.writable)
+                for r in memory.region_objects()]  # fmt: skip
+        self._table = self.engine.regions(rows)
+        self._nregions = len(rows)
         return True
 
     def _state(self, q: SplitVirtqueue) -> Any:
@@ -180,16 +166,13 @@ class FastPath:
         desc, avail, used = q._desc, q._avail16, q._used32
         if desc is None or avail is None or used is None:
             return None
-        c = ffi.new("harness_vq_t *")
+        address = self.engine.address
         try:
-            c.desc = ffi.cast("uint8_t *", _address(desc))
-            c.avail = ffi.cast("uint16_t *", _address(avail))
-            c.used = ffi.cast("uint32_t *", _address(used))
+            c = self.engine.queue(address(desc), address(avail), address(used), self._table,
+                                  self._nregions)  # fmt: skip
         except ValueError:  # a view released under a revoked mapping: the Python path says so
             return None
         c.size = q.size
-        c.regions = self._table
-        c.nregions = self._nregions
         c.max_map = self._max_map
         c.hdr_len = C.NET_HDR_SIZE
         c.tx_max = TX_MAX
@@ -251,7 +234,7 @@ class FastPath:
             return None
         assert isinstance(q, SplitVirtqueue)
         self._load(q, c)
-        done = lib.harness_tx_burst(c, budget)
+        done = self.engine.tx(c, budget)
         self._finish(q, c)
         self.tx_chains += done
         if c.write_errors:
@@ -278,7 +261,7 @@ class FastPath:
         c.offers = ((OFFER_CSUM if negotiated >> C.NET_F_GUEST_CSUM & 1 else 0)
                     | (OFFER_TSO4 if negotiated >> C.NET_F_GUEST_TSO4 & 1 else 0)
                     | (OFFER_TSO6 if negotiated >> C.NET_F_GUEST_TSO6 & 1 else 0))  # fmt: skip
-        done = lib.harness_rx_burst(c, budget)
+        done = self.engine.rx(c, budget)
         self._finish(q, c)
         self.rx_frames += done
         if c.last_errno:

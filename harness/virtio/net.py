@@ -75,7 +75,13 @@ from harness.virtio.netdefs import (
 )
 from harness.virtio.netrx import NetRxPath
 from harness.virtio.nettimers import TxTimers
-from harness.virtio.protocols import Barrier, InterruptSink, PacketBackend, no_barrier
+from harness.virtio.protocols import (
+    Barrier,
+    BurstEngine,
+    InterruptSink,
+    PacketBackend,
+    no_barrier,
+)
 from harness.virtio.rxpool import RxPool, rx_pool_keep
 
 # The constants live in harness.virtio.netdefs; importers keep using this module.
@@ -126,6 +132,7 @@ class VirtioNetDevice(NetRxPath):
         max_pairs: int = 1,
         extra_backends: Sequence[PacketBackend] = (),
         on_pairs: Callable[[int], None] | None = None,
+        bursts: BurstEngine | None = None,
     ) -> None:
         if len(mac) != 6:
             raise ValueError(f"mac must be 6 bytes, got {len(mac)}")
@@ -179,7 +186,7 @@ class VirtioNetDevice(NetRxPath):
         #: The TX hold-off (HARNESS_TX_HOLDOFF_US, off by default): harness.virtio.nettimers.
         self.timers = TxTimers(max_pairs, tx_holdoff())
         #: The C bursts (harness.virtio.fastpath), None where the map ops keep both in Python.
-        self.fastpath: FastPath | None = fast_path(mapops)
+        self.fastpath: FastPath | None = fast_path(mapops, bursts)
         #: False (HARNESS_RX_POOL=call): unused RX chains go back to the ring after every
         #: readable event instead of staying mapped in ``_rx_pools`` (measurement only).
         self.rx_pool_keep = rx_pool_keep()

@@ -1,9 +1,9 @@
-"""The two interfaces the virtio device needs from its host side: interrupts and packets."""
+"""What the virtio device needs from its host side: interrupts, packets, the C bursts."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class InterruptSink(Protocol):
@@ -24,6 +24,21 @@ class PacketBackend(Protocol):
     def writev(self, views: Sequence[memoryview]) -> None:
         """Write one frame gathered from ``views``; OSError when it cannot be sent."""
         ...
+
+
+class BurstEngine(Protocol):
+    """The C TX/RX bursts (harness.vfu.bursts.CBursts), which harness.virtio.fastpath drives;
+    cdata objects are opaque here."""
+
+    def address(self, view: memoryview) -> int: ...
+
+    def regions(self, rows: Sequence[tuple[int, int, int, bool]]) -> Any: ...
+
+    def queue(self, desc: int, avail: int, used: int, table: Any, nregions: int) -> Any: ...
+
+    def tx(self, q: Any, budget: int) -> int: ...
+
+    def rx(self, q: Any, budget: int) -> int: ...
 
 
 Barrier = Callable[[], None]

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from harness.dma import DirectMapOps
 from harness.testing.mockdriver import FdBackend, NetRig, net_rig
+from harness.vfu.bursts import CBursts
 from harness.virtio import constants as C
 from harness.virtio.fastpath import FastPath, fast_path
 from harness.virtio.netdefs import TX_MAX
@@ -39,7 +40,7 @@ _N, _W, _I = C.DESC_F_NEXT, C.DESC_F_WRITE, C.DESC_F_INDIRECT
 
 
 def _rig(fast: bool) -> NetRig:
-    r = net_rig(ledger=True, backend=FdBackend(), queue_size=QSIZE, mem_size=1 << 20)
+    r = net_rig(ledger=True, backend=FdBackend(), bursts=True, queue_size=QSIZE, mem_size=1 << 20)
     mem = r.driver.mem
     pattern = bytes(range(256)) * 16
     mem.memory.add_region(ADJ, memoryview(bytearray(pattern[: 2 * P])), writable=True)
@@ -47,7 +48,8 @@ def _rig(fast: bool) -> NetRig:
     mem.memory.add_region(NOVIEW, None, writable=True, size=P)
     assert r.ledger is not None and type(r.ledger.inner) is DirectMapOps
     r.ledger.inner._max = MAX_MAP
-    r.device.fastpath = fast_path(r.device.mapops) if fast else None
+    # Built again: the map ops' max_mapping_size is read when the fast path is made.
+    r.device.fastpath = fast_path(r.device.mapops, CBursts()) if fast else None
     assert (r.device.fastpath is not None) == fast
     return r
 
