@@ -88,14 +88,17 @@ _FIELDS = """
     int32_t stop;
 """
 
-CDEF = """
-typedef struct {
+#: One guest memory region: [iova, last], host memory at host (NULL: none for the device);
+#: declared once for cffi's cdef and the C source, as the queue fields above.
+_REGION = """typedef struct {
     uint64_t iova;
     uint64_t last;
     uint8_t *host;
     uint32_t writable;
 } harness_region_t;
+"""
 
+CDEF = _REGION + """
 typedef struct {
     const uint8_t *desc;
     const uint16_t *avail;
@@ -124,14 +127,7 @@ C_SOURCE = r"""
 #define HARNESS_OFFER_TSO4 2
 #define HARNESS_OFFER_TSO6 4
 
-/* One guest memory region: [iova, last], host memory at host (NULL: none for the device). */
-typedef struct {
-    uint64_t iova;
-    uint64_t last;
-    uint8_t *host;
-    uint32_t writable;
-} harness_region_t;
-
+""" + _REGION + """
 typedef struct {
     const uint8_t *desc;        /* the rings, mapped by the Python side */
     const uint16_t *avail;
