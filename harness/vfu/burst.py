@@ -31,6 +31,7 @@ entries are written into the ring; publishing used.idx and the interrupt decisio
 
 **RX** (``harness_rx_burst``). Up to ``budget`` frames from the backend's fd into the RX
 ring, as ``NetRxPath.on_backend_readable`` receives them with an empty pool: chains are staged
+(at most 1024 at once: a room that needs more, in a queue that large, is the Python path's)
 (walked and mapped FROM_DEVICE) from the avail ring until they hold room for the largest frame
 (``rx_room``: with MRG_RXBUF, or every chain the ring has; one chain without), one ``readv``
 fills them, the vnet header is judged as ``harness.virtio.rxhdr.check`` judges it (the same
@@ -419,7 +420,7 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
             if (r > 0) {
                 break;
             }
-            if (r < 0) {
+            if (r < 0 || count == HARNESS_VQ_CHAINS) {   /* a jump; or a queue over 1024 */
                 q->stop = HARNESS_STOP_SLOW;
                 goto out;
             }

@@ -195,6 +195,8 @@ class FastPath:
             return None
         if self._bus_master is not None and not self._bus_master():
             return None  # the ledger refuses the map (transiently) on the Python path
+        if self._max_map < 1:
+            return None
         fd = self._fd(backend)
         if fd < 0 or not self._regions():
             return None

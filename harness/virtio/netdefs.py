@@ -90,6 +90,8 @@ RX_MAX_MTU = C.NET_HDR_SIZE + 1518
 # No Ethernet frame is longer than a 64 KiB GSO packet plus its headers, offloads or not: a
 # longer TX chain is completed, dropped and counted rather than handed to the backend.
 TX_MAX = RX_MAX_GSO
+#: The most buffers one readv/writev takes (Linux UIO_MAXIOV).
+IOV_MAX = 1024
 CONFIG_LEN = 8  # mac[6] + status: only what we implement (Linux BUG()s past the cap)
 #: With VIRTIO_NET_F_MTU: ... + max_virtqueue_pairs (1: no MQ) + mtu (offset 10).
 CONFIG_LEN_MTU = 12

@@ -20,7 +20,7 @@ from harness.virtio.chain import Virtqueue
 from harness.virtio.ctrl import ControlState
 from harness.virtio.fastpath import BUDGET, EMPTY, FastPath
 from harness.virtio.misbehave import Misbehave
-from harness.virtio.netdefs import RX_MAX_GSO, U16
+from harness.virtio.netdefs import IOV_MAX, RX_MAX_GSO, U16
 from harness.virtio.pci import VirtioPciDevice
 from harness.virtio.protocols import PacketBackend
 from harness.virtio.rxpool import RxPool
@@ -250,6 +250,7 @@ class NetRxPath(VirtioPciDevice):
             return True  # held from before: no ring access at all
         map_errors = q.stats.map_errors
         for _attempt in range(4):
+            full = False  # as many buffers as one readv takes
             while (self._mrg and pool.cap < self._rx_max) or not pool.chains:
                 c = q.pop()
                 if c is None:
@@ -260,6 +261,12 @@ class NetRxPath(VirtioPciDevice):
                     pool.give_back()
                     q.fail(f"RX chain with {what}", c.head)
                     return False
+                if len(pool.views) + len(c.writable) > IOV_MAX:
+                    # readv takes at most IOV_MAX buffers (EINVAL beyond, every time: the frame
+                    # would never leave the TAP). Tiny buffers: receive into the room there is.
+                    q.unpop(c)
+                    full = True
+                    break
                 pool.add(q, c)
             if q.broken:
                 pool.give_back()  # discards: the queue is broken
@@ -267,7 +274,7 @@ class NetRxPath(VirtioPciDevice):
             # Enough room, or every buffer the ring can hold is here and it still is not:
             # then use what there is rather than wait for buffers that cannot come.
             if pool.chains and (not self._mrg or pool.cap >= self._rx_max
-                                or len(pool) >= q.size):
+                                or len(pool) >= q.size or full):
                 q.disable_notify()  # we have buffers: refills need no doorbell
                 return True
             pool.give_back()

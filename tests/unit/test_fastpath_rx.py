@@ -224,3 +224,31 @@ def test_a_buffer_in_read_only_memory_is_the_python_paths_to_refuse() -> None:
     seen = _both(DEFAULT_FEATURES, post, [_HDR.pack(0, 0, 0, 0, 0, 0, 0) + bytes(60)])
     assert seen[0][:5] == seen[1][:5]
     assert seen[0][2] and seen[0][4] == {"read_only_region": 1} and seen[0][5] == 0
+
+
+def test_a_room_of_more_than_1024_buffers_is_the_python_paths() -> None:
+    """A 2048-entry queue of 40-byte buffers and a driver with guest TSO (room for 64 KiB takes
+    1640 of them): more than one readv takes (IOV_MAX 1024, EINVAL beyond: the frame would
+    never leave the TAP). The burst leaves it to the Python path, which gathers 1024 buffers
+    and receives into them; both devices end the same."""
+    features = DEFAULT_FEATURES | OFFLOAD_FEATURES
+    seen = []
+    for on in (True, False):
+        r = net_rig(ledger=True, backend=FdBackend(), bursts=True, queue_size=2048,
+                    mem_size=1 << 20, features=features, driver_features=features)  # fmt: skip
+        if not on:
+            r.device.fastpath = None
+        for _ in range(2000):
+            r.rx.add(in_=[40])
+        backend = r.backend
+        assert isinstance(backend, FdBackend)
+        backend.deliver(_HDR.pack(0, 0, 0, 0, 0, 0, 0) + bytes(range(100)))
+        r.device.on_backend_readable()
+        used = r.rx.get_used()
+        q = r.device.queues[0]
+        seen.append((used, [r.rx.written(h, n) for h, n in used], q.broken, r.device.status))
+        if on:
+            assert r.device.fastpath is not None and r.device.fastpath.rx_frames == 0
+        assert backend.read_errors == 0
+    assert seen[0] == seen[1]
+    assert [n for _, n in seen[0][0]] == [40, 40, 32] and not seen[0][2]
