@@ -43,11 +43,11 @@ path (the A/B's other side).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from harness import knobs
 from harness.dma import DirectMapOps, DmaLedger, GuestMemory, MapOps
 from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFFER_TSO6, SLOW
 from harness.virtio import constants as C
@@ -80,8 +80,9 @@ class DirectIo(Protocol):
 def fast_path(mapops: MapOps, engine: BurstEngine | None) -> FastPath | None:
     """The device's FastPath over ``engine``, or None when there is none, or the map-ops stack
     or the environment keeps both directions on the Python path for good."""
-    tx = os.environ.get(FAST_TX_ENV, "on") != "off"
-    rx = os.environ.get(FAST_RX_ENV, "on") != "off"
+    # A mistyped value fails loudly (harness.knobs): an A/B must not measure the default twice.
+    tx = knobs.choice(FAST_TX_ENV, ("on", "off"), "on") == "on"
+    rx = knobs.choice(FAST_RX_ENV, ("on", "off"), "on") == "on"
     if engine is None or not (tx or rx):
         return None
     ledger: DmaLedger | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ from harness.testing.mockdriver import FdBackend, NetRig, net_rig
 from harness.vfu.bursts import CBursts
 from harness.virtio import constants as C
 from harness.virtio.fastpath import FastPath, fast_path
-from harness.virtio.netdefs import TX_MAX
+from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
 
 P = 0x1000
 BASE = 0x100000  # MockMemory's region: [BASE, END), rings and the data area inside
@@ -236,3 +237,14 @@ def test_nothing_moves_with_bus_master_off() -> None:
         r.device.process()
         assert len(_observe(r)["frames"]) == 1
         assert r.device.fastpath is None or r.device.fastpath.tx_chains == 1
+
+
+@pytest.mark.parametrize("name", [FAST_TX_ENV, FAST_RX_ENV])
+def test_the_switches_refuse_a_mistyped_value(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, "of")
+    with pytest.raises(ValueError, match=f"{name}='of': expected on or off"):
+        net_rig(ledger=True, backend=FdBackend(), bursts=True)
+    monkeypatch.setenv(name, "off")
+    fp = net_rig(ledger=True, backend=FdBackend(), bursts=True).device.fastpath
+    assert fp is not None and (fp.tx_on, fp.rx_on) == (name != FAST_TX_ENV, name != FAST_RX_ENV)
+
