@@ -147,8 +147,7 @@ class Tap:
         except BlockingIOError:
             return -1
         except OSError as exc:
-            self.read_errors += 1
-            log.warning("TAP read failed: %s", exc)
+            self.rx_failed(exc.errno or 0)
             return -1
 
     def writev(self, views: Sequence[memoryview]) -> None:
@@ -156,11 +155,7 @@ class Tap:
         try:
             os.writev(self.fd, views)
         except OSError as exc:
-            # EAGAIN (queue full) or EINVAL (a malformed header from the guest) both mean the
-            # frame is dropped, which is what a NIC does; the guest is not to be trusted.
-            self.write_errors += 1
-            if exc.errno not in (errno.EAGAIN, errno.EINVAL):
-                log.warning("TAP write failed: %s", exc)
+            self.tx_failed(1, exc.errno or 0)
 
     def io_fd(self) -> int:
         """The fd the device may ``writev`` / ``readv`` frames on itself
@@ -168,15 +163,17 @@ class Tap:
         return self.fd
 
     def tx_failed(self, count: int, err: int) -> None:
-        """``count`` frames the device wrote to ``tx_fd`` were refused (the last with ``err``):
-        counted and logged as ``writev`` does with its own."""
+        """``count`` frames written to the TAP (by ``writev``, or by the device on ``io_fd``)
+        were refused, the last with ``err``: counted, and logged unless it was EAGAIN (queue
+        full) or EINVAL (a malformed header from the guest): both mean the frame is dropped,
+        which is what a NIC does; the guest is not to be trusted."""
         self.write_errors += count
         if err not in (errno.EAGAIN, errno.EINVAL):
             log.warning("TAP write failed: %s", os.strerror(err))
 
     def rx_failed(self, err: int) -> None:
-        """The device's own ``readv`` on ``io_fd`` failed with ``err`` (not EAGAIN): counted
-        and logged as ``readv`` does."""
+        """A read from the TAP (by ``readv``, or by the device on ``io_fd``) failed with
+        ``err`` (not EAGAIN): counted and logged."""
         self.read_errors += 1
         log.warning("TAP read failed: %s", os.strerror(err))
 

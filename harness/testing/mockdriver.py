@@ -6,7 +6,7 @@ feature dwords 0..3, queue setup with lo/hi addresses, doorbells), like the real
 ring back, and can also write arbitrary (malformed) descriptors; with VIRTIO_F_RING_PACKED
 negotiated ``setup_queue`` builds harness.testing.mockpacked's ``MockPackedQueue`` instead.
 ``FakeBackend`` and ``FakeIrq`` stand in for the TAP and the MSI-X eventfds (``FdBackend``: a
-FakeBackend with a real TX fd, for the C TX burst).
+FakeBackend over a real fd, for the C TX and RX bursts).
 """
 
 from __future__ import annotations
@@ -96,6 +96,17 @@ class MockQueue:
 
     def set_avail_slot(self, slot: int, head: int) -> None:
         self.mem.write(self.avail + 4 + 2 * (slot % self.size), _U16.pack(head))
+
+    def write_ring(
+        self, table: Sequence[tuple[int, int, int, int]], heads: Sequence[int], avail: int
+    ) -> None:
+        """Write a whole (possibly malformed) ring: descriptors (addr, len, flags, next) from
+        index 0, avail slots from 0, then avail.idx."""
+        for i, d in enumerate(table):
+            self.write_desc(i, *d)
+        for slot, head in enumerate(heads):
+            self.set_avail_slot(slot, head)
+        self.set_avail_idx(avail)
 
     def set_avail_idx(self, idx: int) -> None:
         self.avail_idx = idx & 0xFFFF

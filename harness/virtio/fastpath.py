@@ -42,7 +42,6 @@ path (the A/B's other side).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -55,8 +54,6 @@ from harness.virtio.chain import Virtqueue
 from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
 from harness.virtio.protocols import BurstEngine
 from harness.virtio.virtqueue import SplitVirtqueue
-
-log = logging.getLogger(__name__)
 
 #: More regions than this: the Python path (see the module docstring).
 MAX_REGIONS = 64
@@ -92,7 +89,7 @@ def fast_path(mapops: MapOps, engine: BurstEngine | None) -> FastPath | None:
         inner = mapops.inner
         if getattr(inner, "memory", None) is not mapops.memory:
             return None
-    if type(inner) is not DirectMapOps:
+    if type(inner) is not DirectMapOps or inner.max_mapping_size() < 1:
         return None
     return FastPath(engine, inner.memory, ledger, inner.max_mapping_size(), tx=tx, rx=rx)
 
@@ -134,8 +131,8 @@ class FastPath:
         self._generation = -1
         self._table: Any = None
         self._nregions = 0
-        self._queues: dict[int, _Rings] = {}
-        self._fds: dict[int, tuple[object, int]] = {}
+        self._queues: dict[Virtqueue, _Rings] = {}
+        self._fds: dict[object, int] = {}  # backend -> its io_fd, or -1
         #: TX chains and RX frames the C bursts completed (for stats and tests).
         self.tx_chains = 0
         self.rx_frames = 0
@@ -161,7 +158,7 @@ class FastPath:
 
     def _state(self, q: SplitVirtqueue) -> Any:
         """``q``'s C state with its ring addresses current, or None (rings not usable now)."""
-        st = self._queues.get(id(q))
+        st = self._queues.get(q)
         if st is not None and st.rings is q._rings and st.generation == self._generation:
             return st.c
         desc, avail, used = q._desc, q._avail16, q._used32
@@ -177,15 +174,13 @@ class FastPath:
         c.max_map = self._max_map
         c.hdr_len = C.NET_HDR_SIZE
         c.tx_max = TX_MAX
-        self._queues[id(q)] = _Rings(c, q._rings, self._generation)
+        self._queues[q] = _Rings(c, q._rings, self._generation)
         return c
 
     def _fd(self, backend: object) -> int:
-        known = self._fds.get(id(backend))
-        if known is not None and known[0] is backend:
-            return known[1]
-        fd = backend.io_fd() if isinstance(backend, DirectIo) else -1
-        self._fds[id(backend)] = (backend, fd)
+        fd = self._fds.get(backend)
+        if fd is None:
+            fd = self._fds[backend] = backend.io_fd() if isinstance(backend, DirectIo) else -1
         return fd
 
     def _ready(self, q: Virtqueue, backend: object) -> Any:
@@ -196,8 +191,6 @@ class FastPath:
             return None
         if self._bus_master is not None and not self._bus_master():
             return None  # the ledger refuses the map (transiently) on the Python path
-        if self._max_map < 1:
-            return None
         fd = self._fd(backend)
         if fd < 0 or not self._regions():
             return None

@@ -126,12 +126,7 @@ def test_the_burst_and_the_python_path_agree_on_hostile_rings_and_frames(
     ring, heads, avail = data.draw(_ring(ats[0]))
     seen = []
     for r in sides:
-        q = r.rx
-        for i, d in enumerate(ring):
-            q.write_desc(i, *d)
-        for slot, head in enumerate(heads):
-            q.set_avail_slot(slot, head)
-        q.set_avail_idx(avail)
+        r.rx.write_ring(ring, heads, avail)
         backend = r.backend
         assert isinstance(backend, FdBackend)
         per = -(-len(frames) // events) if frames else 0

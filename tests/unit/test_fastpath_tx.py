@@ -106,15 +106,6 @@ def _table(draw: st.DrawFn, data_at: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def _post(r: NetRig, table: list[tuple[int, int, int, int]], heads: list[int], avail: int) -> None:
-    q = r.tx
-    for i, d in enumerate(table):
-        q.write_desc(i, *d)
-    for slot, head in enumerate(heads):
-        q.set_avail_slot(slot, head)
-    q.set_avail_idx(avail)
-
-
 @settings(max_examples=300, deadline=None)
 @given(data=st.data(), bme=st.booleans(),
        heads=st.lists(st.integers(0, QSIZE + 1), min_size=QSIZE, max_size=QSIZE),
@@ -128,7 +119,7 @@ def test_the_burst_and_the_python_path_agree_on_hostile_rings(
     table = data.draw(_table(at))
     seen = []
     for r in sides:
-        _post(r, table, heads, avail)
+        r.tx.write_ring(table, heads, avail)
         r.bus_master[0] = bme
         r.tx.kick()
         r.device.process()
