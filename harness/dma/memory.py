@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from harness.dma.errors import DmaFault
 from harness.dma.regionindex import RegionIndex, index_kind, make_index
@@ -64,6 +64,17 @@ class GuestRegion:
         return f"GuestRegion({self.iova:#x}+{self.size:#x}, {'rw' if self.writable else 'ro'})"
 
 
+class RegionWatcher(Protocol):
+    """Told of every region added and removed, in order (harness.virtio.fastpath keeps a C
+    table of the regions' host addresses in step this way, without rebuilding it)."""
+
+    def region_added(self, region: GuestRegion) -> None: ...
+
+    def region_removed(self, region: GuestRegion) -> None:
+        """``region`` left the index; its view is released right after this returns."""
+        ...
+
+
 class GuestMemory:
     """Non-overlapping guest DMA regions in a region index; lookups are O(log n).
 
@@ -84,9 +95,9 @@ class GuestMemory:
         # Last region a lookup hit: without a vIOMMU nearly every access falls in the one big
         # RAM region, so this saves the tree walk on the data path. Cleared on removal.
         self._last: GuestRegion | None = None
-        #: Bumped by every add and remove: whoever keeps host pointers into the regions
-        #: (harness.virtio.fastpath) rebuilds them when it moved.
-        self.generation = 0
+        #: Told of every add and remove (``watch``): whoever keeps host pointers into the
+        #: regions drops them here, before the memory can go.
+        self._watchers: list[RegionWatcher] = []
 
     # ---- regions -----------------------------------------------------------------------------
 
@@ -118,7 +129,8 @@ class GuestMemory:
         region = GuestRegion(iova, size, view, writable)
         self._index.add(region)  # RegionOverlap if it intersects a registered region
         self.mapped_bytes += size
-        self.generation += 1
+        for w in self._watchers:
+            w.region_added(region)
         return region
 
     def remove_range(self, iova: int, size: int) -> list[tuple[int, int]]:
@@ -131,7 +143,6 @@ class GuestMemory:
         end = iova + size
         removed: list[tuple[int, int]] = []
         self._last = None
-        self.generation += 1
         if size <= 0:
             return removed
         index = self._index
@@ -140,6 +151,8 @@ class GuestMemory:
                 self._revoke(region)
             index.remove(region)
             self.mapped_bytes -= region.size
+            for w in self._watchers:
+                w.region_removed(region)
             release(region.view)
             region.view = None
             removed.append((region.iova, region.size))
@@ -223,8 +236,12 @@ class GuestMemory:
 
     def region_objects(self) -> list[GuestRegion]:
         """The regions themselves, sorted by iova (for a fast path that keeps their host
-        addresses; see ``generation``)."""
+        addresses; see ``watch``)."""
         return list(self._index)
+
+    def watch(self, watcher: RegionWatcher) -> None:
+        """Tell ``watcher`` of every region added or removed from now on."""
+        self._watchers.append(watcher)
 
     def __len__(self) -> int:
         return len(self._index)

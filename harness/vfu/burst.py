@@ -15,8 +15,12 @@ refusal, log line and NEEDS_RESET still comes from the one place that has them.
 What a chain must be, exactly the checks it stands in for:
 - avail.idx no further than the queue size ahead of the device (else the Python path fails the
   queue); the head and every ``next`` below the queue size; at most ``size`` descriptors;
-- no INDIRECT and no WRITE descriptor (the Python path walks indirect tables, and refuses a TX
-  chain with device-writable buffers);
+- no WRITE descriptor (the Python path refuses a TX chain with device-writable buffers);
+- at most one INDIRECT descriptor, last in the chain (no NEXT), with VIRTIO_F_INDIRECT_DESC
+  negotiated, its table a whole number of descriptors (1 to 65536) inside one region with host
+  memory; the table's own descriptors walked by the same rules, none of them INDIRECT. The
+  table counts as mapped (in pieces of ``max_map``) and unmapped before its buffers are, as
+  the Python path's ``_read_table`` maps it; a table across regions is the Python path's;
 - each buffer, in pieces of at most ``max_map`` bytes split where a region ends, inside a region
   that has host memory (region.view not None), as ``DmaLedger._map_sg_fused`` maps it; the
   caller checks what holds for a whole burst (Bus Master Enable, the map-ops layers, the rings
@@ -41,7 +45,8 @@ num_buffers is written and the chains the frame filled are completed. Staged cha
 not fill are not consumed: they stay in the ring for the next frame, or the next burst, which
 stages them again (so the ledger counts their mapping once per burst; the Python pool keeps
 them mapped instead). A chain the Python path would refuse (device-readable buffers, room for no
-vnet header, a buffer in read-only or absent memory, INDIRECT, an avail jump) ends the burst
+vnet header, a buffer in read-only or absent memory, a bad indirect table, an avail jump) ends
+the burst
 before the frame, with SLOW; too little room in the ring ends it with NOBUFS; an empty backend
 with EMPTY. The caller then runs the Python path (pool gather, starvation, refusals), which has
 the ring exactly as the guest left it minus the completed frames. Frame counters come back for
@@ -74,6 +79,7 @@ _FIELDS = """
     uint64_t frame_max;
     uint32_t mrg;
     uint32_t offers;
+    uint32_t indirect;
     uint64_t chains;
     uint64_t packets;
     uint64_t bytes;
@@ -154,47 +160,69 @@ static const harness_region_t *harness_region_of(const harness_region_t *r, uint
     return NULL;
 }
 
-/* The chain at head as iovecs appended at iov[n0..], or -1: leave it to the Python path.
- * write: the device writes it (RX: only WRITE descriptors, writable regions), else reads it
- * (TX: no WRITE descriptor). *total: its length, at most limit. */
-static int harness_chain(const harness_vq_t *q, uint32_t head, int write, struct iovec *iov,
-                         int n0, uint64_t limit, uint64_t *total)
-{
-    const volatile uint8_t *table = (const volatile uint8_t *)q->desc;
-    uint32_t i = head, steps;
-    uint64_t sum = 0;
-    int n = n0;
+/* What one chain's walk mapped besides its buffers' iovecs: its indirect table, mapped in
+ * pieces and unmapped before the table's buffers are (as the Python path's _read_table does). */
+typedef struct {
+    uint64_t total;          /* the buffers' length */
+    uint32_t table_pieces;   /* the indirect table's mappings (0: none) */
+    uint64_t table_bytes;
+    uint32_t peak;           /* most of the chain's mappings live at once */
+} harness_walk_t;
 
-    if (head >= q->size) {
-        return -1;
-    }
-    for (steps = 0; steps < q->size; steps++) {
+/* Buffers of descriptors first.. of a table of n (the ring's, or an indirect one: top 0) as
+ * iovecs appended at iov[*np]; 0 done, -1 leave the chain to the Python path. */
+static int harness_walk(const harness_vq_t *q, const volatile uint8_t *table, uint32_t n,
+                        uint32_t first, int top, int write, struct iovec *iov, int *np,
+                        uint64_t limit, harness_walk_t *w)
+{
+    uint32_t i = first, steps;
+
+    for (steps = 0; steps < n; steps++) {
         const volatile uint8_t *d = table + 16 * (size_t)i;
         uint64_t addr = *(const volatile uint64_t *)d;
         uint64_t left = *(const volatile uint32_t *)(d + 8);
         uint16_t flags = *(const volatile uint16_t *)(d + 12);
         uint16_t next = *(const volatile uint16_t *)(d + 14);
 
-        if ((flags & HARNESS_DESC_F_INDIRECT) || !(flags & HARNESS_DESC_F_WRITE) != !write) {
+        if (flags & HARNESS_DESC_F_INDIRECT) {
+            /* One table, last in the chain, in one region with host memory (else Python's:
+             * nested, with NEXT, without the feature, a bad length, across regions). */
+            const harness_region_t *r = harness_region_of(q->regions, q->nregions, addr);
+
+            if (!top || !q->indirect || (flags & HARNESS_DESC_F_NEXT) || left == 0
+                    || left % 16 || left / 16 > 0x10000
+                    || r == NULL || r->host == NULL || left - 1 > r->last - addr) {
+                return -1;
+            }
+            w->table_pieces = (uint32_t)((left + q->max_map - 1) / q->max_map);
+            w->table_bytes = left;
+            if ((uint32_t)*np + w->table_pieces > w->peak) {
+                w->peak = (uint32_t)*np + w->table_pieces;
+            }
+            return harness_walk(q, (const volatile uint8_t *)(r->host + (addr - r->iova)),
+                                (uint32_t)(left / 16), 0, 0, write, iov, np, limit, w);
+        }
+        if (!(flags & HARNESS_DESC_F_WRITE) != !write) {
             return -1;
         }
-        sum += left;
-        if (sum > limit) {
+        w->total += left;
+        if (w->total > limit) {
             return -1;
         }
         while (left) {
             const harness_region_t *r = harness_region_of(q->regions, q->nregions, addr);
             uint64_t piece = left < q->max_map ? left : q->max_map;
 
-            if (r == NULL || r->host == NULL || (write && !r->writable) || n == HARNESS_VQ_IOV) {
+            if (r == NULL || r->host == NULL || (write && !r->writable)
+                    || *np == HARNESS_VQ_IOV) {
                 return -1;
             }
             if (piece - 1 > r->last - addr) {   /* split where the region ends */
                 piece = r->last - addr + 1;
             }
-            iov[n].iov_base = r->host + (addr - r->iova);
-            iov[n].iov_len = piece;
-            n++;
+            iov[*np].iov_base = r->host + (addr - r->iova);
+            iov[*np].iov_len = piece;
+            (*np)++;
             left -= piece;
             addr += piece;
             if (left && addr == 0) {   /* past 2^64: no region translates it */
@@ -202,18 +230,38 @@ static int harness_chain(const harness_vq_t *q, uint32_t head, int write, struct
             }
         }
         if (!(flags & HARNESS_DESC_F_NEXT)) {
-            if (sum < q->hdr_len) {
-                return -1;
-            }
-            *total = sum;
-            return n - n0;
+            return 0;
         }
-        if (next >= q->size) {
+        if (next >= n) {
             return -1;
         }
         i = next;
     }
     return -1;   /* a loop, or longer than the table */
+}
+
+/* The chain at head as iovecs appended at iov[n0..]: their count, or -1 (leave it to the Python
+ * path). write: the device writes it (RX: only WRITE descriptors, writable regions), else reads
+ * it (TX: no WRITE descriptor). w: its length, at most limit, and its indirect table. */
+static int harness_chain(const harness_vq_t *q, uint32_t head, int write, struct iovec *iov,
+                         int n0, uint64_t limit, harness_walk_t *w)
+{
+    int n = n0;
+
+    w->total = 0;
+    w->table_pieces = 0;
+    w->table_bytes = 0;
+    w->peak = 0;
+    if (head >= q->size
+            || harness_walk(q, (const volatile uint8_t *)q->desc, q->size, head, 1, write, iov,
+                            &n, limit, w) < 0
+            || w->total < q->hdr_len) {
+        return -1;
+    }
+    if ((uint32_t)n > w->peak) {
+        w->peak = (uint32_t)n;
+    }
+    return n - n0;
 }
 
 /* The head of the next chain to take, reading avail.idx when the device has seen all of it:
@@ -265,7 +313,7 @@ static uint32_t harness_tx_burst(harness_vq_t *q, uint32_t budget)
 
     harness_vq_start(q);
     while (done < budget) {
-        uint64_t total = 0;
+        harness_walk_t w;
         uint32_t head = 0;
         int n, r = harness_next_head(q, q->next_avail, &head);
 
@@ -273,7 +321,7 @@ static uint32_t harness_tx_burst(harness_vq_t *q, uint32_t budget)
             q->stop = r > 0 ? HARNESS_STOP_EMPTY : HARNESS_STOP_SLOW;
             break;
         }
-        n = harness_chain(q, head, 0, iov, 0, q->tx_max, &total);
+        n = harness_chain(q, head, 0, iov, 0, q->tx_max, &w);
         if (n < 0) {
             q->stop = HARNESS_STOP_SLOW;
             break;
@@ -284,11 +332,11 @@ static uint32_t harness_tx_burst(harness_vq_t *q, uint32_t budget)
         }
         harness_push(q, head, 0);
         q->packets++;
-        q->bytes += total - q->hdr_len;
-        q->pieces += (uint64_t)n;
-        q->map_bytes += total;
-        if ((uint32_t)n > q->max_pieces) {
-            q->max_pieces = (uint32_t)n;
+        q->bytes += w.total - q->hdr_len;
+        q->pieces += (uint64_t)n + w.table_pieces;
+        q->map_bytes += w.total + w.table_bytes;
+        if (w.peak > q->max_pieces) {
+            q->max_pieces = w.peak;
         }
         done++;
     }
@@ -413,7 +461,7 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
         /* Room for the largest frame (every chain the ring has, if less), one chain without
          * MRG_RXBUF: as _rx_gather gathers it. */
         while (q->mrg ? room < q->rx_room && count < q->size : count == 0) {
-            uint64_t total = 0;
+            harness_walk_t w;
             uint32_t head = 0;
             int r = harness_next_head(q, cursor, &head), n;
 
@@ -434,22 +482,22 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
                 memmove(iov, iov + io0, ion * sizeof(iov[0]));
                 io0 = 0;
             }
-            n = harness_chain(q, head, 1, iov, io0 + ion, 0xFFFFFFFFULL, &total);
+            n = harness_chain(q, head, 1, iov, io0 + ion, 0xFFFFFFFFULL, &w);
             if (n < 0) {
                 q->stop = HARNESS_STOP_SLOW;
                 goto out;
             }
             heads[first + count] = head;
-            lens[first + count] = (uint32_t)total;
+            lens[first + count] = (uint32_t)w.total;
             niov[first + count] = (uint32_t)n;
             count++;
             ion += n;
-            room += total;
+            room += w.total;
             cursor = (cursor + 1) & 0xFFFF;
-            q->pieces += (uint64_t)n;
-            q->map_bytes += total;
-            if ((uint32_t)ion > q->max_pieces) {
-                q->max_pieces = (uint32_t)ion;
+            q->pieces += (uint64_t)n + w.table_pieces;
+            q->map_bytes += w.total + w.table_bytes;
+            if (w.peak - (uint32_t)io0 > q->max_pieces) {   /* the staged chains' too */
+                q->max_pieces = w.peak - (uint32_t)io0;
             }
         }
         if (q->mrg ? room < q->rx_room && count < q->size : count == 0) {

@@ -28,13 +28,17 @@ holds for a whole burst is checked here once, before it: Bus Master Enable (the 
 check; the server is single-threaded, so it cannot change during a burst), the map-ops stack
 (a DmaLedger, checking or not, over exactly ``DirectMapOps``, or ``DirectMapOps`` itself: the
 bounce, vIOMMU-domain and fault-injecting layers keep the Python path), rings that need no
-syncs, no misbehaviour, a backend with a file descriptor (a plain TAP: a capture must see each
-frame), and at most 64 guest regions (behind a vIOMMU every page is a region and changes with
-each DMA_MAP: rebuilding the table per burst would cost more than it saves).
+syncs, no misbehaviour, and a backend with a file descriptor (a plain TAP: a capture must see
+each frame).
 
-Host addresses of the regions and rings are taken without holding a buffer export (so
-``GuestMemory`` can still release a removed region's view) and are rebuilt whenever
-``GuestMemory.generation`` moved or the queue's rings were remapped.
+The C table of guest regions (host address, bounds, writable) is kept in step with
+``GuestMemory`` one region at a time: the memory tells the FastPath of every add and removal
+(``GuestMemory.watch``), and a removal leaves the table before the region's view is released.
+Behind a vIOMMU every guest DMA mapping is a region of its own and comes and goes with each
+DMA_MAP/UNMAP, so the table is never rebuilt, only changed: a binary search and a ``memmove``
+per region. Host addresses of the regions and rings are taken without holding a buffer export
+(so ``GuestMemory`` can still release a removed region's view); a queue's ring addresses are
+taken again when its rings were remapped or a region under them was removed.
 
 ``HARNESS_FAST_TX=off`` / ``HARNESS_FAST_RX=off`` keep every TX chain / RX frame on the Python
 path (the A/B's other side).
@@ -47,16 +51,13 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from harness import knobs
-from harness.dma import DirectMapOps, DmaLedger, GuestMemory, MapOps
+from harness.dma import DirectMapOps, DmaLedger, GuestMemory, GuestRegion, MapOps
 from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFFER_TSO6, SLOW
 from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
 from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
 from harness.virtio.protocols import BurstEngine
 from harness.virtio.virtqueue import SplitVirtqueue
-
-#: More regions than this: the Python path (see the module docstring).
-MAX_REGIONS = 64
 
 __all__ = ["BUDGET", "EMPTY", "NOBUFS", "SLOW", "DirectIo", "FastPath", "RxResult", "fast_path"]
 
@@ -107,11 +108,10 @@ class RxResult(NamedTuple):
 
 @dataclass
 class _Rings:
-    """One queue's C state and what its ring addresses were derived from."""
+    """One queue's C state and the ring mappings its addresses were derived from."""
 
     c: Any  # harness_vq_t *
     rings: list[Any]
-    generation: int
 
 
 class FastPath:
@@ -128,53 +128,48 @@ class FastPath:
         self.rx_on = rx
         self._bus_master = ledger.bus_master if ledger is not None else None
         self._max_map = max_map
-        self._generation = -1
-        self._table: Any = None
-        self._nregions = 0
         self._queues: dict[Virtqueue, _Rings] = {}
         self._fds: dict[object, int] = {}  # backend -> its io_fd, or -1
         #: TX chains and RX frames the C bursts completed (for stats and tests).
         self.tx_chains = 0
         self.rx_frames = 0
+        self._table = engine.region_table()
+        for region in memory.region_objects():
+            self.region_added(region)
+        memory.watch(self)
 
     # ---- what a burst runs on ----------------------------------------------------------------
 
-    def _regions(self) -> bool:
-        """The region table for the memory as it is now; False: too many regions for it."""
-        memory = self.memory
-        if self._generation == memory.generation:
-            return self._table is not None
-        self._generation = memory.generation
-        self._table = None
-        self._queues.clear()  # ring addresses are re-derived too: their memory may have gone
-        if len(memory) > MAX_REGIONS:  # counted before listing: behind a vIOMMU, thousands
-            return False
-        address = self.engine.address
-        rows = [(r.iova, r.end - 1, 0 if r.view is None else address(r.view), r.writable)
-                for r in memory.region_objects()]  # fmt: skip
-        self._table = self.engine.regions(rows)
-        self._nregions = len(rows)
-        return True
+    def region_added(self, region: GuestRegion) -> None:
+        """GuestMemory's watcher: the region goes into the C table."""
+        host = 0 if region.view is None else self.engine.address(region.view)
+        self._table.insert(region.iova, region.end - 1, host, region.writable)
+
+    def region_removed(self, region: GuestRegion) -> None:
+        """GuestMemory's watcher, before the region's memory can go: out of the C table, and
+        so are the ring addresses of every queue with a ring in it."""
+        self._table.remove(region.iova)
+        for q in [q for q in self._queues if q.overlaps(region.iova, region.size)]:
+            del self._queues[q]
 
     def _state(self, q: SplitVirtqueue) -> Any:
         """``q``'s C state with its ring addresses current, or None (rings not usable now)."""
         st = self._queues.get(q)
-        if st is not None and st.rings is q._rings and st.generation == self._generation:
+        if st is not None and st.rings is q._rings:
             return st.c
         desc, avail, used = q._desc, q._avail16, q._used32
         if desc is None or avail is None or used is None:
             return None
         address = self.engine.address
         try:
-            c = self.engine.queue(address(desc), address(avail), address(used), self._table,
-                                  self._nregions)  # fmt: skip
+            c = self.engine.queue(address(desc), address(avail), address(used))
         except ValueError:  # a view released under a revoked mapping: the Python path says so
             return None
         c.size = q.size
         c.max_map = self._max_map
         c.hdr_len = C.NET_HDR_SIZE
         c.tx_max = TX_MAX
-        self._queues[q] = _Rings(c, q._rings, self._generation)
+        self._queues[q] = _Rings(c, q._rings)
         return c
 
     def _fd(self, backend: object) -> int:
@@ -192,16 +187,20 @@ class FastPath:
         if self._bus_master is not None and not self._bus_master():
             return None  # the ledger refuses the map (transiently) on the Python path
         fd = self._fd(backend)
-        if fd < 0 or not self._regions():
+        if fd < 0:
             return None
         c = self._state(q)
         if c is None:
             return None
         c.fd = fd
+        table = self._table
+        c.regions = table.c  # set per burst: an insert may have moved the rows
+        c.nregions = len(table)
         return c
 
     @staticmethod
     def _load(q: SplitVirtqueue, c: Any) -> None:
+        c.indirect = int(q.indirect)
         c.next_avail = q._next_avail
         c.avail_seen = q._avail_seen
         c.used_idx = q._used_idx
