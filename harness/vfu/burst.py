@@ -194,7 +194,7 @@ static int harness_walk(const harness_vq_t *q, const volatile uint8_t *table, ui
                     || r == NULL || r->host == NULL || left - 1 > r->last - addr) {
                 return -1;
             }
-            w->table_pieces = (uint32_t)((left + q->max_map - 1) / q->max_map);
+            w->table_pieces = (uint32_t)(left / q->max_map + (left % q->max_map != 0));
             w->table_bytes = left;
             if ((uint32_t)*np + w->table_pieces > w->peak) {
                 w->peak = (uint32_t)*np + w->table_pieces;
