@@ -136,6 +136,8 @@ def summary(result: RunResult) -> str:
         t = dev["totals"]
         lines.append(f"  device: drops {t.get('drops', 0)}, transient map failures "
                      f"{t.get('map_errors', 0)}, RX starved {t.get('no_buffers', 0)} times")
+    if isinstance(dev, dict):
+        lines += _burst_lines(dev)
     lines += _dma_lines(result.device_stats)
     if result.error:
         lines.append(f"  error: {result.error}")
@@ -148,6 +150,24 @@ def summary(result: RunResult) -> str:
         closing += f", {skipped} skipped"
     lines.append(closing)
     return "\n".join(wrapped for line in lines for wrapped in _wrap(line))
+
+
+def _burst_lines(dev: dict[str, Any]) -> list[str]:
+    """How much of the traffic the C bursts carried (harness.virtio.fastpath): what they left
+    to the Python path is what a kernel's rings did that they do not take, worth knowing."""
+    tx, rx = dev.get("tx_fast_chains"), dev.get("rx_fast_frames")
+    if not isinstance(tx, int) or not isinstance(rx, int):
+        return []  # a server without them (bounce, faults, a capture): nothing to say
+
+    def total(prefix: str, key: str) -> int:
+        return sum(int(q.get(key, 0)) for name, q in dev.items()
+                   if name.startswith(prefix) and name[2:].isdigit() and isinstance(q, dict))
+
+    def part(done: int, of: int, what: str) -> str:
+        return f"{what} off" if done < 0 else f"{what} {done} of {of}"
+
+    return [f"  C bursts: {part(tx, total('tx', 'chains'), 'TX chains')}, "
+            f"{part(rx, total('rx', 'packets'), 'RX frames')}"]
 
 
 def _wrap(line: str, width: int = 80) -> list[str]:
