@@ -46,6 +46,7 @@ path (the A/B's other side).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -58,6 +59,8 @@ from harness.virtio.chain import Virtqueue
 from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
 from harness.virtio.protocols import BurstEngine
 from harness.virtio.virtqueue import SplitVirtqueue
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BUDGET", "EMPTY", "NOBUFS", "SLOW", "DirectIo", "FastPath", "RxResult", "fast_path"]
 
@@ -141,9 +144,17 @@ class FastPath:
     # ---- what a burst runs on ----------------------------------------------------------------
 
     def region_added(self, region: GuestRegion) -> None:
-        """GuestMemory's watcher: the region goes into the C table."""
-        host = 0 if region.view is None else self.engine.address(region.view)
-        self._table.insert(region.iova, region.end - 1, host, region.writable)
+        """GuestMemory's watcher: the region goes into the C table. Never raises (it runs
+        inside the DMA_MAP callback): if the row cannot be made, the bursts stop for good and
+        the Python path carries everything (a missing row alone would only send chains there,
+        but a table that failed once is not one to trust)."""
+        try:
+            host = 0 if region.view is None else self.engine.address(region.view)
+            self._table.insert(region.iova, region.end - 1, host, region.writable)
+        except Exception as e:  # MemoryError, a released view: anything
+            log.error("C bursts off: region %#x+%#x not in their table: %s", region.iova,
+                      region.size, e)
+            self.tx_on = self.rx_on = False
 
     def region_removed(self, region: GuestRegion) -> None:
         """GuestMemory's watcher, before the region's memory can go: out of the C table, and

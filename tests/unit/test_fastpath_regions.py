@@ -103,3 +103,23 @@ def test_regions_coming_and_going_between_bursts_are_never_reached_stale() -> No
     assert seen[0] == seen[1]
     assert seen[0]["ledger"]["violations"]["unmapped_iova"] == 1
     assert [len(f) for f in seen[0]["frames"]] == [64, 128]  # since the first burst
+
+
+def test_a_row_that_cannot_be_made_turns_the_bursts_off_not_the_dma_map() -> None:
+    """The watcher runs inside the DMA_MAP callback: when a region's row cannot be made, the
+    map still succeeds, the bursts stop for good, and the Python path sends every frame."""
+    r = _rig(True)
+    fast = r.device.fastpath
+    assert fast is not None
+
+    def broken(view: memoryview) -> int:
+        raise MemoryError("no room for the row")
+
+    fast.engine.address = broken  # type: ignore[method-assign]
+    _pages(r, 0, 3)
+    assert len(r.driver.mem.memory) >= 3 + 4  # every map went through
+    assert not fast.tx_on and not fast.rx_on
+    _chain(r, [(MANY + P, 64)])
+    seen = _send(r)
+    assert [len(f) for f in seen["frames"]] == [64] and fast.tx_chains == 0
+    assert r.device.stats()["tx_fast_chains"] == -1
