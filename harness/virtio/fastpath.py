@@ -26,8 +26,8 @@ The DMA ledger still accounts for every mapping: a burst's pieces are counted as
 unmaps (``DmaLedger.account_transient``), their peak with the mappings that were live. What
 holds for a whole burst is checked here once, before it: Bus Master Enable (the ledger's
 check; the server is single-threaded, so it cannot change during a burst), the map-ops stack
-(a DmaLedger, checking or not, over exactly ``DirectMapOps``, or ``DirectMapOps`` itself: the
-bounce, vIOMMU-domain and fault-injecting layers keep the Python path), rings that need no
+(a DmaLedger, checking or not, over exactly ``DirectMapOps``, or ``DirectMapOps`` itself, with
+or without a vIOMMU: the bounce and fault-injecting layers keep the Python path), rings that need no
 syncs, no misbehaviour, and a backend with a file descriptor (a plain TAP: a capture must see
 each frame).
 
