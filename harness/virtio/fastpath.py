@@ -125,7 +125,6 @@ class FastPath:
         *, tx: bool = True, rx: bool = True,
     ) -> None:  # fmt: skip
         self.engine = engine
-        self.memory = memory
         self.ledger = ledger  # None: no checks to account for (no ledger, or HARNESS_LEDGER=off)
         self.tx_on = tx
         self.rx_on = rx
@@ -147,7 +146,10 @@ class FastPath:
         """GuestMemory's watcher: the region goes into the C table. Never raises (it runs
         inside the DMA_MAP callback): if the row cannot be made, the bursts stop for good and
         the Python path carries everything (a missing row alone would only send chains there,
-        but a table that failed once is not one to trust)."""
+        but a table that failed once is not one to trust, nor worth another row or log line
+        per DMA_MAP)."""
+        if not (self.tx_on or self.rx_on):  # off for good (both off by knobs: no FastPath)
+            return
         try:
             host = 0 if region.view is None else self.engine.address(region.view)
             self._table.insert(region.iova, region.end - 1, host, region.writable)

@@ -10,8 +10,10 @@ come and go between bursts never being reached through a stale row.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -105,7 +107,9 @@ def test_regions_coming_and_going_between_bursts_are_never_reached_stale() -> No
     assert [len(f) for f in seen[0]["frames"]] == [64, 128]  # since the first burst
 
 
-def test_a_row_that_cannot_be_made_turns_the_bursts_off_not_the_dma_map() -> None:
+def test_a_row_that_cannot_be_made_turns_the_bursts_off_not_the_dma_map(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The watcher runs inside the DMA_MAP callback: when a region's row cannot be made, the
     map still succeeds, the bursts stop for good, and the Python path sends every frame."""
     r = _rig(True)
@@ -116,7 +120,9 @@ def test_a_row_that_cannot_be_made_turns_the_bursts_off_not_the_dma_map() -> Non
         raise MemoryError("no room for the row")
 
     fast.engine.address = broken  # type: ignore[method-assign]
-    _pages(r, 0, 3)
+    with caplog.at_level(logging.ERROR):
+        _pages(r, 0, 3)
+    assert len([x for x in caplog.records if "C bursts off" in x.message]) == 1  # not per map
     assert len(r.driver.mem.memory) >= 3 + 4  # every map went through
     assert not fast.tx_on and not fast.rx_on
     _chain(r, [(MANY + P, 64)])
