@@ -10,8 +10,8 @@ old and the new way side by side (the switches ``harness bench net --ab`` flips 
   for ``HARNESS_GUEST_INDEX=tree`` and ``sorted``;
 - ``observer``: the guest-IOVA observer's ``mapped`` + ``unmapped`` (same callbacks);
 - ``lookup``: ``GuestMemory.translate`` of a random live region (the data path under a vIOMMU);
-- ``wire``: ``VfuContext._take_wire`` after a quiet ``vfu_run_ctx`` (at least two per message),
-  for ``HARNESS_WIRE_TAKE=scan`` and ``fast``.
+- ``wire``: ``WireTaker.take`` (harness.vfu.wire) after a quiet ``vfu_run_ctx`` (at least two
+  per message), for ``HARNESS_WIRE_TAKE=scan`` and ``fast``.
 
 Figures are ns per operation (``perf_counter_ns`` around each), median and p99 over
 ``--ops`` operations; the garbage collector is frozen during the samples.
@@ -118,7 +118,8 @@ def bench_observer(regions: int, ops: int, seed: int) -> dict[str, float]:
 
 def bench_wire(mode: str, ops: int) -> dict[str, float]:
     # Imported here: the compiled libvfio-user module is only needed for this workload.
-    from harness.vfu.context import WIRE_TAKE_ENV, VfuContext
+    from harness.vfu.context import VfuContext
+    from harness.vfu.wire import WIRE_TAKE_ENV
 
     old = os.environ.get(WIRE_TAKE_ENV)
     os.environ[WIRE_TAKE_ENV] = mode
@@ -126,7 +127,7 @@ def bench_wire(mode: str, ops: int) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
             ctx = VfuContext(os.path.join(tmp, "sock"))
             try:
-                return _timed(lambda _i: ctx._take_wire(), ops)
+                return _timed(lambda _i: ctx._wire.take(), ops)
             finally:
                 ctx.close()
     finally:

@@ -44,7 +44,8 @@ from harness.dma.factory import LEDGER_ENV
 from harness.dma.regionindex import INDEX_ENV
 from harness.progress import Progress
 from harness.server.loop import POLL_MODE_ENV, POLL_US_ENV
-from harness.vfu.context import MAP_CACHE_ENV, WIRE_TAKE_ENV
+from harness.vfu.mapcachectl import MAP_CACHE_ENV
+from harness.vfu.wire import WIRE_TAKE_ENV
 from harness.virtio.netdefs import BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, TX_HOLDOFF_ENV
 from harness.virtio.rxpool import RX_POOL_ENV
 

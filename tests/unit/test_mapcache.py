@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 from harness.testing.vfu_client import VfioUserClient
 from harness.vfu import Disconnected, VfuContext
 from harness.vfu._vfu import ffi, lib
-from harness.vfu.context import MAP_CACHE_ENV, map_cache_on, map_cache_stats
+from harness.vfu.mapcachectl import MAP_CACHE_ENV, map_cache_on, map_cache_stats
 from tests.unit import test_vfu
 from tests.unit.test_vfu import Device
 

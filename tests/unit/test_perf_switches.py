@@ -209,18 +209,19 @@ def test_block_poll_mode_sleeps_through_the_dma_window(monkeypatch: pytest.Monke
 
 
 def test_wire_take_switch(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    """HARNESS_WIRE_TAKE=scan is the old _take_wire (the A/B's other side); fast by default.
-    That the fast path still counts every error reply is test_hostile_client's job (it fails
-    with the fast path returning early unconditionally)."""
-    from harness.vfu.context import WIRE_TAKE_ENV, VfuContext
+    """HARNESS_WIRE_TAKE=scan is WireTaker.take without its fast path (the A/B's other side);
+    fast by default. That the fast path still counts every error reply is test_hostile_client's
+    job (it fails with the fast path returning early unconditionally)."""
+    from harness.vfu.context import VfuContext
+    from harness.vfu.wire import WIRE_TAKE_ENV
 
     monkeypatch.delenv(WIRE_TAKE_ENV, raising=False)
     fast = VfuContext(str(tmp_path / "a.sock"))
     monkeypatch.setenv(WIRE_TAKE_ENV, "scan")
     scan = VfuContext(str(tmp_path / "b.sock"))
     try:
-        assert fast._wire_fast is True and scan._wire_fast is False
-        scan._take_wire()
+        assert fast._wire.fast is True and scan._wire.fast is False
+        scan._wire.take()
         assert scan.counters.as_dict()["error_replies"] == 0
     finally:
         fast.close()

@@ -1,0 +1,120 @@
+"""DmaRegistry: one context's DMA regions as the device sees them, and each DMA_MAP/UNMAP's latency.
+
+The bodies of libvfio-user's DMA register and unregister callbacks (reached through
+harness.vfu.callbacks and VfuContext, inside vfu_run_ctx): each region the library registers
+becomes a DmaRegion over its mapping, handed to the owner's ``on_map``; ``on_unmap`` gets the
+same object back. Every callback is timed into ``latency`` (harness.vfu.latency says what the
+figures mean) and counted in ``events``. VfuContext exposes those as ``dma_latency``,
+``dma_events`` and ``message_origin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from harness.vfu._vfu import ffi, lib
+from harness.vfu.latency import LatencyRecorder
+from harness.vfu.model import PROT_WRITE, DmaRegion
+
+# The context's messages, under the context's logger name (as before this module existed).
+log = logging.getLogger("harness.vfu.context")
+
+
+class DmaRegistry:
+    """The regions libvfio-user registered, by (iova, size), and the DMA callbacks' latency."""
+
+    def __init__(self) -> None:
+        self.regions: dict[tuple[int, int], DmaRegion] = {}
+        self.on_map: Callable[[DmaRegion], None] | None = None
+        self.on_unmap: Callable[[DmaRegion], None] | None = None
+        #: The earliest monotonic time the requests run() is about to handle can have arrived;
+        #: the server loop sets it before each run() (harness.vfu.latency explains why).
+        self.message_origin = 0.0
+        #: DMA_MAP and DMA_UNMAP reply latency (origin -> end of callback) and callback time.
+        #: ``*_queue``: origin -> the vfu_run_ctx call that handled it; ``*_library``: that
+        #: call's entry -> our callback (reading the message, mmap of its fd).
+        self.latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
+                        for part in ("reply", "callback", "queue", "library")}
+        #: When the vfu_run_ctx call now running was entered (VfuContext sets it).
+        self.run_entry = 0.0
+        #: DMA_MAP/UNMAP callbacks so far (the loop polls harder while this moves).
+        self.events = 0
+
+    def clear(self) -> None:
+        """Forget the regions and the owner's callbacks (the context is closed)."""
+        self.regions.clear()
+        self.on_map = self.on_unmap = None
+
+    def _timed(self, kind: str, start: float) -> None:
+        end = time.monotonic()
+        self.events += 1
+        lat = self.latency
+        lat[f"{kind}_callback"].add(end - start)
+        entry = self.run_entry
+        lat[f"{kind}_library"].add(start - entry)
+        origin = self.message_origin
+        if 0 < origin <= entry:
+            lat[f"{kind}_reply"].add(end - origin)
+            lat[f"{kind}_queue"].add(entry - origin)
+
+    def register(self, info: Any) -> None:
+        """The DMA register callback's body (``info`` is a vfu_dma_info_t *)."""
+        start = time.monotonic()
+        try:
+            self._register(info)
+        finally:
+            self._timed("map", start)
+
+    def _register(self, info: Any) -> None:
+        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+        size = int(info.iova.iov_len)
+        prot = int(info.prot)
+        if (iova, size) in self.regions:
+            # The library answers a DMA_MAP of exactly a live region by returning that region
+            # and calling us again: the device has it already. The new message's fd is left
+            # open by the library; the client guard closes it.
+            log.debug("DMA region [%#x, %#x) mapped again: already known", iova, iova + size)
+            lib.harness_close_duplicate_map_fd()
+            return
+        view: memoryview | None = None
+        # info is valid only now; vaddr already points at `iova` inside the page-aligned mmap
+        # (info.mapping), so the view is exactly [vaddr, vaddr + size).
+        if info.vaddr != ffi.NULL:
+            view = memoryview(ffi.buffer(ffi.cast("uint8_t *", info.vaddr), size))
+            if not prot & PROT_WRITE:
+                # Writing through a read-only mapping would be a segfault, not an exception.
+                view = view.toreadonly()
+        region = DmaRegion(iova=iova, size=size, prot=prot, view=view)
+        self.regions[(iova, size)] = region
+        if self.on_map is not None:
+            self.on_map(region)
+
+    def unregister(self, info: Any) -> None:
+        """The DMA unregister callback's body (``info`` is a vfu_dma_info_t *)."""
+        start = time.monotonic()
+        try:
+            self._unregister(info)
+        finally:
+            self._timed("unmap", start)
+
+    def _unregister(self, info: Any) -> None:
+        iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
+        size = int(info.iova.iov_len)
+        region = self.regions.pop((iova, size), None)
+        if region is None:
+            region = DmaRegion(iova=iova, size=size, prot=int(info.prot), view=None)
+        try:
+            if self.on_unmap is not None:
+                self.on_unmap(region)
+        finally:
+            if region.view is not None:
+                # Best effort: views derived from it survive this, hence the on_unmap contract.
+                try:
+                    region.view.release()
+                except BufferError:
+                    log.warning(
+                        "DMA region [%#x, %#x) still exported after on_unmap", iova, iova + size
+                    )
