@@ -16,13 +16,13 @@ stay in our page tables across map/unmap, so there is no fault per map either.
 
 What does not change: the region the library registers (iova, size, vaddr, prot), hence the
 device's view of it, which is exactly ``[vaddr, vaddr + size)`` and read-only unless the map
-had write permission (harness.vfu.context); the guard's refusals before it (harness.vfu.build).
+had write permission (harness.vfu.dmaregs); the guard's refusals before it (harness.vfu.build).
 Anything the cache cannot serve exactly (an address hint, flags other than MAP_SHARED, not a
 regular file, a file over 64 GiB, a range past the end of the file as it was when first
 mapped, an fd that cannot be mapped read-write, more than 16 files) is the library's own mmap,
 as before: the whole mappings stay within 1 TiB of address space whatever a client sends.
 
-``HARNESS_MAP_CACHE=off`` (read by harness.vfu.context) turns it off, for A/Bs in
+``HARNESS_MAP_CACHE=off`` (read by harness.vfu.mapcachectl) turns it off, for A/Bs in
 ``harness bench net``. Single-threaded like libvfio-user; the counters are per process.
 """
 
@@ -131,7 +131,7 @@ static void *harness_cached_map(size_t len, int prot, int fd, off_t offset)
             return NULL;
         }
         /* Read-write whatever this region asked: the device's view of a read-only region is
-         * read-only in Python (harness.vfu.context), and later regions may be writable. */
+         * read-only in Python (harness.vfu.dmaregs), and later regions may be writable. */
         base = __real_mmap64(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED,
                              fd, 0);
         if (base == MAP_FAILED) {
