@@ -172,7 +172,8 @@ class DeviceLoop:
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self._dma_seen = 0
         self._poll: select.poll | None = None
-        #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off), if it has one.
+        #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off, the end of a
+        #: misbehaviour's wrong used.idx), if it has one.
         self._next_timer: Callable[[], float | None] | None = getattr(device, "next_timer", None)
         # The leak check runs at the moment of a reset, not at the next turn: a reset and the
         # driver's new queue set-up can arrive in one batch of vfio-user messages, and a check
@@ -250,7 +251,7 @@ class DeviceLoop:
         # TX stops after a batch so RX gets a turn: poll without sleeping while work is left.
         timeout = 0.0 if self.device.has_work() else self.idle_timeout
         if self._next_timer is not None:
-            due = self._next_timer()  # a TX hold-off (harness.virtio.netdefs): wake for it
+            due = self._next_timer()  # a TX hold-off or a misbehaviour's hold: wake for it
             if due is not None:
                 timeout = min(timeout, max(0.0, due - time.monotonic()))
         self.dispatch(timeout)

@@ -36,11 +36,18 @@ SLOW_SECONDS = 0.020
 #: A completion this long after the firing belongs to a later round of traffic (a guest round
 #: trip under TCG takes longer; completions of the same batch come microseconds apart).
 RESUME_GAP = 0.005
+#: used-idx-jump / used-idx-backwards: how long the wrong used.idx stands. The queue publishes
+#: nothing meanwhile and the wrong publish always interrupts, so the driver reads the wrong
+#: value whatever the timing. (Corrected by the very next publish, as these cases first were,
+#: whether the driver saw it at all was a race: docs/MISBEHAVE.md.)
+PUBLISH_HOLD = 0.5
 _FEATURES_OK = 0x08
 _FAILED = 0x80
 _NEEDS_RESET = 0x40
 _GUEST_CSUM = 1
 _GUEST_TSO4 = 7
+#: The hold's clock (a test replaces it).
+_clock = time.monotonic
 
 def _parse_count(value: str, text: str) -> int:
     try:
@@ -140,6 +147,8 @@ class Misbehave:
     fired_at: float | None = None
     _resumed: dict[str, float] = field(default_factory=dict)
     _disabled_at: float | None = None
+    #: Queue -> until when its wrong used.idx stands (used-idx-jump, used-idx-backwards).
+    _publish_held: dict[str, float] = field(default_factory=dict)
 
     def add(self, spec: Misbehaviour) -> None:
         self.specs.append(spec)
@@ -238,6 +247,32 @@ class Misbehave:
             return []
         return [(head, length), (head, length)]  # used-id-duplicate
 
+    def hold_publish(self, queue: str) -> None:
+        """``queue`` just published a wrong used.idx: it stands for ``PUBLISH_HOLD``."""
+        self._publish_held[queue] = _clock() + PUBLISH_HOLD
+
+    def publish_hold(self, queue: str) -> bool | None:
+        """At a publish of ``queue``: None when no wrong used.idx of it stands, True while one
+        does (publish nothing), False once its time is up (the hold ends here: publish the
+        right value now, even with nothing new to publish)."""
+        until = self._publish_held.get(queue)
+        if until is None:
+            return None
+        if _clock() < until:
+            return True
+        del self._publish_held[queue]
+        return False
+
+    def publish_due(self) -> float | None:
+        """When the first wrong used.idx still standing has stood its time (the device's
+        timer: it publishes the right one then, not at a next completion that may not come)."""
+        return min(self._publish_held.values(), default=None)
+
+    def publish_over(self) -> list[str]:
+        """The queues whose wrong used.idx has stood its time (their next publish corrects it)."""
+        now = _clock()
+        return [q for q, until in self._publish_held.items() if now >= until]
+
     def on_interrupt(self, queue: str, vector: int, vectors: list[int]) -> int:
         """A used-buffer notification of ``queue`` about to go on ``vector`` (``vectors``: every
         queue's): the vector to send it on, or -1 to send none."""
@@ -258,6 +293,7 @@ class Misbehave:
         self._holding.discard(queue)
         self._mid.discard(queue)
         self._dropping.discard(queue)
+        self._publish_held.pop(queue, None)
 
     def on_status_write(self, old: int, value: int) -> int:
         """The driver writes ``value`` to the status (``old``): what the device keeps."""
@@ -271,6 +307,7 @@ class Misbehave:
             self._holding.clear()
             self._mid.clear()
             self._dropping.clear()
+            self._publish_held.clear()
             s = self.due("status", None, only="reset-never-completes")
             if s is not None:
                 self._reset_reads = STUCK_RESET_READS

@@ -74,12 +74,14 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "used.idx - last seen idx can then never exceed Queue Size",
          "driver walks stale used entries when the index runs ahead (virtqueue_get_buf on "
          "garbage)",
-         "used.idx published as the right value + queue size + 1 (once), then corrected"),
+         "used.idx published as the right value + queue size + 1 (once), with an interrupt; "
+         "it stands for 0.5 s (the queue publishes nothing else), then is corrected"),
     Case("used-idx-backwards", "publish", ("rx0", "tx0"),
          "2.7.8 (The Virtqueue Used Ring): idx indicates where the device would put the next "
          "descriptor entry; it only ever increments (modulo 2^16) (from memory)",
          "driver computes the number of new entries as used.idx - last_used (u16 underflow)",
-         "used.idx published as one less than the last value published (once), then corrected"),
+         "used.idx published as one less than the last value published (once), with an "
+         "interrupt; it stands for 0.5 s (the queue publishes nothing else), then is corrected"),
     Case("num-buffers-too-large", "rx-header", ("rx0",),
          "5.1.6.4.1: the device MUST set num_buffers to the number of descriptors (chains) "
          "used for the packet",

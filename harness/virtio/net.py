@@ -347,8 +347,13 @@ class VirtioNetDevice(NetRxPath):
 
     def next_timer(self) -> float | None:
         """When (time.monotonic) process() wants to run again without a kick: the earliest
-        TX hold-off; None when no ring is held off."""
-        return self.timers.next()
+        TX hold-off, or the end of a misbehaviour's wrong used.idx; None when neither."""
+        due = self.timers.next()
+        if self.misbehave is not None:
+            held = self.misbehave.publish_due()
+            if held is not None and (due is None or held < due):
+                due = held
+        return due
 
     def process(self) -> None:
         """Handle pending kicks: TX chains to the backend, RX kicks end starvation."""
@@ -360,6 +365,8 @@ class VirtioNetDevice(NetRxPath):
             return
         if not self._usable():
             return  # keep the kicks: they are served once the guest allows DMA again
+        if self.misbehave is not None:
+            netmisbehave.publish_released(self, self.misbehave)
         pending = self._pending
         self._pending = 0
         for pair in range(self.max_pairs):

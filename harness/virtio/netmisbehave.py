@@ -96,6 +96,16 @@ def device_event(dev: VirtioNetDevice, mb: Misbehave) -> None:
         dev.device_error("misbehave needs-reset-midtraffic (no real error)")
 
 
+def publish_released(dev: VirtioNetDevice, mb: Misbehave) -> None:
+    """Queues whose wrong used.idx (used-idx-jump, used-idx-backwards) has stood its time
+    publish the right one now, with the interrupt the driver asks for: their next completion
+    may never come (a driver that survived the wrong value may be waiting for this one)."""
+    over = mb.publish_over()
+    for q in dev.queues:
+        if q.name in over and q.flush():
+            dev._queue_interrupt(q)
+
+
 def config_irqs(dev: VirtioNetDevice, n: int) -> None:
     """``n`` config interrupts without a generation bump (misbehaviours only)."""
     dev.isr |= C.ISR_CONFIG

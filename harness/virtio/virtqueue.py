@@ -314,20 +314,30 @@ class SplitVirtqueue(Virtqueue):
 
     def flush(self) -> bool:
         """Publish used.idx once for everything pushed; True if the driver wants an interrupt."""
-        if self._used_idx == self._published or self._used16 is None:
+        mis = self.misbehave
+        fix = False
+        if mis is not None:
+            held = mis.publish_hold(self.name)
+            if held:
+                return False  # a wrong used.idx stands for a while (harness.virtio.misbehave)
+            fix = held is False  # its time is up: publish the right value, new entries or not
+        if (self._used_idx == self._published and not fix) or self._used16 is None:
             return False
         used16 = self._used16
         avail16 = self._avail16
         assert avail16 is not None
         new = self._used_idx
         old = self._published
-        bad = None if self.misbehave is None else self.misbehave.due("publish", self.name)
+        bad = None if mis is None else mis.due("publish", self.name)
         if bad is None:
             used16[1] = new
-        elif bad.case == "used-idx-jump":  # the next flush publishes the right value again
-            used16[1] = (new + self.size + 1) & 0xFFFF
-        else:  # used-idx-backwards
-            used16[1] = (old - 1) & 0xFFFF
+        else:
+            # used-idx-jump: more than a queue's worth past; used-idx-backwards: one less than
+            # the last published. It stands for PUBLISH_HOLD, then a publish corrects it.
+            assert mis is not None
+            used16[1] = ((new + self.size + 1) if bad.case == "used-idx-jump"
+                         else (old - 1)) & 0xFFFF
+            mis.hold_publish(self.name)
         self._published = new
         self._sync_used()
         # The driver must see used.idx before we look at its suppression flags, or both sides
@@ -339,6 +349,8 @@ class SplitVirtqueue(Virtqueue):
             wanted = ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
             wanted = not avail16[0] & AVAIL_F_NO_INTERRUPT
+        if bad is not None:
+            return True  # so the driver looks at the wrong value, whatever it asked for
         if not wanted:
             self.stats.interrupts_suppressed += 1
         return wanted

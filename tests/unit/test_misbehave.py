@@ -17,9 +17,11 @@ from harness.server.cli import parse_args
 from harness.server.control import CommandError, Request, device_commands
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, NetRig
 from harness.virtio import constants as C
+from harness.virtio import misbehave as misbehave_module
 from harness.virtio.misbehave import (
     CASES,
     POINTS,
+    PUBLISH_HOLD,
     QUEUES,
     SLOW_SECONDS,
     STUCK_RESET_READS,
@@ -170,23 +172,71 @@ def test_used_id_duplicate() -> None:
     clean(ledger)
 
 
-def test_used_idx_jump_then_corrected() -> None:
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The misbehaviours' clock, moved by hand: t[0] is now."""
+    t = [1000.0]
+    monkeypatch.setattr(misbehave_module, "_clock", lambda: t[0])
+    return t
+
+
+def test_used_idx_jump_then_corrected_after_the_hold(clock: list[float]) -> None:
     r, ledger = rig("used-idx-jump:queue=tx0")
     tx_one(r)
     assert r.tx.used_idx() == 1 + 16 + 1  # more than the queue size past the last one
+    assert r.device.next_timer() == 1000.0 + PUBLISH_HOLD
+    clock[0] += PUBLISH_HOLD - 0.01
     tx_one(r)
-    assert r.tx.used_idx() == 2  # published right again (so it went backwards)
+    assert r.tx.used_idx() == 1 + 16 + 1  # it stands: the second chain is used, unpublished
+    clock[0] += 0.01
+    tx_one(r)
+    assert r.tx.used_idx() == 3  # published right again (so it went backwards)
+    assert r.device.next_timer() is None
     clean(ledger)
 
 
-def test_used_idx_backwards_then_corrected() -> None:
+def test_used_idx_backwards_then_corrected_after_the_hold(clock: list[float]) -> None:
     r, ledger = rig("used-idx-backwards:queue=tx0:after=2")
     tx_one(r)
     assert r.tx.used_idx() == 1
     tx_one(r)
     assert r.tx.used_idx() == 0  # one less than the last published
+    clock[0] += PUBLISH_HOLD / 2
     tx_one(r)
-    assert r.tx.used_idx() == 3
+    assert r.tx.used_idx() == 0
+    clock[0] += PUBLISH_HOLD
+    tx_one(r)
+    assert r.tx.used_idx() == 4
+    clean(ledger)
+
+
+@pytest.mark.parametrize("case", ["used-idx-jump", "used-idx-backwards"])
+def test_wrong_used_idx_interrupts_and_the_timer_corrects_it(case: str,
+                                                             clock: list[float]) -> None:
+    """The wrong publish interrupts though the driver asked for none (so it reads the wrong
+    value, whatever the timing); with no completion after it, the device's timer publishes
+    the right value once the hold is over."""
+    r, ledger = rig(f"{case}:queue=tx0")
+    r.driver.queues[1].set_avail_flags(1)  # VRING_AVAIL_F_NO_INTERRUPT (no EVENT_IDX)
+    r.driver.queues[1].set_used_event(0x8000)  # nowhere near (EVENT_IDX)
+    tx_one(r)
+    assert r.tx.used_idx() != 1 and r.irq.count(TX_VECTOR) == 1
+    r.device.process()
+    assert r.tx.used_idx() != 1  # no completion, hold not over: it stands
+    clock[0] += PUBLISH_HOLD
+    r.device.process()  # what the server loop does when next_timer() is due
+    assert r.tx.used_idx() == 1
+    assert r.irq.count(TX_VECTOR) == 1  # nothing new for the driver: no interrupt
+    assert r.device.next_timer() is None
+    clean(ledger)
+
+
+def test_wrong_used_idx_hold_ends_at_reset(clock: list[float]) -> None:
+    r, ledger = rig("used-idx-jump:queue=tx0")
+    tx_one(r)
+    assert r.device.next_timer() is not None
+    r.device.misbehave.on_status_write(0x0F, 0)  # type: ignore[union-attr]
+    assert r.device.next_timer() is None
     clean(ledger)
 
 

@@ -39,19 +39,14 @@ pytestmark = pytest.mark.vm
 #: `make misbehave` runs every case on all three kernels of the matrix.
 # interrupt-wrong-vector-rx: hang in 6 of 7 runs on 7.3.4, graceful in the 7th (gate of 143c5bd):
 # its class depends on timing too, so it runs in `make misbehave`, not in CI.
-# used-idx-jump: the jumped used.idx is corrected by the queue's next publish, so whether the
-# driver reads it (BAD_RING: hang) or not (graceful: every step ok) is a race between the guest's
-# next look at used.idx and the device's next batch; hang in every gate until the one of b39498f
-# (graceful, all 5 steps ok, recovered by traffic in 6 ms). Also `make misbehave` only.
-# used-idx-backwards: the same race (one publish of used.idx - 1, corrected by the next one):
-# hang in every gate until the fresh-clone gate of 29ef60e (graceful, all 5 steps ok; the
-# archive had just moved QEMU from 11.1.3+ds-1 to +ds-2), hang again in 3 of 3 reruns of it
-# right after on that same QEMU. Also `make misbehave` only.
+# used-idx-jump and used-idx-backwards were timing-dependent while the wrong used.idx stood only
+# until the queue's next publish (hang in most gates, graceful in some); since 2026-12-02 it
+# stands for PUBLISH_HOLD with an interrupt sent with it, so the driver reads it every time:
+# they run here.
 # lost-interrupt-rx: hang in every gate until the fresh-clone gate of 8b65773 (graceful: a
 # notification lost while the driver is still in its RX poll is one it did not need; the poll
 # finds the frame anyway), hang in 3 of 3 reruns of it right after. Also `make misbehave` only.
-TIMING_DEPENDENT = ("needs-reset-no-interrupt", "interrupt-wrong-vector-rx", "lost-interrupt-rx",
-                    "used-idx-jump", "used-idx-backwards")
+TIMING_DEPENDENT = ("needs-reset-no-interrupt", "interrupt-wrong-vector-rx", "lost-interrupt-rx")
 CI_CASES = [c for c in CASES if c not in TIMING_DEPENDENT]
 
 
