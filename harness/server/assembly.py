@@ -234,6 +234,10 @@ class DeviceServer:
         self.guest_iova.unmapped(region.iova, region.size)
         # The mapping disappears when this callback returns: nothing may keep a view of it.
         # libvfio-user calls this once per region inside an unmapped range.
+        # Memory first, the device second, on purpose: chains the device still holds in the
+        # region (a posted RX buffer, a live ring) are then revoked, counted and logged by
+        # remove_range, which is the DMA-API bug a driver unmapping them commits. Told first,
+        # the device would give them back quietly and the bug would go unreported.
         self.memory.remove_range(region.iova, region.size)
         # Only rings inside this region lose their views: under a vIOMMU there is one unmap
         # per guest page mapping, and dropping every ring each time would remap them all.
