@@ -1,12 +1,13 @@
-"""Renders a running device's introspection for people: `harness stats` and `harness dump-queue`
-(and sets its link: `harness link up|down`).
+"""`harness stats`, `harness link up|down`, `harness announce` and `harness dump-queue`: the
+commands that show (or set) a running device's state, and the `stats` rendering.
 
-Both find the running VM through ``harness.session.find_run``, pick one device server's control
-socket (``--device``, net0 by default) and send it one request of the control protocol
+Each finds the running VM through ``harness.session.find_run``, picks one device server's
+control socket (``--device``, net0 by default) and sends it one request of the control protocol
 (``harness.server.control``: a JSON line out, a JSON line back). ``stats`` becomes a table of
-the queues and a few lines of map-ops, ledger and IOVA counters; ``dump-queue`` a readable
-decoding of one virtqueue. ``--json`` prints the server's reply as it came, one line per reply.
-Every line of the human renderings fits 80 columns.
+the queues and a few lines of map-ops, ledger and IOVA counters (rendered here);
+``dump-queue`` a readable decoding of one virtqueue (``harness.inspect_dump``). ``--json``
+prints the server's reply as it came, one line per reply. Every line of the human renderings
+fits 80 columns; the shared formatting helpers are in ``harness.inspect_format``.
 
 Renderers take the reply as plain JSON data and never trust its shape: a missing or odd field
 shows as ``-`` or 0, never as a traceback. Whatever keeps a command from answering (no running
@@ -20,30 +21,31 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from harness.virtio import constants as C
+from harness.inspect_dump import render_dump
+from harness.inspect_format import (
+    _dict,
+    _int,
+    _list,
+    _n,
+    _short_size,
+    clip,
+    count,
+    labelled,
+    size,
+    status_text,
+    things,
+)
 
-WIDTH = 80
 #: Seconds between two samples of `harness stats --watch` without a value.
 DEFAULT_WATCH = 2.0
 #: Seconds a request may take before the device server counts as not answering.
 TIMEOUT = 10.0
 #: Longest reply line read (a dump of a 32768-entry queue is a few MiB).
 MAX_REPLY = 64 << 20
-#: How much of a dump the text rendering shows (--json has everything).
-SHOW_CHAINS = 32
-SHOW_CHAIN_DESCRIPTORS = 8
-SHOW_DESCRIPTORS = 32
-SHOW_RING = 8
-
-_STATUS_BITS = ((C.STATUS_ACKNOWLEDGE, "ACK"), (C.STATUS_DRIVER, "DRIVER"),
-                (C.STATUS_FEATURES_OK, "FEATURES_OK"), (C.STATUS_DRIVER_OK, "DRIVER_OK"),
-                (C.STATUS_NEEDS_RESET, "NEEDS_RESET"), (C.STATUS_FAILED, "FAILED"))
-_DESC_FLAGS = ((C.DESC_F_NEXT, "NEXT"), (C.DESC_F_WRITE, "WRITE"),
-               (C.DESC_F_INDIRECT, "INDIRECT"))
 #: (header, width, key in the per-queue stats) of the stats table; the queue name comes first.
 _COLUMNS = (("avail", 5, "avail_idx"), ("used", 5, "used_idx"), ("kicks", 8, "kicks"),
             ("irqs", 8, "interrupts"), ("suppressed", 10, "interrupts_suppressed"),
@@ -115,124 +117,6 @@ def find_control(run_dir: Path | None, device: str) -> Path:
     if index >= len(run.control):
         raise InspectError(f"{run.run_dir}/run.json names no control socket for {device}")
     return Path(run.control[index])
-
-
-# ---- small formatting helpers -------------------------------------------------------------
-
-
-def _dict(data: object, key: str) -> dict[str, Any]:
-    value = data.get(key) if isinstance(data, Mapping) else None
-    return value if isinstance(value, dict) else {}
-
-
-def _int(data: object, key: str) -> int | None:
-    value = data.get(key) if isinstance(data, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _n(data: object, key: str) -> int:
-    return _int(data, key) or 0
-
-
-def _list(data: object, key: str) -> list[Any]:
-    value = data.get(key) if isinstance(data, Mapping) else None
-    return value if isinstance(value, list) else []
-
-
-def count(n: int | None, width: int = 0) -> str:
-    """A counter in at most ``width`` characters: 1234567 -> '1234567' or '1.2M'."""
-    if n is None:
-        return "-"
-    text = str(n)
-    if not width or len(text) <= width:
-        return text
-    value = float(n)
-    for suffix in ("k", "M", "G", "T", "P", "E"):
-        value /= 1000
-        for digits in (1, 0):
-            text = f"{value:.{digits}f}{suffix}"
-            if len(text) <= width:
-                return text
-    return "#" * width
-
-
-def things(n: int | None, what: str) -> str:
-    """'1 region', '3 regions', '- regions'."""
-    return f"{count(n)} {what}" if n == 1 else f"{count(n)} {what}s"
-
-
-def size(n: int | None) -> str:
-    """Bytes for people: 512 -> '512 B', 1536 -> '1.5 KiB', 3 << 30 -> '3.0 GiB'."""
-    if n is None:
-        return "-"
-    if abs(n) < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if abs(value) < 1024 or unit == "PiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def _short_size(n: int | None, width: int) -> str:
-    """Bytes in a table cell: 'B'-less units, e.g. '1.5K', '3.0G'."""
-    if n is None:
-        return "-"
-    if len(str(n)) <= width:
-        return str(n)
-    value = float(n)
-    for unit in "KMGTPE":
-        value /= 1024
-        text = f"{value:.1f}{unit}"
-        if len(text) <= width:
-            return text
-        if len(f"{value:.0f}{unit}") <= width:
-            return f"{value:.0f}{unit}"
-    return "#" * width
-
-
-def status_text(status: int | None) -> str:
-    if status is None:
-        return "status -"
-    names = [name for bit, name in _STATUS_BITS if status & bit]
-    return f"status {status:#04x} ({' '.join(names) or 'reset'})"
-
-
-def desc_flags(flags: int) -> str:
-    names = [name for bit, name in _DESC_FLAGS if flags & bit]
-    rest = flags & ~(C.DESC_F_NEXT | C.DESC_F_WRITE | C.DESC_F_INDIRECT)
-    if rest:
-        names.append(f"{rest:#x}")
-    return ",".join(names) or "-"
-
-
-def clip(text: str, width: int = WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def pack(first: str, tokens: Iterable[str], *, pad: str = "    ", sep: str = ", ") -> list[str]:
-    """``first`` then ``tokens`` joined by ``sep``, wrapped onto lines of at most 80 columns
-    that start with ``pad``; a token too long for any line is clipped."""
-    lines: list[str] = []
-    line = clip(first)
-    fresh = True  # no token on this line yet
-    for raw in tokens:
-        tok = clip(raw, WIDTH - len(pad))
-        add = tok if fresh else sep + tok
-        if len(line) + len(add) > WIDTH and line.strip():
-            lines.append(line.rstrip())
-            line, add = pad, tok
-        line += add
-        fresh = False
-    lines.append(line.rstrip())
-    return lines
-
-
-def labelled(label: str, parts: Iterable[str], indent: int = 9) -> list[str]:
-    """``label`` in a column of ``indent`` characters, then ``parts`` joined by ', '."""
-    first = f"{label:<{indent - 1}} " if len(label) < indent else f"{label} "
-    return pack(first, parts, pad=" " * max(indent, 4))
 
 
 # ---- stats ----------------------------------------------------------------------------------
@@ -383,141 +267,6 @@ def _stats_lines(stats: Mapping[str, Any], control: Mapping[str, Any]) -> list[s
         if isinstance(last, str) and last:
             parts.append(f"last: {last}")
         lines += labelled("control", parts)
-    return lines
-
-
-# ---- dump-queue -----------------------------------------------------------------------------
-
-
-def _hex(n: int | None) -> str:
-    return "-" if n is None else f"{n:#x}"
-
-
-def render_dump(dump: Mapping[str, Any], device: str = "net0") -> str:
-    """A `dump-queue` reply's ``dump`` for people; every line at most 80 columns."""
-    lines: list[str] = []
-    size_ = _int(dump, "size")
-    head = [f"{dump.get('format', 'split')} size {count(size_)}",
-            "broken" if dump.get("broken") is True else
-            "enabled" if dump.get("enabled") is True else "not enabled"]
-    if dump.get("event_idx") is True:
-        head.append("EVENT_IDX")
-    if dump.get("indirect") is True:
-        head.append("INDIRECT_DESC")
-    vector = _int(dump, "msix_vector")
-    head.append("no MSI-X vector" if vector == C.NO_VECTOR else f"MSI-X vector {count(vector)}")
-    title = f"{device} queue {dump.get('index', '?')} ({dump.get('name', '?')}): "
-    lines += pack(title, head)
-    if dump.get("format") == "packed":  # no index rings: flags and wrap counters instead
-        from harness.inspect_packed import render_packed  # it imports this module's helpers
-
-        return render_packed(dump, lines)
-    addr = _dict(dump, "addresses")
-    lines += labelled("  rings", [f"desc {_hex(_int(addr, 'desc'))}",
-                                  f"avail {_hex(_int(addr, 'avail'))}",
-                                  f"used {_hex(_int(addr, 'used'))}"], indent=11)
-    dev = _dict(dump, "device")
-    lines += labelled("  device", [
-        f"avail idx {count(_int(dev, 'avail_idx'))} (as last read)",
-        f"last_avail {count(_int(dev, 'last_avail'))}",
-        f"used idx {count(_int(dev, 'used_idx'))}",
-        f"{count(_int(dev, 'outstanding'))} chains popped",
-        "kicks wanted" if dev.get("notify") is not False else "kicks off (NO_NOTIFY)",
-    ], indent=11)
-    error = dump.get("error")
-    if isinstance(error, str) and error:
-        lines += _wrapped("  ERROR", error)
-    avail = _dict(dump, "avail")
-    used = _dict(dump, "used")
-    if not avail and not used:
-        return "\n".join(lines)
-    lines += labelled("  avail", [f"flags {_hex(_int(avail, 'flags'))}",
-                                  f"idx {count(_int(avail, 'idx'))}",
-                                  f"used_event {count(_int(avail, 'used_event'))}"], indent=11)
-    lines += labelled("  used", [f"flags {_hex(_int(used, 'flags'))}",
-                                 f"idx {count(_int(used, 'idx'))}",
-                                 f"avail_event {count(_int(used, 'avail_event'))}"], indent=11)
-    lines += _render_in_flight(_list(dump, "in_flight"))
-    lines += _render_rings(avail, used, size_ or 0)
-    lines += _render_descriptors(_list(dump, "descriptors"))
-    return "\n".join(lines)
-
-
-def _wrapped(label: str, text: str, indent: int = 11) -> list[str]:
-    """Free text after a label, wrapped at spaces to 80 columns."""
-    first = f"{label:<{indent - 1}} " if len(label) < indent else f"{label} "
-    return pack(first, text.split(), pad=" " * indent, sep=" ")
-
-
-def _render_in_flight(chains: list[Any]) -> list[str]:
-    states: dict[str, int] = {}
-    for c in chains:
-        state = c.get("state", "?") if isinstance(c, dict) else "?"
-        states[str(state)] = states.get(str(state), 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in states.items())
-    lines = [clip(f"  in flight: {len(chains)} chains" + (f" ({summary})" if summary else ""))]
-    for c in chains[:SHOW_CHAINS]:
-        if not isinstance(c, dict):
-            continue
-        lines.append(clip(
-            f"    idx {count(_int(c, 'idx'))} slot {count(_int(c, 'slot'))} head "
-            f"{count(_int(c, 'head'))} {c.get('state', '?')}: {size(_int(c, 'read_len'))} out, "
-            f"{size(_int(c, 'write_len'))} in"))
-        descs = [d for d in _list(c, "descriptors") if isinstance(d, dict)]
-        for d in descs[:SHOW_CHAIN_DESCRIPTORS]:
-            lines.append(clip("      " + _desc_line(d)))
-        if len(descs) > SHOW_CHAIN_DESCRIPTORS:
-            lines.append(f"      ... {len(descs) - SHOW_CHAIN_DESCRIPTORS} more descriptors")
-        error = c.get("error")
-        if isinstance(error, str) and error:
-            lines += _wrapped("      error", error, indent=13)
-    if len(chains) > SHOW_CHAINS:
-        lines.append(f"    ... {len(chains) - SHOW_CHAINS} more chains (--json has them all)")
-    return lines
-
-
-def _desc_line(d: Mapping[str, Any]) -> str:
-    flags = _n(d, "flags")
-    where = "i" if d.get("indirect") is True else ""
-    nxt = f" -> {_n(d, 'next')}" if flags & C.DESC_F_NEXT else ""
-    shown = f" {desc_flags(flags)}" if flags else ""
-    return (f"[{where}{count(_int(d, 'desc'))}] {_hex(_int(d, 'addr'))} len "
-            f"{count(_int(d, 'len'))}{shown}{nxt}")
-
-
-def _render_rings(avail: Mapping[str, Any], used: Mapping[str, Any], qsize: int) -> list[str]:
-    """The last few entries the driver published and the device returned, by ring index."""
-    lines: list[str] = []
-    ring = _list(avail, "ring")
-    idx = _int(avail, "idx")
-    if idx is not None and qsize and len(ring) == qsize:
-        n = min(SHOW_RING, qsize, idx or qsize)  # idx < n: fewer published (or it wrapped)
-        parts = [f"{(idx - k) & 0xFFFF}:{ring[(idx - k) % qsize]}" for k in range(n, 0, -1)]
-        lines += pack(f"  avail ring, last {n} (idx:head) ", parts, sep=" ")
-    uring = _list(used, "ring")
-    uidx = _int(used, "idx")
-    if uidx is not None and qsize and len(uring) == qsize:
-        n = min(SHOW_RING, qsize, uidx or qsize)
-        parts = []
-        for k in range(n, 0, -1):
-            e = uring[(uidx - k) % qsize]
-            shown = f"{e[0]}/{e[1]}" if isinstance(e, list) and len(e) == 2 else "?"
-            parts.append(f"{(uidx - k) & 0xFFFF}:{shown}")
-        lines += pack(f"  used ring, last {n} (idx:id/len) ", parts, sep=" ")
-    return lines
-
-
-def _render_descriptors(descs: list[Any]) -> list[str]:
-    used = [(i, d) for i, d in enumerate(descs) if isinstance(d, dict) and any(
-        _n(d, k) for k in ("addr", "len", "flags", "next"))]
-    lines = [f"  descriptors: {len(used)} of {len(descs)} not zero"]
-    if used:
-        lines.append(f"  {'idx':>5}  {'addr':<18} {'len':>10}  {'flags':<19} {'next':>5}")
-    for i, d in used[:SHOW_DESCRIPTORS]:
-        lines.append(clip(f"  {i:>5}  {_hex(_int(d, 'addr')):<18} {count(_int(d, 'len'), 10):>10}"
-                          f"  {desc_flags(_n(d, 'flags')):<19} {count(_int(d, 'next'), 5):>5}"))
-    if len(used) > SHOW_DESCRIPTORS:
-        lines.append(f"  ... {len(used) - SHOW_DESCRIPTORS} more (--json has the whole table)")
     return lines
 
 

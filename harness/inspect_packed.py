@@ -1,6 +1,6 @@
 """The `harness dump-queue` rendering of a packed virtqueue (virtio 1.3 2.8) for people.
 
-``harness.inspect.render_dump`` hands a dump whose ``format`` is ``"packed"`` here. A packed
+``harness.inspect_dump.render_dump`` hands a dump whose ``format`` is ``"packed"`` here. A packed
 ring has no avail/used index rings: ownership lives in each descriptor's AVAIL (bit 7) and USED
 (bit 15) flags read against wrap counters, so the view decodes every descriptor's owner from
 those bits and the device's next position and wrap counter, shows both event suppression
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from harness.inspect import (
+from harness.inspect_format import (
     SHOW_CHAIN_DESCRIPTORS,
     SHOW_CHAINS,
     SHOW_DESCRIPTORS,

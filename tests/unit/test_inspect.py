@@ -21,6 +21,7 @@ import pytest
 from harness import inspect
 from harness.cli import main
 from harness.dma import DmaLedger, build_mapops
+from harness.inspect_dump import render_dump
 from harness.server.control import ControlServer, device_commands
 from harness.session import RUN_FILE
 from harness.testing.mockdriver import FakeBackend, FakeIrq, MockDriver, MockMemory, MockQueue
@@ -467,15 +468,15 @@ def test_dump_rendering_fits_80_columns(box_factory: Callable[..., Box]) -> None
     for _ in range(200):
         b.rx.add(in_=[1536])
     b.tx.add_indirect([HDR, b"x" * 100])
-    text = inspect.render_dump(b.dump(0))
+    text = render_dump(b.dump(0))
     assert_fits(text)
     assert "in flight: 200 chains (200 available)" in text
     assert "more chains (--json has them all)" in text
-    assert_fits(inspect.render_dump(b.dump(1)))
+    assert_fits(render_dump(b.dump(1)))
     _loop(b.tx, b.driver.mem)
     garbage = b.dump(1)
-    assert_fits(inspect.render_dump(garbage))
-    assert_fits(inspect.render_dump(huge(garbage)))  # type: ignore[arg-type]
+    assert_fits(render_dump(garbage))
+    assert_fits(render_dump(huge(garbage)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("reply", [{}, {"stats": 5}, {"stats": {"device": {"rx0": [1]}}},
@@ -488,7 +489,7 @@ def test_stats_rendering_survives_odd_replies(reply: dict[str, Any]) -> None:
                                   {"size": 8, "avail": {"idx": 3, "ring": [1]}, "used": 7},
                                   {"in_flight": [None, {"descriptors": 5}], "avail": {}}])
 def test_dump_rendering_survives_odd_replies(dump: dict[str, Any]) -> None:
-    assert_fits(inspect.render_dump(dump))
+    assert_fits(render_dump(dump))
 
 
 # ---- the commands ------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from harness import inspect
+from harness.inspect_dump import render_dump
+from harness.inspect_format import WIDTH
 from harness.inspect_packed import owner
 from harness.testing.mockpacked import MockPackedQueue
 from harness.virtio import constants as C
@@ -47,8 +49,8 @@ def wrap_twice(b: Box) -> None:
 
 def view(b: Box) -> tuple[dict[str, Any], str]:
     dump = b.dump(TX)
-    text = inspect.render_dump(dump)
-    assert all(len(line) <= inspect.WIDTH for line in text.splitlines()), text
+    text = render_dump(dump)
+    assert all(len(line) <= WIDTH for line in text.splitlines()), text
     return dump, text
 
 
@@ -133,7 +135,7 @@ def test_json_reply_says_the_format(box: Box, tmp_path: Path) -> None:
     split = make_box(tmp_path / "split", queue_size=8)
     try:
         assert split.dump(TX)["format"] == "split"
-        assert "tx0): split size 8" in inspect.render_dump(split.dump(TX))
+        assert "tx0): split size 8" in render_dump(split.dump(TX))
     finally:
         split.served.close()
 
@@ -145,8 +147,8 @@ def test_json_reply_says_the_format(box: Box, tmp_path: Path) -> None:
      "device_event": {"flags": 99, "off_wrap": -5}, "in_flight": [None, {"descriptors": 3}]},
 ])  # fmt: skip
 def test_odd_packed_dump_renders_without_a_traceback(odd: dict[str, Any]) -> None:
-    text = inspect.render_dump(odd)
-    assert all(len(line) <= inspect.WIDTH for line in text.splitlines())
+    text = render_dump(odd)
+    assert all(len(line) <= WIDTH for line in text.splitlines())
 
 
 def test_owner_against_both_wrap_counters() -> None:
@@ -163,4 +165,4 @@ def test_stats_table_shows_packed_positions_with_their_wrap_counter(box: Box) ->
     text = inspect.render_stats(box.stats())
     row = next(line for line in text.splitlines() if line.startswith("tx0"))
     assert row.split()[1:3] == ["2w1", "2w1"], text
-    assert all(len(line) <= inspect.WIDTH for line in text.splitlines())
+    assert all(len(line) <= WIDTH for line in text.splitlines())
