@@ -43,7 +43,7 @@ from harness.bench.netrun import CONFIGS, MIB, Options, Round, py_spy, run_round
 from harness.dma.factory import LEDGER_ENV
 from harness.dma.regionindex import INDEX_ENV
 from harness.progress import Progress
-from harness.server.loop import POLL_MODE_ENV, POLL_US_ENV
+from harness.server.loop import ORDER_ENV, POLL_MODE_ENV, POLL_US_ENV
 from harness.vfu.mapcachectl import MAP_CACHE_ENV
 from harness.vfu.wire import WIRE_TAKE_ENV
 from harness.virtio.netdefs import BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, TX_HOLDOFF_ENV
@@ -260,7 +260,7 @@ def _configs(text: str) -> tuple[str, ...]:
 #: server does not read (a typo, or a knob since removed) would measure the default twice and
 #: call it an A/B, so anything else is refused.
 SERVER_KNOBS = (BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, INDEX_ENV, LEDGER_ENV, MAP_CACHE_ENV,
-                POLL_MODE_ENV, POLL_US_ENV, RX_POOL_ENV, TX_HOLDOFF_ENV, WIRE_TAKE_ENV)
+                ORDER_ENV, POLL_MODE_ENV, POLL_US_ENV, RX_POOL_ENV, TX_HOLDOFF_ENV, WIRE_TAKE_ENV)
 
 
 def _env_list(text: str) -> tuple[tuple[str, str], ...]:

@@ -59,12 +59,26 @@ POLL_MODES = ("spin", "block", "hybrid")
 HYBRID_SPIN = 20e-6
 #: Timeouts below this are waited for in select() (microseconds), not epoll (milliseconds).
 SUB_MS = 0.002
+#: In what order one round of ready events is handled: ``ready`` (as epoll returns them) or
+#: ``endpoint`` (the vfio-user socket first: a DMA_MAP/UNMAP the guest's vCPU waits for is not
+#: answered after a whole RX burst of the TAP that became readable before it).
+#: HARNESS_LOOP_ORDER picks it, for A/Bs in harness bench net.
+ORDER_ENV = "HARNESS_LOOP_ORDER"
+ORDERS = ("ready", "endpoint")
 
 
 def poll_mode() -> str:
     """``spin`` (the default) or ``block`` from HARNESS_LOOP_POLL_MODE; ValueError for anything
     else, so a mistyped A/B side fails loudly instead of measuring the default twice."""
     return knobs.choice(POLL_MODE_ENV, POLL_MODES, "spin")
+
+
+
+def endpoint_first() -> bool:
+    """True for HARNESS_LOOP_ORDER=endpoint, False for ready (the default); ValueError for
+    anything else, so a mistyped A/B side fails loudly."""
+    return knobs.choice(ORDER_ENV, ORDERS, "ready") == "endpoint"
+
 
 EventHandler = Callable[[int], None]
 
@@ -170,6 +184,7 @@ class DeviceLoop:
         mode = poll_mode()
         #: How long to spin before blocking, in each wait of the DMA window.
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
+        self.endpoint_first = endpoint_first()
         self._dma_seen = 0
         self._poll: select.poll | None = None
         #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off, the end of a
@@ -278,6 +293,9 @@ class DeviceLoop:
         # times its DMA replies from there (harness.vfu.latency).
         self._origin = woke if woke - entered > BLOCKED_SELECT else self._last_wake
         self._last_wake = woke
+        if self.endpoint_first and len(events) > 1:
+            fd = self._endpoint_fd
+            events.sort(key=lambda e: e[0].fd != fd)  # stable: the rest keep epoll's order
         for key, mask in events:
             key.data(mask)
             if self.stop:

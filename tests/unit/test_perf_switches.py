@@ -241,3 +241,32 @@ def test_dmamap_microbench_runs_both_sides(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         dmamap.main(["--ops", "0"])
     assert "--ops >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("order", ["ready", "endpoint"])
+def test_loop_order_switch(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
+    """HARNESS_LOOP_ORDER=endpoint handles the vfio-user socket first among the events of one
+    wake-up (a DMA_MAP is not answered after the RX burst of a TAP that became readable
+    before it); ready (the default) keeps epoll's order; a mistyped order is refused."""
+    from harness.server.loop import ORDER_ENV, endpoint_first
+
+    monkeypatch.delenv(ORDER_ENV, raising=False)
+    assert endpoint_first() is False
+    monkeypatch.setenv(ORDER_ENV, order)
+    loop, guest, handled, ours = _mapping_loop(0)
+    assert loop.endpoint_first is (order == "endpoint")
+    tap, peer = socket.socketpair()
+    loop.selector.register(tap, selectors.EVENT_READ, lambda _m: handled.append("rx burst"))
+    loop.selector.register(ours, selectors.EVENT_READ, loop._on_endpoint)
+    loop._endpoint_fd = ours.fileno()
+    peer.send(b"frame")  # the TAP is readable first, then the guest maps
+    guest.send(b"m")
+    loop.dispatch(0.0)
+    first = "answer 1" if order == "endpoint" else "rx burst"
+    assert handled[0] == first and set(handled) == {"answer 1", "rx burst"}
+    for s in (tap, peer, guest, ours):
+        s.close()
+    loop.close()
+    monkeypatch.setenv(ORDER_ENV, "first")
+    with pytest.raises(ValueError, match=ORDER_ENV):
+        endpoint_first()
