@@ -21,6 +21,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 from harness import argtypes, proc
 from harness.vfu.latency import percentile
 
-__all__ = ["Trip", "main", "parse", "summarize"]
+__all__ = ["Trip", "main", "message_id", "parse", "reply_id", "run_traced", "summarize",
+           "trace_lines"]
 
 #: --help's description: the docstring's first sentence, without the command's own name.
 _DESCRIPTION = " ".join((__doc__ or "").split("\n\n")[0].split()).split(": ", 1)[-1]
@@ -72,6 +74,34 @@ def _stamp(text: str) -> int:
     return int(dt.timestamp()) * 1_000_000 + dt.microsecond
 
 
+def trace_lines(log: str) -> Iterator[tuple[int, str, str]]:
+    """(microseconds, event, arguments) of each trace event line of a QEMU log written with
+    timestamps; other lines (console, QEMU's own messages) are skipped."""
+    for line in log.splitlines():
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        try:
+            t = _stamp(m[1])
+        except ValueError:
+            continue
+        yield t, m[2], m[3]
+
+
+def message_id(args: str) -> str | None:
+    """The message id of a ``send_write``/``recv_hdr`` event."""
+    mid = _ID.search(args)
+    return None if mid is None else mid[1]
+
+
+def reply_id(args: str) -> str | None:
+    """The id of a ``recv_hdr`` that is a reply (the header's reply flag), else None."""
+    flags = _FLAGS.search(args)
+    if flags is None or not int(flags[1], 16) & _REPLY:
+        return None
+    return message_id(args)
+
+
 def parse(log: str) -> Window:
     """The DMA round trips in a QEMU log written with the EVENTS on and timestamps.
 
@@ -83,32 +113,21 @@ def parse(log: str) -> Window:
     kind: str | None = None
     pending: dict[str, tuple[str, int]] = {}
     first = last = None
-    for line in log.splitlines():
-        m = _LINE.match(line)
-        if m is None:
-            continue
-        try:
-            t = _stamp(m[1])
-        except ValueError:
-            continue
+    for t, event, args in trace_lines(log):
         first = t if first is None else first
         last = t
-        event, args = m[2], m[3]
         if event == "vfio_user_dma_map":
             kind = "map"
         elif event == "vfio_user_dma_unmap":
             kind = "unmap"
         elif event == "vfio_user_send_write":
-            mid = _ID.search(args)
+            mid = message_id(args)
             if kind is not None and mid is not None:
-                pending[mid[1]] = (kind, t)
+                pending[mid] = (kind, t)
             kind = None
         elif event == "vfio_user_recv_hdr":
-            mid = _ID.search(args)
-            flags = _FLAGS.search(args)
-            if mid is None or flags is None or not int(flags[1], 16) & _REPLY:
-                continue
-            sent = pending.pop(mid[1], None)
+            rid = reply_id(args)
+            sent = None if rid is None else pending.pop(rid, None)
             if sent is not None:
                 win.trips.append(Trip(sent[0], sent[1], t))
     if first is not None and last is not None:
@@ -164,13 +183,19 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(command: str, run_dir: Path) -> tuple[Window, dict[str, Any], str]:
-    """Boot, run ``command`` in the guest, return the traced window, the server's DMA
-    latency stats and the command's output."""
+#: The host peer's TCP sink takes this much of a guest->host stream.
+PEER_TCP_BYTES = 16 << 20
+
+
+def run_traced(command: str, run_dir: Path,
+               events: tuple[str, ...] = EVENTS) -> tuple[str, dict[str, Any], str]:
+    """Boot with ``--viommu`` and QEMU tracing ``events``, run ``command`` in the guest;
+    return QEMU's log of that window, the server's DMA latency stats and the command's
+    output."""
     from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
 
-    cfg = TestbedConfig(viommu=True, qemu_trace=EVENTS, cmdline=SHELL_CMDLINE,
-                        peers=PeerSpec(tcp_bytes=16 << 20, udp_count=1))
+    cfg = TestbedConfig(viommu=True, qemu_trace=events, cmdline=SHELL_CMDLINE,
+                        peers=PeerSpec(tcp_bytes=PEER_TCP_BYTES, udp_count=1))
     with Testbed(cfg, run_dir) as tb:
         tb.wait_shell(300.0)
         log = run_dir / "qemu.log"
@@ -183,6 +208,13 @@ def run(command: str, run_dir: Path) -> tuple[Window, dict[str, Any], str]:
         stats = tb.device.stats()
     output = (res.stdout + res.stderr).decode(errors="replace").strip()
     latency = stats.get("vfio_user", {}).get("dma_latency", {})
+    return text, latency, output
+
+
+def run(command: str, run_dir: Path) -> tuple[Window, dict[str, Any], str]:
+    """Boot, run ``command`` in the guest, return the traced window, the server's DMA
+    latency stats and the command's output."""
+    text, latency, output = run_traced(command, run_dir)
     return parse(text), latency, output
 
 
