@@ -38,7 +38,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-from harness.vfu import burst, mapcache
+from harness.vfu import burst, burst_rx, burst_tx, mapcache
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +444,8 @@ def make_ffi(prefix: Path) -> FFI:
 
 def _inputs_digest(prefix: Path) -> str:
     """What the extension is built from: these modules, the static library and its headers."""
-    sources = (__file__, mapcache.__file__, burst.__file__)
+    sources = (__file__, mapcache.__file__, burst.__file__, burst_tx.__file__,
+               burst_rx.__file__)
     h = hashlib.sha256(b"".join(Path(str(f)).read_bytes() for f in sources))
     for path in sorted(prefix.rglob("*")):
         if path.is_file() and (path.suffix in (".a", ".h")):
