@@ -45,11 +45,13 @@ ATTACH_FAILURE_PAUSE = 0.05
 #: A select() that took longer than this slept, so what woke it had just arrived.
 BLOCKED_SELECT = 0.0002
 #: Before ring work, while the guest maps through a vIOMMU (DMA_MAP/UNMAP seen in the last
-#: turn), keep answering the vfio-user socket for this long: the guest's vCPU waits for each
-#: reply, and the map that follows a kick would otherwise wait for the whole TX batch.
-#: HARNESS_LOOP_POLL_US overrides it (0: off), for A/Bs in harness bench net.
+#: turn), keep answering the vfio-user socket for HARNESS_LOOP_POLL_US microseconds: the
+#: guest's vCPU waits for each reply, and the map that follows a kick would otherwise wait for
+#: the whole TX batch. Off (0) by default since round 12 (docs/PERFORMANCE.md): on the 2-core
+#: machines of rounds 8-12 the wait takes the CPU the vCPUs need (two paired A/Bs: TCP both
+#: ways better without it in 11 of 12 rounds); round 1's faster machine gained from 100.
 POLL_US_ENV = "HARNESS_LOOP_POLL_US"
-DMA_POLL = float(os.environ.get(POLL_US_ENV, "100")) / 1e6
+DMA_POLL = float(os.environ.get(POLL_US_ENV, "0")) / 1e6
 #: How that window is waited: ``spin`` (poll(0) in a loop: lowest wake-up latency, but the CPU
 #: is taken from QEMU's vCPU threads on a 2-core host), ``block`` (select() with the time
 #: left: the kernel wakes us when the request comes, ~100 us later here) or ``hybrid`` (spin

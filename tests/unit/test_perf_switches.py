@@ -270,3 +270,26 @@ def test_loop_order_switch(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
     monkeypatch.setenv(ORDER_ENV, "first")
     with pytest.raises(ValueError, match=ORDER_ENV):
         endpoint_first()
+
+
+def test_dma_window_is_off_by_default() -> None:
+    """Round 12: no waiting for the guest's next DMA message unless HARNESS_LOOP_POLL_US says
+    so (a turn after DMA messages goes straight to ring work)."""
+    import os
+
+    from harness.server.loop import DMA_POLL, POLL_US_ENV
+
+    if POLL_US_ENV in os.environ:
+        pytest.skip(f"{POLL_US_ENV} is set in this environment")
+    assert DMA_POLL == 0
+    loop, guest, order, ours = _mapping_loop(DMA_POLL * 1e6)
+    guest.send(b"m")
+    loop._on_endpoint(0)   # the guest maps ...
+    guest.send(b"m")       # ... and maps again: the turn goes to ring work, not to the socket
+    loop.turn()
+    assert order == ["answer 1", "ring work"]
+    loop._on_endpoint(0)   # the next wake-up answers it
+    assert order == ["answer 1", "ring work", "answer 1"]
+    guest.close()
+    ours.close()
+    loop.close()
