@@ -67,6 +67,8 @@ class Window:
 
     trips: list[Trip] = field(default_factory=list)
     span: float = 0.0
+    #: Requests sent with no reply in the window: (kind, when sent in microseconds).
+    unanswered: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _stamp(text: str) -> int:
@@ -132,6 +134,7 @@ def parse(log: str) -> Window:
                 win.trips.append(Trip(sent[0], sent[1], t))
     if first is not None and last is not None:
         win.span = (last - first) / 1e6
+    win.unanswered = list(pending.values())
     return win
 
 

@@ -45,26 +45,12 @@ def marks(log: str) -> list[tuple[int, str]]:
     sent`` (its ``vfio_user_dma_*`` line names it), its reply ``map reply``/``unmap reply``;
     a doorbell's own message is not a mark (``vfio_region_write`` is), nor is a reply to
     anything else."""
-    out: list[tuple[int, str]] = []
-    kind: str | None = None
-    pending: dict[str, str] = {}
+    win = roundtrip.parse(log)  # the requests, paired with their replies by message id
+    out = [mark for trip in win.trips
+           for mark in ((trip.sent, f"{trip.kind} sent"), (trip.replied, f"{trip.kind} reply"))]
+    out += [(sent, f"{kind} sent") for kind, sent in win.unanswered]
     for t, event, args in roundtrip.trace_lines(log):
-        if event == "vfio_user_dma_map":
-            kind = "map"
-        elif event == "vfio_user_dma_unmap":
-            kind = "unmap"
-        elif event == "vfio_user_send_write":
-            mid = roundtrip.message_id(args)
-            if kind is not None and mid is not None:
-                pending[mid] = kind
-                out.append((t, f"{kind} sent"))
-            kind = None
-        elif event == "vfio_user_recv_hdr":
-            rid = roundtrip.reply_id(args)
-            sent = None if rid is None else pending.pop(rid, None)
-            if sent is not None:
-                out.append((t, f"{sent} reply"))
-        elif event == "vfio_region_write":
+        if event == "vfio_region_write":
             out.append((t, "doorbell"))
         elif event == "vfio_msi_interrupt":
             vector = args.split("vector ", 1)[1].split()[0] if "vector " in args else "?"
