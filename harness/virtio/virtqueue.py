@@ -340,6 +340,8 @@ class SplitVirtqueue(Virtqueue):
             mis.hold_publish(self.name)
         self._published = new
         self._sync_used()
+        if new == old:
+            return False  # a wrong used.idx corrected, nothing newly used: nothing to tell
         # The driver must see used.idx before we look at its suppression flags, or both sides
         # can decide the other is not waiting (lost interrupt).
         self._barrier()
