@@ -40,8 +40,6 @@ from harness.inspect_format import (
     things,
 )
 
-#: Seconds between two samples of `harness stats --watch` without a value.
-DEFAULT_WATCH = 2.0
 #: Seconds a request may take before the device server counts as not answering.
 TIMEOUT = 10.0
 #: Longest reply line read (a dump of a 32768-entry queue is a few MiB).

@@ -20,3 +20,12 @@ def choice(name: str, choices: Sequence[str], default: str) -> str:
         expected = f"{', '.join(rest)} or {last}" if rest else last
         raise ValueError(f"{name}={value!r}: expected {expected}")
     return value
+
+
+def microseconds(name: str, default: int, maximum: int) -> float:
+    """The value of environment variable ``name`` in whole microseconds 0..``maximum`` (unset
+    or empty: ``default``), returned in seconds; ValueError for anything else."""
+    text = os.environ.get(name, "") or str(default)
+    if not text.isdigit() or int(text) > maximum:
+        raise ValueError(f"{name}={text!r}: expected microseconds 0..{maximum}")
+    return int(text) / 1e6

@@ -40,14 +40,8 @@ from typing import Any
 
 from harness import argtypes, paths, proc
 from harness.bench.netrun import CONFIGS, MIB, Options, Round, py_spy, run_round
-from harness.dma.factory import LEDGER_ENV
-from harness.dma.regionindex import INDEX_ENV
 from harness.progress import Progress
-from harness.server.loop import ORDER_ENV, POLL_MODE_ENV, POLL_US_ENV
-from harness.vfu.mapcachectl import MAP_CACHE_ENV
-from harness.vfu.wire import WIRE_TAKE_ENV
-from harness.virtio.netdefs import BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, TX_HOLDOFF_ENV
-from harness.virtio.rxpool import RX_POOL_ENV
+from harness.server import switches
 
 __all__ = ["WORKLOADS", "Options", "Round", "Workload", "main", "median", "ratio", "summarize",
            "table"]
@@ -256,22 +250,16 @@ def _configs(text: str) -> tuple[str, ...]:
     return names
 
 
-#: The environment variables the device server reads: the knobs --ab may flip. A name the
-#: server does not read (a typo, or a knob since removed) would measure the default twice and
-#: call it an A/B, so anything else is refused.
-SERVER_KNOBS = (BATCH_USED_ENV, FAST_RX_ENV, FAST_TX_ENV, INDEX_ENV, LEDGER_ENV, MAP_CACHE_ENV,
-                ORDER_ENV, POLL_MODE_ENV, POLL_US_ENV, RX_POOL_ENV, TX_HOLDOFF_ENV, WIRE_TAKE_ENV)
-
-
 def _env_list(text: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in text.split(","):
         key, eq, value = item.strip().partition("=")
         if not eq or not key.startswith("HARNESS_") or not key.replace("_", "").isalnum():
             raise argparse.ArgumentTypeError(f"not HARNESS_NAME=VALUE: {item.strip()!r}")
-        if key not in SERVER_KNOBS:
-            raise argparse.ArgumentTypeError(
-                f"{key}: not a device server knob (known: {', '.join(SERVER_KNOBS)})")
+        try:
+            switches.check(key, value)  # a name or value the server would refuse, refused now
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
         pairs.append((key, value))
     return tuple(pairs)
 

@@ -8,9 +8,9 @@ fault is injected and sees injected failures as (transient) failed maps.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
+from harness import knobs
 from harness.dma.bounce import DEFAULT_WINDOW, BounceMapOps
 from harness.dma.faults import FaultInjectingMapOps, FaultSpec
 from harness.dma.ledger import DmaLedger
@@ -23,6 +23,12 @@ MAPOPS_KINDS = ("direct", "bounce")
 #: HARNESS_LEDGER=off in the device server's environment makes the ledger a pass-through, to
 #: measure what its checks cost (harness bench net). Never for a run whose results count.
 LEDGER_ENV = "HARNESS_LEDGER"
+
+
+def ledger_checks() -> bool:
+    """True for ``on`` (the default), False for ``off``; ValueError for anything else: a typo
+    must not quietly run the checks on the side meant to price them."""
+    return knobs.choice(LEDGER_ENV, ("on", "off"), "on") == "on"
 
 
 def build_mapops(
@@ -63,7 +69,7 @@ def build_mapops(
         ops = FaultInjectingMapOps(ops, spec, injector=injector)
     if not ledger:
         return ops, None
-    checks = os.environ.get(LEDGER_ENV, "on") != "off"
+    checks = ledger_checks()
     if not checks:
         log.warning("%s=off: the DMA ledger checks nothing (a benchmark's ledger-off side)",
                     LEDGER_ENV)

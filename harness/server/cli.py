@@ -25,9 +25,10 @@ from pyroute2 import NetlinkError
 from harness import argtypes
 from harness.dma import MAPOPS_KINDS
 from harness.net import netns as netns_mod
+from harness.server import switches
 from harness.server.assembly import DeviceServer, ServerConfig
 from harness.server.control import ControlServer, device_commands
-from harness.server.loop import DeviceLoop, poll_mode
+from harness.server.loop import DeviceLoop
 from harness.vfu import VfuError
 from harness.virtio import features as features_mod
 from harness.virtio.misbehave import spec_list
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot enter network namespace %r: %s", cfg.netns, exc)
         return 1
     try:
-        poll_mode()  # a mistyped HARNESS_LOOP_POLL_MODE: the one line below, not a traceback
+        switches.read_all()  # a mistyped HARNESS_* switch: the one line below, not a traceback
         server = DeviceServer(cfg)
     except (OSError, VfuError, ValueError, NetlinkError) as exc:
         log.error("could not start the device: %s", exc)

@@ -21,7 +21,6 @@ process, which then writes its final counters), unless ``serve_forever`` is set.
 from __future__ import annotations
 
 import logging
-import os
 import select
 import selectors
 import time
@@ -51,7 +50,14 @@ BLOCKED_SELECT = 0.0002
 #: machines of rounds 8-12 the wait takes the CPU the vCPUs need (two paired A/Bs: TCP both
 #: ways better without it in 11 of 12 rounds); round 1's faster machine gained from 100.
 POLL_US_ENV = "HARNESS_LOOP_POLL_US"
-DMA_POLL = float(os.environ.get(POLL_US_ENV, "0")) / 1e6
+#: The most HARNESS_LOOP_POLL_US takes (10 ms: far beyond any window that ever paid).
+POLL_US_MAX = 10_000
+
+
+def dma_poll() -> float:
+    """The DMA window in seconds from HARNESS_LOOP_POLL_US (whole microseconds, 0 the default:
+    off); ValueError for anything else, so a mistyped A/B side fails loudly."""
+    return knobs.microseconds(POLL_US_ENV, 0, POLL_US_MAX)
 #: How that window is waited: ``spin`` (poll(0) in a loop: lowest wake-up latency, but the CPU
 #: is taken from QEMU's vCPU threads on a 2-core host), ``block`` (select() with the time
 #: left: the kernel wakes us when the request comes, ~100 us later here) or ``hybrid`` (spin
@@ -182,7 +188,7 @@ class DeviceLoop:
         self._next_sample = 0.0
         self._origin = 0.0
         self._last_wake = 0.0
-        self.dma_poll = DMA_POLL
+        self.dma_poll = dma_poll()
         mode = poll_mode()
         #: How long to spin before blocking, in each wait of the DMA window.
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]

@@ -78,12 +78,18 @@ class DirectIo(Protocol):
     def rx_failed(self, err: int) -> None: ...
 
 
+def fast_directions() -> tuple[bool, bool]:
+    """(TX, RX): whether HARNESS_FAST_TX / HARNESS_FAST_RX leave each direction's bursts on
+    (``on``, the default) or keep it on the Python path (``off``). A mistyped value fails
+    loudly (harness.knobs): an A/B must not measure the default twice."""
+    return (knobs.choice(FAST_TX_ENV, ("on", "off"), "on") == "on",
+            knobs.choice(FAST_RX_ENV, ("on", "off"), "on") == "on")
+
+
 def fast_path(mapops: MapOps, engine: BurstEngine | None) -> FastPath | None:
     """The device's FastPath over ``engine``, or None when there is none, or the map-ops stack
     or the environment keeps both directions on the Python path for good."""
-    # A mistyped value fails loudly (harness.knobs): an A/B must not measure the default twice.
-    tx = knobs.choice(FAST_TX_ENV, ("on", "off"), "on") == "on"
-    rx = knobs.choice(FAST_RX_ENV, ("on", "off"), "on") == "on"
+    tx, rx = fast_directions()
     if engine is None or not (tx or rx):
         return None
     ledger: DmaLedger | None = None

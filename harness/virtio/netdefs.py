@@ -7,7 +7,6 @@ imports them from harness.virtio.net, which re-exports the public ones.
 
 from __future__ import annotations
 
-import os
 import struct
 
 from harness import knobs
@@ -40,10 +39,7 @@ TX_HOLDOFF_MIN = 4
 def tx_holdoff() -> float:
     """The hold-off in seconds (0.0: off, the default); ValueError for anything but an integer
     0..10000 (us), so a mistyped A/B side fails loudly."""
-    text = os.environ.get(TX_HOLDOFF_ENV, "0") or "0"
-    if not text.isdigit() or int(text) > 10000:
-        raise ValueError(f"{TX_HOLDOFF_ENV}={text!r}: expected microseconds 0..10000")
-    return int(text) / 1e6
+    return knobs.microseconds(TX_HOLDOFF_ENV, 0, 10000)
 
 
 RX_QUEUE = 0

@@ -258,8 +258,33 @@ def test_ab_refuses_a_knob_the_server_does_not_read(capsys: pytest.CaptureFixtur
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "HARNESS_WALK: not a device server knob" in err and "HARNESS_TX_HOLDOFF_US" in err
-    assert net._env_list("HARNESS_TX_HOLDOFF_US=200, HARNESS_RX_POOL=off") == (
-        ("HARNESS_TX_HOLDOFF_US", "200"), ("HARNESS_RX_POOL", "off"))
+    assert net._env_list("HARNESS_TX_HOLDOFF_US=200, HARNESS_RX_POOL=call") == (
+        ("HARNESS_TX_HOLDOFF_US", "200"), ("HARNESS_RX_POOL", "call"))
+
+
+@pytest.mark.parametrize("pair, expected", [
+    ("HARNESS_RX_POOL=off", "expected keep or call"),
+    ("HARNESS_LOOP_POLL_US=abc", "expected microseconds 0..10000"),
+    ("HARNESS_LOOP_POLL_US=10001", "expected microseconds 0..10000"),
+    ("HARNESS_LEDGER=of", "expected on or off"),
+    ("HARNESS_FAST_TX=no", "expected on or off"),
+])
+def test_ab_refuses_a_value_the_server_would_refuse(
+        pair: str, expected: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value the server refuses would end every B boot in an error: refused before booting."""
+    import os
+
+    def not_reached(*args: object) -> None:
+        raise AssertionError("booted with a value the server refuses")
+
+    monkeypatch.setattr(net, "run", not_reached)  # a mutant fails here instead of booting
+    before = dict(os.environ)
+    with pytest.raises(SystemExit) as exc:
+        net.main(["--ab", pair])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert dict(os.environ) == before  # the check leaves this process's environment alone
 
 
 def test_server_knobs_name_every_env_the_server_reads() -> None:
@@ -271,7 +296,8 @@ def test_server_knobs_name_every_env_the_server_reads() -> None:
         for path in (root / sub).glob("*.py"):
             if path.name != "build.py":  # C source for the cffi module, not the environment
                 found |= set(re.findall(r'"(HARNESS_[A-Z_]+)"', path.read_text()))
-    assert found and found <= set(net.SERVER_KNOBS), found - set(net.SERVER_KNOBS)
+    from harness.server import switches
+    assert found and found <= set(switches.READERS), found - set(switches.READERS)
 
 
 def test_ab_counts_the_rounds_b_won_pair_by_pair() -> None:

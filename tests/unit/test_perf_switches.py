@@ -272,17 +272,17 @@ def test_loop_order_switch(monkeypatch: pytest.MonkeyPatch, order: str) -> None:
         endpoint_first()
 
 
-def test_dma_window_is_off_by_default() -> None:
+def test_dma_window_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """Round 12: no waiting for the guest's next DMA message unless HARNESS_LOOP_POLL_US says
     so (a turn after DMA messages goes straight to ring work)."""
-    import os
+    from harness.server.loop import POLL_US_ENV, dma_poll
 
-    from harness.server.loop import DMA_POLL, POLL_US_ENV
-
-    if POLL_US_ENV in os.environ:
-        pytest.skip(f"{POLL_US_ENV} is set in this environment")
-    assert DMA_POLL == 0
-    loop, guest, order, ours = _mapping_loop(DMA_POLL * 1e6)
+    monkeypatch.delenv(POLL_US_ENV, raising=False)
+    assert dma_poll() == 0
+    monkeypatch.setenv(POLL_US_ENV, "250")
+    assert dma_poll() == 250e-6
+    monkeypatch.delenv(POLL_US_ENV)
+    loop, guest, order, ours = _mapping_loop(dma_poll() * 1e6)
     guest.send(b"m")
     loop._on_endpoint(0)   # the guest maps ...
     guest.send(b"m")       # ... and maps again: the turn goes to ring work, not to the socket

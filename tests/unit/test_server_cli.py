@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.server import main
+from harness.server import main, switches
 from harness.server.assembly import ServerConfig
 from harness.server.cli import parse_args, stop_on_signals
 from harness.server.loop import DeviceLoop
@@ -88,6 +89,26 @@ def test_python_dash_m_entry_point() -> None:
                          timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.splitlines()[-1].startswith("harness-server: error: --queue-size")
+
+
+@pytest.mark.parametrize("name", switches.NAMES)
+def test_a_mistyped_switch_is_one_error_line_before_anything_starts(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every HARNESS_* switch is read before the device is built: a bad value is one logged
+    line naming it and exit 1, not a traceback from wherever it is first read."""
+    from harness.server import cli
+
+    def not_reached(cfg: ServerConfig) -> None:
+        raise OSError("the device was built before its switches were read")
+
+    monkeypatch.setattr(cli, "DeviceServer", not_reached)  # and a mutant fails, not hangs
+    monkeypatch.setenv(name, "bogus")
+    with caplog.at_level(logging.ERROR):
+        assert main(["--socket", str(tmp_path / "s")]) == 1
+    [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage().startswith(f"could not start the device: {name}='bogus'")
+    assert record.exc_info is None
 
 
 @pytest.fixture
