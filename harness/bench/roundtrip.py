@@ -190,14 +190,15 @@ def table(summary: dict[str, Any]) -> str:
 PEER_TCP_BYTES = 16 << 20
 
 
-def run_traced(command: str, run_dir: Path,
-               events: tuple[str, ...] = EVENTS) -> tuple[str, dict[str, Any], str]:
-    """Boot with ``--viommu`` and QEMU tracing ``events``, run ``command`` in the guest;
-    return QEMU's log of that window, the server's DMA latency stats and the command's
-    output."""
+def run_traced(command: str, run_dir: Path, events: tuple[str, ...] = EVENTS, *,
+               viommu: bool = True, device: str = "ours") -> tuple[str, dict[str, Any], str]:
+    """Boot (by default with ``--viommu`` and our device) with QEMU tracing ``events``, run
+    ``command`` in the guest; return QEMU's log of that window, the server's DMA latency
+    stats (none for the built-in device) and the command's output."""
     from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
 
-    cfg = TestbedConfig(viommu=True, qemu_trace=events, cmdline=SHELL_CMDLINE,
+    cfg = TestbedConfig(viommu=viommu, device=device, qemu_trace=events,
+                        cmdline=SHELL_CMDLINE,
                         peers=PeerSpec(tcp_bytes=PEER_TCP_BYTES, udp_count=1))
     with Testbed(cfg, run_dir) as tb:
         tb.wait_shell(300.0)
@@ -208,7 +209,7 @@ def run_traced(command: str, run_dir: Path,
         with log.open("rb") as f:
             f.seek(start)
             text = f.read().decode(errors="replace")
-        stats = tb.device.stats()
+        stats = tb.device.stats() if device == "ours" else {}
     output = (res.stdout + res.stderr).decode(errors="replace").strip()
     latency = stats.get("vfio_user", {}).get("dma_latency", {})
     return text, latency, output

@@ -1,20 +1,24 @@
-"""``python -m harness.bench.timeline``: where the guest's time goes behind a vIOMMU, as the
-gaps between QEMU's own trace events for our device.
+"""``python -m harness.bench.timeline``: where the guest's time goes, as the gaps between
+QEMU's own trace events for the NIC: ours behind a vIOMMU (the default), ours without one, or
+QEMU's built-in virtio-net-pci, so one workload's sequences can be set side by side.
 
 ``harness.bench.roundtrip`` times each DMA_MAP/UNMAP round trip; this puts those round trips
 in the sequence of everything else QEMU sees of the device: the guest's IOTLB invalidations
 (``vtd_inv_desc_iotlb_pages``: a map or unmap on its way), the requests going out and their
-replies coming back, the doorbells (``vfio_region_write``) and the interrupts QEMU injects
-(``vfio_msi_interrupt``, by vector). Every gap between two consecutive events is charged to
-that pair (``map reply -> inv``: from a DMA_MAP's reply to the guest's next invalidation);
-the table ranks the pairs by time, so it says how much of the window the guest spent waiting
-for our replies, how much in QEMU before each request went out, and how much elsewhere, which
-no server change can win back.
+replies coming back, the doorbells (``vfio_region_write``; the built-in device's
+``virtio_queue_notify``) and the interrupts QEMU injects (``vfio_msi_interrupt``, by vector;
+the built-in device's ``virtio_notify``, by queue). Every gap between two consecutive events
+is charged to that pair (``map reply -> inv``: from a DMA_MAP's reply to the guest's next
+invalidation); the table ranks the pairs by time, so it says how much of the window the guest
+spent waiting for our replies, how much in QEMU before each request went out, and how much
+elsewhere, which no server change can win back. Without a vIOMMU it splits a request/response
+workload into the device's side (``doorbell -> irq``: the device, the host and the interrupt's
+way into the guest) and the guest's (``irq -> doorbell``), for ours and the built-in device.
 
 Events from different threads interleave, so a pair is a stretch of the timeline, not one
-thread's work. One boot of the Testbed with ``--viommu``, one guest command (by default 4 MiB
-of TCP guest->host), then QEMU's log of that window is read. Tracing costs QEMU a log line
-per event: compare shares, not rates, with ``harness bench net``.
+thread's work. One boot of the Testbed, one guest command (by default 4 MiB of TCP
+guest->host), then QEMU's log of that window is read. Tracing costs QEMU a log line per
+event: compare shares, not rates, with ``harness bench net``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ _DESCRIPTION = " ".join((__doc__ or "").split("\n\n")[0].split()).split(": ", 1)
 
 #: roundtrip's events (the requests and their replies) and what happens around them.
 EVENTS = (*roundtrip.EVENTS, "vfio_region_write", "vfio_msi_interrupt",
-          "vtd_inv_desc_iotlb_pages")
+          "vtd_inv_desc_iotlb_pages", "virtio_queue_notify", "virtio_notify")
 DEFAULT_COMMAND = "hnet tcp-send --host 198.18.0.1 --port 5001 --bytes {nbytes} --seed 1"
 
 
@@ -44,14 +48,24 @@ def marks(log: str) -> list[tuple[int, str]]:
     order: (microseconds, label). A request's ``send_write`` becomes ``map sent``/``unmap
     sent`` (its ``vfio_user_dma_*`` line names it), its reply ``map reply``/``unmap reply``;
     a doorbell's own message is not a mark (``vfio_region_write`` is), nor is a reply to
-    anything else."""
+    anything else. The built-in device's doorbells are ``doorbell`` too, its interrupts
+    ``irq q<N>`` (the queue its ``virtio_queue_notify`` lines name for that virtqueue, ``?``
+    before one has)."""
     win = roundtrip.parse(log)  # the requests, paired with their replies by message id
     out = [mark for trip in win.trips
            for mark in ((trip.sent, f"{trip.kind} sent"), (trip.replied, f"{trip.kind} reply"))]
     out += [(sent, f"{kind} sent") for kind, sent in win.unanswered]
+    queues: dict[str, str] = {}  # the built-in device's virtqueue pointers -> queue index
     for t, event, args in roundtrip.trace_lines(log):
         if event == "vfio_region_write":
             out.append((t, "doorbell"))
+        elif event == "virtio_queue_notify":
+            words = args.split()  # vdev 0x... n 1 vq 0x...
+            if "n" in words and "vq" in words:
+                queues[_after(words, "vq")] = _after(words, "n")
+            out.append((t, "doorbell"))
+        elif event == "virtio_notify":
+            out.append((t, f"irq q{queues.get(_after(args.split(), 'vq'), '?')}"))
         elif event == "vfio_msi_interrupt":
             vector = args.split("vector ", 1)[1].split()[0] if "vector " in args else "?"
             out.append((t, f"irq {vector}"))
@@ -59,6 +73,14 @@ def marks(log: str) -> list[tuple[int, str]]:
             out.append((t, "inv"))
     out.sort(key=lambda mark: mark[0])  # QEMU's threads write their lines in any order
     return out
+
+
+def _after(words: list[str], key: str) -> str:
+    """The word after ``key`` in a trace line's arguments ("" if none)."""
+    try:
+        return words[words.index(key) + 1]
+    except (ValueError, IndexError):
+        return ""
 
 
 @dataclass
@@ -122,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bytes", type=argtypes.size, default=4 << 20, metavar="SIZE",
                    help="length of the default command's stream (default 4M, at most 16M: "
                         "what the host peer takes)")
+    p.add_argument("--config", choices=("viommu", "plain"), default="viommu",
+                   help="with the intel-iommu (the default) or without one")
+    p.add_argument("--device", choices=("ours", "builtin"), default="ours",
+                   help="our device (the default) or QEMU's built-in virtio-net-pci")
     p.add_argument("--top", type=int, default=16, help="pairs to list (default 16)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     a = p.parse_args(argv)
@@ -134,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # SIGTERM/SIGHUP end the run like Ctrl-C: the Testbed's clean-up runs on the way out.
         with proc.interrupts():
-            log, _latency, output = roundtrip.run_traced(command, run_dir, EVENTS)
+            log, _latency, output = roundtrip.run_traced(
+                command, run_dir, EVENTS, viommu=a.config == "viommu", device=a.device)
     except (paths.EnvError, OSError, TimeoutError, ValueError) as exc:
         print(f"timeline: {exc}", file=sys.stderr)
         return 2
@@ -146,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs: list[dict[str, Any]] = [
             {"from": x, "to": y, "gaps": n, "total_us": us}
             for (x, y), (n, us) in sorted(tl.pairs.items(), key=lambda item: -item[1][1])]
-        print(json.dumps({"command": command, "output": output, "span_us": tl.span_us,
+        print(json.dumps({"command": command, "config": a.config, "device": a.device,
+                          "output": output, "span_us": tl.span_us,
                           "counts": tl.counts, "pairs": pairs,
                           "waited_share": round(waited_share(tl), 3)}))
     else:
-        print(f"guest: {command}\n  {output}")
+        print(f"{a.device} device, {a.config}; guest: {command}\n  {output}")
         print(table(tl, a.top))
         print(f"run directory: {run_dir}")
     return 0 if tl.counts else 1

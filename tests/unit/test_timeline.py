@@ -3,6 +3,8 @@ events, and the gaps between them charged to each (from, to) pair."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from harness.bench.timeline import EVENTS, main, marks, summarize, table, waited_share
@@ -60,13 +62,56 @@ def test_an_empty_window_is_a_table_not_a_traceback() -> None:
 
 def test_events_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert {"vfio_user_send_write", "vfio_region_write", "vfio_msi_interrupt",
-            "vtd_inv_desc_iotlb_pages"} <= set(EVENTS)
+            "vtd_inv_desc_iotlb_pages", "virtio_queue_notify", "virtio_notify"} <= set(EVENTS)
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "where the guest's time goes behind a vIOMMU" in out and "``" not in out
-    for bad in (["--bytes", "17M"], ["--bytes", "0"], ["--top", "0"]):
+    assert "where the guest's time goes, as the gaps" in out and "``" not in out
+    for bad in (["--bytes", "17M"], ["--bytes", "0"], ["--top", "0"], ["--config", "x"],
+                ["--device", "x"]):
         with pytest.raises(SystemExit) as exc:
             main(bad)
         assert exc.value.code == 2
         assert "Traceback" not in capsys.readouterr().err
+
+
+# QEMU's built-in virtio-net-pci: a TX doorbell names its queue and virtqueue, so the TX
+# interrupt is "irq q1"; the RX queue's interrupt before any RX doorbell is "irq q?".
+BUILTIN = """\
+2026-12-02T08:30:00.000000Z virtio_queue_notify vdev 0x5600aa n 1 vq 0x5600c0
+2026-12-02T08:30:00.000400Z virtio_notify vdev 0x5600aa vq 0x5600b0
+2026-12-02T08:30:00.000500Z virtio_notify vdev 0x5600aa vq 0x5600c0
+2026-12-02T08:30:00.000900Z virtio_queue_notify vdev 0x5600aa n 0 vq 0x5600b0
+2026-12-02T08:30:00.001000Z virtio_notify vdev 0x5600aa vq 0x5600b0
+"""
+
+
+def test_the_builtin_devices_doorbells_and_interrupts_are_marked_by_queue() -> None:
+    assert [label for _, label in marks(BUILTIN)] == [
+        "doorbell", "irq q?", "irq q1", "doorbell", "irq q0"]
+    tl = summarize(marks(BUILTIN))
+    assert tl.pairs[("doorbell", "irq q?")] == [1, 400]
+    assert tl.pairs[("irq q1", "doorbell")] == [1, 400]
+
+
+def test_the_run_can_be_ours_without_a_viommu_or_the_builtin_device(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    from harness import paths
+    from harness.bench import roundtrip
+
+    asked: list[tuple[bool, str]] = []
+
+    def traced(command: str, run_dir: Path, events: tuple[str, ...], *, viommu: bool = True,
+               device: str = "ours") -> tuple[str, dict[str, object], str]:
+        assert events == EVENTS
+        asked.append((viommu, device))
+        return BUILTIN, {}, "ok"
+
+    monkeypatch.setattr(roundtrip, "run_traced", traced)
+    monkeypatch.setattr(paths, "build_dir", lambda: tmp_path)
+    assert main(["--config", "plain", "--device", "builtin"]) == 0
+    assert main([]) == 0
+    assert asked == [(False, "builtin"), (True, "ours")]
+    out = capsys.readouterr().out
+    assert "builtin device, plain; guest: hnet tcp-send" in out and "irq q1 -> doorbell" in out
