@@ -5,7 +5,8 @@ DMA ledger (direct map ops on mock guest memory, harness.testing.mockdriver), wi
 edges as socket pairs so every wake-up goes through the selector as in the server:
 
 - the "vfio-user socket": each byte the driver side sends is one doorbell (a TX kick);
-- the "TAP": a byte plus a queued frame makes it readable, as a TAP with a frame waiting.
+- the "TAP": a SOCK_SEQPACKET pair carrying one frame per record, a real fd as a TAP's, so the
+  device's C bursts (harness.virtio.fastpath) read and write it themselves, as in the server.
 
 One transaction is what TCP_RR does to the device: the driver posts one TX frame and kicks
 (it re-arms used_event for every completion, as Linux does while nothing is outstanding), the
@@ -13,8 +14,10 @@ loop takes one turn (the **TX wake-up**: message, TX flush, interrupt); the host
 arrives, the loop takes one turn (the **RX wake-up**: frame into a pooled RX buffer, used
 publish, interrupt); the driver reaps both and reposts an RX buffer (not timed).
 
-Figures are us per wake-up and per transaction (both wake-ups), median over ``--rounds``
-rounds of ``--transactions`` each, the garbage collector frozen while timing. They are the
+The device runs the C bursts, as the server does (``--python``: the Python ring path, the
+bursts' fallback and the reference they are checked against). Figures are us per wake-up and
+per transaction (both wake-ups), median over ``--rounds`` rounds of ``--transactions`` each,
+the garbage collector frozen while timing. They are the
 server's hot-cache floor for a transaction: in a VM run the same path also pays the wake-up
 itself, cold caches and two cores shared with TCG (docs/PERFORMANCE.md, round 6).
 """
@@ -24,16 +27,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import socket
 import statistics
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from typing import TypedDict
 
 from harness import argtypes
 from harness.server.loop import DeviceLoop
-from harness.testing.mockdriver import FakeBackend, NetRig, net_rig
+from harness.testing.mockdriver import FdBackend, NetRig, net_rig
 from harness.testing.serverfakes import FakeEndpoint
 
 __all__ = ["main", "run"]
@@ -60,40 +62,34 @@ class _Doorbells(FakeEndpoint):
         return n
 
 
-class _Tap(FakeBackend):
-    """The TAP: readable while a frame waits (one byte in the socket per queued frame)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sock, self.peer = socket.socketpair()
-        self.sock.setblocking(False)
+class _Tap(FdBackend):
+    """The TAP: a real fd the selector waits on and the bursts read and write."""
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def readv(self, views: Sequence[memoryview]) -> int:
-        try:
-            self.sock.recv(1)
-        except BlockingIOError:
-            return -1  # nothing waiting: a TAP's EAGAIN
-        return super().readv(views)
 
-    def deliver(self, frame: bytes) -> None:
-        self.rx.append(frame)
-        self.peer.send(b"f")
+class Figures(TypedDict):
+    """What one run measured (us), and on which path."""
 
-    def close(self) -> None:
-        self.sock.close()
-        self.peer.close()
+    tx_wake_us: float
+    rx_wake_us: float
+    transaction_us: float
+    path: str
 
 
-def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
-    """Median us per TX wake-up, per RX wake-up and per transaction; raises RuntimeError if a
-    frame went missing (the figures would then not be of the path they name)."""
-    rig = net_rig(mem_size=MEM_SIZE, ledger=True)
+def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figures:
+    """Median us per TX wake-up, per RX wake-up and per transaction, with the C bursts (or
+    the Python path); raises RuntimeError if a frame went missing or the path was not the
+    one asked for (the figures would then not be of the path they name)."""
+    tap = _Tap()
+    rig = net_rig(mem_size=MEM_SIZE, ledger=True, backend=tap, bursts=bursts)
     assert rig.ledger is not None
-    tap, bell = _Tap(), _Doorbells(rig)
-    rig.device.backend = tap
+    if (rig.device.fastpath is not None) != bursts:
+        raise RuntimeError(f"the C bursts are {'off' if bursts else 'on'}")
+    path = "C bursts" if rig.device.fastpath is not None else "Python path"
+    bell = _Doorbells(rig)
+    sent = 0
     # The device's own ledger is the loop's too, as in the server: its per-turn housekeeping
     # is part of every wake-up.
     loop = DeviceLoop(bell, rig.device, rig.ledger, tap, idle_timeout=0.01)
@@ -126,6 +122,8 @@ def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
             t3 = clock()
             t[0] += t1 - t0
             t[1] += t3 - t2
+            nonlocal sent
+            sent += len(tap.frames())
             rig.tx.get_used()
             rig.rx.get_used()
             rig.rx.add(in_=[RX_BUFFER])
@@ -147,16 +145,15 @@ def run(transactions: int = 2000, rounds: int = 5) -> dict[str, float]:
             gc.unfreeze()
         done = warmup + rounds * transactions
         got = rig.device.queues[0].stats.packets
-        if len(tap.tx) != done or got != done:
-            raise RuntimeError(f"{done} transactions, {len(tap.tx)} frames sent and {got} "
-                               "received")
+        if sent != done or got != done:
+            raise RuntimeError(f"{done} transactions, {sent} frames sent and {got} received")
     finally:
         loop.close()
         tap.close()
         bell.close()
     tx, rx = statistics.median(tx_wake), statistics.median(rx_wake)
-    return {"tx_wake_us": round(tx, 2), "rx_wake_us": round(rx, 2),
-            "transaction_us": round(tx + rx, 2)}
+    return Figures(tx_wake_us=round(tx, 2), rx_wake_us=round(rx, 2),
+                   transaction_us=round(tx + rx, 2), path=path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,17 +163,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="transactions per round (default 2000)")
     p.add_argument("--rounds", type=argtypes.positive_int, default=5,
                    help="rounds (default 5; median)")
+    p.add_argument("--python", action="store_true",
+                   help="the Python ring path instead of the C bursts (the server's default)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     args = p.parse_args(argv)
     if args.transactions * (args.rounds + 1) > MAX_TRANSACTIONS:
         p.error(f"at most {MAX_TRANSACTIONS} transactions in all (mock guest memory)")
-    res = run(args.transactions, args.rounds)
+    res = run(args.transactions, args.rounds, bursts=not args.python)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"per transaction {res['transaction_us']:.1f} us: TX wake-up "
               f"{res['tx_wake_us']:.1f} us, RX wake-up {res['rx_wake_us']:.1f} us "
-              f"(median of {args.rounds} x {args.transactions})")
+              f"(median of {args.rounds} x {args.transactions}, "
+              f"{res['path']})")
     return 0
 
 
