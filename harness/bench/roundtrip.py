@@ -191,13 +191,15 @@ PEER_TCP_BYTES = 16 << 20
 
 
 def run_traced(command: str, run_dir: Path, events: tuple[str, ...] = EVENTS, *,
-               viommu: bool = True, device: str = "ours") -> tuple[str, dict[str, Any], str]:
+               viommu: bool = True, device: str = "ours",
+               offloads: bool = False) -> tuple[str, dict[str, Any], str]:
     """Boot (by default with ``--viommu`` and our device) with QEMU tracing ``events``, run
     ``command`` in the guest; return QEMU's log of that window, the server's DMA latency
-    stats (none for the built-in device) and the command's output."""
+    stats (none for the built-in device) and the command's output. ``offloads``: both
+    devices offer checksum and TSO offloads (as ``harness bench net``'s offloads config)."""
     from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
 
-    cfg = TestbedConfig(viommu=viommu, device=device, qemu_trace=events,
+    cfg = TestbedConfig(viommu=viommu, device=device, offloads=offloads, qemu_trace=events,
                         cmdline=SHELL_CMDLINE,
                         peers=PeerSpec(tcp_bytes=PEER_TCP_BYTES, udp_count=1))
     with Testbed(cfg, run_dir) as tb:

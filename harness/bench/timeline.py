@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with the intel-iommu (the default) or without one")
     p.add_argument("--device", choices=("ours", "builtin"), default="ours",
                    help="our device (the default) or QEMU's built-in virtio-net-pci")
+    p.add_argument("--offloads", action="store_true",
+                   help="both devices offer checksum and TSO offloads")
     p.add_argument("--top", type=int, default=16, help="pairs to list (default 16)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     a = p.parse_args(argv)
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM/SIGHUP end the run like Ctrl-C: the Testbed's clean-up runs on the way out.
         with proc.interrupts():
             log, _latency, output = roundtrip.run_traced(
-                command, run_dir, EVENTS, viommu=a.config == "viommu", device=a.device)
+                command, run_dir, EVENTS, viommu=a.config == "viommu", device=a.device,
+                offloads=a.offloads)
     except (paths.EnvError, OSError, TimeoutError, ValueError) as exc:
         print(f"timeline: {exc}", file=sys.stderr)
         return 2
@@ -174,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             {"from": x, "to": y, "gaps": n, "total_us": us}
             for (x, y), (n, us) in sorted(tl.pairs.items(), key=lambda item: -item[1][1])]
         print(json.dumps({"command": command, "config": a.config, "device": a.device,
+                          "offloads": a.offloads,
                           "output": output, "span_us": tl.span_us,
                           "counts": tl.counts, "pairs": pairs,
                           "waited_share": round(waited_share(tl), 3)}))
     else:
-        print(f"{a.device} device, {a.config}; guest: {command}\n  {output}")
+        config = a.config + ("+offloads" if a.offloads else "")
+        print(f"{a.device} device, {config}; guest: {command}\n  {output}")
         print(table(tl, a.top))
         print(f"run directory: {run_dir}")
     return 0 if tl.counts else 1

@@ -100,18 +100,21 @@ def test_the_run_can_be_ours_without_a_viommu_or_the_builtin_device(
     from harness import paths
     from harness.bench import roundtrip
 
-    asked: list[tuple[bool, str]] = []
+    asked: list[tuple[bool, str, bool]] = []
 
     def traced(command: str, run_dir: Path, events: tuple[str, ...], *, viommu: bool = True,
-               device: str = "ours") -> tuple[str, dict[str, object], str]:
+               device: str = "ours", offloads: bool = False
+               ) -> tuple[str, dict[str, object], str]:
         assert events == EVENTS
-        asked.append((viommu, device))
+        asked.append((viommu, device, offloads))
         return BUILTIN, {}, "ok"
 
     monkeypatch.setattr(roundtrip, "run_traced", traced)
     monkeypatch.setattr(paths, "build_dir", lambda: tmp_path)
     assert main(["--config", "plain", "--device", "builtin"]) == 0
     assert main([]) == 0
-    assert asked == [(False, "builtin"), (True, "ours")]
+    assert main(["--config", "plain", "--offloads"]) == 0
+    assert asked == [(False, "builtin", False), (True, "ours", False), (False, "ours", True)]
     out = capsys.readouterr().out
     assert "builtin device, plain; guest: hnet tcp-send" in out and "irq q1 -> doorbell" in out
+    assert "ours device, plain+offloads; guest" in out
