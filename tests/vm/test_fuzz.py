@@ -20,8 +20,10 @@ from .conftest import need_root
 pytestmark = pytest.mark.vm
 #: Fixed, so CI fuzzes the same iterations every time (a time budget decides how many).
 SEED = 0xF0221130
-#: Seconds of fuzzing in `make test` (batches are started while they fit).
-FUZZ_BUDGET = 120.0
+#: Seconds of fuzzing in `make test` (batches are started while they fit). 90 s since
+#: 2026-12-02 (was 120: about 26,000 iterations instead of 34,000 on the 2-core TCG machines),
+#: to keep the whole suite under 30 minutes there; `harness fuzz` runs as long as asked.
+FUZZ_BUDGET = 90.0
 
 
 @pytest.fixture(scope="module")
