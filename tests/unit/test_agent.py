@@ -17,17 +17,20 @@ import pytest
 
 from harness import paths
 from harness.guest import agent as ga
+from harness.guest import agentwire as wire
 from harness.guest.agent import (
     CommandFailed,
     CommandResult,
-    Done,
-    Err,
     GuestAgent,
     LineSplitter,
+    RemoteError,
+)
+from harness.guest.agentwire import (
+    Done,
+    Err,
     Ok,
     Pong,
     Ready,
-    RemoteError,
     encode_commit,
     encode_put,
     encode_run,
@@ -56,7 +59,7 @@ def test_requests_refuse_what_the_agent_would_refuse() -> None:
     with pytest.raises(ValueError, match="seconds"):
         encode_run("a", "true", 0)
     with pytest.raises(ValueError, match="put the input in a file"):
-        encode_run("a", "cat", 1, b"x" * ga.MAX_REQUEST)
+        encode_run("a", "cat", 1, b"x" * wire.MAX_REQUEST)
     with pytest.raises(ValueError, match="absolute"):
         encode_put("a", "relative/path", 0, b"")
     with pytest.raises(ValueError, match="mode"):
@@ -64,14 +67,14 @@ def test_requests_refuse_what_the_agent_would_refuse() -> None:
 
 
 def test_put_and_commit_fields() -> None:
-    assert encode_put("i", "/tmp/f", 0, b"") == f"put i {ga.b64(b'/tmp/f')} 0 -\n".encode()
+    assert encode_put("i", "/tmp/f", 0, b"") == f"put i {wire.b64(b'/tmp/f')} 0 -\n".encode()
     commit = encode_commit("i", "/tmp/f", 0o755, 3, "ab" * 32).decode().split()
     assert commit[3:] == ["0755", "3", "ab" * 32]
-    assert len(encode_put("i", "/" + "p" * 200, 0, b"x" * ga.CHUNK)) < ga.MAX_REQUEST
+    assert len(encode_put("i", "/" + "p" * 200, 0, b"x" * wire.CHUNK)) < wire.MAX_REQUEST
 
 
 def test_parse_replies() -> None:
-    out, err = ga.b64(b"\x00bin\nary\xff"), ga.b64(b"")
+    out, err = wire.b64(b"\x00bin\nary\xff"), wire.b64(b"")
     assert parse_reply(f"done x.1 3 0 {out} {err}".encode()) == Done(
         "x.1", 3, False, b"\x00bin\nary\xff", b"")
     assert parse_reply(b"done x.1 137 1 - -") == Done("x.1", 137, True, b"", b"")
@@ -207,7 +210,7 @@ def test_binary_output_and_stdin_survive(agent: GuestAgent) -> None:
 
 
 def test_put_writes_whole_files(agent: GuestAgent, tmp_path: Path) -> None:
-    data = os.urandom(2 * ga.CHUNK + 123)
+    data = os.urandom(2 * wire.CHUNK + 123)
     target = tmp_path / "new" / "dir" / "file.bin"
     agent.put(str(target), data, mode=0o750)
     assert target.read_bytes() == data and (target.stat().st_mode & 0o7777) == 0o750
@@ -253,7 +256,7 @@ def test_garbage_gets_an_error_and_the_agent_keeps_serving(agent: GuestAgent,
 
 
 def test_a_stale_reply_is_not_taken_for_the_answer(agent: GuestAgent) -> None:
-    agent.send_raw(b"\nrun old.1 1 " + ga.b64(b"echo stale").encode() + b" -\n")
+    agent.send_raw(b"\nrun old.1 1 " + wire.b64(b"echo stale").encode() + b" -\n")
     assert agent.run("echo fresh").stdout == b"fresh\n"
     assert any(isinstance(r, Done) and r.stdout == b"stale\n" for r in agent.stray)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.guest.agent import Err
+from harness.guest.agentwire import Err
 from harness.testbed import SHELL_CMDLINE, Testbed, TestbedConfig
 
 from .conftest import need_root
