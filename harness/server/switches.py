@@ -24,11 +24,12 @@ from harness.server.loop import (
 )
 from harness.vfu.mapcachectl import MAP_CACHE_ENV, map_cache_on
 from harness.vfu.wire import WIRE_TAKE_ENV, wire_take_fast
-from harness.virtio.fastpath import fast_directions
+from harness.virtio.fastpath import fast_directions, rx_publish_each
 from harness.virtio.netdefs import (
     BATCH_USED_ENV,
     FAST_RX_ENV,
     FAST_TX_ENV,
+    RX_PUBLISH_ENV,
     TX_HOLDOFF_ENV,
     batch_used,
     tx_holdoff,
@@ -47,6 +48,7 @@ READERS: dict[str, Callable[[], object]] = {
     POLL_MODE_ENV: poll_mode,
     POLL_US_ENV: dma_poll,
     RX_POOL_ENV: rx_pool_keep,
+    RX_PUBLISH_ENV: rx_publish_each,
     TX_HOLDOFF_ENV: tx_holdoff,
     WIRE_TAKE_ENV: wire_take_fast,
 }

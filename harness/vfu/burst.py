@@ -56,6 +56,7 @@ _FIELDS = """
     uint32_t max_pieces;
     int32_t last_errno;
     int32_t stop;
+    uint32_t publish_each;
 """
 
 #: One guest memory region: [iova, last], host memory at host (NULL: none for the device);

@@ -232,6 +232,10 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
             room -= len;
             io += (int)niov[first + k];
         }
+        if (q->publish_each) {   /* the frame's entries before the index that shows them */
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            ((volatile uint16_t *)q->used)[1] = (uint16_t)q->used_idx;
+        }
         first += used;
         count -= used;
         io0 += io;

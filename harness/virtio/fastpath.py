@@ -56,7 +56,7 @@ from harness.dma import DirectMapOps, DmaLedger, GuestMemory, GuestRegion, MapOp
 from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFFER_TSO6, SLOW
 from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
-from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, TX_MAX
+from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, RX_PUBLISH_ENV, TX_MAX
 from harness.virtio.protocols import BurstEngine
 from harness.virtio.virtqueue import SplitVirtqueue
 
@@ -84,6 +84,12 @@ def fast_directions() -> tuple[bool, bool]:
     loudly (harness.knobs): an A/B must not measure the default twice."""
     return (knobs.choice(FAST_TX_ENV, ("on", "off"), "on") == "on",
             knobs.choice(FAST_RX_ENV, ("on", "off"), "on") == "on")
+
+
+def rx_publish_each() -> bool:
+    """True for HARNESS_RX_PUBLISH=frame (the C RX burst publishes used.idx after every
+    frame), False for batch (the default); ValueError for anything else."""
+    return knobs.choice(RX_PUBLISH_ENV, ("batch", "frame"), "batch") == "frame"
 
 
 def fast_path(mapops: MapOps, engine: BurstEngine | None) -> FastPath | None:
@@ -134,6 +140,7 @@ class FastPath:
         self.ledger = ledger  # None: no checks to account for (no ledger, or HARNESS_LEDGER=off)
         self.tx_on = tx
         self.rx_on = rx
+        self.publish_each = int(rx_publish_each())
         self._bus_master = ledger.bus_master if ledger is not None else None
         self._max_map = max_map
         self._queues: dict[Virtqueue, _Rings] = {}
@@ -270,6 +277,7 @@ class FastPath:
         first()
         self._load(q, c)
         c.mrg = int(mrg)
+        c.publish_each = self.publish_each
         c.rx_room = room
         c.frame_max = frame_max
         c.offers = ((OFFER_CSUM if negotiated >> C.NET_F_GUEST_CSUM & 1 else 0)

@@ -33,6 +33,10 @@ TX_HOLDOFF_ENV = "HARNESS_TX_HOLDOFF_US"
 FAST_TX_ENV = "HARNESS_FAST_TX"
 #: The same for RX frames (harness.virtio.fastpath).
 FAST_RX_ENV = "HARNESS_FAST_RX"
+#: When the C RX burst publishes used.idx: "batch" (once, after the burst: the default) or
+#: "frame" (after each frame's entries too, so a guest polling its ring sees frames as they
+#: land; the interrupt decision stays once per burst). Round 13's A/B.
+RX_PUBLISH_ENV = "HARNESS_RX_PUBLISH"
 TX_HOLDOFF_MIN = 4
 
 
