@@ -58,6 +58,8 @@ def dma_poll() -> float:
     """The DMA window in seconds from HARNESS_LOOP_POLL_US (whole microseconds, 0 the default:
     off); ValueError for anything else, so a mistyped A/B side fails loudly."""
     return knobs.microseconds(POLL_US_ENV, 0, POLL_US_MAX)
+
+
 #: How that window is waited: ``spin`` (poll(0) in a loop: lowest wake-up latency, but the CPU
 #: is taken from QEMU's vCPU threads on a 2-core host), ``block`` (select() with the time
 #: left: the kernel wakes us when the request comes, ~100 us later here) or ``hybrid`` (spin

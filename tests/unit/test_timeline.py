@@ -92,6 +92,7 @@ def test_the_builtin_devices_doorbells_and_interrupts_are_marked_by_queue() -> N
     tl = summarize(marks(BUILTIN))
     assert tl.pairs[("doorbell", "irq q?")] == [1, 400]
     assert tl.pairs[("irq q1", "doorbell")] == [1, 400]
+    assert "DMA request" not in table(tl)  # no vIOMMU, no DMA requests: no such line
 
 
 def test_the_run_can_be_ours_without_a_viommu_or_the_builtin_device(
