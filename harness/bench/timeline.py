@@ -33,7 +33,7 @@ from typing import Any
 from harness import argtypes, proc
 from harness.bench import roundtrip
 
-__all__ = ["EVENTS", "Timeline", "main", "marks", "summarize", "table"]
+__all__ = ["EVENTS", "Timeline", "main", "marks", "sides", "summarize", "table"]
 
 _DESCRIPTION = " ".join((__doc__ or "").split("\n\n")[0].split()).split(": ", 1)[-1]
 
@@ -117,6 +117,23 @@ def waited_share(tl: Timeline) -> float:
     return tl.waited_us / tl.span_us if tl.span_us else 0.0
 
 
+def sides(tl: Timeline) -> tuple[int, int]:
+    """(device side, guest side) in microseconds: the gaps that end at an interrupt and begin
+    at a doorbell or another interrupt (the device, the host and the interrupt's way in),
+    and the gaps that end at a doorbell and begin at an interrupt or a doorbell (the guest's
+    work up to its next kick). Other gaps (the vIOMMU's) are in neither."""
+    def kick_or_irq(label: str) -> bool:
+        return label == "doorbell" or label.startswith("irq ")
+
+    device = guest = 0
+    for (a, b), (_, us) in tl.pairs.items():
+        if kick_or_irq(a) and b.startswith("irq "):
+            device += us
+        elif kick_or_irq(a) and b == "doorbell":
+            guest += us
+    return device, guest
+
+
 def table(tl: Timeline, top: int = 16) -> str:
     counts = ", ".join(f"{label} {n}" for label, n in sorted(tl.counts.items()))
     lines = [f"window {tl.span_us / 1e6:.3f} s: {counts}",
@@ -129,6 +146,12 @@ def table(tl: Timeline, top: int = 16) -> str:
     if len(ranked) > top:
         rest = sum(us for _, (_, us) in ranked[top:])
         lines.append(f"{f'({len(ranked) - top} more pairs)':28} {'':>7} {rest / 1e3:>9.1f}")
+    kicks = tl.counts.get("doorbell", 0)
+    if kicks and tl.span_us:
+        device, guest = sides(tl)
+        lines.append(f"device side (to an interrupt) {100 * device / tl.span_us:.1f}%, "
+                     f"{device / kicks:.1f} us per doorbell; guest side (to a doorbell) "
+                     f"{100 * guest / tl.span_us:.1f}%, {guest / kicks:.1f} us per doorbell")
     if any(label.endswith(" sent") for label in tl.counts):  # not without a vIOMMU
         lines.append(f"a DMA request out, its reply not back: {100 * waited_share(tl):.0f}% "
                      f"of the window")
@@ -181,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                           "offloads": a.offloads,
                           "output": output, "span_us": tl.span_us,
                           "counts": tl.counts, "pairs": pairs,
+                          "device_side_us": sides(tl)[0], "guest_side_us": sides(tl)[1],
                           "waited_share": round(waited_share(tl), 3)}))
     else:
         config = a.config + ("+offloads" if a.offloads else "")

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench.timeline import EVENTS, main, marks, summarize, table, waited_share
+from harness.bench.timeline import (
+    EVENTS,
+    main,
+    marks,
+    sides,
+    summarize,
+    table,
+    waited_share,
+)
 
 # QEMU 11.1.3's lines (cut short), ours behind intel-iommu: an invalidation, the DMA_MAP it
 # causes and its reply, a doorbell with its own (posted) message, an interrupt, an unmap, a
@@ -93,6 +101,13 @@ def test_the_builtin_devices_doorbells_and_interrupts_are_marked_by_queue() -> N
     assert tl.pairs[("doorbell", "irq q?")] == [1, 400]
     assert tl.pairs[("irq q1", "doorbell")] == [1, 400]
     assert "DMA request" not in table(tl)  # no vIOMMU, no DMA requests: no such line
+    # device side: doorbell -> irq q? 400, irq q? -> irq q1 100, doorbell -> irq q0 100;
+    # guest side: irq q1 -> doorbell 400; two doorbells
+    assert sides(tl) == (600, 400)
+    assert ("device side (to an interrupt) 60.0%, 300.0 us per doorbell; guest side (to a "
+            "doorbell) 40.0%, 200.0 us per doorbell") in table(tl)
+    # behind a vIOMMU the DMA gaps are in neither side
+    assert sides(summarize(marks(LOG))) == (400, 0)
 
 
 def test_the_run_can_be_ours_without_a_viommu_or_the_builtin_device(
