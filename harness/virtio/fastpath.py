@@ -123,10 +123,15 @@ class RxResult(NamedTuple):
 
 @dataclass
 class _Rings:
-    """One queue's C state and the ring mappings its addresses were derived from."""
+    """One queue's C state and the ring mappings its addresses were derived from, and what
+    the state was last given: a burst writes only the fields that changed (a cffi field
+    write costs several times the Python comparison, and most bursts change none)."""
 
     c: Any  # harness_vq_t *
     rings: list[Any]
+    table: int = -1  # FastPath._table_version the rows were handed over at
+    fd: int = -2
+    rx_key: tuple[int, int, int, int] | None = None  # (mrg, room, frame_max, negotiated)
 
 
 class FastPath:
@@ -149,6 +154,8 @@ class FastPath:
         self.tx_chains = 0
         self.rx_frames = 0
         self._table = engine.region_table()
+        #: Bumped by every insert or removal: the rows may have moved, their count changed.
+        self._table_version = 0
         for region in memory.region_objects():
             self.region_added(region)
         memory.watch(self)
@@ -163,6 +170,7 @@ class FastPath:
         per DMA_MAP)."""
         if not (self.tx_on or self.rx_on):  # off for good (both off by knobs: no FastPath)
             return
+        self._table_version += 1
         try:
             host = 0 if region.view is None else self.engine.address(region.view)
             self._table.insert(region.iova, region.end - 1, host, region.writable)
@@ -175,14 +183,15 @@ class FastPath:
         """GuestMemory's watcher, before the region's memory can go: out of the C table, and
         so are the ring addresses of every queue with a ring in it."""
         self._table.remove(region.iova)
+        self._table_version += 1
         for q in [q for q in self._queues if q.overlaps(region.iova, region.size)]:
             del self._queues[q]
 
-    def _state(self, q: SplitVirtqueue) -> Any:
+    def _state(self, q: SplitVirtqueue) -> _Rings | None:
         """``q``'s C state with its ring addresses current, or None (rings not usable now)."""
         st = self._queues.get(q)
         if st is not None and st.rings is q._rings:
-            return st.c
+            return st
         desc, avail, used = q._desc, q._avail16, q._used32
         if desc is None or avail is None or used is None:
             return None
@@ -195,8 +204,8 @@ class FastPath:
         c.max_map = self._max_map
         c.hdr_len = C.NET_HDR_SIZE
         c.tx_max = TX_MAX
-        self._queues[q] = _Rings(c, q._rings)
-        return c
+        st = self._queues[q] = _Rings(c, q._rings)
+        return st
 
     def _fd(self, backend: object) -> int:
         fd = self._fds.get(backend)
@@ -204,7 +213,7 @@ class FastPath:
             fd = self._fds[backend] = backend.io_fd() if isinstance(backend, DirectIo) else -1
         return fd
 
-    def _ready(self, q: Virtqueue, backend: object) -> Any:
+    def _ready(self, q: Virtqueue, backend: object) -> _Rings | None:
         """``q``'s C state when a burst may run now (``_load`` then loads its indices); else
         None."""
         if (type(q) is not SplitVirtqueue or q.misbehave is not None or q.broken
@@ -215,14 +224,17 @@ class FastPath:
         fd = self._fd(backend)
         if fd < 0:
             return None
-        c = self._state(q)
-        if c is None:
+        st = self._state(q)
+        if st is None:
             return None
-        c.fd = fd
-        table = self._table
-        c.regions = table.c  # set per burst: an insert may have moved the rows
-        c.nregions = len(table)
-        return c
+        if st.fd != fd:
+            st.c.fd = st.fd = fd
+        if st.table != self._table_version:  # an insert may have moved the rows
+            table = self._table
+            st.c.regions = table.c
+            st.c.nregions = len(table)
+            st.table = self._table_version
+        return st
 
     @staticmethod
     def _load(q: SplitVirtqueue, c: Any) -> None:
@@ -250,9 +262,10 @@ class FastPath:
         """Complete up to ``budget`` chains of ``q`` in C: (chains done, why it stopped:
         EMPTY, BUDGET or SLOW, the next chain being the Python path's), or None when the
         burst cannot run now (the flush then pops every chain on the Python path)."""
-        c = self._ready(q, backend) if self.tx_on else None
-        if c is None:
+        st = self._ready(q, backend) if self.tx_on else None
+        if st is None:
             return None
+        c = st.c
         assert isinstance(q, SplitVirtqueue)
         self._load(q, c)
         done = self.engine.tx(c, budget)
@@ -270,19 +283,23 @@ class FastPath:
         read, ``frame_max``: the longest frame without GSO, ``negotiated``: the driver's
         features; ``first`` runs once the burst is sure to: the pool's give-back), or None
         when the burst cannot run now."""
-        c = self._ready(q, backend) if self.rx_on else None
-        if c is None:
+        st = self._ready(q, backend) if self.rx_on else None
+        if st is None:
             return None
+        c = st.c
         assert isinstance(q, SplitVirtqueue)
         first()
         self._load(q, c)
-        c.mrg = int(mrg)
-        c.publish_each = self.publish_each
-        c.rx_room = room
-        c.frame_max = frame_max
-        c.offers = ((OFFER_CSUM if negotiated >> C.NET_F_GUEST_CSUM & 1 else 0)
-                    | (OFFER_TSO4 if negotiated >> C.NET_F_GUEST_TSO4 & 1 else 0)
-                    | (OFFER_TSO6 if negotiated >> C.NET_F_GUEST_TSO6 & 1 else 0))  # fmt: skip
+        key = (int(mrg), room, frame_max, negotiated)
+        if st.rx_key != key:  # set on the first burst and after a renegotiation only
+            c.mrg = int(mrg)
+            c.publish_each = self.publish_each
+            c.rx_room = room
+            c.frame_max = frame_max
+            c.offers = ((OFFER_CSUM if negotiated >> C.NET_F_GUEST_CSUM & 1 else 0)
+                        | (OFFER_TSO4 if negotiated >> C.NET_F_GUEST_TSO4 & 1 else 0)
+                        | (OFFER_TSO6 if negotiated >> C.NET_F_GUEST_TSO6 & 1 else 0))  # fmt: skip
+            st.rx_key = key
         done = self.engine.rx(c, budget)
         self._finish(q, c)
         self.rx_frames += done
