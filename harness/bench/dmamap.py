@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from harness import knobs
 from harness.dma.ledger import DmaLedger
 from harness.dma.mapops import DirectMapOps
 from harness.dma.memory import GuestMemory
@@ -121,20 +122,12 @@ def bench_wire(mode: str, ops: int) -> dict[str, float]:
     from harness.vfu.context import VfuContext
     from harness.vfu.wire import WIRE_TAKE_ENV
 
-    old = os.environ.get(WIRE_TAKE_ENV)
-    os.environ[WIRE_TAKE_ENV] = mode
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx = VfuContext(os.path.join(tmp, "sock"))
-            try:
-                return _timed(lambda _i: ctx._wire.take(), ops)
-            finally:
-                ctx.close()
-    finally:
-        if old is None:
-            del os.environ[WIRE_TAKE_ENV]
-        else:
-            os.environ[WIRE_TAKE_ENV] = old
+    with knobs.environment({WIRE_TAKE_ENV: mode}), tempfile.TemporaryDirectory() as tmp:
+        ctx = VfuContext(os.path.join(tmp, "sock"))
+        try:
+            return _timed(lambda _i: ctx._wire.take(), ops)
+        finally:
+            ctx.close()
 
 
 def run(regions: int, ops: int, seed: int) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ cost per packet, per MiB or per ping.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -25,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import paths, proc
+from harness import knobs, paths, proc
 
 __all__ = ["COMMANDS", "Options", "Round", "cpu_ns", "parse_metrics", "parse_ping",
            "per_unit", "run_round"]
@@ -258,34 +257,25 @@ def run_round(side: str, index: int, config: str, opts: Options, run_dir: Path,
     env_vars = {LEDGER_ENV: "off" if side == "ours-noledger" else "on"}
     if side == "ours-ab":
         env_vars.update(opts.ab_env)
-    saved = {k: os.environ.get(k) for k in env_vars}
-    os.environ.update(env_vars)
-    try:
-        with Testbed(cfg, run_dir, env=env, accel=accel) as tb:
-            ours = side != "builtin"
-            pids = {"qemu": tb.machine.pid, "server": tb.device.proc.pid if ours else None}
-            if not ours:
-                del pids["server"]
-            rnd.device = _pci_device(tb.qmp("query-pci"))
-            rnd.device["type"] = tb.qmp("qom-get", path="/machine/peripheral/net0",
-                                        property="type")
-            tb.wait_shell(min(opts.timeout, 300.0))
-            deadline = time.monotonic() + opts.timeout
-            for name, cmd in COMMANDS.items():
-                if time.monotonic() > deadline:
-                    failed.append(f"{name}: round timeout ({opts.timeout:.0f} s)")
-                    break
-                why = _measure(tb, name, cmd, opts, pids, rnd)
-                if why:
-                    failed.append(why)
-                tb.check_alive()
-            stats_path = tb.device.stats_path if ours else None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with knobs.environment(env_vars), Testbed(cfg, run_dir, env=env, accel=accel) as tb:
+        ours = side != "builtin"
+        pids = {"qemu": tb.machine.pid, "server": tb.device.proc.pid if ours else None}
+        if not ours:
+            del pids["server"]
+        rnd.device = _pci_device(tb.qmp("query-pci"))
+        rnd.device["type"] = tb.qmp("qom-get", path="/machine/peripheral/net0",
+                                    property="type")
+        tb.wait_shell(min(opts.timeout, 300.0))
+        deadline = time.monotonic() + opts.timeout
+        for name, cmd in COMMANDS.items():
+            if time.monotonic() > deadline:
+                failed.append(f"{name}: round timeout ({opts.timeout:.0f} s)")
+                break
+            why = _measure(tb, name, cmd, opts, pids, rnd)
+            if why:
+                failed.append(why)
+            tb.check_alive()
+        stats_path = tb.device.stats_path if ours else None
     if stats_path is not None:
         try:
             stats = json.loads(stats_path.read_text())

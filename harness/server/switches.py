@@ -8,10 +8,9 @@ The switches themselves stay beside the code they steer; this module only lists 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
+from harness import knobs
 from harness.dma.factory import LEDGER_ENV, ledger_checks
 from harness.dma.regionindex import INDEX_ENV, index_kind
 from harness.server.loop import (
@@ -62,23 +61,10 @@ def read_all() -> None:
         reader()
 
 
-@contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-
 def check(name: str, value: str) -> None:
     """ValueError unless ``name`` is a switch and the server would take ``value`` for it."""
     reader = READERS.get(name)
     if reader is None:
         raise ValueError(f"{name}: not a device server knob (known: {', '.join(NAMES)})")
-    with _environment(name, value):
+    with knobs.environment({name: value}):
         reader()

@@ -30,3 +30,18 @@ def test_anything_else_names_the_choices(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(NAME, "On")
     with pytest.raises(ValueError, match=f"^{NAME}='On': {expected}$"):
         knobs.choice(NAME, choices, choices[0])
+
+
+def test_environment_sets_for_the_block_and_restores_even_on_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    other = NAME + "_SET"
+    monkeypatch.delenv(NAME, raising=False)
+    monkeypatch.setenv(other, "before")
+    with knobs.environment({NAME: "frame", other: "during"}):
+        assert os.environ[NAME] == "frame" and os.environ[other] == "during"
+    assert NAME not in os.environ and os.environ[other] == "before"
+    with pytest.raises(RuntimeError), knobs.environment({NAME: "x", other: "y"}):
+        raise RuntimeError("the block failed")
+    assert NAME not in os.environ and os.environ[other] == "before"
