@@ -17,9 +17,9 @@ publish, interrupt); the driver reaps both and reposts an RX buffer (not timed).
 The device runs the C bursts, as the server does (``--python``: the Python ring path, the
 bursts' fallback and the reference they are checked against). Figures are us per wake-up and
 per transaction (both wake-ups), median over ``--rounds`` rounds of ``--transactions`` each,
-the garbage collector frozen while timing. They are the
-server's hot-cache floor for a transaction: in a VM run the same path also pays the wake-up
-itself, cold caches and two cores shared with TCG (docs/PERFORMANCE.md, round 6).
+the garbage collector frozen while timing. They are the server's hot-cache floor for a
+transaction: in a VM run the same path also pays the wake-up itself, cold caches and two cores
+shared with TCG (docs/PERFORMANCE.md, round 6).
 """
 
 from __future__ import annotations
@@ -62,13 +62,6 @@ class _Doorbells(FakeEndpoint):
         return n
 
 
-class _Tap(FdBackend):
-    """The TAP: a real fd the selector waits on and the bursts read and write."""
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-
 class Figures(TypedDict):
     """What one run measured (us), and on which path."""
 
@@ -82,7 +75,7 @@ def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figur
     """Median us per TX wake-up, per RX wake-up and per transaction, with the C bursts (or
     the Python path); raises RuntimeError if a frame went missing or the path was not the
     one asked for (the figures would then not be of the path they name)."""
-    tap = _Tap()
+    tap = FdBackend()  # the TAP: a real fd the loop polls and the bursts read and write
     rig = net_rig(mem_size=MEM_SIZE, ledger=True, backend=tap, bursts=bursts)
     assert rig.ledger is not None
     if (rig.device.fastpath is not None) != bursts:

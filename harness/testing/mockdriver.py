@@ -381,7 +381,8 @@ class FdBackend(FakeBackend):
     (harness.virtio.fastpath) write and read frames on ``io_fd()`` themselves, the Python path
     through ``writev`` / ``readv`` on the same socket (SOCK_SEQPACKET: one record per frame); a
     refused write is counted, not raised, as the TAP does. ``frames()`` drains what the device
-    sent, ``deliver()`` queues a frame for it to receive."""
+    sent, ``deliver()`` queues a frame for it to receive. Its ``fileno()`` is that socket, so
+    a DeviceLoop polls it as it polls a TAP."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -390,6 +391,9 @@ class FdBackend(FakeBackend):
         self.peer.setblocking(False)
         self.write_errors = 0
         self.read_errors = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def io_fd(self) -> int:
         return self.sock.fileno()
