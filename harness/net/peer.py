@@ -32,28 +32,41 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.net.peer_state import (
+    CHUNK,
+    DEFAULT_BIND,
+    DEFAULT_SEED,
+    PORT_ECHO,
+    PORT_RR,
+    PORT_SINK,
+    PORT_SOURCE,
+    PORT_UDP_PERF,
+    RESULTS_VERSION,
+    TESTS,
+    TcpResult,
+    UdpResult,
+    _Sink,
+    _Source,
+)
 from harness.net.perfpeer import UdpPerf, register_echo
 from harness.net.stream import first_mismatch, stream_bytes, udp_payload
 
+# The module docstring above is also the command's --help text, so the layout is noted here: the
+# constants, the results records and the connections' state are in harness.net.peer_state (the
+# constants and records are re-exported below).
+__all__ = ["CHUNK", "CLONE_NEWNET", "DEFAULT_BIND", "DEFAULT_SEED", "PORT_ECHO", "PORT_RR",
+           "PORT_SINK", "PORT_SOURCE", "PORT_UDP_PERF", "RESULTS_VERSION", "TESTS", "Peer",
+           "TcpResult", "UdpResult", "enter_netns", "main"]
+
 log = logging.getLogger(__name__)
 
-PORT_SINK = 5001
-PORT_SOURCE = 5002
-PORT_ECHO = 5003
-PORT_UDP_PERF = 5004  # port base + 3
-PORT_RR = 5005  # port base + 4
-DEFAULT_BIND = "198.18.0.1"
-DEFAULT_SEED = 1  # guest/init's default harness.seed
-CHUNK = 1 << 20  # verify/generate in 1 MiB blocks: numpy call overhead stays negligible
 CLONE_NEWNET = 0x40000000
-RESULTS_VERSION = 1
-TESTS = ("tcp_guest_to_host", "tcp_host_to_guest", "udp_mixed")  # names match the guest's KTAP
 
 
 def enter_netns(name: str) -> None:
@@ -74,55 +87,6 @@ def enter_netns(name: str) -> None:
 
 def _mbps(nbytes: int, seconds: float) -> float:
     return round(nbytes * 8 / seconds / 1e6, 3) if seconds > 0 else 0.0
-
-
-@dataclass
-class TcpResult:
-    """Outcome of one TCP direction (the last connection that finished)."""
-
-    state: str = "pending"  # pending | running | done
-    ok: bool | None = None
-    bytes: int = 0
-    seconds: float = 0.0
-    mbps: float = 0.0
-    first_mismatch: int | None = None
-    error: str | None = None
-    connections: int = 0
-
-
-@dataclass
-class UdpResult:
-    """Outcome of the UDP echo test."""
-
-    state: str = "pending"
-    ok: bool | None = None
-    good: int = 0
-    bad: int = 0
-    dup: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    first_bad: int | None = None  # schedule index expected when the first bad datagram came
-
-
-@dataclass
-class _Sink:
-    sock: socket.socket
-    t0: float
-    buf: bytearray = field(default_factory=lambda: bytearray(CHUNK))
-    fill: int = 0
-    offset: int = 0  # stream offset of buf[0]
-    mismatch: int | None = None
-    why: str = ""
-
-
-@dataclass
-class _Source:
-    sock: socket.socket
-    t0: float
-    sent: int = 0
-    pending: memoryview = field(default_factory=lambda: memoryview(b""))
-    finished_sending: bool = False
-
 
 
 class Peer:
