@@ -12,6 +12,11 @@ worst that applies:
     graceful    none of these: the driver dropped, reset or reported and the plan ran to its
                 end (guest tests may fail: losing frames is an allowed reaction)
 
+A run in which the case never acted (the device's counters say so and the console shows
+nothing) is ``inactive`` whatever happened: its plan said nothing about the case, and a
+baseline must not take that for the kernel's reaction (the RX notification cases, waiting for a
+quiet queue, never acted where the plan had none: that read as graceful).
+
 Baselines live in ``qemu/baselines/misbehave-<kernel version>.json`` ({case: class}).
 """
 
@@ -30,6 +35,8 @@ from harness.report import Case, RunResult
 from harness.virtio.misbehave import CASES
 
 CLASSES = ("graceful", "warning", "corruption", "hang", "oops")
+#: What run_case reports for a case that never acted (not a reaction: never a baseline's).
+INACTIVE = "inactive"
 _OOPS = {"kernel_oops", "kernel_bug", "kernel_panic", "kernel_kasan", "kernel_kfence",
          "kernel_ubsan"}
 _HANG = {"kernel_soft_lockup", "kernel_hard_lockup", "kernel_hung_task", "kernel_rcu_stall"}
@@ -137,6 +144,27 @@ def recovered_by(result: RunResult) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def device_stats(result: RunResult) -> dict[str, Any]:
+    """The device's final counters: the result's, or for a run that timed out (none in its
+    result) what the server wrote when it stopped (net0-stats.json in the run directory)."""
+    if result.device_stats:
+        return result.device_stats
+    try:
+        data = json.loads((Path(result.run_dir) / "net0-stats.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def acted(case: str, result: RunResult, evidence: list[str]) -> bool:
+    """Whether ``case`` acted in this run: the device counted it firing, or the console
+    shows the driver reacting (``evidence`` from classify)."""
+    mb = device_stats(result).get("device", {}).get("misbehave", {})
+    fired = mb.get("fired", {}) if isinstance(mb, dict) else {}
+    return bool(isinstance(fired, dict) and fired.get(case)) or any(
+        e.startswith("console: ") for e in evidence)
+
+
 def run_case(case: str, kernel: Path | None, out: Path | None, timeout: float) -> Outcome:
     from harness.runner import VmTestConfig, run_vm_test
 
@@ -151,6 +179,9 @@ def run_case(case: str, kernel: Path | None, out: Path | None, timeout: float) -
     except OSError:
         console = ""
     cls, evidence = classify(result, console)
+    if not acted(case, result, evidence):
+        cls = INACTIVE
+        evidence.insert(0, "device: the case never acted (the plan gave it no chance)")
     # Traffic that resumed in a run that hung is not a recovery.
     recover = None if cls == "hang" else recover_seconds(result)
     return Outcome(case, cls, evidence, time.monotonic() - started, result.run_dir,
@@ -255,7 +286,11 @@ def main(argv: list[str]) -> int:
         path = baseline_path(version)
         old = load_baseline(version) or {}
         path.parent.mkdir(parents=True, exist_ok=True)
-        data: dict[str, Any] = {"kernel": version, "cases": {**old, **observed}}
+        # A case that never acted says nothing about the kernel: its old class stays.
+        kept = {k: v for k, v in observed.items() if v != INACTIVE}
+        for case in sorted(observed.keys() - kept.keys()):
+            print(f"not recorded: {case} never acted", file=sys.stderr)
+        data: dict[str, Any] = {"kernel": version, "cases": {**old, **kept}}
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         print(f"baseline written: {path}")
         return 0

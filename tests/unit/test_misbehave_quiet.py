@@ -1,0 +1,113 @@
+"""The RX notification cases wait for a quiet queue, and a case that never acted is no verdict.
+
+lost-interrupt-rx and interrupt-wrong-vector-rx act only on the first notification after
+QUIET of silence on rx0 (harness.virtio.misbehave): before that the driver may still be
+polling and find the frame anyway. `harness misbehave` reports a run in which its case never
+acted as ``inactive`` (harness.misbehave_run), never as the kernel's reaction, and does not
+record it in a baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness import misbehave_run
+from harness.misbehave_run import INACTIVE, Outcome, run_case
+from harness.report import Case, RunResult
+from harness.testing.mockdriver import NetRig
+from harness.virtio.misbehave import QUIET, QUIET_CASES
+from tests.unit.test_misbehave import RX_VECTOR, clean, result, rig, rx_one
+
+
+def armed_rx(r: NetRig) -> None:
+    """One frame received by a driver that re-armed (used_event) for it, as Linux does."""
+    r.rx.set_used_event(r.rx.last_used)
+    rx_one(r)
+    r.rx.get_used()
+
+
+@pytest.mark.parametrize("case", QUIET_CASES)
+def test_rx_notification_cases_act_only_after_silence(case: str,
+                                                      misbehave_clock: list[float]) -> None:
+    """A notification whose frames came right after others may find the driver still polling,
+    which then needs no notification (a race the driver sometimes won): the RX notification
+    cases act only on the first notification after QUIET of silence on rx0."""
+    r, ledger = rig(f"{case}:after=4")
+    armed_rx(r)
+    misbehave_clock[0] += QUIET / 2
+    armed_rx(r)  # frames QUIET/2 apart: not quiet (and not due yet)
+    misbehave_clock[0] += 2 * QUIET
+    armed_rx(r)  # quiet, but not due yet (the 4th completion is the first due)
+    misbehave_clock[0] += QUIET / 100
+    armed_rx(r)  # due, but the same batch: the first notification after the silence was spent
+    assert r.irq.count(RX_VECTOR) == 4
+    assert not r.device.stats()["misbehave"]["fired"]  # type: ignore[index]
+    misbehave_clock[0] += 2 * QUIET
+    armed_rx(r)  # due and the first after QUIET of silence: acted on
+    assert r.device.stats()["misbehave"]["fired"] == {case: 1}  # type: ignore[index]
+    assert r.irq.count(RX_VECTOR) == 4
+    clean(ledger)
+
+
+# ---- a case that never acted ---------------------------------------------------------------
+
+
+def _fake_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fired: dict[str, int],
+              *cases: Case, error: str | None = None, stats_file: bool = False) -> None:
+    """run_vm_test replaced by one returning a result whose device counted ``fired``
+    (written to net0-stats.json instead, as after a timeout, with ``stats_file``)."""
+    import harness.runner
+
+    r: RunResult = result(*cases, error=error)
+    r.run_dir = str(tmp_path)
+    (tmp_path / "console.log").write_text("boot\n")
+    stats = {"device": {"misbehave": {"fired": fired}}}
+    if stats_file:
+        (tmp_path / "net0-stats.json").write_text(json.dumps(stats))
+    else:
+        r.device_stats = stats
+    monkeypatch.setattr(harness.runner, "run_vm_test", lambda cfg: r)
+
+
+OK = Case("tcp_guest_to_host", True, "4 MiB")
+
+
+def test_a_case_that_never_acted_is_inactive(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    _fake_run(monkeypatch, tmp_path, {}, OK)
+    out = run_case("lost-interrupt-rx", None, None, 25.0)
+    assert out.cls == INACTIVE and "never acted" in out.evidence[0]
+    _fake_run(monkeypatch, tmp_path, {"lost-interrupt-rx": 1}, OK)
+    assert run_case("lost-interrupt-rx", None, None, 25.0).cls == "graceful"
+
+
+def test_a_timed_out_run_acted_by_its_stats_file(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """A run that timed out has no counters in its result; the server's file says it acted."""
+    _fake_run(monkeypatch, tmp_path, {"lost-interrupt-rx": 1},
+              error="the guest did not finish its plan within 25 s", stats_file=True)
+    assert run_case("lost-interrupt-rx", None, None, 25.0).cls == "hang"
+    _fake_run(monkeypatch, tmp_path, {}, error="the guest did not finish its plan within 25 s",
+              stats_file=True)
+    assert run_case("lost-interrupt-rx", None, None, 25.0).cls == INACTIVE
+
+
+def test_an_inactive_case_is_not_written_to_a_baseline(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(misbehave_run, "BASELINE_DIR", tmp_path)
+    (tmp_path / "misbehave-7.3.4.json").write_text(json.dumps(
+        {"kernel": "7.3.4", "cases": {"lost-interrupt-rx": "hang"}}))
+    classes = {"lost-interrupt-rx": INACTIVE, "lost-interrupt": "graceful"}
+    monkeypatch.setattr(misbehave_run, "run_case", lambda case, kernel, out, timeout: Outcome(
+        case, classes[case], [], 1.0, str(tmp_path), "7.3.4"))
+    assert misbehave_run.main(["lost-interrupt-rx", "lost-interrupt", "--write-baseline"]) == 0
+    data = json.loads((tmp_path / "misbehave-7.3.4.json").read_text())
+    assert data["cases"] == {"lost-interrupt-rx": "hang", "lost-interrupt": "graceful"}
+    assert "not recorded: lost-interrupt-rx never acted" in capsys.readouterr().err
+    # Without --write-baseline an inactive case is a change from the baseline: the run fails.
+    assert misbehave_run.main(["lost-interrupt-rx"]) == 1
+    assert "CHANGED lost-interrupt-rx: was hang, now inactive" in capsys.readouterr().out
