@@ -1,6 +1,6 @@
 """MSI-X layout: where the table and PBA go, the capability's bytes, the BAR room they take.
 
-Pure computation for VfuContext.setup_msix (harness.vfu.context), which hands the results to
+Pure computation for VfuContext.setup_msix (harness.vfu.context_setup), which hands the results to
 libvfio-user: the IRQ count, the capability, a zero-filled region for a BAR that has none.
 QEMU emulates the table itself but sizes it from the capability and checks it against
 GET_IRQ_INFO, so the count and the capability must agree.

@@ -41,7 +41,7 @@ class WireCounters:
     """What the context refused, counted where it happens (exact, unlike log lines).
 
     - ``error_replies``: error replies libvfio-user sent, by command name (counted in the
-      sendmsg() wrapper of harness.vfu.build, so a refusal is 1 whatever the library logs).
+      sendmsg() wrapper of harness.vfu.clientguard, so a refusal is 1 whatever the library logs).
       A request sent without wanting a reply (a posted REGION_WRITE) that the library refuses
       sends nothing and is counted nowhere; one that reaches a callback is counted below.
     - ``callback_failures``: callbacks that failed, by kind (region_read, region_write, reset,

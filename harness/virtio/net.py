@@ -7,9 +7,9 @@ only num_buffers is ours to fill in on RX. Data never gets copied by Python: TX 
 guest's buffers to ``writev``, RX ``readv``s straight into the guest's buffers.
 
 This module holds the device's constructor, transport hooks, link, announce, the control
-queue, TX and stats; the RX half is ``NetRxPath`` (harness.virtio.netrx), the constants are in
-harness.virtio.netdefs (re-exported here) and what a misbehaviour does is in
-harness.virtio.netmisbehave.
+queue and TX; the RX half is ``NetRxPath`` (harness.virtio.netrx), ``stats``/``dump_queue`` are
+``NetStats``' (harness.virtio.netstats), the constants are in harness.virtio.netdefs
+(re-exported here) and what a misbehaviour does is in harness.virtio.netmisbehave.
 
 Link state (VIRTIO_NET_F_STATUS): ``set_link`` flips VIRTIO_NET_S_LINK_UP in the config
 ``status`` field, bumps config_generation and, once the driver is up (DRIVER_OK), signals the
@@ -38,12 +38,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from harness.dma import MapOps
 from harness.virtio import constants as C
 from harness.virtio import netmisbehave
-from harness.virtio.chain import QueueStats, Virtqueue
+from harness.virtio.chain import Virtqueue
 from harness.virtio.ctrl import ControlState, serve_queue
 from harness.virtio.fastpath import EMPTY, SLOW, FastPath, fast_path
 from harness.virtio.features import check_bits
@@ -73,7 +72,7 @@ from harness.virtio.netdefs import (
     batch_used,
     tx_holdoff,
 )
-from harness.virtio.netrx import NetRxPath
+from harness.virtio.netstats import NetStats
 from harness.virtio.nettimers import TxTimers
 from harness.virtio.protocols import (
     Barrier,
@@ -107,7 +106,7 @@ log = logging.getLogger(__name__)
 
 
 
-class VirtioNetDevice(NetRxPath):
+class VirtioNetDevice(NetStats):
     """A virtio-net device with rx0 (queue 0) and tx0 (queue 1).
 
     The server loop calls ``bar0_read/bar0_write`` from region callbacks, then ``process()``
@@ -466,66 +465,3 @@ class VirtioNetDevice(NetRxPath):
         if q.flush():
             self._queue_interrupt(q)
         self._after_event()
-
-    # ---- stats -------------------------------------------------------------------------------
-
-    def stats(self) -> dict[str, object]:
-        """Per-queue counters, their totals, and device-level counters."""
-        per: dict[str, dict[str, int | bool]] = {}
-        totals: dict[str, int] = {}
-        fp = self.fastpath
-        for q in self.queues:
-            d = {name: getattr(q.stats, name) for name in QueueStats.__slots__}
-            for k, v in d.items():
-                totals[k] = totals.get(k, 0) + v
-            # Ring indices and queue state next to the counters (not summed into totals).
-            per[q.name] = {**d, **q.ring_state()}
-        return {
-            **per,
-            "totals": totals,
-            "errors": totals["errors"],
-            "device_errors": self.device_errors,
-            "bad_accesses": self.bad_accesses,
-            "resets": self.resets,
-            "queue_resets": self.queue_resets,
-            "status": self.status,
-            "needs_reset": bool(self.status & C.STATUS_NEEDS_RESET),
-            "features": self.negotiated,
-            "rx_starved": self._rx_starved[0],
-            # Chains each pair's RX pool holds popped and mapped (in rxN's ``outstanding``);
-            # not a dict: ``harness stats`` shows every dict of this level as a queue row.
-            "rx_pool": "keep" if self.rx_pool_keep else "call",
-            "rx_pool_held": [len(p) for p in self._rx_pools],
-            # TX chains and RX frames the C bursts completed (harness.virtio.fastpath); -1: off.
-            "tx_fast_chains": -1 if fp is None or not fp.tx_on else fp.tx_chains,
-            "rx_fast_frames": -1 if fp is None or not fp.rx_on else fp.rx_frames,
-            **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
-                          "rx_starved": list(self._rx_starved)}}
-               if self.device_features >> C.NET_F_MQ & 1 else {}),
-            "link_up": self.link_up,
-            "link_changes": self.link_changes,
-            "link_drops": self.link_drops,
-            "reset_drops": self.reset_drops,
-            "oversize_drops": self.oversize_drops,
-            **self.timers.stats(),
-            "header_drops": self.header_drops,
-            "filtered": self.filtered,
-            **({"ctrl": self.control.as_dict()} if self.num_queues > self._ctrl_index else {}),
-            "driver_ok_features": self.driver_ok_features,
-            "csum_completed": self.csum_completed,
-            **({"misbehave": self.misbehave.state()} if self.misbehave is not None else {}),
-        }
-
-    def dump_queue(self, index: int) -> dict[str, Any]:
-        """Queue ``index``'s rings and in-flight chains decoded (``Virtqueue.dump``).
-
-        LookupError (its message says why) when there is no such queue or it is not enabled.
-        With Bus Master Enable clear the dump reads only the ring views already held.
-        """
-        if not 0 <= index < self.num_queues:
-            names = ", ".join(f"{q.index} {q.name}" for q in self.queues)
-            raise LookupError(f"no queue {index} (queues: {names})")
-        q = self.queues[index]
-        if not q.enabled:
-            raise LookupError(f"queue {index} ({q.name}) is not enabled")
-        return q.dump(may_map=self.bus_master())
