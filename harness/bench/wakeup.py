@@ -1,0 +1,127 @@
+"""``python -m harness.bench.wakeup``: what one wake-up of a sleeping thread costs on this host.
+
+Our device makes wake-ups the built-in device does not: each doorbell wakes the device server
+(a vfio-user message from a vCPU thread), and each interrupt wakes QEMU's main loop (an
+eventfd), where QEMU's own device runs TX in the vCPU thread and injects from there. What a
+wake-up costs is a property of the host, not of either device: on a virtual machine whose idle
+CPUs halt into the hypervisor it is tens of microseconds, on bare metal a few
+(docs/PERFORMANCE.md, round 14). ``harness bench net`` prints it with its table, so a TCP RR or
+ping ratio can be read against it.
+
+Two threads, each pinned to its own CPU, bounce an eventfd back and forth: every round trip is
+two wake-ups of a thread blocked in ``epoll_wait``. The same with both on one CPU is the
+floor (no cross-CPU wake-up at all). The caller's own CPU affinity is left alone: QEMU and the
+server inherit it. ``halt_poll_ns`` is the host's ``cpuidle-haltpoll`` window, if it has one
+(how long an idle CPU polls before it halts: 0 makes every wake-up of an idle CPU an exit to
+the hypervisor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TypedDict
+
+__all__ = ["HALT_POLL", "Wakeup", "halt_poll_ns", "line", "main", "measure"]
+
+HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+#: A thread that has waited this long for the other has lost it (it never blocks longer).
+STALL = 2.0
+
+
+class Wakeup(TypedDict):
+    """Median us per wake-up, across two CPUs and on one (None: fewer than two CPUs usable)."""
+
+    cross_cpu_us: float | None
+    same_cpu_us: float
+    cpus: list[int]
+    halt_poll_ns: int | None
+
+
+def halt_poll_ns(path: Path = HALT_POLL) -> int | None:
+    """The host's haltpoll window in ns, or None (no haltpoll driver, or unreadable)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _bounce(rounds: int, cpu_a: int, cpu_b: int) -> float:
+    """Median us per wake-up of ``rounds`` round trips between threads on the two CPUs."""
+    ping, pong = os.eventfd(0), os.eventfd(0)
+    times: list[float] = []
+    failed: list[BaseException] = []
+
+    def side(cpu: int, wait_fd: int, post_fd: int, first: bool) -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            ep = select.epoll()
+            ep.register(wait_fd, select.EPOLLIN)
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                if first:
+                    os.eventfd_write(post_fd, 1)
+                if not ep.poll(STALL):
+                    raise TimeoutError("the other thread stopped answering")
+                os.eventfd_read(wait_fd)
+                if not first:
+                    os.eventfd_write(post_fd, 1)
+                else:
+                    times.append(time.perf_counter() - t0)
+            ep.close()
+        except BaseException as exc:  # reported by the caller, not lost in a thread
+            failed.append(exc)
+
+    a = threading.Thread(target=side, args=(cpu_a, pong, ping, True), daemon=True)
+    b = threading.Thread(target=side, args=(cpu_b, ping, pong, False), daemon=True)
+    b.start()
+    a.start()
+    a.join()
+    b.join()
+    os.close(ping)
+    os.close(pong)
+    if failed:
+        raise RuntimeError(f"wake-up probe failed: {failed[0]}")
+    return statistics.median(times) / 2 * 1e6  # two wake-ups per round trip
+
+
+def measure(rounds: int = 2000) -> Wakeup:
+    """Both figures on the first two CPUs this process may use."""
+    cpus = sorted(os.sched_getaffinity(0))
+    same = _bounce(rounds, cpus[0], cpus[0])
+    cross = _bounce(rounds, cpus[0], cpus[1]) if len(cpus) > 1 else None
+    return Wakeup(cross_cpu_us=cross, same_cpu_us=same, cpus=cpus[:2],
+                  halt_poll_ns=halt_poll_ns())
+
+
+def line(w: Wakeup) -> str:
+    """One line for a report."""
+    cross = "n/a (one CPU)" if w["cross_cpu_us"] is None else f"{w['cross_cpu_us']:.1f} us"
+    poll = ("no haltpoll" if w["halt_poll_ns"] is None
+            else f"haltpoll guest_halt_poll_ns={w['halt_poll_ns']}")
+    return (f"host wake-up: {cross} across CPUs {w['cpus'][0]}/{w['cpus'][-1]}, "
+            f"{w['same_cpu_us']:.1f} us on one ({poll})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.bench.wakeup",
+                                description=__doc__.split("\n")[0].split(": ", 1)[-1])
+    p.add_argument("--rounds", type=int, default=2000, help="round trips (default 2000)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    args = p.parse_args(argv)
+    if not 1 <= args.rounds <= 1_000_000:
+        p.error("--rounds must be in 1..1000000")
+    w = measure(args.rounds)
+    print(json.dumps(w) if args.json else line(w))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
