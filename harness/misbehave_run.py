@@ -131,6 +131,15 @@ def case_spec(case: str) -> str:
                                          else "")
 
 
+def case_timeout(case: str, baseline: str | None, hang: float = HANG_TIMEOUT,
+                 given: float | None = None) -> float:
+    """How long a run of ``case`` may take: ``hang`` for a case its kernel's ``baseline``
+    records as a hang, else ``given`` (--timeout), else the case's own (Case.timeout)."""
+    if baseline == "hang":
+        return hang
+    return given if given is not None else CASES[case].timeout
+
+
 def recover_seconds(result: RunResult) -> float | None:
     """The device's time to recover (harness.virtio.misbehave), from the run's stats."""
     mb = result.device_stats.get("device", {}).get("misbehave", {})
@@ -238,8 +247,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--list", action="store_true", help="list the cases with clause and bug class")
     p.add_argument("--kernel", type=Path, metavar="PATH", help="the guest kernel under test")
     p.add_argument("--out", type=Path, help="parent directory for run logs")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="per case (a case that runs out is a hang)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="per case (a case that runs out is a hang; default the case's own: "
+                        "60 s, 180 s for needs-reset-no-interrupt)")
     p.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT, metavar="SECONDS",
                    help="per case the kernel's baseline says hangs (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the outcomes as JSON")
@@ -256,14 +266,14 @@ def main(argv: list[str]) -> int:
     cases = list(CASES) if a.all else a.cases
     if not cases:
         p.error("name cases or give --all")
-    if a.timeout <= 0 or a.hang_timeout <= 0:
+    if (a.timeout is not None and a.timeout <= 0) or a.hang_timeout <= 0:
         p.error("timeouts must be positive")
     outcomes: list[Outcome] = []
     known: dict[str, str] = {}
     for case in cases:
         # A known hang costs its whole timeout: once the kernel (and so its baseline) is known,
         # such cases get the short one.
-        timeout = a.hang_timeout if known.get(case) == "hang" else a.timeout
+        timeout = case_timeout(case, known.get(case), a.hang_timeout, a.timeout)
         print(f"misbehave {case} (timeout {timeout:.0f} s) ...", file=sys.stderr, flush=True)
         outcomes.append(run_case(case, a.kernel, a.out, timeout))
         if len(outcomes) == 1:  # a kernel without a baseline yet: the pinned one's guess

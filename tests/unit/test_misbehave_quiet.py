@@ -1,4 +1,5 @@
-"""The RX notification cases wait for a quiet queue, and a case that never acted is no verdict.
+"""Misbehave cases whose class was a race: the RX notification cases wait for a quiet queue, a
+case that never acted is no verdict, and a case gets the time its graceful run takes.
 
 lost-interrupt-rx and interrupt-wrong-vector-rx act only on the first notification after
 QUIET of silence on rx0 (harness.virtio.misbehave): before that the driver may still be
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import misbehave_run
-from harness.misbehave_run import INACTIVE, Outcome, run_case
+from harness.misbehave_run import HANG_TIMEOUT, INACTIVE, Outcome, case_timeout, run_case
 from harness.report import Case, RunResult
 from harness.testing.mockdriver import NetRig
 from harness.virtio.misbehave import QUIET, QUIET_CASES
@@ -111,3 +112,14 @@ def test_an_inactive_case_is_not_written_to_a_baseline(monkeypatch: pytest.Monke
     # Without --write-baseline an inactive case is a change from the baseline: the run fails.
     assert misbehave_run.main(["lost-interrupt-rx"]) == 1
     assert "CHANGED lost-interrupt-rx: was hang, now inactive" in capsys.readouterr().out
+
+
+def test_case_timeout_the_hang_budget_else_the_cases_own() -> None:
+    """needs-reset-no-interrupt's graceful run outlasts 60 s (the guest's own timeouts):
+    judged at 60 s its class was a race with the clock."""
+    assert case_timeout("needs-reset-no-interrupt", "graceful") == 180.0
+    assert case_timeout("needs-reset-no-interrupt", None) == 180.0
+    assert case_timeout("needs-reset-no-interrupt", "hang") == HANG_TIMEOUT
+    assert case_timeout("lost-interrupt", "graceful") == 60.0
+    assert case_timeout("lost-interrupt", "graceful", given=30.0) == 30.0
+    assert case_timeout("lost-interrupt-rx", "hang", hang=10.0, given=30.0) == 10.0
