@@ -232,11 +232,14 @@ def test_put_detects_a_lost_chunk(agent: GuestAgent, tmp_path: Path) -> None:
 
 
 def test_timeout_kills_the_whole_command(agent: GuestAgent) -> None:
+    # A duration of this process's own: another test run on the machine (a second checkout's
+    # suite) must not be taken for a survivor of this one.
+    nap = f"sleep {7000 + os.getpid() % 100_000}"
     start = time.monotonic()
-    r = agent.run("sleep 7919 & sleep 7919; echo never", timeout=1)
+    r = agent.run(f"{nap} & {nap}; echo never", timeout=1)
     assert r.timed_out and r.returncode == 137 and r.stdout == b""
     assert time.monotonic() - start < 5
-    left = subprocess.run(["pgrep", "-x", "-f", "sleep 7919"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-x", "-f", nap], capture_output=True, text=True)
     assert left.stdout == "", "the timed-out command's process group was not killed"
     assert not agent.run("sleep 1", timeout=3).timed_out
 
