@@ -10,6 +10,8 @@ tears everything down. `exit` in the guest's shell powers the guest off, which e
 `harness run --exec CMD` is the same run without a person: once the guest's plan has brought
 the link up, CMD runs in the guest through the guest command channel (harness.guest.agent),
 its stdout and stderr are copied here, everything is torn down, and its exit status is ours.
+Its request socket is served from a thread meanwhile, so a script can `harness hotplug` into
+the run while CMD runs (a hot-add under the guest's own test).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import select
 import socket
 import sys
 import termios
+import threading
 import time
 import tty
 from collections.abc import Iterator
@@ -254,6 +257,28 @@ def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
             requests.serve_one()
 
 
+@contextlib.contextmanager
+def serving(requests: RunRequests, poll: float = 0.2) -> Iterator[None]:
+    """Serve ``requests`` from a thread while the caller blocks (`harness run --exec` waits
+    for its command); the thread is stopped and joined on the way out. A request being served
+    then (a hot-plug takes a few seconds) is finished first."""
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            ready, _, _ = select.select([requests.fileno()], [], [], poll)
+            if ready and not stop.is_set():
+                requests.serve_one()
+
+    thread = threading.Thread(target=serve, name="run-requests", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 #: `harness run --exec`: how long the guest may take to boot and run its plan (link_up).
 PLAN_TIMEOUT = 300.0
 #: `harness run --exec` statuses of its own, as GNU timeout and env have them: the command
@@ -293,9 +318,12 @@ def run_session(cfg: TestbedConfig, console: str, command: str | None = None,
         info = run_info(tb)
         info.write()
         if command is not None:
+            requests = RunRequests(tb)
             try:
-                return run_command(tb, command, command_timeout)
+                with serving(requests):
+                    return run_command(tb, command, command_timeout)
             finally:
+                requests.close()
                 with contextlib.suppress(FileNotFoundError):
                     (run_dir / RUN_FILE).unlink()
         requests = RunRequests(tb)

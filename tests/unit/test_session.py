@@ -73,3 +73,20 @@ def test_hotplug_refused_when_no_port_is_free(tmp_path: Path) -> None:
         req.close()
     assert reply == {"ok": False, "error": "all 0 hot-plug ports are taken "
                                            "(harness run --hotplug-ports N)"}
+
+
+def test_exec_serves_requests_while_its_command_runs(tmp_path: Path) -> None:
+    """`harness run --exec` blocks on its command; `harness hotplug` must still get an answer
+    (session.serving), and nothing is left serving afterwards."""
+    tb: Any = SimpleNamespace(run_dir=tmp_path, cfg=SimpleNamespace(hotplug_ports=0))
+    req = RunRequests(tb)
+    run = RunInfo(pid=os.getpid(), run_dir=str(tmp_path), qmp="", control=[], devices=[],
+                  console_socket="", console_log="")
+    try:
+        with session.serving(req, poll=0.01):
+            reply = session.request(run, "hotplug", timeout=2.0)  # as the blocked caller
+        assert reply == {"ok": False, "error": "all 0 hot-plug ports are taken "
+                                               "(harness run --hotplug-ports N)"}
+        assert not any(t.name == "run-requests" for t in threading.enumerate())
+    finally:
+        req.close()

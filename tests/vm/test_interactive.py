@@ -148,6 +148,39 @@ def test_exit_in_the_guest_ends_the_run() -> None:
         term.kill()
 
 
+def test_hotplug_while_an_exec_command_runs() -> None:
+    """`harness run --exec` serves `harness hotplug` while its command runs: the command waits
+    for eth1, then pings through the device added under it."""
+    need_root()
+    cmd = ("for i in $(seq 150); do [ -e /sys/class/net/eth1 ] && break; usleep 200000; done; "
+           "ip link set eth1 up && ip addr add 198.18.1.2/24 dev eth1 && "
+           "ping -c 3 -i 0.2 198.18.1.1")
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "--exec", cmd], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        run = None
+        while run is None or not Path(run.console_log).is_file() or (
+                "# harness: done" not in Path(run.console_log).read_text(errors="replace")):
+            assert time.monotonic() < end and proc.poll() is None, "the run never got going"
+            time.sleep(0.5)
+            try:
+                run = find_run()
+                if run.pid != proc.pid:
+                    run = None
+            except LookupError:
+                run = None
+        added = harness("hotplug")  # the plan is done: the command is running now
+        assert added.returncode == 0, added.stderr
+        assert "added net1" in added.stdout
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert "3 packets transmitted, 3 packets received" in out
+
+
 @pytest.fixture
 def testbed(tmp_path: Path) -> Iterator[Testbed]:
     need_root()
