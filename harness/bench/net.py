@@ -265,12 +265,14 @@ def _env_list(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _host_wakeup() -> str:
-    """harness.bench.wakeup's line (a failed probe is said, not fatal: the bench goes on)."""
+def _host_wakeup() -> tuple[str, wakeup.Wakeup | None]:
+    """harness.bench.wakeup's line and figures (a failed probe is said, not fatal: the bench
+    goes on without them)."""
     try:
-        return wakeup.line(wakeup.measure())
+        w = wakeup.measure()
     except (RuntimeError, OSError) as exc:
-        return f"host wake-up: not measured ({exc})"
+        return f"host wake-up: not measured ({exc})", None
+    return wakeup.line(w), w
 
 
 def main(argv: list[str]) -> int:
@@ -331,7 +333,7 @@ def main(argv: list[str]) -> int:
         with proc.interrupts(), Progress("bench net", total=total) as progress:
             # What a wake-up costs here, measured before any boot: RR and ping ratios read
             # against it (ours makes wake-ups the built-in device does not).
-            host = _host_wakeup()
+            host, host_figures = _host_wakeup()
             progress.note(host)
             rounds = run(opts, progress)
     except (paths.EnvError, ValueError) as exc:
@@ -341,7 +343,10 @@ def main(argv: list[str]) -> int:
         return proc.report_interrupted("harness bench net", exc)
     summary = summarize(rounds)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        # The host's wake-up cost as one more row (config "host"), when it was measured.
+        extra = ([] if host_figures is None else
+                 [{"config": "host", "workload": "wakeup", "unit": "us", **host_figures}])
+        print(json.dumps(summary + extra, indent=2))
     else:
         print(table(summary, opts.rounds))
         print(host)

@@ -3,6 +3,7 @@ never hanging on a lost peer, and printed by `harness bench net`."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def test_bench_net_prints_the_hosts_wake_up(monkeypatch: pytest.MonkeyPatch,
         cross_cpu_us=35.0, same_cpu_us=1.5, cpus=[0, 1], halt_poll_ns=0))
     assert net.main(["--rounds", "1"]) == 0
     assert "host wake-up: 35.0 us across CPUs 0/1" in capsys.readouterr().out
+
+
+def test_bench_net_json_has_the_hosts_wake_up_row(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _no_boots(monkeypatch)
+    monkeypatch.setattr(wakeup, "measure", lambda rounds=2000: wakeup.Wakeup(
+        cross_cpu_us=35.0, same_cpu_us=1.5, cpus=[0, 1], halt_poll_ns=0))
+    assert net.main(["--rounds", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[-1] == {"config": "host", "workload": "wakeup", "unit": "us",
+                        "cross_cpu_us": 35.0, "same_cpu_us": 1.5, "cpus": [0, 1],
+                        "halt_poll_ns": 0}
 
 
 def test_a_failed_probe_does_not_end_the_bench(monkeypatch: pytest.MonkeyPatch,

@@ -35,6 +35,8 @@ def test_one_round_each_side_gives_numbers(tmp_path: Path) -> None:
         if w.cpu_unit:  # per-workload CPU: our server on both ours sides, QEMU everywhere
             assert set(row["cpu"]) == {"ours_server", "ours_qemu", "builtin_qemu",
                                        "ours-noledger_server", "ours-noledger_qemu"}, row
+    # What a wake-up costs on this host, measured before the boots (harness.bench.wakeup).
+    assert rows["wakeup"]["config"] == "host" and rows["wakeup"]["same_cpu_us"] > 0
     # The guest's RAM arrived as DMA_MAPs, each timed by the server.
     assert rows["dma_map_reply"]["count"] > 0 and rows["dma_map_reply"]["ours"] > 0
     # Which device each side really ran: QEMU's own answer (qom type, PCI ids).
