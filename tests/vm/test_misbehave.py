@@ -33,7 +33,8 @@ pytestmark = pytest.mark.vm
 #: 2026-11-30, 9 in the slower one of 2026-12-01: most cases 12-18 s there, the hangs
 #: HANG_TIMEOUT, 25 s, plus shutdown; 7 minutes on that machine once the guest booted through
 #: its PVH entry and pinged 0.2 s apart: most cases 9-11 s). Each case gets case_timeout():
-#: the hang budget where the baseline records a hang, else the case's own (Case.timeout).
+#: the hang budget where the baseline records a hang, else (and always for a case with a longer
+#: timeout of its own) the case's own (Case.timeout).
 #: `make misbehave` runs every case on all three kernels of the matrix.
 # used-idx-jump and used-idx-backwards were timing-dependent while the wrong used.idx stood only
 # until the queue's next publish (hang in most gates, graceful in some); since 2026-12-02 it
