@@ -26,7 +26,7 @@ import termios
 import threading
 import time
 import tty
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -250,11 +250,18 @@ def relay(tb: Testbed, stdin: int, stdout: int, requests: RunRequests) -> None:
                     con.sendall(data)
 
 
-def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
-    while tb.machine.running():
-        ready, _, _ = select.select([requests.fileno()], [], [], 0.5)
-        if ready:
+def serve_requests(requests: RunRequests, keep_going: Callable[[], bool],
+                   poll: float = 0.5) -> None:
+    """Answer ``requests`` one at a time while ``keep_going()`` says so, looking again at
+    least every ``poll`` seconds (the one loop behind `wait_for_exit` and `serving`)."""
+    while keep_going():
+        ready, _, _ = select.select([requests.fileno()], [], [], poll)
+        if ready and keep_going():
             requests.serve_one()
+
+
+def wait_for_exit(tb: Testbed, requests: RunRequests) -> None:
+    serve_requests(requests, tb.machine.running)
 
 
 @contextlib.contextmanager
@@ -263,14 +270,9 @@ def serving(requests: RunRequests, poll: float = 0.2) -> Iterator[None]:
     for its command); the thread is stopped and joined on the way out. A request being served
     then (a hot-plug takes a few seconds) is finished first."""
     stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            ready, _, _ = select.select([requests.fileno()], [], [], poll)
-            if ready and not stop.is_set():
-                requests.serve_one()
-
-    thread = threading.Thread(target=serve, name="run-requests", daemon=True)
+    thread = threading.Thread(target=serve_requests, args=(requests, lambda: not stop.is_set(),
+                                                           poll),
+                              name="run-requests", daemon=True)
     thread.start()
     try:
         yield

@@ -14,8 +14,10 @@ replies it causes; harness tests compare that with the server's counters. ``Case
 registers a function as a case, ``run_case`` runs one, ``well_behaved`` is what a good client
 gets after it.
 
-The cases are harness.testing.hostile_vfu, and so is ``CASES``, the list of them: import it from
-there, where it is complete once that module has run (nothing here holds a list of cases).
+The cases are in harness.testing.hostile_framing (message framing, attach) and
+harness.testing.hostile_vfu (the rest); ``CASES``, the list of them all, is hostile_vfu's:
+import it from there, where it is complete once that module has run (nothing here holds a list
+of cases).
 """
 
 from __future__ import annotations

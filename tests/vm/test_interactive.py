@@ -20,6 +20,7 @@ import pytest
 from harness.session import find_run
 from harness.testbed import SHELL_CMDLINE, PeerSpec, Testbed, TestbedConfig
 from harness.testing.console import GuestConsole
+from harness.vm import ktap
 
 from .conftest import need_root
 
@@ -161,7 +162,7 @@ def test_hotplug_while_an_exec_command_runs() -> None:
         end = time.monotonic() + 120
         run = None
         while run is None or not Path(run.console_log).is_file() or (
-                "# harness: done" not in Path(run.console_log).read_text(errors="replace")):
+                ktap.DONE not in Path(run.console_log).read_text(errors="replace")):
             assert time.monotonic() < end and proc.poll() is None, "the run never got going"
             time.sleep(0.5)
             try:
