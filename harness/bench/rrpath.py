@@ -19,7 +19,9 @@ bursts' fallback and the reference they are checked against). Figures are us per
 per transaction (both wake-ups), median over ``--rounds`` rounds of ``--transactions`` each,
 the garbage collector frozen while timing. They are the server's hot-cache floor for a
 transaction: in a VM run the same path also pays the wake-up itself, cold caches and two cores
-shared with TCG (docs/PERFORMANCE.md, round 6).
+shared with TCG (docs/PERFORMANCE.md, round 6). ``--idle MS`` sleeps that long before each
+transaction, as the server sleeps between two pings: the same path on cold caches (round 15:
+10x the hot floor after 100 ms on a virtual host).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ class Figures(TypedDict):
     rx_wake_us: float
     transaction_us: float
     path: str
+    idle_ms: float
 
 
-def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figures:
+def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True,
+        idle: float = 0.0) -> Figures:
     """Median us per TX wake-up, per RX wake-up and per transaction, with the C bursts (or
-    the Python path); raises RuntimeError if a frame went missing or the path was not the
-    one asked for (the figures would then not be of the path they name)."""
+    the Python path), the process asleep ``idle`` seconds before each timed transaction;
+    raises RuntimeError if a frame went missing or the path was not the one asked for (the
+    figures would then not be of the path they name)."""
     tap = FdBackend()  # the TAP: a real fd the loop polls and the bursts read and write
     rig = net_rig(mem_size=MEM_SIZE, ledger=True, backend=tap, bursts=bursts)
     assert rig.ledger is not None
@@ -106,6 +111,8 @@ def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figur
             if rig.tx.kick_needed():
                 bell.peer.send(b"k")
             rig.tx.kicked_at = rig.tx.avail_idx
+            if idle:
+                time.sleep(idle)
             t0 = clock()
             loop.run_once()
             t1 = clock()
@@ -124,7 +131,7 @@ def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figur
 
         warmup = min(200, transactions)
         for _ in range(warmup):
-            transaction([0.0, 0.0])
+            transaction([0.0, 0.0])  # the idle sleeps too: a cold path stays cold
         gc.collect()
         gc.freeze()
         try:
@@ -146,7 +153,7 @@ def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True) -> Figur
         bell.close()
     tx, rx = statistics.median(tx_wake), statistics.median(rx_wake)
     return Figures(tx_wake_us=round(tx, 2), rx_wake_us=round(rx, 2),
-                   transaction_us=round(tx + rx, 2), path=path)
+                   transaction_us=round(tx + rx, 2), path=path, idle_ms=idle * 1e3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,18 +165,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds (default 5; median)")
     p.add_argument("--python", action="store_true",
                    help="the Python ring path instead of the C bursts (the server's default)")
+    p.add_argument("--idle", type=argtypes.nonnegative_int, default=0, metavar="MS",
+                   help="sleep this long before each transaction, as a server between two "
+                        "pings does (the path on cold caches; default 0: back to back)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     args = p.parse_args(argv)
+    if args.idle > 1000:
+        p.error("--idle is at most 1000 ms")
     if args.transactions * (args.rounds + 1) > MAX_TRANSACTIONS:
         p.error(f"at most {MAX_TRANSACTIONS} transactions in all (mock guest memory)")
-    res = run(args.transactions, args.rounds, bursts=not args.python)
+    res = run(args.transactions, args.rounds, bursts=not args.python, idle=args.idle / 1e3)
     if args.json:
         print(json.dumps(res))
     else:
         print(f"per transaction {res['transaction_us']:.1f} us: TX wake-up "
               f"{res['tx_wake_us']:.1f} us, RX wake-up {res['rx_wake_us']:.1f} us "
-              f"(median of {args.rounds} x {args.transactions}, "
-              f"{res['path']})")
+              f"(median of {args.rounds} x {args.transactions}, {res['path']}"
+              + (f", {args.idle:g} ms asleep before each)" if args.idle else ")"))
     return 0
 
 

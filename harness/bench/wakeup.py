@@ -10,7 +10,11 @@ ping ratio can be read against it.
 
 Two threads, each pinned to its own CPU, bounce an eventfd back and forth: every round trip is
 two wake-ups of a thread blocked in ``epoll_wait``. The same with both on one CPU is the
-floor (no cross-CPU wake-up at all). The caller's own CPU affinity is left alone: QEMU and the
+floor (no cross-CPU wake-up at all). A third figure is what a ping pays: one wake-up, one way,
+of a thread on the other CPU after both have slept ``IDLE`` (0.1 s, ping's interval); on a
+virtual host an idle CPU's wake-up gets dearer the longer it slept (round 15).
+
+The caller's own CPU affinity is left alone: QEMU and the
 server inherit it. ``halt_poll_ns`` is the host's ``cpuidle-haltpoll`` window, if it has one
 (how long an idle CPU polls before it halts: 0 makes every wake-up of an idle CPU an exit to
 the hypervisor).
@@ -34,13 +38,19 @@ __all__ = ["HALT_POLL", "Wakeup", "halt_poll_ns", "line", "main", "measure"]
 HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
 #: A thread that has waited this long for the other has lost it (it never blocks longer).
 STALL = 2.0
+#: The sleep before each after-idle wake-up (s), and how many of those are timed (2 s in all).
+IDLE = 0.1
+IDLE_ROUNDS = 20
 
 
 class Wakeup(TypedDict):
-    """Median us per wake-up, across two CPUs and on one (None: fewer than two CPUs usable)."""
+    """Median us per wake-up, across two CPUs and on one, and one way across two CPUs after
+    ``idle_ms`` asleep (None: fewer than two CPUs usable)."""
 
     cross_cpu_us: float | None
     same_cpu_us: float
+    idle_cross_cpu_us: float | None
+    idle_ms: float
     cpus: list[int]
     halt_poll_ns: int | None
 
@@ -92,22 +102,80 @@ def _bounce(rounds: int, cpu_a: int, cpu_b: int) -> float:
     return statistics.median(times) / 2 * 1e6  # two wake-ups per round trip
 
 
-def measure(rounds: int = 2000) -> Wakeup:
-    """Both figures on the first two CPUs this process may use."""
+def _after_idle(rounds: int, cpu_a: int, cpu_b: int, idle: float) -> float:
+    """Median us from a post on ``cpu_a`` to the wake-up of the thread on ``cpu_b``, each post
+    made after ``idle`` seconds with both threads asleep (both clocks are CLOCK_MONOTONIC, so
+    the two threads' readings compare)."""
+    post, ack = os.eventfd(0), os.eventfd(0)
+    sent: list[float] = []
+    woke: list[float] = []
+    failed: list[BaseException] = []
+
+    def waker() -> None:
+        try:
+            os.sched_setaffinity(0, {cpu_a})
+            ep = select.epoll()
+            ep.register(ack, select.EPOLLIN)
+            for _ in range(rounds):
+                time.sleep(idle)
+                sent.append(time.perf_counter())
+                os.eventfd_write(post, 1)
+                if not ep.poll(STALL):
+                    raise TimeoutError("the other thread stopped answering")
+                os.eventfd_read(ack)
+            ep.close()
+        except BaseException as exc:
+            failed.append(exc)
+
+    def sleeper() -> None:
+        try:
+            os.sched_setaffinity(0, {cpu_b})
+            ep = select.epoll()
+            ep.register(post, select.EPOLLIN)
+            for _ in range(rounds):
+                if not ep.poll(idle + STALL):
+                    raise TimeoutError("the other thread stopped posting")
+                woke.append(time.perf_counter())
+                os.eventfd_read(post)
+                os.eventfd_write(ack, 1)
+            ep.close()
+        except BaseException as exc:
+            failed.append(exc)
+
+    b = threading.Thread(target=sleeper, daemon=True)
+    a = threading.Thread(target=waker, daemon=True)
+    b.start()
+    a.start()
+    a.join()
+    b.join()
+    os.close(post)
+    os.close(ack)
+    if failed:
+        raise RuntimeError(f"wake-up probe failed: {failed[0]}")
+    return statistics.median(w - s for s, w in zip(sent, woke, strict=True)) * 1e6
+
+
+def measure(rounds: int = 2000, idle_rounds: int = IDLE_ROUNDS, idle: float = IDLE) -> Wakeup:
+    """The three figures on the first two CPUs this process may use."""
     cpus = sorted(os.sched_getaffinity(0))
     same = _bounce(rounds, cpus[0], cpus[0])
-    cross = _bounce(rounds, cpus[0], cpus[1]) if len(cpus) > 1 else None
-    return Wakeup(cross_cpu_us=cross, same_cpu_us=same, cpus=cpus[:2],
-                  halt_poll_ns=halt_poll_ns())
+    cross = after = None
+    if len(cpus) > 1:
+        cross = _bounce(rounds, cpus[0], cpus[1])
+        after = _after_idle(idle_rounds, cpus[0], cpus[1], idle)
+    return Wakeup(cross_cpu_us=cross, same_cpu_us=same, idle_cross_cpu_us=after,
+                  idle_ms=idle * 1e3, cpus=cpus[:2], halt_poll_ns=halt_poll_ns())
 
 
 def line(w: Wakeup) -> str:
     """One line for a report."""
     cross = "n/a (one CPU)" if w["cross_cpu_us"] is None else f"{w['cross_cpu_us']:.1f} us"
+    idle = ("" if w["idle_cross_cpu_us"] is None
+            else f", {w['idle_cross_cpu_us']:.0f} us across after {w['idle_ms']:g} ms idle")
     poll = ("no haltpoll" if w["halt_poll_ns"] is None
             else f"haltpoll guest_halt_poll_ns={w['halt_poll_ns']}")
     return (f"host wake-up: {cross} across CPUs {w['cpus'][0]}/{w['cpus'][-1]}, "
-            f"{w['same_cpu_us']:.1f} us on one ({poll})")
+            f"{w['same_cpu_us']:.1f} us on one{idle} ({poll})")
 
 
 def main(argv: list[str] | None = None) -> int:
