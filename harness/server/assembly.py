@@ -21,7 +21,6 @@ from harness.dma.observer import GuestIovaObserver
 from harness.net import tap as tap_mod
 from harness.net.pcap import CapturingBackend, PcapngWriter
 from harness.net.tap import Tap, configure, link_stats, offload_for
-from harness.server.irqdefer import DeferredIrq, irq_at_idle
 from harness.server.loop import ClientCounters
 from harness.vfu import DmaRegion, ResetType, VfuContext, memory_barrier
 from harness.vfu.bursts import CBursts
@@ -150,8 +149,6 @@ class DeviceServer:
         self.memory = GuestMemory()
         self.ctx = VfuContext(str(cfg.socket), client_timeout=cfg.client_timeout)
         self.irq = Irq(self.ctx)
-        #: HARNESS_IRQ_AT=idle: the device raises through this, the loop flushes it.
-        self.irq_defer = DeferredIrq(self.irq) if irq_at_idle() else None
         faults = FaultSpec.parse(cfg.faults) if cfg.faults else None
         self.mapops, ledger = build_mapops(cfg.map_ops, self.memory,
                                            bus_master=self._bus_master, faults=faults)
@@ -163,8 +160,7 @@ class DeviceServer:
         if cfg.access_platform:
             features |= 1 << F_ACCESS_PLATFORM
         self.device = VirtioNetDevice(
-            self.mapops, self.irq if self.irq_defer is None else self.irq_defer, self.backend,
-            mac=cfg.mac, queue_size=cfg.queue_size,
+            self.mapops, self.irq, self.backend, mac=cfg.mac, queue_size=cfg.queue_size,
             features=features, bus_master=self._bus_master, barrier=memory_barrier,
             bursts=CBursts(),
             mtu=feats.mtu, on_offloads=self._set_offloads, max_pairs=feats.pairs,
@@ -296,10 +292,7 @@ class DeviceServer:
             "connected_seconds": round(connected, 3),
             "device": self.device.stats(),
             "ledger": self.ledger.stats(),
-            "irq": {"sent": self.irq.sent, "unwired": self.irq.unwired,
-                    **({} if self.irq_defer is None else {
-                        "deferred": self.irq_defer.flushed,
-                        "coalesced": self.irq_defer.coalesced})},
+            "irq": {"sent": self.irq.sent, "unwired": self.irq.unwired},
             "dma": {"maps": self.dma_maps, "unmaps": self.dma_unmaps,
                     "regions": [[i, s, w] for i, s, w in self.memory.regions()],
                     "peak_regions": int(self.busiest.get("regions", 0)),

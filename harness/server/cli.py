@@ -166,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = DeviceLoop(server.ctx, server.device, server.ledger, server.backend,
                       on_attached=server.attached, on_detached=server.detached,
                       sample_iova=server.sample_iova_space, serve_forever=cfg.serve_forever,
-                      clients=server.clients, extra_backends=server.extra_backends,
-                      irq_defer=server.irq_defer)
+                      clients=server.clients, extra_backends=server.extra_backends)
     try:
         if cfg.control is not None:
             loop.control = ControlServer.listen(

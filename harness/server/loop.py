@@ -30,7 +30,6 @@ from typing import Protocol
 
 from harness import knobs
 from harness.server.control import ControlServer
-from harness.server.irqdefer import DeferredIrq
 from harness.vfu.errors import ClientDropped, Disconnected, VfuError
 
 log = logging.getLogger(__name__)
@@ -162,7 +161,6 @@ class DeviceLoop:
         serve_forever: bool = False,
         clients: ClientCounters | None = None,
         extra_backends: Sequence[Pollable] = (),
-        irq_defer: DeferredIrq | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.device = device
@@ -186,9 +184,6 @@ class DeviceLoop:
         self.serve_forever = serve_forever
         self.clients = clients if clients is not None else ClientCounters()
         self.turns = 0
-        #: HARNESS_IRQ_AT=idle: the device's interrupts, raised by run_once (irqdefer).
-        self.irq_defer = irq_defer
-        self._irq_looked = False  # the extra round without sleeping was taken
         self._attached = False
         self._endpoint_fd = -1
         self._backend_polled = False
@@ -213,9 +208,6 @@ class DeviceLoop:
     def _check_leaks_at_reset(self) -> None:
         # The guest reset the device (status 0): every mapping must be gone by now.
         self.ledger.check_leaks("reset")
-        if self.irq_defer is not None:  # vectors of the old driver's queues
-            self.irq_defer.drop()
-            self._irq_looked = False
 
     def request_stop(self) -> None:
         """Stop after the current event (safe from a signal handler: it only sets a flag)."""
@@ -287,14 +279,6 @@ class DeviceLoop:
             due = self._next_timer()  # a TX hold-off or a misbehaviour's hold: wake for it
             if due is not None:
                 timeout = min(timeout, max(0.0, due - time.monotonic()))
-        deferred = self.irq_defer
-        if deferred is not None and deferred.pending:
-            if self._irq_looked:  # a whole round since they were queued: raise them now
-                deferred.flush()
-                self._irq_looked = False
-            else:  # first one more look at what is ready, without sleeping
-                timeout = 0.0
-                self._irq_looked = True
         self.dispatch(timeout)
         if not self.stop:
             self.turn()

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from harness import knobs
 from harness.dma.factory import LEDGER_ENV, ledger_checks
 from harness.dma.regionindex import INDEX_ENV, index_kind
-from harness.server.irqdefer import IRQ_AT_ENV, irq_at_idle
 from harness.server.loop import (
     ORDER_ENV,
     POLL_MODE_ENV,
@@ -42,7 +41,6 @@ READERS: dict[str, Callable[[], object]] = {
     FAST_RX_ENV: fast_directions,
     FAST_TX_ENV: fast_directions,
     INDEX_ENV: index_kind,
-    IRQ_AT_ENV: irq_at_idle,
     LEDGER_ENV: ledger_checks,
     MAP_CACHE_ENV: map_cache_on,
     ORDER_ENV: endpoint_first,
