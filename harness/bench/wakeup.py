@@ -30,6 +30,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
@@ -63,42 +64,62 @@ def halt_poll_ns(path: Path = HALT_POLL) -> int | None:
         return None
 
 
+def _waiting_on(cpu: int, fd: int) -> select.epoll:
+    """Pin the calling thread (only it) to ``cpu``; an epoll that waits for ``fd``."""
+    os.sched_setaffinity(0, {cpu})
+    ep = select.epoll()
+    ep.register(fd, select.EPOLLIN)
+    return ep
+
+
+def _two_threads(first: Callable[[], None], second: Callable[[], None],
+                 fds: tuple[int, ...]) -> None:
+    """Run ``second`` and ``first`` in threads of their own (``second`` started first, so it is
+    waiting when ``first`` posts), then close ``fds``; RuntimeError if either raised (an
+    exception in a thread is reported here, not lost)."""
+    failed: list[BaseException] = []
+
+    def guarded(body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:
+                failed.append(exc)
+        return run
+
+    threads = [threading.Thread(target=guarded(f), daemon=True) for f in (second, first)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fd in fds:
+        os.close(fd)
+    if failed:
+        raise RuntimeError(f"wake-up probe failed: {failed[0]}")
+
+
 def _bounce(rounds: int, cpu_a: int, cpu_b: int) -> float:
     """Median us per wake-up of ``rounds`` round trips between threads on the two CPUs."""
     ping, pong = os.eventfd(0), os.eventfd(0)
     times: list[float] = []
-    failed: list[BaseException] = []
 
     def side(cpu: int, wait_fd: int, post_fd: int, first: bool) -> None:
-        try:
-            os.sched_setaffinity(0, {cpu})  # this thread only
-            ep = select.epoll()
-            ep.register(wait_fd, select.EPOLLIN)
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                if first:
-                    os.eventfd_write(post_fd, 1)
-                if not ep.poll(STALL):
-                    raise TimeoutError("the other thread stopped answering")
-                os.eventfd_read(wait_fd)
-                if not first:
-                    os.eventfd_write(post_fd, 1)
-                else:
-                    times.append(time.perf_counter() - t0)
-            ep.close()
-        except BaseException as exc:  # reported by the caller, not lost in a thread
-            failed.append(exc)
+        ep = _waiting_on(cpu, wait_fd)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            if first:
+                os.eventfd_write(post_fd, 1)
+            if not ep.poll(STALL):
+                raise TimeoutError("the other thread stopped answering")
+            os.eventfd_read(wait_fd)
+            if not first:
+                os.eventfd_write(post_fd, 1)
+            else:
+                times.append(time.perf_counter() - t0)
+        ep.close()
 
-    a = threading.Thread(target=side, args=(cpu_a, pong, ping, True), daemon=True)
-    b = threading.Thread(target=side, args=(cpu_b, ping, pong, False), daemon=True)
-    b.start()
-    a.start()
-    a.join()
-    b.join()
-    os.close(ping)
-    os.close(pong)
-    if failed:
-        raise RuntimeError(f"wake-up probe failed: {failed[0]}")
+    _two_threads(lambda: side(cpu_a, pong, ping, True), lambda: side(cpu_b, ping, pong, False),
+                 (ping, pong))
     return statistics.median(times) / 2 * 1e6  # two wake-ups per round trip
 
 
@@ -109,49 +130,29 @@ def _after_idle(rounds: int, cpu_a: int, cpu_b: int, idle: float) -> float:
     post, ack = os.eventfd(0), os.eventfd(0)
     sent: list[float] = []
     woke: list[float] = []
-    failed: list[BaseException] = []
 
     def waker() -> None:
-        try:
-            os.sched_setaffinity(0, {cpu_a})
-            ep = select.epoll()
-            ep.register(ack, select.EPOLLIN)
-            for _ in range(rounds):
-                time.sleep(idle)
-                sent.append(time.perf_counter())
-                os.eventfd_write(post, 1)
-                if not ep.poll(STALL):
-                    raise TimeoutError("the other thread stopped answering")
-                os.eventfd_read(ack)
-            ep.close()
-        except BaseException as exc:
-            failed.append(exc)
+        ep = _waiting_on(cpu_a, ack)
+        for _ in range(rounds):
+            time.sleep(idle)
+            sent.append(time.perf_counter())
+            os.eventfd_write(post, 1)
+            if not ep.poll(STALL):
+                raise TimeoutError("the other thread stopped answering")
+            os.eventfd_read(ack)
+        ep.close()
 
     def sleeper() -> None:
-        try:
-            os.sched_setaffinity(0, {cpu_b})
-            ep = select.epoll()
-            ep.register(post, select.EPOLLIN)
-            for _ in range(rounds):
-                if not ep.poll(idle + STALL):
-                    raise TimeoutError("the other thread stopped posting")
-                woke.append(time.perf_counter())
-                os.eventfd_read(post)
-                os.eventfd_write(ack, 1)
-            ep.close()
-        except BaseException as exc:
-            failed.append(exc)
+        ep = _waiting_on(cpu_b, post)
+        for _ in range(rounds):
+            if not ep.poll(idle + STALL):
+                raise TimeoutError("the other thread stopped posting")
+            woke.append(time.perf_counter())
+            os.eventfd_read(post)
+            os.eventfd_write(ack, 1)
+        ep.close()
 
-    b = threading.Thread(target=sleeper, daemon=True)
-    a = threading.Thread(target=waker, daemon=True)
-    b.start()
-    a.start()
-    a.join()
-    b.join()
-    os.close(post)
-    os.close(ack)
-    if failed:
-        raise RuntimeError(f"wake-up probe failed: {failed[0]}")
+    _two_threads(waker, sleeper, (post, ack))
     return statistics.median(w - s for s, w in zip(sent, woke, strict=True)) * 1e6
 
 
