@@ -46,7 +46,7 @@ bench: deps
 	$(PY) -m harness bench iova
 	$(PY) -m harness.bench.dmamap
 	$(PY) -m harness.bench.rrpath
-	$(PY) -m harness.bench.rrpath --idle 100 --transactions 30 --rounds 3
+	$(PY) -m harness.bench.rrpath --idle 100
 	$(PY) -m harness.bench.roundtrip
 	$(PY) -m harness bench net --config plain,offloads,viommu
 

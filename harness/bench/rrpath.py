@@ -159,10 +159,10 @@ def run(transactions: int = 2000, rounds: int = 5, bursts: bool = True,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.bench.rrpath",
                                 description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("--transactions", type=argtypes.positive_int, default=2000, metavar="N",
-                   help="transactions per round (default 2000)")
-    p.add_argument("--rounds", type=argtypes.positive_int, default=5,
-                   help="rounds (default 5; median)")
+    p.add_argument("--transactions", type=argtypes.positive_int, default=None, metavar="N",
+                   help="transactions per round (default 2000; 30 with --idle)")
+    p.add_argument("--rounds", type=argtypes.positive_int, default=None,
+                   help="rounds (default 5, 3 with --idle; median)")
     p.add_argument("--python", action="store_true",
                    help="the Python ring path instead of the C bursts (the server's default)")
     p.add_argument("--idle", type=argtypes.nonnegative_int, default=0, metavar="MS",
@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.idle > 1000:
         p.error("--idle is at most 1000 ms")
+    # Each transaction sleeps --idle first (warm-up ones too): keep the default run short.
+    if args.transactions is None:
+        args.transactions = 30 if args.idle else 2000
+    if args.rounds is None:
+        args.rounds = 3 if args.idle else 5
     if args.transactions * (args.rounds + 1) > MAX_TRANSACTIONS:
         p.error(f"at most {MAX_TRANSACTIONS} transactions in all (mock guest memory)")
     res = run(args.transactions, args.rounds, bursts=not args.python, idle=args.idle / 1e3)

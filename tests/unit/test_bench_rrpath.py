@@ -28,7 +28,9 @@ def test_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert rrpath.main(["--transactions", "20", "--rounds", "1", "--python"]) == 0
     assert "Python path" in capsys.readouterr().out
     assert rrpath.main(["--transactions", "2", "--rounds", "1", "--idle", "5"]) == 0
-    assert "5 ms asleep before each" in capsys.readouterr().out
+    assert "median of 1 x 2, C bursts, 5 ms asleep before each" in capsys.readouterr().out
+    assert rrpath.main(["--idle", "1"]) == 0  # a short default run with --idle: 3 x 30
+    assert "median of 3 x 30, C bursts, 1 ms asleep before each" in capsys.readouterr().out
     for bad in (["--transactions", "0"], ["--rounds", "x"], ["--transactions", "60000"],
                 ["--idle", "-1"], ["--idle", "1001"], ["--idle", "0.5"]):
         with pytest.raises(SystemExit) as exc:
