@@ -92,12 +92,17 @@ def _no_boots(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(net, "run", fake_run)
 
 
-def test_bench_net_prints_the_hosts_wake_up(monkeypatch: pytest.MonkeyPatch,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    _no_boots(monkeypatch)
+def _measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's figures, fixed."""
     monkeypatch.setattr(wakeup, "measure", lambda rounds=2000: wakeup.Wakeup(
         cross_cpu_us=35.0, same_cpu_us=1.5, idle_cross_cpu_us=180.0, idle_ms=100.0,
         cpus=[0, 1], halt_poll_ns=0))
+
+
+def test_bench_net_prints_the_hosts_wake_up(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _no_boots(monkeypatch)
+    _measured(monkeypatch)
     assert net.main(["--rounds", "1"]) == 0
     assert "host wake-up: 35.0 us across CPUs 0/1" in capsys.readouterr().out
 
@@ -105,9 +110,7 @@ def test_bench_net_prints_the_hosts_wake_up(monkeypatch: pytest.MonkeyPatch,
 def test_bench_net_json_has_the_hosts_wake_up_row(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     _no_boots(monkeypatch)
-    monkeypatch.setattr(wakeup, "measure", lambda rounds=2000: wakeup.Wakeup(
-        cross_cpu_us=35.0, same_cpu_us=1.5, idle_cross_cpu_us=180.0, idle_ms=100.0,
-        cpus=[0, 1], halt_poll_ns=0))
+    _measured(monkeypatch)
     assert net.main(["--rounds", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[-1] == {"config": "host", "workload": "wakeup", "unit": "us",
