@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import misbehave_run
+from harness.guest import kernel
 from harness.misbehave_run import HANG_TIMEOUT, INACTIVE, Outcome, case_timeout, run_case
 from harness.report import Case, RunResult
 from harness.testing.mockdriver import NetRig
@@ -127,3 +128,33 @@ def test_case_timeout_the_hang_budget_else_the_cases_own() -> None:
     assert case_timeout("lost-interrupt", "graceful") == 60.0
     assert case_timeout("lost-interrupt", "graceful", given=30.0) == 30.0
     assert case_timeout("lost-interrupt-rx", "hang", hang=10.0, given=30.0) == 10.0
+
+
+def test_a_known_hang_gets_the_hang_budget_from_the_first_case(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """The kernel's baseline (the pinned one's without --kernel) gives the first case its
+    timeout too (at 60 s, used-idx-backwards's guest finished its failing steps at 57 s
+    once and read back graceful)."""
+    monkeypatch.setattr(misbehave_run, "BASELINE_DIR", tmp_path)
+    (tmp_path / f"misbehave-{misbehave_run.PINNED}.json").write_text(json.dumps(
+        {"kernel": misbehave_run.PINNED, "cases": {"used-idx-backwards": "hang"}}))
+    timeouts: list[float] = []
+
+    def run(case: str, kernel: Path | None, out: Path | None, timeout: float) -> Outcome:
+        timeouts.append(timeout)
+        return Outcome(case, "hang", [], 1.0, str(tmp_path), misbehave_run.PINNED)
+
+    monkeypatch.setattr(misbehave_run, "run_case", run)
+    assert misbehave_run.main(["used-idx-backwards"]) == 0
+    # A kernel of the user's: its own baseline (graceful here), found by its version first.
+    (tmp_path / "misbehave-6.12.1.json").write_text(json.dumps(
+        {"kernel": "6.12.1", "cases": {"used-idx-backwards": "graceful"}}))
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"")
+    monkeypatch.setattr(kernel, "bzimage_version", lambda path: "6.12.1")
+    assert misbehave_run.main(["used-idx-backwards", "--kernel", str(bz)]) == 0
+    # One without a baseline gets the pinned one's guess; one that is not a kernel, none.
+    monkeypatch.setattr(kernel, "bzimage_version", lambda path: "6.99.0")
+    assert misbehave_run.main(["used-idx-backwards", "--kernel", str(bz)]) == 0
+    assert misbehave_run.main(["used-idx-backwards", "--kernel", str(tmp_path / "none")]) == 0
+    assert timeouts == [HANG_TIMEOUT, 60.0, HANG_TIMEOUT, 60.0]
