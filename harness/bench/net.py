@@ -88,11 +88,13 @@ def _med(rounds: Sequence[Round], side: str, get: Any) -> tuple[float | None, li
     return median(samples), samples
 
 
-def paired_wins(rounds: Sequence[Round], name: str, higher_is_better: bool) -> list[int]:
-    """[wins, pairs]: in how many rounds the ``--ab`` side beat ours booted in the same round
-    index (both measured): how to read a B/A of medians that is inside the run's noise."""
-    a = {r.index: r.values.get(name) for r in rounds if r.side == "ours"}
-    b = {r.index: r.values.get(name) for r in rounds if r.side == "ours-ab"}
+def paired_wins(rounds: Sequence[Round], name: str, higher_is_better: bool,
+                a_side: str = "ours", b_side: str = "ours-ab") -> list[int]:
+    """[wins, pairs]: in how many rounds side ``b_side`` (the ``--ab`` one) beat ``a_side``
+    (ours) booted in the same round index (both measured): how to read a ratio of medians
+    that is inside the run's noise."""
+    a = {r.index: r.values.get(name) for r in rounds if r.side == a_side}
+    b = {r.index: r.values.get(name) for r in rounds if r.side == b_side}
     pairs = [(x, y) for i in sorted(a.keys() & b.keys())
              for x, y in [(a[i], b[i])] if x is not None and y is not None]
     wins = [y > x if higher_is_better else y < x for x, y in pairs]
@@ -118,6 +120,8 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
                 "better": "higher" if w.higher_is_better else "lower",
                 "ours": ours, "builtin": builtin,
                 "ratio": ratio(ours, builtin, w.higher_is_better),
+                # Rounds in which ours beat the built-in device of the same round.
+                "wins": paired_wins(rs, w.name, w.higher_is_better, "builtin", "ours"),
                 "ours_ledger_off": off,
                 # > 1: the ledger costs that factor (ledger-off is that much better).
                 "ledger_cost": ratio(off, ours, w.higher_is_better),
@@ -158,7 +162,7 @@ def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
         lines.append(f"[{config}] offloads {'on' if offloads else 'off'}, vIOMMU "
                      f"{'on' if viommu else 'off'}")
         lines.append(f"{'workload':<16}{'unit':<8}{'ours':>8}{'builtin':>9}{'ratio':>7}"
-                     f"{'no-ledger':>10}  {'server CPU':>17}")
+                     f"{'won':>5}{'no-ledger':>10}  {'server CPU':>14}")
         lines.append("-" * 77)
         for row in summary:
             if row["config"] != config:
@@ -169,11 +173,13 @@ def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
                              f"us, {row['count']:.0f} calls")
                 continue
             r = row["ratio"]
+            wins, pairs = row.get("wins", [0, 0])
+            won = f"{wins}/{pairs}" if pairs else "-"
             srv = row["cpu"].get("ours_server")
             cpu = f"{_num(srv)} {row['cpu_unit']}" if srv is not None else "-"
             lines.append(f"{labels.get(name, name):<16}{row['unit']:<8}{_num(row['ours']):>8}"
                          f"{_num(row['builtin']):>9}{'-' if r is None else f'{r:.2f}x':>7}"
-                         f"{_num(row['ours_ledger_off']):>10}  {cpu:>17}")
+                         f"{won:>5}{_num(row['ours_ledger_off']):>10}  {cpu:>14}")
         ab = [row for row in summary if row["config"] == config and row.get("ab_ratio")]
         if ab:
             lines.append(f"{'A/B':<24}{'A (ours)':>10}{'B (--ab)':>10}{'B/A':>7}"
@@ -185,7 +191,8 @@ def table(summary: Sequence[dict[str, Any]], rounds: int) -> str:
                              f"{row['ab_ratio']:>6.2f}x{f'{wins}/{pairs}':>10}")
         lines.append("")
     lines.append(f"medians of {rounds} round(s) per side; ratio > 1 favours ours (ours/builtin")
-    lines.append("for rates, builtin/ours for RTT); no-ledger: ours with HARNESS_LEDGER=off")
+    lines.append("for rates, builtin/ours for RTT); won: rounds in which ours beat the built-in")
+    lines.append("device of the same round; no-ledger: ours with HARNESS_LEDGER=off")
     if any(row.get("ab_ratio") for row in summary):
         lines.append("B better: rounds in which --ab's boot beat ours of the same round")
     return "\n".join(lines)

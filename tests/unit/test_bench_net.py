@@ -69,12 +69,14 @@ def test_table_fits_80_columns_and_says_which_way() -> None:
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert lines[0] == "[plain] offloads off, vIOMMU off"
-    assert lines[1].split() == ["workload", "unit", "ours", "builtin", "ratio", "no-ledger",
-                                "server", "CPU"]
+    assert lines[1].split() == ["workload", "unit", "ours", "builtin", "ratio", "won",
+                                "no-ledger", "server", "CPU"]
     g2h = next(line for line in lines if line.startswith("TCP guest->host"))
-    assert g2h.split()[-6:] == ["110.0", "250.0", "0.44x", "150.0", "10", "ms/MiB"]
+    assert g2h.split()[-7:] == ["110.0", "250.0", "0.44x", "0/2", "150.0", "10", "ms/MiB"]
     rtt = next(line for line in lines if line.startswith("ping RTT"))
-    assert rtt.split()[-5:] == ["5", "2.5", "0.50x", "-", "-"]
+    assert rtt.split()[-6:] == ["5", "2.5", "0.50x", "0/2", "-", "-"]
+    udp = next(line for line in lines if line.startswith("UDP 64B g->h"))
+    assert udp.split()[-6:] == ["-", "-", "-", "-", "-", "-"]  # no pairs: no count
     assert any(line.startswith("dma_map_reply") and "p99 900.0 us" in line for line in lines)
     assert "[viommu] offloads off, vIOMMU on" in lines
     assert "ratio > 1 favours ours" in text and "medians of 2 round(s)" in text
@@ -298,6 +300,26 @@ def test_server_knobs_name_every_env_the_server_reads() -> None:
                 found |= set(re.findall(r'"(HARNESS_[A-Z_]+)"', path.read_text()))
     from harness.server import switches
     assert found and found <= set(switches.READERS), found - set(switches.READERS)
+
+
+def test_the_table_counts_the_rounds_ours_beat_the_builtin_device() -> None:
+    """A ratio of medians inside the noise reads the same as a steady lead: the table says
+    in how many rounds ours beat the built-in device booted in the same round."""
+    rs = [Round("ours", 1, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
+          Round("builtin", 1, values={"tcp_rr": 90.0, "ping_rtt": 2.5}),
+          Round("ours", 2, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
+          Round("builtin", 2, values={"tcp_rr": 150.0, "ping_rtt": 1.0}),
+          Round("ours", 3, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
+          Round("builtin", 3, values={"tcp_rr": 99.0, "ping_rtt": 2.1}),
+          Round("builtin", 4, values={"tcp_rr": 1.0})]  # no ours in round 4: not a pair
+    rows = {r["workload"]: r for r in summarize(rs)}
+    assert rows["tcp_rr"]["wins"] == [2, 3]
+    assert rows["ping_rtt"]["wins"] == [2, 3]  # lower is better
+    lines = table(summarize(rs), 4).splitlines()
+    rr = next(line for line in lines if line.startswith("TCP RR"))
+    assert rr.split()[-4:] == ["1.06x", "2/3", "-", "-"]  # median 100 against 94.5
+    assert all(len(line) <= 80 for line in lines)
+    assert "won: rounds in which ours beat the" in "\n".join(lines)
 
 
 def test_ab_counts_the_rounds_b_won_pair_by_pair() -> None:
