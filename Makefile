@@ -48,7 +48,7 @@ bench: deps
 	$(PY) -m harness.bench.rrpath
 	$(PY) -m harness.bench.rrpath --idle 100
 	$(PY) -m harness.bench.roundtrip
-	$(PY) -m harness bench net --config plain,offloads,viommu
+	$(PY) -m harness bench net --config plain,offloads,viommu --full
 
 # Every kernel even when one differs from its baseline; fails if any did.
 misbehave: deps
