@@ -302,16 +302,22 @@ def test_server_knobs_name_every_env_the_server_reads() -> None:
     assert found and found <= set(switches.READERS), found - set(switches.READERS)
 
 
+def _paired(other: str, pairs: list[tuple[float, float, float, float]],
+            unpaired: float) -> list[Round]:
+    """Rounds 1.. of ours and ``other``, (ours tcp_rr, ours ping_rtt, other's tcp_rr, other's
+    ping_rtt) each; then one more round of ``other`` alone (``unpaired`` RR): not a pair."""
+    rs: list[Round] = []
+    for i, (rr, ping, orr, oping) in enumerate(pairs, start=1):
+        rs += [Round("ours", i, values={"tcp_rr": rr, "ping_rtt": ping}),
+               Round(other, i, values={"tcp_rr": orr, "ping_rtt": oping})]
+    return [*rs, Round(other, len(pairs) + 1, values={"tcp_rr": unpaired})]
+
+
 def test_the_table_counts_the_rounds_ours_beat_the_builtin_device() -> None:
     """A ratio of medians inside the noise reads the same as a steady lead: the table says
     in how many rounds ours beat the built-in device booted in the same round."""
-    rs = [Round("ours", 1, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
-          Round("builtin", 1, values={"tcp_rr": 90.0, "ping_rtt": 2.5}),
-          Round("ours", 2, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
-          Round("builtin", 2, values={"tcp_rr": 150.0, "ping_rtt": 1.0}),
-          Round("ours", 3, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
-          Round("builtin", 3, values={"tcp_rr": 99.0, "ping_rtt": 2.1}),
-          Round("builtin", 4, values={"tcp_rr": 1.0})]  # no ours in round 4: not a pair
+    rs = _paired("builtin", [(100.0, 2.0, 90.0, 2.5), (100.0, 2.0, 150.0, 1.0),
+                             (100.0, 2.0, 99.0, 2.1)], unpaired=1.0)
     rows = {r["workload"]: r for r in summarize(rs)}
     assert rows["tcp_rr"]["wins"] == [2, 3]
     assert rows["ping_rtt"]["wins"] == [2, 3]  # lower is better
@@ -324,13 +330,8 @@ def test_the_table_counts_the_rounds_ours_beat_the_builtin_device() -> None:
 
 def test_ab_counts_the_rounds_b_won_pair_by_pair() -> None:
     """B/A of medians can hide that B won every round (or one): the table says how many."""
-    rs = [Round("ours", 1, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
-          Round("ours-ab", 1, values={"tcp_rr": 110.0, "ping_rtt": 2.5}),
-          Round("ours", 2, values={"tcp_rr": 200.0, "ping_rtt": 3.0}),
-          Round("ours-ab", 2, values={"tcp_rr": 190.0, "ping_rtt": 1.0}),
-          Round("ours", 3, values={"tcp_rr": 100.0, "ping_rtt": 2.0}),
-          Round("ours-ab", 3, values={"tcp_rr": 101.0, "ping_rtt": 1.5}),
-          Round("ours-ab", 4, values={"tcp_rr": 999.0})]  # no A in round 4: not a pair
+    rs = _paired("ours-ab", [(100.0, 2.0, 110.0, 2.5), (200.0, 3.0, 190.0, 1.0),
+                             (100.0, 2.0, 101.0, 1.5)], unpaired=999.0)
     rows = {r["workload"]: r for r in summarize(rs)}
     assert rows["tcp_rr"]["ab_wins"] == [2, 3]
     assert rows["ping_rtt"]["ab_wins"] == [2, 3]  # lower is better
