@@ -213,14 +213,20 @@ def baseline_before(kernel: Path | None) -> dict[str, str]:
     hang must get the hang budget too: at 60 s a guest whose queue broke can finish its plan's
     failing steps just inside the timeout and read back graceful (used-idx-backwards, 57 s)."""
     if kernel is None:
-        return load_baseline(PINNED) or {}
+        return baseline_guess(PINNED)
     from harness.guest.kernel import KernelError, locate
 
     try:
         version = locate(kernel).version  # the run's own first step (a debian: one is cached)
     except KernelError:
         return {}  # the run says what is wrong with it
-    return load_baseline(version) or load_baseline(PINNED) or {}
+    return baseline_guess(version)
+
+
+def baseline_guess(kernel_version: str) -> dict[str, str]:
+    """The baseline that decides timeouts on ``kernel_version``: its own, or for a kernel
+    without one yet the pinned kernel's guess (empty if neither is recorded)."""
+    return load_baseline(kernel_version) or load_baseline(PINNED) or {}
 
 
 def load_baseline(kernel_version: str) -> dict[str, str] | None:
@@ -297,9 +303,8 @@ def main(argv: list[str]) -> int:
         timeout = case_timeout(case, known.get(case), a.hang_timeout, a.timeout)
         print(f"misbehave {case} (timeout {timeout:.0f} s) ...", file=sys.stderr, flush=True)
         outcomes.append(run_case(case, a.kernel, a.out, timeout))
-        if len(outcomes) == 1:  # a kernel without a baseline yet: the pinned one's guess
-            known = (load_baseline(outcomes[0].kernel_version) or load_baseline(PINNED)
-                     or {})
+        if len(outcomes) == 1:  # the kernel that really booted decides from here on
+            known = baseline_guess(outcomes[0].kernel_version)
     observed = {o.case: o.cls for o in outcomes}
     version = outcomes[0].kernel_version
     if a.json:
