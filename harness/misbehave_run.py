@@ -211,16 +211,13 @@ def baseline_before(kernel: Path | None) -> dict[str, str]:
     """The baseline that decides the first case's timeout: the pinned kernel's without
     ``kernel``, else that kernel's (or, without one, the pinned one's guess). A run of one known
     hang must get the hang budget too: at 60 s a guest whose queue broke can finish its plan's
-    failing steps just inside the timeout and read back graceful (used-idx-backwards, 57 s)."""
+    failing steps just inside the timeout and read back graceful (used-idx-backwards, 57 s).
+    KernelError for a ``kernel`` that is none (before anything boots)."""
     if kernel is None:
         return baseline_guess(PINNED)
-    from harness.guest.kernel import KernelError, locate
+    from harness.guest.kernel import locate
 
-    try:
-        version = locate(kernel).version  # the run's own first step (a debian: one is cached)
-    except KernelError:
-        return {}  # the run says what is wrong with it
-    return baseline_guess(version)
+    return baseline_guess(locate(kernel).version)  # the run's own first step (cached after)
 
 
 def baseline_guess(kernel_version: str) -> dict[str, str]:
@@ -295,8 +292,13 @@ def main(argv: list[str]) -> int:
         p.error("name cases or give --all")
     if (a.timeout is not None and a.timeout <= 0) or a.hang_timeout <= 0:
         p.error("timeouts must be positive")
+    from harness.guest.kernel import KernelError
+
+    try:
+        known = baseline_before(a.kernel)
+    except KernelError as exc:
+        p.error(str(exc))  # a bad --kernel: one line, as vm-test says it
     outcomes: list[Outcome] = []
-    known = baseline_before(a.kernel)
     for case in cases:
         # A known hang costs its whole timeout: once the kernel (and so its baseline) is known,
         # such cases get the short one.

@@ -153,8 +153,20 @@ def test_a_known_hang_gets_the_hang_budget_from_the_first_case(monkeypatch: pyte
     bz.write_bytes(b"")
     monkeypatch.setattr(kernel, "bzimage_version", lambda path: "6.12.1")
     assert misbehave_run.main(["used-idx-backwards", "--kernel", str(bz)]) == 0
-    # One without a baseline gets the pinned one's guess; one that is not a kernel, none.
+    # One without a baseline gets the pinned one's guess.
     monkeypatch.setattr(kernel, "bzimage_version", lambda path: "6.99.0")
     assert misbehave_run.main(["used-idx-backwards", "--kernel", str(bz)]) == 0
-    assert misbehave_run.main(["used-idx-backwards", "--kernel", str(tmp_path / "none")]) == 0
-    assert timeouts == [HANG_TIMEOUT, 60.0, HANG_TIMEOUT, 60.0]
+    assert timeouts == [HANG_TIMEOUT, 60.0, HANG_TIMEOUT]
+
+
+def test_a_kernel_that_is_none_is_a_usage_error_before_any_boot(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def not_reached(*args: object) -> Outcome:
+        raise AssertionError("booted")
+
+    monkeypatch.setattr(misbehave_run, "run_case", not_reached)
+    with pytest.raises(SystemExit) as exc:
+        misbehave_run.main(["used-idx-backwards", "--kernel", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    assert f"{tmp_path / 'none'} does not exist" in capsys.readouterr().err
