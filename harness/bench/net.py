@@ -133,7 +133,8 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
                 "samples": {s: med[s][1] for s in SIDES},
             })
         for kind in ("map_reply", "unmap_reply", "map_callback", "unmap_callback",
-                     "map_queue", "unmap_queue", "map_library", "unmap_library"):
+                     "map_queue", "unmap_queue", "map_queue_woke", "map_queue_busy",
+                     "unmap_queue_woke", "unmap_queue_busy", "map_library", "unmap_library"):
             # Medians over the ours rounds of each round's p50, p99 and count.
             p50, p99, count = (_med(rs, "ours", lambda r, kind=kind, q=q:
                                     r.dma_latency.get(kind, {}).get(q))

@@ -189,6 +189,7 @@ class DeviceLoop:
         self._backend_polled = False
         self._next_sample = 0.0
         self._origin = 0.0
+        self._woke = False
         self._last_wake = 0.0
         self.dma_poll = dma_poll()
         mode = poll_mode()
@@ -301,7 +302,8 @@ class DeviceLoop:
         # slept was woken by them; one that returned at once may have found them queued since
         # the previous wake-up (they came in during the ring work in between). The endpoint
         # times its DMA replies from there (harness.vfu.latency).
-        self._origin = woke if woke - entered > BLOCKED_SELECT else self._last_wake
+        self._woke = woke - entered > BLOCKED_SELECT
+        self._origin = woke if self._woke else self._last_wake
         self._last_wake = woke
         if self.endpoint_first and len(events) > 1:
             fd = self._endpoint_fd
@@ -363,7 +365,7 @@ class DeviceLoop:
             ready = (poll.poll(0) if now < block_at
                      else select.select((fd,), (), (), deadline - now)[0])
             if ready:
-                self._origin = now
+                self._origin, self._woke = now, True
                 self._on_endpoint(0)
                 # The guest is active: give its next request the same chance (bounded).
                 now = clock()
@@ -376,6 +378,8 @@ class DeviceLoop:
     def _on_endpoint(self, _mask: int) -> None:
         if hasattr(self.endpoint, "message_origin"):
             self.endpoint.message_origin = self._origin
+        if hasattr(self.endpoint, "message_woke"):
+            self.endpoint.message_woke = self._woke
         try:
             self.endpoint.run()
         except ClientDropped as exc:

@@ -160,6 +160,15 @@ class VfuContext(VfuContextSetup):
         self._dma.message_origin = origin
 
     @property
+    def message_woke(self) -> bool:
+        """Whether message_origin is a wake-up of a loop that slept (harness.vfu.dmaregs)."""
+        return self._dma.message_woke
+
+    @message_woke.setter
+    def message_woke(self, woke: bool) -> None:
+        self._dma.message_woke = woke
+
+    @property
     def dma_latency(self) -> dict[str, LatencyRecorder]:
         """DMA_MAP/UNMAP latency recorders by figure (harness.vfu.dmaregs)."""
         return self._dma.latency

@@ -33,11 +33,17 @@ class DmaRegistry:
         #: The earliest monotonic time the requests run() is about to handle can have arrived;
         #: the server loop sets it before each run() (harness.vfu.latency explains why).
         self.message_origin = 0.0
+        #: Whether that origin is a wake-up the requests caused (the loop slept in select), not
+        #: the previous wake-up of a loop that was busy with ring work when they came.
+        self.message_woke = False
         #: DMA_MAP and DMA_UNMAP reply latency (origin -> end of callback) and callback time.
-        #: ``*_queue``: origin -> the vfu_run_ctx call that handled it; ``*_library``: that
-        #: call's entry -> our callback (reading the message, mmap of its fd).
+        #: ``*_queue``: origin -> the vfu_run_ctx call that handled it, also split by what the
+        #: loop was doing: ``*_queue_woke`` (asleep: the wait is the handlers before ours in
+        #: that wake-up) and ``*_queue_busy`` (at work: an upper bound that includes it);
+        #: ``*_library``: that call's entry -> our callback (reading the message, mmap of its fd).
         self.latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
-                        for part in ("reply", "callback", "queue", "library")}
+                        for part in ("reply", "callback", "queue", "queue_woke", "queue_busy",
+                                     "library")}
         #: When the vfu_run_ctx call now running was entered (VfuContext sets it).
         self.run_entry = 0.0
         #: DMA_MAP/UNMAP callbacks so far (the loop polls harder while this moves).
@@ -59,6 +65,8 @@ class DmaRegistry:
         if 0 < origin <= entry:
             lat[f"{kind}_reply"].add(end - origin)
             lat[f"{kind}_queue"].add(entry - origin)
+            lat[f"{kind}_queue_woke" if self.message_woke else f"{kind}_queue_busy"].add(
+                entry - origin)
 
     def register(self, info: Any) -> None:
         """The DMA register callback's body (``info`` is a vfu_dma_info_t *)."""

@@ -14,6 +14,7 @@ import pytest
 from harness.dma import Direction, GuestMemory, build_mapops
 from harness.dma.factory import LEDGER_ENV
 from harness.server.loop import BLOCKED_SELECT, DeviceLoop
+from harness.vfu.dmaregs import DmaRegistry
 
 P = 0x1000
 RW = 0x100000
@@ -49,7 +50,9 @@ def test_ledger_on_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
 class _Endpoint:
     def __init__(self) -> None:
         self.message_origin = 0.0
+        self.message_woke = False
         self.origins: list[float] = []
+        self.woke: list[bool] = []
 
     def attach(self) -> bool:
         return True
@@ -59,6 +62,7 @@ class _Endpoint:
 
     def run(self) -> int:
         self.origins.append(self.message_origin)
+        self.woke.append(self.message_woke)
         return 0
 
 
@@ -92,6 +96,7 @@ def test_arrival_is_the_wake_up_of_a_sleeping_select_else_the_previous_one() -> 
     clock[0] += 0.001
     loop.dispatch(0.0)
     assert ep.origins == [pytest.approx(100.5), pytest.approx(100.5), pytest.approx(100.52)]
+    assert ep.woke == [True, False, False]
     assert BLOCKED_SELECT < 0.5
     sel.close()
     a.close()
@@ -293,3 +298,17 @@ def test_dma_window_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     guest.close()
     ours.close()
     loop.close()
+
+
+def test_a_dma_wait_is_filed_by_what_the_loop_was_doing_when_it_came() -> None:
+    reg = DmaRegistry()
+    for woke, entry_after in ((True, 10e-6), (False, 300e-6), (False, 200e-6)):
+        now = time.monotonic()
+        reg.message_origin, reg.message_woke, reg.run_entry = now - entry_after, woke, now
+        reg._timed("map", now)
+    lat = reg.latency
+    assert lat["map_queue"].count == 3
+    assert lat["map_queue_woke"].count == 1 and lat["map_queue_busy"].count == 2
+    assert lat["map_queue_woke"].summary()["max_us"] == pytest.approx(10, abs=1)
+    assert lat["map_queue_busy"].summary()["max_us"] == pytest.approx(300, abs=1)
+    assert lat["unmap_queue_woke"].count == 0
