@@ -41,8 +41,6 @@ IDLE_TIMEOUT = 1.0
 #: Pause after a failed attach before the next (a failure that repeats, e.g. out of fds while a
 #: connection waits in the backlog, must not spin the loop); control requests are still served.
 ATTACH_FAILURE_PAUSE = 0.05
-#: A select() that took longer than this slept, so what woke it had just arrived.
-BLOCKED_SELECT = 0.0002
 #: Before ring work, while the guest maps through a vIOMMU (DMA_MAP/UNMAP seen in the last
 #: turn), keep answering the vfio-user socket for HARNESS_LOOP_POLL_US microseconds: the
 #: guest's vCPU waits for each reply, and the map that follows a kick would otherwise wait for
@@ -306,24 +304,29 @@ class DeviceLoop:
 
     def dispatch(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and call the handler of every ready registration."""
-        entered = self.clock()
-        if 0.0 < timeout < SUB_MS:
-            # epoll's timeout is whole milliseconds (rounded up): a hold-off of tens of
-            # microseconds would become one. Wait in select(), which has microseconds, then
-            # collect what is ready without waiting again.
-            try:
-                select.select([k.fd for k in self.selector.get_map().values()], (), (), timeout)
-                timeout = 0.0
-            except ValueError:  # an fd beyond select()'s FD_SETSIZE: keep epoll's rounding
-                pass
-        events = self.selector.select(timeout=timeout)
+        # What is ready already is taken without sleeping; only when nothing is does the loop
+        # sleep. So it knows which of the two it did: the endpoint times its DMA replies from
+        # the earliest moment the requests can have arrived (harness.vfu.latency): the wake-up
+        # of a sleep they ended, else the previous wake-up (they came in during the ring work
+        # in between). A threshold on how long select() took cannot tell them apart: a wake-up
+        # can take 4 us (same CPU) or 150 us (after idle), a select that finds work up to 15.
+        events = self.selector.select(timeout=0)
+        slept = not events and timeout > 0
+        if slept:
+            if timeout < SUB_MS:
+                # epoll's timeout is whole milliseconds (rounded up): a hold-off of tens of
+                # microseconds would become one. Wait in select(), which has microseconds,
+                # then collect what is ready without waiting again.
+                try:
+                    select.select([k.fd for k in self.selector.get_map().values()], (), (),
+                                  timeout)
+                    timeout = 0.0
+                except ValueError:  # an fd beyond select()'s FD_SETSIZE: epoll's rounding
+                    pass
+            events = self.selector.select(timeout=timeout)
         woke = self.clock()
-        # When did the requests about to be handled arrive, at the earliest? A select that
-        # slept was woken by them; one that returned at once may have found them queued since
-        # the previous wake-up (they came in during the ring work in between). The endpoint
-        # times its DMA replies from there (harness.vfu.latency).
-        self._woke = woke - entered > BLOCKED_SELECT
-        self._origin = woke if self._woke else self._last_wake
+        self._woke = slept
+        self._origin = woke if slept else self._last_wake
         self._last_wake = woke
         if self.endpoint_first and len(events) > 1:
             fd = self._endpoint_fd
