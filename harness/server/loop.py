@@ -75,20 +75,6 @@ ORDER_ENV = "HARNESS_LOOP_ORDER"
 ORDERS = ("ready", "endpoint")
 
 
-#: While the guest maps through a vIOMMU (a DMA_MAP/UNMAP within DMA_ACTIVE seconds), with
-#: HARNESS_DMA_YIELD=on: the device's C bursts stop every few frames when the vfio-user socket
-#: is readable, and the loop answers what is there before the device's ring work; a map the
-#: vCPU waits for then waits for a few frames, not a whole burst. ``off`` (the default) leaves
-#: both alone.
-DMA_YIELD_ENV = "HARNESS_DMA_YIELD"
-DMA_ACTIVE = 0.5
-
-
-def dma_yield() -> bool:
-    """True for HARNESS_DMA_YIELD=on, False for off (the default); ValueError otherwise."""
-    return knobs.choice(DMA_YIELD_ENV, ("on", "off"), "off") == "on"
-
-
 def poll_mode() -> str:
     """``spin`` (the default) or ``block`` from HARNESS_LOOP_POLL_MODE; ValueError for anything
     else, so a mistyped A/B side fails loudly instead of measuring the default twice."""
@@ -209,12 +195,6 @@ class DeviceLoop:
         self.poll_spin = {"spin": float("inf"), "block": 0.0, "hybrid": HYBRID_SPIN}[mode]
         self.endpoint_first = endpoint_first()
         self._dma_seen = 0
-        self.dma_yield = dma_yield()
-        self._yield_seen = 0
-        self._dma_last = float("-inf")
-        self._yield_fd = -1
-        #: The device's ``yield_to`` (VirtioNetDevice), if it has one.
-        self._yield_to: Callable[[int], None] | None = getattr(device, "yield_to", None)
         self._poll: select.poll | None = None
         #: The device's timer (VirtioNetDevice.next_timer: a TX hold-off, the end of a
         #: misbehaviour's wrong used.idx), if it has one.
@@ -341,8 +321,6 @@ class DeviceLoop:
         self.turns += 1
         if self.dma_poll > 0 and self._poll is not None:
             self._answer_dma_first()
-        if self.dma_yield and self._poll is not None:
-            self._yield_while_mapping()
         self.device.process()
         self.ledger.housekeeping()
         now = self.clock()
@@ -398,26 +376,6 @@ class DeviceLoop:
             now = clock()
         self._dma_seen = getattr(self.endpoint, "dma_events", 0)
 
-    def _yield_while_mapping(self) -> None:
-        """HARNESS_DMA_YIELD: while DMA messages come, have the bursts yield to the vfio-user
-        socket, and answer what is waiting on it now, before the ring work."""
-        seen = getattr(self.endpoint, "dma_events", 0)
-        now = self.clock()
-        if seen != self._yield_seen:
-            self._yield_seen, self._dma_last = seen, now
-        fd = self._endpoint_fd if now - self._dma_last < DMA_ACTIVE else -1
-        self._set_yield(fd)
-        poll = self._poll
-        if fd >= 0 and poll is not None and poll.poll(0):
-            # It may have come any time since the wake-up (as a select that did not sleep).
-            self._origin, self._woke = self._last_wake, False
-            self._on_endpoint(0)
-
-    def _set_yield(self, fd: int) -> None:
-        if fd != self._yield_fd and self._yield_to is not None:
-            self._yield_to(fd)
-        self._yield_fd = fd
-
     # -- event handlers ----------------------------------------------------------------------
 
     def _on_endpoint(self, _mask: int) -> None:
@@ -444,7 +402,6 @@ class DeviceLoop:
         self.selector.unregister(self._endpoint_fd)
         self._endpoint_fd = -1
         self._poll = None
-        self._set_yield(-1)  # that fd number may be the next connection's, or anything's
         if self._backend_polled:
             self.selector.unregister(self.backend.fileno())
             self._backend_polled = False

@@ -14,12 +14,10 @@ from harness import knobs
 from harness.dma.factory import LEDGER_ENV, ledger_checks
 from harness.dma.regionindex import INDEX_ENV, index_kind
 from harness.server.loop import (
-    DMA_YIELD_ENV,
     ORDER_ENV,
     POLL_MODE_ENV,
     POLL_US_ENV,
     dma_poll,
-    dma_yield,
     endpoint_first,
     poll_mode,
 )
@@ -40,7 +38,6 @@ from harness.virtio.rxpool import RX_POOL_ENV, rx_pool_keep
 #: Name -> the reader that parses it (ValueError naming what it expects for a bad value).
 READERS: dict[str, Callable[[], object]] = {
     BATCH_USED_ENV: batch_used,
-    DMA_YIELD_ENV: dma_yield,
     FAST_RX_ENV: fast_directions,
     FAST_TX_ENV: fast_directions,
     INDEX_ENV: index_kind,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from harness.vfu import burst_rx, burst_tx
 
 #: Why a burst stopped (``harness_vq_t.stop``).
-EMPTY, BUDGET, SLOW, NOBUFS, YIELD = 0, 1, 2, 3, 4
+EMPTY, BUDGET, SLOW, NOBUFS = 0, 1, 2, 3
 #: ``harness_vq_t.offers``: the RX header features the driver negotiated.
 OFFER_CSUM, OFFER_TSO4, OFFER_TSO6 = 1, 2, 4
 
@@ -57,7 +57,6 @@ _FIELDS = """
     int32_t last_errno;
     int32_t stop;
     uint32_t publish_each;
-    int32_t yield_fd;
 """
 
 #: One guest memory region: [iova, last], host memory at host (NULL: none for the device);
@@ -86,7 +85,6 @@ uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget);
 #: descriptor walk, taking a head off the avail ring, pushing a used entry, starting a burst.
 _C_SHARED = r"""
 /* ---- the split ring's TX and RX bursts (see harness.vfu.burst) --------------------------- */
-#include <poll.h>
 #include <sys/uio.h>
 
 #define HARNESS_VQ_IOV 1024          /* IOV_MAX: one frame's pieces, one readv's buffers */
@@ -98,8 +96,6 @@ _C_SHARED = r"""
 #define HARNESS_STOP_BUDGET 1
 #define HARNESS_STOP_SLOW 2
 #define HARNESS_STOP_NOBUFS 3
-#define HARNESS_STOP_YIELD 4
-#define HARNESS_YIELD_EVERY 4         /* frames between two looks at yield_fd */
 #define HARNESS_OFFER_CSUM 1
 #define HARNESS_OFFER_TSO4 2
 #define HARNESS_OFFER_TSO6 4
@@ -265,26 +261,6 @@ static void harness_push(harness_vq_t *q, uint32_t head, uint32_t len)
     q->used_idx = (q->used_idx + 1) & 0xFFFF;
     q->next_avail = (q->next_avail + 1) & 0xFFFF;
     q->chains++;
-}
-
-/* Whether the burst should stop now for a request waiting on yield_fd (-1: never): looked at
- * every HARNESS_YIELD_EVERY calls (``*n`` counts them), so a guest's vCPU blocked on a DMA_MAP
- * reply waits for a few frames, not for the whole burst. */
-static int harness_yield_now(harness_vq_t *q, uint32_t *n)
-{
-    struct pollfd p;
-
-    if (q->yield_fd < 0 || ++*n % HARNESS_YIELD_EVERY) {
-        return 0;
-    }
-    p.fd = q->yield_fd;
-    p.events = POLLIN;
-    p.revents = 0;
-    if (poll(&p, 1, 0) > 0) {
-        q->stop = HARNESS_STOP_YIELD;
-        return 1;
-    }
-    return 0;
 }
 
 static void harness_vq_start(harness_vq_t *q)

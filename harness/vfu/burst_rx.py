@@ -131,7 +131,6 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
     struct iovec iov[HARNESS_VQ_IOV];
     uint32_t heads[HARNESS_VQ_CHAINS], lens[HARNESS_VQ_CHAINS], niov[HARNESS_VQ_CHAINS];
     uint32_t first = 0, count = 0, done = 0;   /* staged chains: [first, first + count) */
-    uint32_t looks = 0;
     uint32_t cursor = q->next_avail;           /* the ring position staging goes on from */
     uint64_t room = 0;
     int io0 = 0, ion = 0;                      /* their iovecs: iov[io0 .. io0 + ion) */
@@ -144,10 +143,6 @@ static uint32_t harness_rx_burst(harness_vq_t *q, uint32_t budget)
         uint16_t nb;
         uint8_t le[2];
         int verdict, io;
-
-        if (harness_yield_now(q, &looks)) {
-            break;   /* staged chains stay in the ring, as at any other stop */
-        }
 
         /* Room for the largest frame (every chain the ring has, if less), one chain without
          * MRG_RXBUF: as _rx_gather gathers it. */

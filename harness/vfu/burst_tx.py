@@ -39,18 +39,14 @@ C_SOURCE = r"""
 static uint32_t harness_tx_burst(harness_vq_t *q, uint32_t budget)
 {
     struct iovec iov[HARNESS_VQ_IOV];
-    uint32_t done = 0, looks = 0;
+    uint32_t done = 0;
 
     harness_vq_start(q);
     while (done < budget) {
         harness_walk_t w;
         uint32_t head = 0;
-        int n, r;
+        int n, r = harness_next_head(q, q->next_avail, &head);
 
-        if (harness_yield_now(q, &looks)) {
-            break;
-        }
-        r = harness_next_head(q, q->next_avail, &head);
         if (r) {
             q->stop = r > 0 ? HARNESS_STOP_EMPTY : HARNESS_STOP_SLOW;
             break;

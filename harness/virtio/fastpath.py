@@ -53,16 +53,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from harness import knobs
 from harness.dma import DirectMapOps, DmaLedger, GuestMemory, GuestRegion, MapOps
-from harness.vfu.burst import (
-    BUDGET,
-    EMPTY,
-    NOBUFS,
-    OFFER_CSUM,
-    OFFER_TSO4,
-    OFFER_TSO6,
-    SLOW,
-    YIELD,
-)
+from harness.vfu.burst import BUDGET, EMPTY, NOBUFS, OFFER_CSUM, OFFER_TSO4, OFFER_TSO6, SLOW
 from harness.virtio import constants as C
 from harness.virtio.chain import Virtqueue
 from harness.virtio.netdefs import FAST_RX_ENV, FAST_TX_ENV, RX_PUBLISH_ENV, TX_MAX
@@ -71,8 +62,7 @@ from harness.virtio.virtqueue import SplitVirtqueue
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BUDGET", "EMPTY", "NOBUFS", "SLOW", "YIELD", "DirectIo", "FastPath", "RxResult",
-           "fast_path"]
+__all__ = ["BUDGET", "EMPTY", "NOBUFS", "SLOW", "DirectIo", "FastPath", "RxResult", "fast_path"]
 
 
 @runtime_checkable
@@ -124,7 +114,7 @@ class RxResult(NamedTuple):
     """What one RX burst did (the queue's counters are already updated)."""
 
     frames: int
-    stop: int  # EMPTY, BUDGET, SLOW, NOBUFS or YIELD
+    stop: int  # EMPTY, BUDGET, SLOW or NOBUFS
     header_drops: int
     oversize_drops: int
     csum_completed: int
@@ -141,7 +131,6 @@ class _Rings:
     rings: list[Any]
     table: int = -1  # FastPath._table_version the rows were handed over at
     fd: int = -2
-    yield_fd: int = -1  # harness_vq_t.yield_fd as last set
     rx_key: tuple[int, int, int, int] | None = None  # (mrg, room, frame_max, negotiated)
 
 
@@ -163,12 +152,6 @@ class FastPath:
         self._fds: dict[object, int] = {}  # backend -> its io_fd, or -1
         #: TX chains and RX frames the C bursts completed (for stats and tests).
         self.tx_chains = 0
-        #: A bursts stops (YIELD) when this fd is readable, looked at every few frames: the
-        #: server loop sets the vfio-user socket here while the guest maps through a vIOMMU, so
-        #: a DMA_MAP its vCPU waits for is not queued behind a whole burst; -1: never.
-        self.yield_fd = -1
-        #: Bursts that stopped for it.
-        self.yields = 0
         self.rx_frames = 0
         self._table = engine.region_table()
         #: Bumped by every insert or removal: the rows may have moved, their count changed.
@@ -221,7 +204,6 @@ class FastPath:
         c.max_map = self._max_map
         c.hdr_len = C.NET_HDR_SIZE
         c.tx_max = TX_MAX
-        c.yield_fd = -1  # not fd 0: the struct starts zeroed
         st = self._queues[q] = _Rings(c, q._rings)
         return st
 
@@ -247,8 +229,6 @@ class FastPath:
             return None
         if st.fd != fd:
             st.c.fd = st.fd = fd
-        if st.yield_fd != self.yield_fd:
-            st.c.yield_fd = st.yield_fd = self.yield_fd
         if st.table != self._table_version:  # an insert may have moved the rows
             table = self._table
             st.c.regions = table.c
@@ -280,7 +260,7 @@ class FastPath:
 
     def tx(self, q: Virtqueue, backend: object, budget: int) -> tuple[int, int] | None:
         """Complete up to ``budget`` chains of ``q`` in C: (chains done, why it stopped:
-        EMPTY, BUDGET, YIELD or SLOW, the next chain being the Python path's), or None when the
+        EMPTY, BUDGET or SLOW, the next chain being the Python path's), or None when the
         burst cannot run now (the flush then pops every chain on the Python path)."""
         st = self._ready(q, backend) if self.tx_on else None
         if st is None:
@@ -291,8 +271,6 @@ class FastPath:
         done = self.engine.tx(c, budget)
         self._finish(q, c)
         self.tx_chains += done
-        if c.stop == YIELD:
-            self.yields += 1
         if c.write_errors:
             backend.tx_failed(c.write_errors, c.last_errno)  # type: ignore[attr-defined]
         return done, c.stop
@@ -325,9 +303,7 @@ class FastPath:
         done = self.engine.rx(c, budget)
         self._finish(q, c)
         self.rx_frames += done
-        if c.stop == YIELD:
-            self.yields += 1
         if c.last_errno:
             backend.rx_failed(c.last_errno)  # type: ignore[attr-defined]
-        read = done > 0 or c.drops > 0 or c.stop in (EMPTY, BUDGET, YIELD)
+        read = done > 0 or c.drops > 0 or c.stop in (EMPTY, BUDGET)
         return RxResult(done, c.stop, c.header_drops, c.oversize_drops, c.csum_completed, read)

@@ -44,7 +44,7 @@ from harness.virtio import constants as C
 from harness.virtio import netmisbehave
 from harness.virtio.chain import Virtqueue
 from harness.virtio.ctrl import ControlState, serve_queue
-from harness.virtio.fastpath import EMPTY, SLOW, YIELD, FastPath, fast_path
+from harness.virtio.fastpath import EMPTY, SLOW, FastPath, fast_path
 from harness.virtio.features import check_bits
 from harness.virtio.misbehave import Misbehave, Misbehaviour
 from harness.virtio.netdefs import (
@@ -340,12 +340,6 @@ class VirtioNetDevice(NetStats):
 
     # ---- server loop API ---------------------------------------------------------------------
 
-    def yield_to(self, fd: int) -> None:
-        """Cut the C bursts short while ``fd`` is readable (-1: never): the server loop's
-        vfio-user socket while the guest maps through a vIOMMU (harness.virtio.fastpath)."""
-        if self.fastpath is not None:
-            self.fastpath.yield_fd = fd
-
     def has_work(self) -> bool:
         """Kicks are waiting for process() (and the device may act on them now)."""
         return bool(self._pending) and self._usable()
@@ -411,7 +405,6 @@ class VirtioNetDevice(NetStats):
         fast = self.fastpath if self.link_up and self.batch_used and self.misbehave is None \
             else None
         q.disable_notify()
-        yielded = False
         while True:
             while done < self.batch:
                 if fast is not None:
@@ -421,9 +414,6 @@ class VirtioNetDevice(NetStats):
                     else:
                         done += got[0]
                         if got[1] == EMPTY:
-                            break
-                        if got[1] == YIELD:
-                            yielded = True  # a vfio-user request waits: answer it first
                             break
                         if got[1] != SLOW:
                             continue  # the budget is spent: the loop's condition ends it
@@ -459,7 +449,7 @@ class VirtioNetDevice(NetStats):
                     self._publish(q)
             if q.broken or not q.ready:
                 break
-            if done >= self.batch or yielded:
+            if done >= self.batch:
                 self._pending |= 1 << q.index  # fairness: the loop comes back via has_work()
                 break
             if self.timers.holdoff and done >= TX_HOLDOFF_MIN:

@@ -18,7 +18,7 @@ from harness.virtio import constants as C
 from harness.virtio import netmisbehave, rxhdr
 from harness.virtio.chain import Virtqueue
 from harness.virtio.ctrl import ControlState
-from harness.virtio.fastpath import BUDGET, EMPTY, YIELD, FastPath
+from harness.virtio.fastpath import BUDGET, EMPTY, FastPath
 from harness.virtio.misbehave import Misbehave
 from harness.virtio.netdefs import IOV_MAX, RX_MAX_GSO, U16
 from harness.virtio.pci import VirtioPciDevice
@@ -196,9 +196,7 @@ class NetRxPath(VirtioPciDevice):
         self.csum_completed += got.csum_completed
         if got.read:
             q.disable_notify()  # it had buffers: refills need no doorbell (as _rx_gather)
-        # YIELD: a vfio-user request is waiting; the backend stays readable, so the loop comes
-        # back for the rest once it has been answered.
-        return 0 if got.stop in (EMPTY, BUDGET, YIELD) else budget - got.frames
+        return 0 if got.stop in (EMPTY, BUDGET) else budget - got.frames
 
     def _publish(self, q: Virtqueue) -> None:
         """Publish what ``q`` used so far and interrupt if the driver wants one (the same

@@ -59,8 +59,6 @@ class NetStats(NetRxPath):
             # TX chains and RX frames the C bursts completed (harness.virtio.fastpath); -1: off.
             "tx_fast_chains": -1 if fp is None or not fp.tx_on else fp.tx_chains,
             "rx_fast_frames": -1 if fp is None or not fp.rx_on else fp.rx_frames,
-            # C bursts cut short for a waiting vfio-user request (HARNESS_DMA_YIELD).
-            "burst_yields": 0 if fp is None else fp.yields,
             **({"pairs": {"max": self.max_pairs, "active": self.control.pairs,
                           "rx_starved": list(self._rx_starved)}}
                if self.device_features >> C.NET_F_MQ & 1 else {}),
