@@ -10,6 +10,10 @@ waits for our reply, so this latency is on the guest's critical path. Two figure
   blocked, otherwise the previous wake-up, because the message came in while the loop was busy
   with ring work. So ``reply`` is an upper bound that includes that ring work.
 
+harness.vfu.dmaregs adds the parts of ``reply`` (``queue``, split by whether the loop slept,
+and ``library``). ``callback`` is per region, the others per message: an unmap of a range that
+holds several regions counts its wait once, at its first region.
+
 Samples are kept in a bounded ring (the newest ``capacity``), so a long run costs fixed memory.
 """
 

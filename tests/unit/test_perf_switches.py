@@ -319,3 +319,20 @@ def test_a_dma_wait_is_filed_by_what_the_loop_was_doing_when_it_came() -> None:
     assert lat["map_queue_woke"].summary()["max_us"] == pytest.approx(10, abs=1)
     assert lat["map_queue_busy"].summary()["max_us"] == pytest.approx(300, abs=1)
     assert lat["unmap_queue_woke"].count == 0
+
+
+def test_a_message_of_many_regions_counts_its_wait_once() -> None:
+    """An unmap of a whole range calls back once per region inside one vfu_run_ctx: the
+    later regions' 'library' part would hold every callback before them."""
+    reg = DmaRegistry()
+    now = time.monotonic()
+    reg.message_origin, reg.message_woke, reg.run_entry = now - 20e-6, True, now - 10e-6
+    for k in range(3):
+        reg._timed("unmap", time.monotonic() - 5e-6 * (k + 1))
+    lat = reg.latency
+    assert lat["unmap_callback"].count == 3
+    assert lat["unmap_library"].count == lat["unmap_reply"].count == 1
+    assert lat["unmap_queue"].count == lat["unmap_queue_woke"].count == 1
+    reg.run_entry = time.monotonic()  # the next vfu_run_ctx call: counted again
+    reg._timed("unmap", time.monotonic())
+    assert lat["unmap_library"].count == 2
