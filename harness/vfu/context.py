@@ -250,6 +250,7 @@ class VfuContext(VfuContextSetup):
         rc = lib.vfu_run_ctx(ctx)
         err = ffi.errno
         self._wire.take()
+        self._dma.file_latency()  # the reply is out: the bookkeeping is off the guest's path
         if rc < 0:
             self._raise_deferred()
             raise error_from_errno(err, "vfu_run_ctx")

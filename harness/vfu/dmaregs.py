@@ -3,9 +3,9 @@
 The bodies of libvfio-user's DMA register and unregister callbacks (reached through
 harness.vfu.callbacks and VfuContext, inside vfu_run_ctx): each region the library registers
 becomes a DmaRegion over its mapping, handed to the owner's ``on_map``; ``on_unmap`` gets the
-same object back. Every callback is timed into ``latency`` (harness.vfu.latency says what the
-figures mean) and counted in ``events``. VfuContext exposes those as ``dma_latency``,
-``dma_events`` and ``message_origin``.
+same object back. Every callback is timed, its figures filed into ``latency`` after the reply
+has gone (harness.vfu.latency says what they mean), and counted in ``events``. VfuContext
+exposes those as ``dma_latency``, ``dma_events`` and ``message_origin``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Any
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.latency import LatencyRecorder
 from harness.vfu.model import PROT_WRITE, DmaRegion
+
+#: Timings noted before they are filed regardless (a bound, for callbacks outside vfu_run_ctx).
+_UNFILED_MAX = 4096
 
 # The context's messages, under the context's logger name (as before this module existed).
 log = logging.getLogger("harness.vfu.context")
@@ -41,14 +44,23 @@ class DmaRegistry:
         #: loop was doing: ``*_queue_woke`` (asleep: the wait is the handlers before ours in
         #: that wake-up) and ``*_queue_busy`` (at work: an upper bound that includes it);
         #: ``*_library``: that call's entry -> our callback (reading the message, mmap of its fd).
-        self.latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
-                        for part in ("reply", "callback", "queue", "queue_woke", "queue_busy",
-                                     "library")}
+        self._latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
+                         for part in ("reply", "callback", "queue", "queue_woke", "queue_busy",
+                                      "library")}
+        #: Timings taken inside callbacks, not yet filed (file_latency): filing them is
+        #: bookkeeping, and inside the callback it would delay the reply the guest waits for.
+        self._unfiled: list[tuple[str, float, float, float, float, bool]] = []
         #: When the vfu_run_ctx call now running was entered (VfuContext sets it; its first
         #: DMA callback clears it).
         self.run_entry = 0.0
         #: DMA_MAP/UNMAP callbacks so far (the loop polls harder while this moves).
         self.events = 0
+
+    @property
+    def latency(self) -> dict[str, LatencyRecorder]:
+        """The recorders by figure, every timing taken so far filed."""
+        self.file_latency()
+        return self._latency
 
     def clear(self) -> None:
         """Forget the regions and the owner's callbacks (the context is closed)."""
@@ -56,24 +68,37 @@ class DmaRegistry:
         self.on_map = self.on_unmap = None
 
     def _timed(self, kind: str, start: float) -> None:
+        """Note a callback's timing (filed later: only two clock reads and an append here,
+        on the way to the reply)."""
         end = time.monotonic()
         self.events += 1
-        lat = self.latency
-        lat[f"{kind}_callback"].add(end - start)
         entry = self.run_entry
-        if entry <= 0:
-            return  # not the message's first region: its wait and library part are counted
         # One message, one wait: an unmap of a whole range (at a reset, 400-odd regions
         # behind a vIOMMU) calls us once per region, and each later region's "library" part
         # would hold every callback before it (p99 3.6 ms in round 17's runs, all teardown).
         self.run_entry = 0.0
-        lat[f"{kind}_library"].add(start - entry)
-        origin = self.message_origin
-        if 0 < origin <= entry:
-            lat[f"{kind}_reply"].add(end - origin)
-            lat[f"{kind}_queue"].add(entry - origin)
-            lat[f"{kind}_queue_woke" if self.message_woke else f"{kind}_queue_busy"].add(
-                entry - origin)
+        unfiled = self._unfiled
+        unfiled.append((kind, start, end, entry, self.message_origin, self.message_woke))
+        if len(unfiled) >= _UNFILED_MAX:  # nobody filed for a long while (close, resets)
+            self.file_latency()
+
+    def file_latency(self) -> None:
+        """File the timings the callbacks noted (VfuContext calls this after each
+        vfu_run_ctx, once the reply is out)."""
+        unfiled = self._unfiled
+        if not unfiled:
+            return
+        lat = self._latency
+        for kind, start, end, entry, origin, woke in unfiled:
+            lat[kind + "_callback"].add(end - start)
+            if entry <= 0:
+                continue  # not the message's first region: its wait is counted
+            lat[kind + "_library"].add(start - entry)
+            if 0 < origin <= entry:
+                lat[kind + "_reply"].add(end - origin)
+                lat[kind + "_queue"].add(entry - origin)
+                lat[kind + ("_queue_woke" if woke else "_queue_busy")].add(entry - origin)
+        unfiled.clear()
 
     def register(self, info: Any) -> None:
         """The DMA register callback's body (``info`` is a vfu_dma_info_t *)."""

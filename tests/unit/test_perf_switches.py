@@ -335,4 +335,19 @@ def test_a_message_of_many_regions_counts_its_wait_once() -> None:
     assert lat["unmap_queue"].count == lat["unmap_queue_woke"].count == 1
     reg.run_entry = time.monotonic()  # the next vfu_run_ctx call: counted again
     reg._timed("unmap", time.monotonic())
-    assert lat["unmap_library"].count == 2
+    assert reg.latency["unmap_library"].count == 2
+
+
+def test_callback_timings_are_filed_after_the_reply_not_inside_the_callback() -> None:
+    """Inside the callback only the clock is read: the recorders change when the context
+    files them (after vfu_run_ctx, the reply sent) or when anyone reads them."""
+    reg = DmaRegistry()
+    now = time.monotonic()
+    reg.message_origin, reg.message_woke, reg.run_entry = now - 20e-6, False, now - 10e-6
+    recorders = reg._latency
+    reg._timed("map", now)
+    assert recorders["map_callback"].count == 0 and reg.events == 1
+    reg.file_latency()
+    assert recorders["map_callback"].count == recorders["map_queue_busy"].count == 1
+    reg.file_latency()  # nothing twice
+    assert recorders["map_callback"].count == 1

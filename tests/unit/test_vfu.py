@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -308,6 +309,33 @@ def test_range_unmap_removes_every_region_inside(
         assert sorted(r.iova for r in dev.unmaps) == [0x10000, 0x12000]
     finally:
         os.close(fd)
+
+
+def test_dma_timings_are_filed_per_message_once_the_reply_is_out(
+    served: tuple[VfuContext, Device, VfioUserClient],
+) -> None:
+    """Real libvfio-user: two maps and a range unmap of both (one message, two callbacks).
+    The context files the timings after vfu_run_ctx; the unmap's wait counts once."""
+    ctx, dev, client = served
+    ctx.message_origin = time.monotonic()  # what the server loop sets before each run()
+    fd = memfd_with_pattern(0x4000)
+    try:
+        client.dma_map(0x10000, 0x1000, fd=fd, offset=0)
+        client.dma_map(0x12000, 0x1000, fd=fd, offset=0x1000)
+        try:
+            client.dma_unmap(0x10000, 0x10000)
+        except VfioUserError as exc:
+            if exc.errno == errno.ENOENT:
+                pytest.xfail("libvfio-user built without the range-unmap patch")
+            raise
+    finally:
+        os.close(fd)
+    assert len(dev.unmaps) == 2
+    filed = ctx._dma._latency  # as run() left them, not through the filing property
+    assert filed["map_callback"].count == filed["map_library"].count == 2
+    assert filed["unmap_callback"].count == 2 and filed["unmap_library"].count == 1
+    assert filed["map_reply"].count == 2 and filed["unmap_reply"].count == 1
+    assert ctx.dma_events == 4
 
 
 def test_reset_and_disconnect(served: tuple[VfuContext, Device, VfioUserClient]) -> None:
