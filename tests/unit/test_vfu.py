@@ -292,10 +292,8 @@ def test_read_only_dma_view(served: tuple[VfuContext, Device, VfioUserClient]) -
         os.close(fd)
 
 
-def test_range_unmap_removes_every_region_inside(
-    served: tuple[VfuContext, Device, VfioUserClient],
-) -> None:
-    _, dev, client = served
+def _two_maps_one_range_unmap(client: VfioUserClient) -> None:
+    """Map two pages of a memfd, then unmap both with one DMA_UNMAP of the range."""
     fd = memfd_with_pattern(0x4000)
     try:
         client.dma_map(0x10000, 0x1000, fd=fd, offset=0)
@@ -306,9 +304,16 @@ def test_range_unmap_removes_every_region_inside(
             if exc.errno == errno.ENOENT:
                 pytest.xfail("libvfio-user built without the range-unmap patch")
             raise
-        assert sorted(r.iova for r in dev.unmaps) == [0x10000, 0x12000]
     finally:
         os.close(fd)
+
+
+def test_range_unmap_removes_every_region_inside(
+    served: tuple[VfuContext, Device, VfioUserClient],
+) -> None:
+    _, dev, client = served
+    _two_maps_one_range_unmap(client)
+    assert sorted(r.iova for r in dev.unmaps) == [0x10000, 0x12000]
 
 
 def test_dma_timings_are_filed_per_message_once_the_reply_is_out(
@@ -318,18 +323,7 @@ def test_dma_timings_are_filed_per_message_once_the_reply_is_out(
     The context files the timings after vfu_run_ctx; the unmap's wait counts once."""
     ctx, dev, client = served
     ctx.message_origin = time.monotonic()  # what the server loop sets before each run()
-    fd = memfd_with_pattern(0x4000)
-    try:
-        client.dma_map(0x10000, 0x1000, fd=fd, offset=0)
-        client.dma_map(0x12000, 0x1000, fd=fd, offset=0x1000)
-        try:
-            client.dma_unmap(0x10000, 0x10000)
-        except VfioUserError as exc:
-            if exc.errno == errno.ENOENT:
-                pytest.xfail("libvfio-user built without the range-unmap patch")
-            raise
-    finally:
-        os.close(fd)
+    _two_maps_one_range_unmap(client)
     assert len(dev.unmaps) == 2
     filed = ctx._dma._latency  # as run() left them, not through the filing property
     assert filed["map_callback"].count == filed["map_library"].count == 2
