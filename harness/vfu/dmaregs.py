@@ -68,7 +68,7 @@ class DmaRegistry:
         self.on_map = self.on_unmap = None
 
     def _timed(self, kind: str, start: float) -> None:
-        """Note a callback's timing (filed later: only two clock reads and an append here,
+        """Note a callback's timing (filed later: one clock read and an append here,
         on the way to the reply)."""
         end = time.monotonic()
         self.events += 1
