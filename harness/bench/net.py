@@ -134,7 +134,8 @@ def summarize(rounds: Sequence[Round]) -> list[dict[str, Any]]:
             })
         for kind in ("map_reply", "unmap_reply", "map_callback", "unmap_callback",
                      "map_queue", "unmap_queue", "map_queue_woke", "map_queue_busy",
-                     "unmap_queue_woke", "unmap_queue_busy", "map_library", "unmap_library"):
+                     "unmap_queue_woke", "unmap_queue_busy", "map_library", "unmap_library",
+                     "map_apply"):
             # Medians over the ours rounds of each round's p50, p99 and count.
             p50, p99, count = (_med(rs, "ours", lambda r, kind=kind, q=q:
                                     r.dma_latency.get(kind, {}).get(q))

@@ -104,6 +104,7 @@ class VfuContext(VfuContextSetup):
         self._pristine_config: bytes | None = None
         self._regions = RegionHandlers(socket_path, self.config_space)
         self._dma = DmaRegistry()
+        self._dma.on_map_failed = self._map_failed
         self._on_reset: Callable[[ResetType], None] | None = None
         self._deferred: BaseException | None = None
         self._config: memoryview | None = None
@@ -250,7 +251,9 @@ class VfuContext(VfuContextSetup):
         rc = lib.vfu_run_ctx(ctx)
         err = ffi.errno
         self._wire.take()
-        self._dma.file_latency()  # the reply is out: the bookkeeping is off the guest's path
+        # The reply is out: the owner's map work and the bookkeeping are off the guest's path.
+        self._dma.apply_maps()
+        self._dma.file_latency()
         if rc < 0:
             self._raise_deferred()
             raise error_from_errno(err, "vfu_run_ctx")
@@ -337,6 +340,15 @@ class VfuContext(VfuContextSetup):
     def _defer(self, exc: BaseException) -> None:
         if self._deferred is None:
             self._deferred = exc
+
+    def _map_failed(self, exc: BaseException) -> None:
+        """on_map raised in DmaRegistry.apply_maps: what the DMA register trampoline does with
+        a failure (counted, logged; raised after the library call if not an Exception)."""
+        self._count_failure("dma_register", "DMA register", exc)
+        if isinstance(exc, Exception):
+            log.error("DMA register callback failed: %r", exc, exc_info=exc)
+        else:
+            self._defer(exc)
 
     def _count_failure(self, kind: str, what: str, exc: BaseException) -> None:
         c = self.counters

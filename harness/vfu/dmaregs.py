@@ -47,6 +47,13 @@ class DmaRegistry:
         self._latency = {f"{op}_{part}": LatencyRecorder() for op in ("map", "unmap")
                          for part in ("reply", "callback", "queue", "queue_woke", "queue_busy",
                                       "library")}
+        #: ``map_apply``: on_map's work for one region, after the reply (apply_maps).
+        self._latency["map_apply"] = LatencyRecorder()
+        #: Regions mapped (and answered) but not yet handed to on_map (apply_maps).
+        self._pending: list[DmaRegion] = []
+        #: Told of an exception from on_map in apply_maps (VfuContext counts and logs it, as
+        #: the callback trampolines do); None: it propagates.
+        self.on_map_failed: Callable[[BaseException], None] | None = None
         #: Timings taken inside callbacks, not yet filed (file_latency): filing them is
         #: bookkeeping, and inside the callback it would delay the reply the guest waits for.
         self._unfiled: list[tuple[str, float, float, float, float, bool]] = []
@@ -64,6 +71,7 @@ class DmaRegistry:
 
     def clear(self) -> None:
         """Forget the regions and the owner's callbacks (the context is closed)."""
+        self._pending.clear()
         self.regions.clear()
         self.on_map = self.on_unmap = None
 
@@ -129,8 +137,29 @@ class DmaRegistry:
                 view = view.toreadonly()
         region = DmaRegion(iova=iova, size=size, prot=prot, view=view)
         self.regions[(iova, size)] = region
-        if self.on_map is not None:
-            self.on_map(region)
+        # The owner's work (guest memory, the device's tables, the checks) waits until the
+        # library has replied: the callback returns nothing the reply could carry, and the
+        # guest's vCPU waits for that reply. apply_maps runs after this vfu_run_ctx, before
+        # the next message (the first that could use the region) and before any unmap.
+        self._pending.append(region)
+
+    def apply_maps(self) -> None:
+        """Hand the regions mapped since the last call to ``on_map``, in order (VfuContext
+        calls it after each vfu_run_ctx; an unmap calls it first)."""
+        pending = self._pending
+        while pending:
+            region = pending.pop(0)
+            if self.on_map is None or self.regions.get((region.iova, region.size)) is not region:
+                continue
+            start = time.monotonic()
+            try:
+                self.on_map(region)
+            except BaseException as exc:
+                if self.on_map_failed is None:
+                    raise
+                self.on_map_failed(exc)
+            finally:
+                self._latency["map_apply"].add(time.monotonic() - start)
 
     def unregister(self, info: Any) -> None:
         """The DMA unregister callback's body (``info`` is a vfu_dma_info_t *)."""
@@ -141,6 +170,8 @@ class DmaRegistry:
             self._timed("unmap", start)
 
     def _unregister(self, info: Any) -> None:
+        if self._pending:
+            self.apply_maps()  # the owner sees a region mapped before it sees it go
         iova = int(ffi.cast("uintptr_t", info.iova.iov_base))
         size = int(info.iova.iov_len)
         region = self.regions.pop((iova, size), None)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,8 @@ from harness.vfu import (
     VfuError,
     memory_barrier,
 )
+from harness.vfu._vfu import ffi
+from harness.vfu.dmaregs import DmaRegistry
 from harness.vfu.model import PROT_READ, PROT_WRITE
 
 VFIO_PCI_MSIX_IRQ_INDEX = 2
@@ -314,6 +318,61 @@ def test_range_unmap_removes_every_region_inside(
     _, dev, client = served
     _two_maps_one_range_unmap(client)
     assert sorted(r.iova for r in dev.unmaps) == [0x10000, 0x12000]
+
+
+def test_a_map_reaches_the_device_once_its_reply_is_out(
+    served: tuple[VfuContext, Device, VfioUserClient],
+) -> None:
+    """The guest's vCPU waits for the DMA_MAP reply: the device's own work on the region
+    (on_map) runs after the library has sent it, within the same run()."""
+    ctx, dev, client = served
+    sock = client._sock
+    assert sock is not None
+    replied: list[bool] = []
+
+    def on_map(region: DmaRegion) -> None:
+        replied.append(bool(select.select([sock], [], [], 0)[0]))  # the reply is readable
+        dev.maps.append(region)
+
+    ctx.setup_dma(on_map, dev.on_unmap)
+    fd = memfd_with_pattern(0x2000)
+    try:
+        client.dma_map(0x40000, 0x1000, fd=fd)
+        assert replied == [True] and [r.iova for r in dev.maps] == [0x40000]
+    finally:
+        os.close(fd)
+
+
+def _dma_info(iova: int, size: int) -> Any:
+    info = ffi.new("vfu_dma_info_t *")
+    info.iova.iov_base = ffi.cast("void *", iova)
+    info.iova.iov_len = size
+    info.prot = PROT_READ | PROT_WRITE
+    return info
+
+
+def test_an_unmap_sees_its_map_first_and_a_failing_map_stops_no_other() -> None:
+    reg = DmaRegistry()
+    events: list[str] = []
+    failed: list[BaseException] = []
+
+    def on_map(region: DmaRegion) -> None:
+        if region.iova == 0x1000:
+            raise RuntimeError("map bug")
+        events.append(f"map {region.iova:#x}")
+
+    reg.on_map, reg.on_map_failed = on_map, failed.append
+    reg.on_unmap = lambda region: events.append(f"unmap {region.iova:#x}")
+    a, b = _dma_info(0x1000, 0x1000), _dma_info(0x3000, 0x1000)
+    reg.register(a)
+    reg.register(b)
+    assert events == []          # nothing before apply_maps (or an unmap)
+    reg.unregister(b)            # the pending maps first, in order
+    assert events == ["map 0x3000", "unmap 0x3000"]
+    assert [str(e) for e in failed] == ["map bug"]
+    assert reg.latency["map_apply"].count == 2
+    reg.apply_maps()             # nothing twice
+    assert events == ["map 0x3000", "unmap 0x3000"]
 
 
 def test_dma_timings_are_filed_per_message_once_the_reply_is_out(
