@@ -185,7 +185,9 @@ class VfuContextSetup:
         self, on_map: Callable[[DmaRegion], None], on_unmap: Callable[[DmaRegion], None]
     ) -> None:
         """Get told about guest memory. on_unmap receives the same DmaRegion object on_map got;
-        every view derived from region.view must be dropped before on_unmap returns."""
+        every view derived from region.view must be dropped before on_unmap returns. on_map
+        runs once the client has its reply, before the next request is read (run() calls it;
+        harness.vfu.dmaregs)."""
         self._check(
             lib.vfu_setup_device_dma(
                 self._live(), lib.harness_dma_register_cb, lib.harness_dma_unregister_cb
