@@ -91,8 +91,9 @@ CASES: dict[str, Case] = {c.name: c for c in (
          "driver computes the number of new entries as used.idx - last_used (u16 underflow)",
          "used.idx published as one less than the last value published (once, at the first "
          "publish after the driver took everything before it: its used_event there, with "
-         "EVENT_IDX), with an interrupt; it stands for 0.5 s (the queue publishes nothing "
-         "else), then is corrected"),
+         "EVENT_IDX), with an interrupt; the unpublished slot after the new entries holds an "
+         "id no queue has; it stands for 0.5 s (the queue publishes nothing else), then is "
+         "corrected"),
     Case("num-buffers-too-large", "rx-header", ("rx0",),
          "5.1.6.4.1: the device MUST set num_buffers to the number of descriptors (chains) "
          "used for the packet",

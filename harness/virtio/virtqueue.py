@@ -73,6 +73,9 @@ _DESC = struct.Struct("<QIHH")
 _UNPACK_DESC = _DESC.unpack_from
 _TO_DEVICE = Direction.TO_DEVICE
 _FROM_DEVICE = Direction.FROM_DEVICE
+#: The used-ring id used-idx-backwards leaves in the slot a driver reads past the index: no
+#: queue has a descriptor that high (at most 32768).
+POISON_ID = 0xFFFFFFFF
 
 
 def ring_sizes(size: int) -> tuple[int, int, int]:
@@ -336,8 +339,11 @@ class SplitVirtqueue(Virtqueue):
             # used-idx-jump: more than a queue's worth past; used-idx-backwards: one less than
             # the last published. It stands for PUBLISH_HOLD, then a publish corrects it.
             assert mis is not None
-            used16[1] = ((new + self.size + 1) if bad.case == "used-idx-jump"
-                         else (old - 1)) & 0xFFFF
+            if bad.case == "used-idx-jump":
+                used16[1] = (new + self.size + 1) & 0xFFFF
+            else:
+                self._poison_next_slot(new, old)
+                used16[1] = (old - 1) & 0xFFFF
             mis.hold_publish(self.name)
         self._published = new
         self._sync_used()
@@ -357,6 +363,21 @@ class SplitVirtqueue(Virtqueue):
         if not wanted:
             self.stats.interrupts_suppressed += 1
         return wanted
+
+    def _poison_next_slot(self, new: int, old: int) -> None:
+        """used-idx-backwards: a driver that trusts the backwards index takes the entries it
+        has not seen, then reads on into slot ``new``, the device's own unpublished slot. What
+        is there is an entry from a wrap ago, often a head that is in flight again: taken
+        silently as a used buffer, and the driver can get back in step when the right index
+        comes (graceful in a gate of 2026-12-03; hang in the runs around it). An id no queue
+        has there makes what it reads detectably wrong, every time. Not when the new entries
+        fill the ring: then that slot holds the first of them."""
+        used32 = self._used32
+        if used32 is None or (new - old) & 0xFFFF >= self.size:
+            return
+        slot = new & (self.size - 1)
+        used32[1 + 2 * slot] = POISON_ID
+        used32[2 + 2 * slot] = 0
 
     def _driver_behind(self, published: int) -> tuple[str, ...]:
         """The publish cases that must wait: used-idx-backwards while the driver may not have

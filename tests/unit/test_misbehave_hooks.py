@@ -21,6 +21,7 @@ from harness.virtio.misbehave import (
     Misbehaviour,
 )
 from harness.virtio.net import VirtioNetDevice
+from harness.virtio.virtqueue import POISON_ID
 from tests.unit.test_misbehave import (
     CONFIG_VECTOR,
     HDR,
@@ -101,12 +102,16 @@ def test_used_idx_backwards_then_corrected_after_the_hold(misbehave_clock: list[
     r.driver.queues[1].set_used_event(1)  # the driver took it and waits for the next (Linux)
     tx_one(r)
     assert r.tx.used_idx() == 0  # one less than the last published
+    # A driver trusting it takes entry 1 (the new one) and reads on into slot 2: the device's
+    # unpublished slot holds an id no queue has, so what it reads there is wrong every time.
+    assert used_ring(r, 1, 1)[0] < 16 and used_ring(r, 1, 2) == (POISON_ID, 0)
     misbehave_clock[0] += PUBLISH_HOLD / 2
     tx_one(r)
     assert r.tx.used_idx() == 0
     misbehave_clock[0] += PUBLISH_HOLD
     tx_one(r)
     assert r.tx.used_idx() == 4
+    assert used_ring(r, 1, 2)[0] < 16  # a real entry there since
     clean(ledger)
 
 
