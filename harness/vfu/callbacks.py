@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from harness.vfu._vfu import ffi, lib
@@ -46,23 +47,30 @@ def _target(vctx: Any) -> CallbackTarget:
 def _failed(vctx: Any, what: str, exc: BaseException, kind: str | None = None) -> None:
     """Log exc, count it under ``kind``, set the errno C will see, and stash it if it must be
     re-raised later."""
+    ffi.errno = failed(lambda: _target(vctx), what, exc, kind)
+
+
+def failed(target: Callable[[], CallbackTarget], what: str, exc: BaseException,
+           kind: str | None = None) -> int:
+    """What becomes of a callback body's exception: counted under ``kind`` on the target,
+    logged, stashed on it to be raised after the C call if it is not an Exception; the errno C
+    should see. Also for work a callback left for after its C call (harness.vfu.dmaregs)."""
     if kind is not None:
         try:
-            _target(vctx)._count_failure(kind, what, exc)
+            target()._count_failure(kind, what, exc)
         except Exception:  # the handle itself is broken; the log line below still says it
             log.exception("cannot count the failure of %s", what)
     if isinstance(exc, OSError) and exc.errno:
         log.debug("%s refused: %s", what, exc)
-        ffi.errno = exc.errno
-        return
-    ffi.errno = errno.EIO
+        return exc.errno
     if isinstance(exc, Exception):
         log.error("%s callback failed: %r", what, exc, exc_info=exc)
-        return
+        return errno.EIO
     try:
-        _target(vctx)._defer(exc)
+        target()._defer(exc)
     except Exception:  # the handle itself is broken; nothing left to tell
         log.exception("cannot defer %r from %s", exc, what)
+    return errno.EIO
 
 
 # libvfio-user saves and restores errno around its own logging, so this one must not fail loudly.

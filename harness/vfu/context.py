@@ -40,7 +40,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from harness.vfu import liblog
+from harness.vfu import callbacks, liblog
 from harness.vfu._vfu import ffi, lib
 from harness.vfu.context_setup import VfuContextSetup
 from harness.vfu.dmaregs import DmaRegistry
@@ -343,12 +343,8 @@ class VfuContext(VfuContextSetup):
 
     def _map_failed(self, exc: BaseException) -> None:
         """on_map raised in DmaRegistry.apply_maps: what the DMA register trampoline does with
-        a failure (counted, logged; raised after the library call if not an Exception)."""
-        self._count_failure("dma_register", "DMA register", exc)
-        if isinstance(exc, Exception):
-            log.error("DMA register callback failed: %r", exc, exc_info=exc)
-        else:
-            self._defer(exc)
+        its callback's exception (harness.vfu.callbacks.failed)."""
+        callbacks.failed(lambda: self, "DMA register", exc, "dma_register")
 
     def _count_failure(self, kind: str, what: str, exc: BaseException) -> None:
         c = self.counters

@@ -141,7 +141,8 @@ class DmaRegistry:
         # library has replied: the callback returns nothing the reply could carry, and the
         # guest's vCPU waits for that reply. apply_maps runs after this vfu_run_ctx, before
         # the next message (the first that could use the region) and before any unmap.
-        self._pending.append(region)
+        if self.on_map is not None:
+            self._pending.append(region)
 
     def apply_maps(self) -> None:
         """Hand the regions mapped since the last call to ``on_map``, in order (VfuContext
@@ -149,7 +150,7 @@ class DmaRegistry:
         pending = self._pending
         while pending:
             region = pending.pop(0)
-            if self.on_map is None or self.regions.get((region.iova, region.size)) is not region:
+            if self.on_map is None:  # (only clear() unsets it, and clear() empties pending)
                 continue
             start = time.monotonic()
             try:
